@@ -1,0 +1,47 @@
+# Cached-embedding linear probing. `make help` lists the targets.
+# Any config: make features CONFIG=configs/other.toml
+
+VENV ?= .venv
+PYTHON ?= python3
+PY ?= $(VENV)/bin/python
+CONFIG ?= configs/demo.toml
+PIPELINE ?= $(PY) -m pipeline
+
+.DEFAULT_GOAL := help
+.PHONY: help install features info test lint format clean
+
+## List the targets with what they do
+help:
+	@awk '/^## /{doc=substr($$0,4); next} /^[a-zA-Z_-]+:/{if(doc){split($$0,t,":"); printf "  \033[1m%-10s\033[0m %s\n", t[1], doc}; doc=""}' $(MAKEFILE_LIST)
+
+## Create .venv and install the package with its test tools (one command on a fresh machine)
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+
+## Extract backbone features for CONFIG into cache/ (default: the offline digits demo)
+features:
+	$(PIPELINE) features --config $(CONFIG)
+
+## Describe the cache file that CONFIG writes
+info:
+	$(PIPELINE) info --config $(CONFIG)
+
+## Run the offline test suite (CPU, a few minutes)
+test:
+	$(PY) -m pytest -q
+
+## Lint: ruff check and ruff format --check
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+## Format the code with ruff
+format:
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+## Remove cache/ and results/ contents (keeps .venv)
+clean:
+	find cache results -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,108 @@
+"""The command line: `pipeline features | info | ...`. The only module that prints errors or sets
+exit codes: user mistakes become one line on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline import __version__
+from pipeline.config import FeaturesConfig, add_arguments, load_table, resolve
+from pipeline.errors import ConfigError, PipelineError
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _config(args: argparse.Namespace, cls: type, table: str) -> Any:
+    """defaults < the config file's [table] < flags given on the command line."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    file_values = load_table(args.config, table) if args.config else {}
+    return resolve(cls, file_values, flags, source=f"{args.config} [{table}]")
+
+
+def _features(args: argparse.Namespace) -> int:
+    from pipeline import extract  # torch is imported only by the commands that need it
+
+    extract.run(_config(args, FeaturesConfig, "features"), report=_say)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from pipeline import store
+
+    if args.path is None and args.config is None:
+        raise ConfigError("info needs a cache file: pass its path, or --config with a [features] table")
+    path = args.path or _config(args, FeaturesConfig, "features").out_path
+    print(format_summary(store.summary(path)))
+    return 0
+
+
+def _short_list(names: list[str], most: int = 10) -> str:
+    shown = ", ".join(names[:most])
+    return f"{shown}, ... ({len(names) - most} more)" if len(names) > most else shown
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    state = "complete" if s["complete"] else f"INCOMPLETE ({s['rows_done']} of {s['shape'][0]} rows written)"
+    carved = "; ".join(
+        f"{name} carved from {c['from']} ({c['fraction']:.0%}, seed {c['seed']})" for name, c in s["carved"].items()
+    )
+    splits = ", ".join(f"{name} {n}" for name, n in s["splits"].items() if n)
+    lines = [
+        f"{s['path']}: {state}, {s['bytes'] / 1e6:.1f} MB",
+        f"  features     {s['shape']} {s['dtype']}" + (f"; logits {s['logits']}" if s["logits"] else ""),
+        f"  classes      {len(s['classes'])}: {_short_list(s['classes'])}",
+        f"  splits       {splits}" + (f" ({carved})" if carved else ""),
+        f"  skipped      {len(s['skipped'])} unreadable images"
+        + (f": {_short_list(s['skipped'], 5)}" if s["skipped"] else ""),
+        f"  source       {s['source']}",
+        "  fingerprint",
+        *(f"    {key:<14} {value}" for key, value in s["fingerprint"].items()),
+        f"  created      {s['created']} with " + ", ".join(f"{k} {v}" for k, v in s["versions"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Cached-embedding linear probing: extract frozen ResNet features once, then train heads fast.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    features = commands.add_parser(
+        "features",
+        help="extract backbone features of an image set into an HDF5 cache",
+        description="Pass every image through a frozen torchvision ResNet once and cache the pooled features.",
+    )
+    features.add_argument("--config", help="TOML file whose [features] table sets any of these flags")
+    add_arguments(features, FeaturesConfig)
+    features.set_defaults(handler=_features)
+
+    info = commands.add_parser("info", help="describe a cache file", description="Summarise a feature cache file.")
+    info.add_argument("path", nargs="?", help="the .h5 cache file")
+    info.add_argument("--config", help="or: the TOML file whose [features] table names the cache")
+    info.set_defaults(handler=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PipelineError as exc:
+        _say(f"error: {exc}")
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Frozen configuration per stage, resolved as: defaults < TOML file < command-line flags.
+
+Each field carries its help text, so the command-line flags are generated from the dataclass and
+every flag can also be written in the config file under the stage's table (``[features]``,
+``[head]``). Validation lives in ``__post_init__`` so a config built from Python is checked too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, MissingError
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field that also describes its command-line flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesConfig:
+    """Everything that decides what the feature stage computes and where it goes."""
+
+    data: str | None = option(
+        None, "image folder ROOT/<class>/<img> or ROOT/{train,val,test}/<class>/<img>, or a CSV manifest"
+    )
+    dataset: str | None = option(None, "a dataset by name: 'digits' (offline demo) or a torchvision one, e.g. CIFAR10")
+    root: str = option("cache/datasets", "folder that holds named datasets (downloaded or local copies)")
+    download: bool = option(False, "download a torchvision dataset into --root if it is not there")
+    val_fraction: float = option(0.1, "fraction of train carved out (stratified) when the source has no val split")
+    test_fraction: float = option(0.2, "fraction carved out (stratified) as test when the source has no test split")
+    split_seed: int = option(0, "seed of the stratified val/test carving")
+    backbone: str = option("resnet50", "torchvision ResNet family model, e.g. resnet18, resnet50, resnext50_32x4d")
+    weights: str = option("DEFAULT", "DEFAULT, a weights name (IMAGENET1K_V2), 'none' (random init), or a .pth path")
+    seed: int = option(0, "seed of the random initialisation when --weights none")
+    image_size: int | None = option(None, "crop size (resize = size*256/224); default: the weights' own preprocessing")
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    precision: str = option("fp32", "compute precision (bf16/fp16 use autocast)", ("fp32", "bf16", "fp16"))
+    store_dtype: str = option("float32", "dtype of the stored features", ("float32", "float16"))
+    batch_size: int = option(64, "images per forward pass")
+    workers: int | None = option(None, "DataLoader worker processes (default: one per core, at most 8)")
+    logits: bool = option(False, "also store the backbone's own classifier logits")
+    out: str | None = option(None, "cache file to write (default: cache/<data>-<backbone>.h5)")
+    force: bool = option(False, "rebuild even when the cache is current")
+    on_mismatch: str = option("rebuild", "when the cache was built differently", ("rebuild", "refuse"))
+    skip_bad_images: bool = option(False, "record unreadable images and go on instead of stopping")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if self.data is None and self.dataset is None:
+            raise ConfigError("no images given; pass --data FOLDER_OR_CSV or --dataset NAME (try --dataset digits)")
+        if self.data is not None and self.dataset is not None:
+            raise ConfigError(f"both --data {self.data!r} and --dataset {self.dataset!r} given; pass only one")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"--{_flag(name)} {value} is out of range; expected a fraction in [0, 1)")
+        _check_positive(self, "batch_size", "image_size")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers {self.workers} is negative; pass 0 (load in this process) or more")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device {self.device!r} is not a device; choose auto, cpu, cuda, cuda:N or mps")
+
+    @property
+    def out_path(self) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        source = self.dataset or Path(self.data.rstrip("/")).stem  # type: ignore[union-attr]
+        return Path("cache") / f"{source.lower()}-{self.backbone}.h5"
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_choices(config: Any) -> None:
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"--{_flag(f.name)} {value!r} is not allowed; choose one of: {', '.join(choices)}")
+
+
+def _check_positive(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{_flag(name)} {value} must be positive")
+
+
+def _base_type(hint: Any) -> Any:
+    """`int | None` -> int; `tuple[float, ...]` -> tuple; plain types unchanged."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _base_type(inner)
+    return typing.get_origin(hint) or hint
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field; flags not given stay absent so the file and defaults apply."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = _base_type(hints[f.name])
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {f.default})"}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            kwargs.update(nargs="+", type=float, metavar="X")
+        else:
+            kwargs.update(type=kind, choices=f.metadata["choices"])
+        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, **kwargs)
+
+
+def load_table(path: str | Path, table: str) -> dict[str, Any]:
+    """The ``[table]`` of a TOML config file (empty when the file has no such table)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingError(
+            f"config file {path} does not exist; pass --config with a TOML file such as configs/demo.toml"
+        )
+    try:
+        with path.open("rb") as fh:
+            document = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix the syntax") from None
+    section = document.get(table, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: '{table}' must be a table ([{table}]), got {type(section).__name__}")
+    return section
+
+
+def resolve(cls: type, file_values: Mapping[str, Any], flags: Mapping[str, Any], source: str = "config") -> Any:
+    """Build ``cls`` from defaults, then the file's values, then the flags given on the command line."""
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for key, value in file_values.items():
+        name = key.replace("-", "_")
+        if name not in hints:
+            raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {', '.join(names)}")
+        values[name] = _coerce(name, value, hints[name], source)
+    values.update(flags)
+    return cls(**values)
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    kind = _base_type(hint)
+    optional = type(None) in typing.get_args(hint)
+    if optional and value == "none" and kind is not str:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is tuple and isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+        return tuple(float(v) for v in value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: {name} = {value!r} should be {kind.__name__}; fix the value in the file")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,448 @@
+"""Where the images come from: a deterministic sample list (id, label, split) and a way to read each.
+
+Sources: an image folder, a CSV manifest, a torchvision dataset by name, or the offline digits demo.
+Rows are ordered by split (train, val, test) and, within a split, by the source's own order, so
+each split is one contiguous block of rows in the cache. No torch model is touched here.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.errors import BadImageError, ConfigError, DataError, MissingError
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+_SIXTEEN_BIT = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+# --------------------------------------------------------------------------------------- images
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Grayscale, palette, RGBA, CMYK and 16-bit images as 8-bit RGB."""
+    if image.mode in _SIXTEEN_BIT:
+        # convert("RGB") would clip 16-bit values at 255; scale the full range down instead.
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 1.0 if image.mode == "F" else 257.0
+        image = Image.fromarray(np.clip(pixels / scale, 0, 255).round().astype(np.uint8), mode="L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Decode a whole image file as RGB, raising BadImageError (with the path) when it cannot."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so truncated files fail here and not in a transform
+            return to_rgb(ImageOps.exif_transpose(image))
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file not found") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        reason = str(exc).split(" '")[0] or type(exc).__name__  # drop PIL's repeated file name
+        if "truncated" in reason.lower():
+            reason = "file is truncated"
+        raise BadImageError(f"{path}: {reason}") from None
+
+
+class ArrayReader:
+    """Images held in memory by a torchvision dataset (CIFAR, STL10), addressed by (split, index)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], channels_first: bool) -> None:
+        self.arrays = arrays
+        self.channels_first = channels_first
+
+    def __call__(self, item: tuple[str, int]) -> Image.Image:
+        pixels = self.arrays[item[0]][item[1]]
+        if self.channels_first:
+            pixels = np.transpose(pixels, (1, 2, 0))
+        return to_rgb(Image.fromarray(np.ascontiguousarray(pixels)))
+
+
+# ----------------------------------------------------------------------------------- the list
+
+
+@dataclass(frozen=True)
+class SampleList:
+    """The canonical, ordered list of images that becomes the rows of a cache file."""
+
+    ids: list[str]  # stable across machines: a path relative to the source, or "split/index"
+    labels: np.ndarray  # (N,) int64 class index
+    split: np.ndarray  # (N,) int8 index into SPLITS; non-decreasing
+    classes: list[str]
+    items: Sequence[Any]  # what `reader` takes: an absolute path, or (split, index)
+    reader: Callable[[Any], Image.Image] = load_image
+    source: str = ""
+    carved: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read(self, row: int) -> Image.Image:
+        return self.reader(self.items[row])
+
+    def split_sizes(self) -> dict[str, int]:
+        counts = np.bincount(self.split, minlength=len(SPLITS))
+        return {name: int(n) for name, n in zip(SPLITS, counts, strict=True)}
+
+    def digest(self) -> str:
+        """sha256 over ids, labels, splits and classes: the identity of the image set."""
+        h = hashlib.sha256(json.dumps(self.classes).encode())
+        h.update(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
+        h.update(np.ascontiguousarray(self.split, dtype="i1").tobytes())
+        for sample_id in self.ids:
+            h.update(sample_id.encode() + b"\0")
+        return h.hexdigest()
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int, salt: int = 0) -> np.ndarray:
+    """Boolean mask taking `fraction` of each class (rounded), always leaving one row per class behind."""
+    rng = np.random.default_rng([seed, salt])
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        take = min(int(np.floor(fraction * len(rows) + 0.5)), len(rows) - 1)  # round half up
+        mask[rng.permutation(rows)[: max(take, 0)]] = True
+    return mask
+
+
+def _finalize(
+    ids: list[str],
+    items: Sequence[Any],
+    labels: Sequence[int],
+    splits: Sequence[str],
+    classes: list[str],
+    source: str,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    reader: Callable[[Any], Image.Image] = load_image,
+) -> SampleList:
+    """Carve missing val/test splits out of train, then order rows by split."""
+    if not ids:
+        raise DataError(f"{source} holds no images; add images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    present = sorted(set(labels))
+    if len(present) < 2:
+        only = ", ".join(classes[c] for c in present)
+        raise DataError(f"{source} has {len(present)} class ({only}); a classifier needs at least two classes")
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    split = np.array([SPLITS.index(s) for s in splits], dtype=np.int8)
+    carved: dict[str, dict[str, Any]] = {}
+    for name, fraction, salt in (("test", test_fraction, 2), ("val", val_fraction, 1)):
+        code = SPLITS.index(name)
+        if (split == code).any() or fraction == 0:
+            continue
+        train_rows = np.flatnonzero(split == 0)
+        held = stratified_holdout(labels_arr[train_rows], fraction, seed, salt)
+        if held.any():
+            split[train_rows[held]] = code
+            carved[name] = {"from": "train", "fraction": fraction, "seed": seed, "stratified": True}
+    order = np.argsort(split, kind="stable")
+    return SampleList(
+        ids=[ids[i] for i in order],
+        labels=labels_arr[order],
+        split=split[order],
+        classes=classes,
+        items=[items[i] for i in order],
+        reader=reader,
+        source=source,
+        carved=carved,
+    )
+
+
+# ------------------------------------------------------------------------------------ folders
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _subdirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _images_under(folder: Path) -> list[str]:
+    """Image files below `folder` (recursively), as sorted paths relative to it."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, folder)
+        found += [os.path.normpath(os.path.join(rel, f)) for f in sorted(filenames) if _is_image(f)]
+    return sorted(found)
+
+
+def scan_folder(root: str | Path, val_fraction: float, test_fraction: float, seed: int) -> SampleList:
+    """``ROOT/<class>/<image>`` or ``ROOT/{train,val,test}/<class>/<image>``."""
+    root = Path(root).expanduser()
+    hint = "expected ROOT/<class>/<image> or ROOT/{train,val,test}/<class>/<image>"
+    if not root.is_dir():
+        raise MissingError(f"data folder {root} does not exist; {hint}")
+    top = _subdirs(root)
+    if "train" in top:
+        parts = {SPLIT_ALIASES[d]: root / d for d in top if d in SPLIT_ALIASES}
+        if extra := [d for d in top if d not in SPLIT_ALIASES]:
+            raise DataError(f"data folder {root} mixes split folders with {extra[0]!r}; {hint}")
+    else:
+        parts = {"train": root}
+    per_split = {name: {c: _images_under(folder / c) for c in _subdirs(folder)} for name, folder in parts.items()}
+    if not any(per_split.values()):
+        loose = [f for f in os.listdir(root) if _is_image(f)]
+        extra = f" (found {len(loose)} images directly in it; move them into class folders)" if loose else ""
+        raise DataError(f"data folder {root} contains no class folders{extra}; {hint}")
+    classes = sorted({c for found in per_split.values() for c in found})
+    index = {c: i for i, c in enumerate(classes)}
+    ids, items, labels, splits = [], [], [], []
+    for name, found in per_split.items():
+        prefix = parts[name].relative_to(root)
+        for c, files in found.items():
+            if not files:
+                raise DataError(
+                    f"class folder {parts[name] / c} contains no images; add images or remove the folder "
+                    f"(extensions read: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
+            for f in files:
+                rel = os.path.normpath(os.path.join(prefix, c, f))
+                ids.append(rel)
+                items.append(str(root / rel))
+                labels.append(index[c])
+                splits.append(name)
+    return _finalize(ids, items, labels, splits, classes, str(root), val_fraction, test_fraction, seed)
+
+
+# ------------------------------------------------------------------------------ CSV manifests
+
+
+def _sorted_labels(names: set[str]) -> list[str]:
+    """Numeric labels in numeric order ("2" before "10"), anything else alphabetically."""
+    try:
+        return sorted(names, key=int)
+    except ValueError:
+        return sorted(names)
+
+
+def read_manifest(path: str | Path, val_fraction: float, test_fraction: float, seed: int) -> SampleList:
+    """A CSV with a header ``path,label[,split]``; relative paths are read from the CSV's folder."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingError(f"manifest {path} does not exist; pass a CSV with columns path,label[,split]")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if not {"path", "label"} <= set(columns):
+            raise DataError(f"manifest {path} has columns {columns}; expected a header row path,label[,split]")
+        reader.fieldnames = columns
+        rows = [(reader.line_num, row) for row in reader]
+    base = path.parent
+    ids, items, names, splits, missing = [], [], [], [], []
+    for line, row in rows:
+        rel, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+        if not rel or not label:
+            raise DataError(f"manifest {path} line {line}: empty path or label; every row needs both")
+        split = (row.get("split") or "train").strip().lower()
+        if split not in SPLIT_ALIASES:
+            raise DataError(f"manifest {path} line {line}: split {split!r} is not one of train, val, test")
+        full = base / rel
+        if not full.is_file():
+            missing.append((line, full))
+        ids.append(rel)
+        items.append(str(full))
+        names.append(label)
+        splits.append(SPLIT_ALIASES[split])
+    if missing:
+        line, full = missing[0]
+        more = f" (and {len(missing) - 1} more rows)" if len(missing) > 1 else ""
+        raise MissingError(
+            f"manifest {path} line {line}: image {full} does not exist{more}; "
+            "fix the path (relative paths are read from the CSV's folder)"
+        )
+    classes = _sorted_labels(set(names))
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[n] for n in names]
+    return _finalize(ids, items, labels, splits, classes, str(path), val_fraction, test_fraction, seed)
+
+
+# ------------------------------------------------------------------------ torchvision datasets
+
+# Our split name -> constructor arguments of the official split. Sources without a val (or test)
+# split get one carved from train; ImageNet's official "val" is the conventional test set.
+TORCHVISION_SPLITS: dict[str, dict[str, dict[str, Any]]] = {
+    "CIFAR10": {"train": {"train": True}, "test": {"train": False}},
+    "CIFAR100": {"train": {"train": True}, "test": {"train": False}},
+    "STL10": {"train": {"split": "train"}, "test": {"split": "test"}},
+    "Flowers102": {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
+    "OxfordIIITPet": {"train": {"split": "trainval"}, "test": {"split": "test"}},
+    "DTD": {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
+    "Food101": {"train": {"split": "train"}, "test": {"split": "test"}},
+    "FGVCAircraft": {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
+    "Caltech101": {"train": {}},
+    "SUN397": {"train": {}},
+    "ImageNet": {"train": {"split": "train"}, "test": {"split": "val"}},
+}
+DATASET_NAMES = ("digits", *TORCHVISION_SPLITS)
+
+
+def _dataset_items(ds: Any, split_key: str, root: Path) -> tuple[list[str], list[Any], list[int], bool]:
+    """(ids, items, labels, in_memory) of one constructed torchvision dataset."""
+    if isinstance(getattr(ds, "data", None), np.ndarray):  # CIFAR (N, H, W, C), STL10 (N, C, H, W)
+        labels = getattr(ds, "targets", None)
+        labels = ds.labels if labels is None else labels
+        n = len(ds.data)
+        return [f"{split_key}/{i}" for i in range(n)], [(split_key, i) for i in range(n)], list(map(int, labels)), True
+    if hasattr(ds, "samples"):  # ImageFolder-based: ImageNet
+        paths, labels = zip(*ds.samples, strict=True) if ds.samples else ((), ())
+    elif hasattr(ds, "_image_files"):  # Flowers102, DTD, Food101, FGVCAircraft, SUN397
+        paths, labels = ds._image_files, ds._labels
+    elif hasattr(ds, "_images"):  # OxfordIIITPet
+        paths, labels = ds._images, ds._labels
+    elif hasattr(ds, "categories") and hasattr(ds, "y"):  # Caltech101
+        folder = Path(ds.root) / "101_ObjectCategories"
+        paths = [folder / ds.categories[y] / f"image_{i:04d}.jpg" for y, i in zip(ds.y, ds.index, strict=True)]
+        labels = ds.y
+    else:
+        raise DataError(f"torchvision dataset {type(ds).__name__} exposes no image list this version can read")
+    paths = [str(p) for p in paths]
+    return [os.path.relpath(p, root) for p in paths], paths, list(map(int, labels)), False
+
+
+def _dataset_classes(ds: Any, n_labels: int) -> list[str]:
+    if hasattr(ds, "wnids"):  # ImageNet: several wnids share a first name; keep them apart
+        return [f"{names[0]} ({wnid})" for wnid, names in zip(ds.wnids, ds.classes, strict=True)]
+    names = getattr(ds, "classes", None) or getattr(ds, "categories", None)
+    return [str(c) for c in names] if names else [f"class_{i:03d}" for i in range(n_labels)]
+
+
+def load_torchvision(
+    name: str, root: str | Path, download: bool, val_fraction: float, test_fraction: float, seed: int
+) -> SampleList:
+    """A torchvision dataset with its official splits (labels read without decoding any image)."""
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, name)
+    root = Path(root).expanduser()
+    accepts_download = "download" in inspect.signature(cls).parameters
+    if download and not accepts_download:
+        raise ConfigError(
+            f"torchvision cannot download {name}; get it from its official site and pass --root to the local copy"
+        )
+    ids, items, labels, splits, arrays = [], [], [], [], {}
+    classes: list[str] = []
+    for split, kwargs in TORCHVISION_SPLITS[name].items():
+        extra = {"download": download} if accepts_download else {}
+        try:
+            ds = cls(str(root), **kwargs, **extra)
+        except (RuntimeError, FileNotFoundError, OSError) as exc:
+            fix = "pass --download to fetch it" if accepts_download else "place the official files there"
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MissingError(f"{name} not found under {root} ({reason}); {fix}, or point --root at a copy") from None
+        s_ids, s_items, s_labels, in_memory = _dataset_items(ds, split, root)
+        if in_memory:
+            arrays[split] = ds.data
+        ids += s_ids
+        items += s_items
+        labels += s_labels
+        splits += [split] * len(s_ids)
+        classes = classes or _dataset_classes(ds, max(s_labels, default=-1) + 1)
+    reader = ArrayReader(arrays, channels_first=name == "STL10") if arrays else load_image
+    source = f"{name} in {root}"
+    return _finalize(ids, items, labels, splits, classes, source, val_fraction, test_fraction, seed, reader)
+
+
+# --------------------------------------------------------------------------- the offline demo
+
+
+def materialize_digits(root: str | Path) -> Path:
+    """scikit-learn's bundled 8x8 digits as ``ROOT/digits/{train,test}/<digit>/<n>.png`` (written once)."""
+    target = Path(root).expanduser() / "digits"
+    if (target / "train").is_dir():
+        return target
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)  # (1797, 8, 8), 0..16 -> 0..255
+    test = stratified_holdout(digits.target, 0.25, seed=0)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".digits-", dir=target.parent))
+    for n, (image, label, is_test) in enumerate(zip(pixels, digits.target, test, strict=True)):
+        folder = staging / ("test" if is_test else "train") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(folder / f"{n:04d}.png")
+    try:
+        staging.rename(target)  # appears whole, or not at all
+    except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------- one entry point
+
+
+def canonical_dataset_name(name: str) -> str:
+    by_lower = {n.lower(): n for n in DATASET_NAMES}
+    if name.lower() not in by_lower:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
+    return by_lower[name.lower()]
+
+
+def load_samples(
+    *,
+    data: str | None = None,
+    dataset: str | None = None,
+    root: str = "cache/datasets",
+    download: bool = False,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+) -> SampleList:
+    """The sample list of whichever source is named (exactly one of `data` or `dataset`)."""
+    carve = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": split_seed}
+    if dataset is not None:
+        name = canonical_dataset_name(dataset)
+        if name == "digits":
+            return scan_folder(materialize_digits(root), **carve)
+        return load_torchvision(name, root, download, **carve)
+    assert data is not None, "FeaturesConfig guarantees one source"
+    path = Path(data).expanduser()
+    if path.suffix.lower() == ".csv":
+        return read_manifest(path, **carve)
+    if path.is_file():
+        raise DataError(f"--data {path} is a file; expected an image folder or a .csv manifest")
+    return scan_folder(path, **carve)
+
+
+class ImageDataset:
+    """Map-style dataset over rows ``start..N-1``: (row, tensor or None, error or None).
+
+    A bad image does not raise inside a worker (where the traceback would be mangled); it comes back
+    as an error string so the extraction loop decides: stop with the path, or record and skip it.
+    """
+
+    def __init__(self, samples: SampleList, transform: Callable[[Image.Image], Any], start: int = 0) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.start = start
+
+    def __len__(self) -> int:
+        return len(self.samples) - self.start
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
+        row = self.start + i
+        try:
+            image = self.samples.read(row)
+        except BadImageError as exc:
+            return row, None, str(exc)
+        return row, self.transform(image), None

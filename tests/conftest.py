@@ -1,0 +1,70 @@
+"""Shared helpers: tiny image folders made in tmp_path, and a fast resnet18 feature config."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import FeaturesConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PALETTE = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (200, 200, 40), (160, 40, 200)]
+
+
+def write_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (28, 22)) -> Path:
+    """A small noisy image of one dominant colour (the seed comes from the path: reproducible)."""
+    rng = np.random.default_rng(zlib.crc32(str(path.name).encode()))
+    pixels = np.clip(np.array(color) + rng.integers(-40, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_folder(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog"),
+    per_class: int = 4,
+    splits: tuple[str, ...] | None = None,
+    ext: str = ".png",
+    size: tuple[int, int] = (28, 22),
+) -> Path:
+    """ROOT/<class>/<n>.png, or ROOT/<split>/<class>/<n>.png when `splits` is given."""
+    for s in splits or ("",):
+        for c, name in enumerate(classes):
+            for n in range(per_class):
+                write_image(root / s / name / f"{s or 'img'}{n:02d}{ext}", PALETTE[c % len(PALETTE)], size)
+    return root
+
+
+def tiny(**overrides) -> FeaturesConfig:
+    """resnet18 with random weights at 32 px in this process: a feature run in about a second."""
+    settings = dict(
+        backbone="resnet18", weights="none", image_size=32, batch_size=4, workers=0, progress=False, val_fraction=0.25
+    )
+    settings.update(overrides)
+    return FeaturesConfig(**settings)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "images", per_class=5)
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch hub directory, and downloads that fail the way they do without a network."""
+    import urllib.error
+
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "torch-home" / "hub" / "checkpoints"

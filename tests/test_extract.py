@@ -1,0 +1,282 @@
+"""The feature stage end to end: exact features, cache behaviour, resume, locking, bad images."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from pipeline import backbone, extract, read_features, store
+from pipeline.errors import BadImageError, CacheError, DeviceError, Interrupted
+
+from conftest import REPO, make_folder, tiny, write_image
+
+
+def _messages():
+    said: list[str] = []
+    return said, said.append
+
+
+def test_cached_features_equal_a_direct_forward_of_the_torchvision_model(tmp_path, offline_hub):
+    """Same weights file, same preprocessing, fp32: row by row in stored order within 1e-5."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        state = torchvision.models.resnet18(weights=None).state_dict()
+    offline_hub.mkdir(parents=True)
+    torch.save(state, offline_hub / "resnet18-f37072fd.pth")
+    root = make_folder(tmp_path / "img", per_class=3, splits=("train", "test"), size=(60, 45))
+    cfg = tiny(data=str(root), weights="IMAGENET1K_V1", image_size=None, out=str(tmp_path / "c.h5"))
+    extract.run(cfg)
+
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    model = torchvision.models.resnet18(weights=weights).eval()  # torchvision's own loading path
+    model.fc = torch.nn.Identity()
+    with h5py.File(cfg.out) as f:
+        ids, cached = f["ids"].asstr()[...], f["features"][...]
+    assert cached.shape == (12, 512) and cached.dtype == np.float32
+    with torch.inference_mode():
+        for row, sample_id in enumerate(ids):
+            image = Image.open(root / sample_id).convert("RGB")
+            direct = model(weights.transforms()(image)[None])[0].numpy()
+            np.testing.assert_allclose(cached[row], direct, rtol=0, atol=1e-5, err_msg=sample_id)
+
+
+def test_cache_file_describes_itself(folder, tmp_path):
+    cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"), logits=True)
+    result = extract.run(cfg)
+    assert result.status == "built" and result.computed == 10
+    with h5py.File(cfg.out) as f:
+        assert f["features"].chunks[1] == 512 and f["features"].chunks[0] >= 1
+        assert f["labels"].dtype == np.int64 and f["split"].dtype == np.int8
+        assert list(f["split"].attrs["names"]) == ["train", "val", "test"]
+        assert list(f["classes"].asstr()[...]) == ["cat", "dog"]
+        assert f.attrs["schema_version"] == store.SCHEMA_VERSION and f.attrs["complete"]
+        assert f.attrs["rows_done"] == 10
+        assert f["logits"].shape == (10, 1000)
+        features, logits = f["features"][...], f["logits"][...]
+    fs = read_features(cfg.out)
+    assert fs.fingerprint["backbone"] == "resnet18" and fs.fingerprint["weights"] == "none (random init, seed 0)"
+    assert fs.config["image_size"] == 32 and fs.attrs["versions"]
+    assert sum(len(s) for s in fs.splits.values()) == 10
+    model = backbone.build(backbone.describe("resnet18", "none"))
+    expected = model.classifier(torch.from_numpy(features)).detach().numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_current_cache_is_not_recomputed(folder, tmp_path, monkeypatch):
+    cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"))
+    extract.run(cfg)
+    monkeypatch.setattr(backbone, "build", lambda *a, **k: pytest.fail("a current cache must not build the model"))
+    said, report = _messages()
+    result = extract.run(cfg, report=report)
+    assert result.status == "current" and result.computed == 0
+    assert any("is current (10 rows); nothing to do" in m for m in said)
+
+
+def test_changed_fingerprint_rebuilds_and_lists_every_difference(folder, tmp_path):
+    cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"))
+    extract.run(cfg)
+    before = read_features(cfg.out)["train"].X
+    changed = tiny(data=str(folder), out=cfg.out, image_size=40, store_dtype="float16")
+    with pytest.raises(
+        CacheError,
+        match=r"was built differently \(preprocessing: .*crop_size=\[32\].* -> .*"
+        r"crop_size=\[40\].*; store_dtype: 'float32' -> 'float16'\); pass --on-mismatch rebuild",
+    ):
+        extract.run(tiny(data=str(folder), out=cfg.out, image_size=40, store_dtype="float16", on_mismatch="refuse"))
+    said, report = _messages()
+    assert extract.run(changed, report=report).status == "built"
+    assert any("built differently, rebuilding: preprocessing:" in m and "store_dtype" in m for m in said)
+    after = read_features(cfg.out)
+    assert after["train"].X.dtype == np.float16 and not np.allclose(after["train"].X, before, atol=1e-2)
+
+
+def test_force_rebuilds_a_current_cache(folder, tmp_path):
+    cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"))
+    extract.run(cfg)
+    assert extract.run(tiny(data=str(folder), out=cfg.out, force=True)).status == "built"
+
+
+def test_interrupt_keeps_rows_and_the_rerun_resumes_to_the_same_features(folder, tmp_path, monkeypatch):
+    reference = tiny(data=str(folder), out=str(tmp_path / "ref.h5"), batch_size=2)
+    extract.run(reference)
+    cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"), batch_size=2)
+    real_write, calls = store.CacheWriter.write, []
+
+    def write_then_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(store.CacheWriter, "write", write_then_ctrl_c)
+    with pytest.raises(Interrupted, match=r"interrupted: 4 of 10 rows are saved in .*c\.h5\.partial; rerun the same"):
+        extract.run(cfg)
+    assert not Path(cfg.out).exists(), "the final name appears only when the file is complete"
+    with pytest.raises(CacheError, match=r"cache .*c\.h5 is incomplete \(4 of 10 rows in .*c\.h5\.partial\); rerun"):
+        read_features(cfg.out)
+    monkeypatch.setattr(store.CacheWriter, "write", real_write)
+    said, report = _messages()
+    result = extract.run(cfg, report=report)
+    assert result.status == "resumed" and result.computed == 6
+    assert any("resuming" in m and "at row 4 of 10" in m for m in said)
+    assert not store.partial_path(cfg.out).exists()
+    np.testing.assert_array_equal(read_features(cfg.out)["train"].X, read_features(reference.out)["train"].X)
+
+
+_SLOW_RUN = """
+import sys, time
+from pipeline import cli, store
+write = store.CacheWriter.write
+def slow(self, *a, **k):
+    write(self, *a, **k)
+    time.sleep(0.3)
+store.CacheWriter.write = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _rows_done(partial: Path) -> int:
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return int(f.attrs["rows_done"])
+    except (OSError, KeyError):
+        return 0
+
+
+def test_kill_9_then_rerun_resumes_to_the_same_features(tmp_path):
+    root = make_folder(tmp_path / "img", per_class=8)
+    flags = ["--data", str(root), "--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
+    flags += ["--batch-size", "2", "--workers", "0", "--no-progress", "--val-fraction", "0.25"]
+    out = tmp_path / "c.h5"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    job = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, "features", *flags, "--out", str(out)], env=env)
+    partial = store.partial_path(out)
+    deadline = time.monotonic() + 60
+    while _rows_done(partial) < 4 and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    done = _rows_done(partial)
+    assert 4 <= done < 16 and not out.exists()
+
+    said, report = _messages()
+    cfg = tiny(data=str(root), batch_size=2, out=str(out))
+    result = extract.run(cfg, report=report)
+    assert result.status == "resumed" and result.computed == 16 - done
+    assert any(f"at row {done} of 16" in m for m in said)
+    extract.run(tiny(data=str(root), batch_size=2, out=str(tmp_path / "ref.h5")))
+    ours, ref = read_features(out), read_features(tmp_path / "ref.h5")
+    for split in ref.splits:
+        np.testing.assert_array_equal(ours[split].X, ref[split].X)
+        np.testing.assert_array_equal(ours[split].ids, ref[split].ids)
+
+
+def test_a_second_writer_stops_with_a_clear_message(folder, tmp_path):
+    cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"))
+    with (
+        store.locked(cfg.out),
+        pytest.raises(
+            CacheError, match=rf"another run \(pid {os.getpid()}\) is writing .*c\.h5; wait for it to finish"
+        ),
+    ):
+        extract.run(cfg)
+    assert extract.run(cfg).status == "built", "the lock is released"
+    assert not Path(f"{cfg.out}.lock").exists()
+
+
+def _with_bad_images(root: Path) -> Path:
+    make_folder(root, per_class=4)
+    (root / "cat" / "img01.png").write_text("a text file named like an image")
+    good = write_image(root / "dog" / "zz.jpg", (0, 0, 0), size=(64, 64))
+    good.write_bytes(good.read_bytes()[:200])  # truncated JPEG
+    return root
+
+
+def test_bad_images_stop_the_run_with_their_paths_and_keep_earlier_rows(tmp_path):
+    root = _with_bad_images(tmp_path / "img")
+    cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"), batch_size=3, val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(
+        BadImageError,
+        match=r"cannot read 1 image\(s\): .*cat/img01\.png: cannot identify image file; "
+        r"fix or remove them, or rerun with --skip-bad-images .*\(1 rows saved, the rerun resumes\)",
+    ):
+        extract.run(cfg)
+    assert _rows_done(store.partial_path(cfg.out)) == 1 and not Path(cfg.out).exists()
+
+
+def test_skip_bad_images_records_them(tmp_path):
+    root = _with_bad_images(tmp_path / "img")
+    cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"), skip_bad_images=True, val_fraction=0.0, test_fraction=0.0)
+    said, report = _messages()
+    result = extract.run(cfg, report=report)
+    assert sorted(result.skipped) == ["cat/img01.png", "dog/zz.jpg"]
+    fs = read_features(cfg.out)
+    assert sorted(fs.skipped) == ["cat/img01.png", "dog/zz.jpg"]
+    assert len(fs["train"]) == 7 and np.isfinite(fs["train"].X).all()
+    assert "dog/zz.jpg" not in fs["train"].ids
+    assert any("skipped 2 unreadable images" in m for m in said)
+    assert store.summary(cfg.out)["skipped"] == ["cat/img01.png", "dog/zz.jpg"]
+
+
+def test_odd_image_modes_simply_work(tmp_path):
+    root = make_folder(tmp_path / "img", per_class=2)
+    rgb = np.asarray(Image.open(root / "cat" / "img00.png"))
+    Image.fromarray(rgb).convert("L").save(root / "cat" / "gray.png")
+    Image.fromarray(np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint16) * 257).save(root / "cat" / "g16.png")
+    Image.fromarray(rgb).convert("RGBA").save(root / "dog" / "rgba.png")
+    Image.fromarray(rgb).convert("P").save(root / "dog" / "palette.png")
+    Image.fromarray(rgb).convert("CMYK").save(root / "dog" / "cmyk.jpg")
+    cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"), val_fraction=0.0, test_fraction=0.0)
+    extract.run(cfg)
+    train = read_features(cfg.out)["train"]
+    row = {i: n for n, i in enumerate(train.ids)}
+    assert len(train) == 9 and np.isfinite(train.X).all()
+    np.testing.assert_allclose(train.X[row["cat/g16.png"]], train.X[row["cat/gray.png"]], atol=1e-3)
+
+
+def test_workers_and_reduced_precision_agree_with_the_plain_run(folder, tmp_path):
+    plain = tiny(data=str(folder), out=str(tmp_path / "a.h5"))
+    extract.run(plain)
+    extract.run(tiny(data=str(folder), out=str(tmp_path / "b.h5"), workers=2, store_dtype="float16"))
+    extract.run(tiny(data=str(folder), out=str(tmp_path / "c.h5"), precision="bf16"))
+    a, b, c = (read_features(tmp_path / f"{n}.h5")["train"].X for n in "abc")
+    assert b.dtype == np.float16
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3)
+    assert np.abs(c - a).max() < 0.05 * np.abs(a).max()
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    writer = store.CacheWriter.open(
+        tmp_path / "c.h5",
+        fingerprint={"k": 1},
+        ids=["a"],
+        labels=np.zeros(1),
+        split=np.zeros(1),
+        classes=["x", "y"],
+        dim=2,
+        store_dtype="float16",
+    )
+    with pytest.raises(
+        CacheError, match=r"feature values reach 1e\+05, beyond float16's 65504; rerun with --store-dtype"
+    ):
+        writer.write(0, np.array([[1e5, 0.0]], dtype=np.float32))
+    writer.close()
+
+
+def test_explicit_cuda_without_cuda_is_an_error(folder, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DeviceError, match=r"--device cuda asked for, but CUDA is not available .*; use --device cpu"):
+        extract.run(tiny(data=str(folder), out=str(tmp_path / "c.h5"), device="cuda"))
+    assert extract.choose_device("auto").type in {"cpu", "cuda", "mps"}
