@@ -8,7 +8,7 @@ CONFIG ?= configs/demo.toml
 PIPELINE ?= $(PY) -m pipeline
 
 .DEFAULT_GOAL := help
-.PHONY: help install features info test lint format clean
+.PHONY: help install features head info test lint format clean
 
 ## List the targets with what they do
 help:
@@ -23,6 +23,10 @@ install:
 ## Extract backbone features for CONFIG into cache/ (default: the offline digits demo)
 features:
 	$(PIPELINE) features --config $(CONFIG)
+
+## Train the linear head of CONFIG on its cache: sweep C on val, refit, test once -> results/
+head:
+	$(PIPELINE) head --config $(CONFIG)
 
 ## Describe the cache file that CONFIG writes
 info:

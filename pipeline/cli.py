@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline import __version__
-from pipeline.config import FeaturesConfig, add_arguments, load_table, resolve
+from pipeline.config import FeaturesConfig, HeadConfig, add_arguments, load_table, resolve
 from pipeline.errors import ConfigError, PipelineError
 
 
@@ -29,6 +29,14 @@ def _features(args: argparse.Namespace) -> int:
     from pipeline import extract  # torch is imported only by the commands that need it
 
     extract.run(_config(args, FeaturesConfig, "features"), report=_say)
+    return 0
+
+
+def _head(args: argparse.Namespace) -> int:
+    from pipeline import report, sweep  # no torch unless the torch head is chosen
+
+    result = sweep.run(_config(args, HeadConfig, "head"), report_to=_say)
+    print(report.format_table(result))
     return 0
 
 
@@ -84,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--config", help="TOML file whose [features] table sets any of these flags")
     add_arguments(features, FeaturesConfig)
     features.set_defaults(handler=_features)
+
+    head = commands.add_parser(
+        "head",
+        help="train a linear head on a cache: sweep C on val, refit, test once",
+        description="Train a linear head on cached features, select C on validation, score the test split once.",
+    )
+    head.add_argument("--config", help="TOML file whose [head] table sets any of these flags")
+    add_arguments(head, HeadConfig)
+    head.set_defaults(handler=_head)
 
     info = commands.add_parser("info", help="describe a cache file", description="Summarise a feature cache file.")
     info.add_argument("path", nargs="?", help="the .h5 cache file")

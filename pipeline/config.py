@@ -174,3 +174,56 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """Everything that decides how a head is trained on a cache, selected and scored."""
+
+    features: str | None = option(None, "the cache file written by `pipeline features`")
+    head: str = option("logreg", "torch (nn.Linear + cross-entropy) or logreg (scikit-learn)", ("logreg", "torch"))
+    out: str | None = option(None, "results folder (default: results/<cache>-<head>)")
+    C: float | None = option(None, "train at this C only, no sweep (scikit-learn's C)")
+    grid: tuple[float, ...] | None = option(None, "C values to sweep (default: 45 log-spaced from 1e-6 to 1e5)")
+    select: str = option("top1", "validation metric that chooses C", ("top1", "balanced"))
+    preprocess: str = option("standardize", "fitted on training rows only", ("standardize", "l2", "none"))
+    class_weight: str = option("none", "'balanced' weighs classes by n / (classes * n_c)", ("none", "balanced"))
+    val_fraction: float = option(0.1, "stratified holdout from train when the cache has no val split")
+    seed: int = option(0, "seed of the holdout, few-shot draws, mini-batch order and bootstrap")
+    shots: int | None = option(None, "train on this many images per class (few-shot)")
+    repeats: int = option(1, "few-shot draws, each with its own seed")
+    solver: str = option("lbfgs", "torch head optimiser", ("lbfgs", "adam", "sgd"))
+    max_iter: int = option(1000, "L-BFGS iterations at most (both heads)")
+    tol: float = option(1e-4, "stop when max |gradient| <= tol (both heads, scikit-learn's criterion)")
+    epochs: int = option(30, "mini-batch solvers: passes over the data")
+    batch_size: int = option(512, "mini-batch solvers: rows per step")
+    lr: float | None = option(None, "mini-batch solvers: peak learning rate (default 1e-3 adam, 0.1 sgd)")
+    label_smoothing: float = option(0.0, "torch head: label smoothing of the cross-entropy")
+    balanced_sampler: bool = option(False, "torch mini-batch: draw every class equally often")
+    device: str = option("cpu", "torch head device: cpu, cuda, cuda:N, mps or auto")
+    jobs: int | None = option(None, "logreg sweep: parallel fits (default: one per core)")
+    bootstrap: int = option(1000, "bootstrap resamples for the test confidence intervals (0: none)")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if self.features is None:
+            raise ConfigError("no cache given; pass --features cache/NAME.h5 (run `make features` first)")
+        for value in ([self.C] if self.C is not None else []) + list(self.grid or ()):
+            if not value > 0 or value == float("inf"):
+                raise ConfigError(f"C value {value} is not allowed; C must be a positive, finite number")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction {self.val_fraction} is out of range; expected a fraction in (0, 1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing {self.label_smoothing} is out of range; expected [0, 1)")
+        _check_positive(self, "shots", "repeats", "max_iter", "tol", "epochs", "batch_size", "lr")
+        if self.bootstrap < 0:
+            raise ConfigError(f"--bootstrap {self.bootstrap} is negative; pass 0 for no intervals")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device {self.device!r} is not a device; choose auto, cpu, cuda, cuda:N or mps")
+
+    @property
+    def out_path(self) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        return Path("results") / f"{Path(self.features).stem}-{self.head}"  # type: ignore[arg-type]

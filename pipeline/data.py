@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.errors import BadImageError, ConfigError, DataError, MissingError
+from pipeline.splits import SPLITS, stratified_holdout
 
-SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -108,17 +108,6 @@ class SampleList:
         for sample_id in self.ids:
             h.update(sample_id.encode() + b"\0")
         return h.hexdigest()
-
-
-def stratified_holdout(labels: np.ndarray, fraction: float, seed: int, salt: int = 0) -> np.ndarray:
-    """Boolean mask taking `fraction` of each class (rounded), always leaving one row per class behind."""
-    rng = np.random.default_rng([seed, salt])
-    mask = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        take = min(int(np.floor(fraction * len(rows) + 0.5)), len(rows) - 1)  # round half up
-        mask[rng.permutation(rows)[: max(take, 0)]] = True
-    return mask
 
 
 def _finalize(

@@ -7,7 +7,6 @@ fingerprint is computed before any model is built: a current cache costs one dir
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import os
 import time
@@ -23,43 +22,14 @@ from tqdm import tqdm
 from pipeline import backbone, store
 from pipeline.config import FeaturesConfig, to_dict
 from pipeline.data import ImageDataset, SampleList, load_samples
-from pipeline.errors import BadImageError, CacheError, DeviceError, Interrupted
+from pipeline.devices import autocast, choose_device
+from pipeline.errors import BadImageError, CacheError, Interrupted
 
 Report = Callable[[str], None]
 
 
 def _quiet(message: str) -> None:
     pass
-
-
-def choose_device(request: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit device that is missing is an error."""
-    if request == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(request)
-    if device.type == "cuda":
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"--device {request} asked for, but CUDA is not available (torch {torch.__version__}, {build}); "
-                "use --device cpu or --device auto"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {request}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError(f"--device {request} asked for, but MPS is not available; use --device cpu or auto")
-    return device
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def versions() -> dict[str, str]:

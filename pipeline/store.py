@@ -29,9 +29,9 @@ import h5py
 import numpy as np
 
 from pipeline.errors import CacheError, MissingError
+from pipeline.splits import SPLITS
 
 SCHEMA_VERSION = 1
-SPLITS = ("train", "val", "test")  # the codes stored in `split`; data.SPLITS is the same tuple
 CHUNK_BYTES = 1 << 20
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -358,6 +358,14 @@ def read_features(
             skipped=list(ids[~ok]),
             attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()},
         )
+
+
+def read_labels(path: str | Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Labels per split (readable rows only) and class names: no features are read."""
+    with open_cache(path) as f:
+        split_codes, ok, labels = f["split"][...], f["ok"][...], f["labels"][...]
+        classes = list(f["classes"].asstr()[...])
+    return {name: labels[(split_codes == code) & ok] for code, name in enumerate(SPLITS)}, classes
 
 
 def summary(path: str | Path) -> dict[str, Any]:

@@ -68,3 +68,42 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     return tmp_path / "torch-home" / "hub" / "checkpoints"
+
+
+def write_cache(
+    path: Path,
+    X: np.ndarray,
+    y: np.ndarray,
+    split: np.ndarray,
+    classes: list[str] | None = None,
+    fingerprint: dict | None = None,
+) -> Path:
+    """A complete cache file from arrays (rows must be sorted by split), written by the real writer."""
+    from pipeline import store
+
+    order = np.argsort(split, kind="stable")
+    X, y, split = X[order], y[order], split[order]
+    classes = classes or [f"c{i}" for i in range(int(y.max()) + 1)]
+    writer = store.CacheWriter.open(
+        path,
+        fingerprint=fingerprint or {"backbone": "synthetic", "rows": len(y)},
+        ids=[f"row{i}" for i in range(len(y))],
+        labels=y,
+        split=split,
+        classes=classes,
+        dim=X.shape[1],
+        store_dtype="float32",
+    )
+    writer.write(0, X.astype(np.float32))
+    writer.finish()
+    return path
+
+
+@pytest.fixture
+def synthetic_cache(tmp_path: Path) -> Path:
+    """600 rows, 20-d, 4 classes: train 360 / val 120 / test 120."""
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(600, 20, n_informative=8, n_classes=4, class_sep=1.0, random_state=0)
+    split = np.repeat(np.array([0, 1, 2], dtype=np.int8), [360, 120, 120])
+    return write_cache(tmp_path / "synthetic.h5", X, y, split)

@@ -191,8 +191,8 @@ def test_info_describes_the_cache(capsys, folder, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_make_features_runs_the_offline_demo_and_then_finds_it_current(tmp_path):
-    """The README's `make features`, with this interpreter, in a scratch working directory."""
+def test_make_features_and_make_head_run_the_offline_demo(tmp_path):
+    """The README's `make features && make head`, with this interpreter, in a scratch working directory."""
     make = ["make", "-s", "-f", str(REPO / "Makefile"), f"PY={sys.executable}", f"CONFIG={REPO / 'configs/demo.toml'}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.run([*make, "features"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -202,3 +202,10 @@ def test_make_features_runs_the_offline_demo_and_then_finds_it_current(tmp_path)
     assert again.returncode == 0 and "is current (1797 rows); nothing to do" in again.stderr
     info = subprocess.run([*make, "info"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert info.returncode == 0 and "(1797, 512) float32" in info.stdout
+    head = subprocess.run([*make, "head"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert head.returncode == 0, head.stderr
+    assert "chosen on val by top1 from 45 values; trained on train+val; scored once on test" in head.stdout
+    top1 = float(next(line for line in head.stdout.splitlines() if line.startswith("top-1")).split()[2])
+    assert top1 > 0.9, "random resnet18 features still separate the digits"
+    for name in ("result.json", "curve.csv", "head.json", "head.npz", "validation_curve.png", "confusion_matrix.png"):
+        assert (tmp_path / "results" / "digits-logreg" / name).exists(), name

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import SPLITS, load_image, load_samples, read_manifest, scan_folder, stratified_holdout
+from pipeline.data import load_image, load_samples, read_manifest, scan_folder
 from pipeline.errors import BadImageError, DataError, MissingError
+from pipeline.splits import stratified_holdout
 
 from conftest import make_folder, write_image
 
@@ -177,9 +178,3 @@ def test_data_file_that_is_not_a_csv(tmp_path):
     path = write_image(tmp_path / "a.png", (1, 2, 3))
     with pytest.raises(DataError, match=r"is a file; expected an image folder or a \.csv manifest"):
         load_samples(data=str(path))
-
-
-def test_split_names_match_the_store():
-    from pipeline import store
-
-    assert store.SPLITS == SPLITS

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from pipeline import backbone, extract, read_features, store
+from pipeline import backbone, devices, extract, read_features, store
 from pipeline.errors import BadImageError, CacheError, DeviceError, Interrupted
 
 from conftest import REPO, make_folder, tiny, write_image
@@ -279,4 +279,4 @@ def test_explicit_cuda_without_cuda_is_an_error(folder, tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(DeviceError, match=r"--device cuda asked for, but CUDA is not available .*; use --device cpu"):
         extract.run(tiny(data=str(folder), out=str(tmp_path / "c.h5"), device="cuda"))
-    assert extract.choose_device("auto").type in {"cpu", "cuda", "mps"}
+    assert devices.choose_device("auto").type in {"cpu", "cuda", "mps"}

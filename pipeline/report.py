@@ -1,0 +1,135 @@
+"""Plots and tables of head results. The only module that imports matplotlib (Agg, no display)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_validation_curve(curve: list[dict[str, Any]], chosen_C: float, metric: str, path: str | Path) -> Path:
+    plt = _pyplot()
+    Cs = [row["C"] for row in curve]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.semilogx(Cs, [row["val_top1"] for row in curve], "o-", ms=3, label="val top-1")
+    ax.semilogx(Cs, [row["val_balanced_accuracy"] for row in curve], "s-", ms=3, label="val balanced accuracy")
+    key = "val_top1" if metric == "top1" else "val_balanced_accuracy"
+    best = next(row for row in curve if row["C"] == chosen_C)
+    ax.axvline(chosen_C, color="0.6", ls="--", lw=1)
+    ax.plot([chosen_C], [best[key]], "r*", ms=14, label=f"chosen C = {chosen_C:.3g}")
+    ax.set(xlabel="C (inverse regularisation strength)", ylabel="accuracy", title="Validation curve")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path) -> Path:
+    """Row-normalised confusion matrix (recall on the diagonal); names shown up to 30 classes."""
+    plt = _pyplot()
+    counts = np.asarray(confusion, dtype=float)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n = len(classes)
+    size = min(4 + 0.3 * n, 14)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+    if n <= 30:
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), classes, fontsize=7)
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set(xlabel="predicted", ylabel="true", title="Test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_reliability(table: dict[str, Any], path: str | Path) -> Path:
+    plt = _pyplot()
+    edges = np.asarray(table["edges"])
+    centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    counts = np.asarray(table["count"])
+    shown = counts > 0
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    accuracy = np.asarray(table["accuracy"])
+    ax.bar(centers[shown], accuracy[shown], width=width * 0.9, alpha=0.8, label="accuracy (n above the bar)")
+    for x, a, n in zip(centers[shown], accuracy[shown], counts[shown], strict=True):
+        ax.text(x, min(a + 0.02, 0.97), str(n), ha="center", fontsize=6)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy")
+    ax.set_title(f"Reliability (test), ECE = {table['ece']:.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _fmt(value: Any, ci: Sequence[float] | None = None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.4f}"
+    return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else text
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The short summary printed at the end of a head run."""
+    test, val, ci = result["test"], result.get("val_at_choice", {}), result["test"].get("ci", {})
+    std = result["test"].get("std", {})
+    rows = [
+        ("top-1", "top1"),
+        ("top-5", "top5"),
+        ("balanced accuracy", "balanced_accuracy"),
+        ("macro-F1", "macro_f1"),
+        ("log-loss", "log_loss"),
+        ("ECE", "ece"),
+    ]
+    protocol = result["protocol"]
+    chosen = result["chosen"]
+    Cs = chosen["C"] if isinstance(chosen["C"], list) else [chosen["C"]]
+    lines = [
+        f"run        {result['out']}",
+        f"cache      {result['cache']['path']} ({result['cache']['fingerprint'].get('backbone', '?')}, "
+        f"{result['cache']['dim']}-d, {len(result['classes'])} classes)",
+        f"head       {result['config']['head']}; C = {', '.join(f'{c:.3g}' for c in Cs)} chosen on "
+        f"{protocol['selected_on']} by {protocol['select_metric']} from {len(result['grid'])} values; "
+        f"trained on {protocol['trained_on']}; scored once on {protocol['scored_on']}",
+        "",
+        f"{'metric':<19}{'val (chosen C)':>16}   {'test' + (' [95% CI]' if ci else '') + (' ± std' if std else '')}",
+    ]
+    for label, key in rows:
+        test_text = _fmt(test.get(key), ci.get(key))
+        if key in std:
+            test_text += f" ± {std[key]:.4f}"
+        lines.append(f"{label:<19}{_fmt(val.get(key)):>16}   {test_text}")
+    t = result["timings"]
+    lines += ["", "time       " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())]
+    return "\n".join(lines)

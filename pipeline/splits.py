@@ -1,0 +1,25 @@
+"""Split names and seeded, stratified row selection shared by the feature and head stages."""
+
+from __future__ import annotations
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")  # the codes 0, 1, 2 stored in a cache's `split` dataset
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int, salt: int = 0) -> np.ndarray:
+    """Boolean mask taking `fraction` of each class (rounded half up), always leaving one row per class behind."""
+    rng = np.random.default_rng([seed, salt])
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        take = min(int(np.floor(fraction * len(rows) + 0.5)), len(rows) - 1)
+        mask[rng.permutation(rows)[: max(take, 0)]] = True
+    return mask
+
+
+def draw_shots(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Sorted row indices of `shots` rows per class (all of a class's rows when it has fewer)."""
+    rng = np.random.default_rng([seed, 4])
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:shots] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picked))

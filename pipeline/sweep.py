@@ -1,0 +1,326 @@
+"""The head stage: select C on validation, refit, score the test split once, write the results.
+
+Reads only the cache file. Split hygiene is structural: test features are read from the file only
+after every choice is made, so nothing before the choice can see them; every result says which
+split chose, which trained the final head, and which scored it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import heads, metrics, report
+from pipeline.config import HeadConfig, to_dict
+from pipeline.errors import DataError
+from pipeline.splits import draw_shots, stratified_holdout
+from pipeline.store import Split, read_features, read_labels
+
+DEFAULT_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
+SELECT_KEYS = {"top1": "top1", "balanced": "balanced_accuracy"}
+Report = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+@dataclass
+class Fit:
+    """One trained linear model: (D, O) weights, (O,) intercept, and how its optimisation ended."""
+
+    C: float
+    coef: np.ndarray
+    intercept: np.ndarray
+    n_iter: int
+    converged: bool
+
+    def proba(self, X: np.ndarray) -> np.ndarray:
+        decision = X @ self.coef + self.intercept
+        return heads._proba_from_decision(decision.ravel() if decision.shape[1] == 1 else decision)
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.spans: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.spans[name] = self.spans.get(name, 0.0) + time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def fit_grid(
+    cfg: HeadConfig,
+    X: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    Cs: list[float],
+    tick: Callable[[int], None] = lambda n: None,
+    init: Fit | None = None,
+) -> list[Fit]:
+    """One fit per C on the same rows: batched in torch, or parallel scikit-learn fits."""
+    class_weight = None if cfg.class_weight == "none" else cfg.class_weight
+    if cfg.head == "torch":
+        from pipeline import solver
+        from pipeline.devices import choose_device
+
+        sol = solver.solve(
+            X,
+            y,
+            Cs,
+            n_classes=n_classes,
+            sample_weight=heads.balanced_weights(y, class_weight),
+            label_smoothing=cfg.label_smoothing,
+            method=cfg.solver,
+            max_iter=cfg.max_iter,
+            tol=cfg.tol,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            balanced_sampler=cfg.balanced_sampler,
+            device=str(choose_device(cfg.device)),
+            init=None if init is None else (init.coef[None], init.intercept[None]),
+            progress=tick,
+        )
+        return [
+            Fit(C, sol.coef[k], sol.intercept[k], int(sol.n_iter[k]), bool(sol.converged[k])) for k, C in enumerate(Cs)
+        ]
+    from joblib import Parallel, delayed
+
+    def one(C: float) -> Fit:
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # recorded per C instead
+            model = heads.make_logreg(C, class_weight, cfg.max_iter, cfg.tol).fit(X, y)
+        n_iter = int(model.n_iter_.max())
+        return Fit(C, model.coef_.T.copy(), model.intercept_.copy(), n_iter, n_iter < cfg.max_iter)
+
+    fits = []
+    if len(Cs) == 1:
+        jobs: Any = (one(C) for C in Cs)
+    else:
+        jobs = Parallel(n_jobs=cfg.jobs or -1, return_as="generator")(delayed(one)(C) for C in Cs)
+    for fit in jobs:
+        fits.append(fit)
+        tick(1)
+    return fits
+
+
+def choose(curve: list[dict[str, Any]], metric: str) -> int:
+    """Index of the best validation score; ties go to the smaller C (the stronger regularisation)."""
+    key = f"val_{SELECT_KEYS[metric]}"
+    return int(np.argmax([row[key] for row in curve]))  # the grid is ascending: first max = smallest C
+
+
+def _curve(fits: list[Fit], X_val: np.ndarray, y_val: np.ndarray, classes: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for fit in fits:
+        scores = metrics.evaluate(y_val, fit.proba(X_val), classes, detail=False)
+        rows.append(
+            {
+                "C": fit.C,
+                "val_top1": scores["top1"],
+                "val_balanced_accuracy": scores["balanced_accuracy"],
+                "val_log_loss": scores["log_loss"],
+                "n_iter": fit.n_iter,
+                "converged": fit.converged,
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------- checks
+
+
+def _check_labels(path: Path, labels: dict[str, np.ndarray], classes: list[str]) -> None:
+    """Before any features are read: every split a run needs has rows; every class can be learned."""
+    if len(labels["train"]) == 0:
+        raise DataError(f"cache {path} has no train rows; rebuild it from data with a train split")
+    if len(labels["test"]) == 0:
+        raise DataError(
+            f"cache {path} has no test rows; rebuild it with --test-fraction > 0 (or a test split in the data)"
+        )
+    in_train = set(np.unique(labels["train"]).tolist())
+    for split in ("val", "test"):
+        missing = sorted(set(np.unique(labels[split]).tolist()) - in_train)
+        if missing:
+            names = ", ".join(repr(classes[c]) for c in missing[:5])
+            raise DataError(
+                f"class {names} has no train rows in {path} but appears in {split}; add training images for it "
+                "or drop it from the data"
+            )
+    if len(in_train) < 2:
+        raise DataError(f"cache {path} has one class in train; a classifier needs at least two")
+
+
+def _check_finite(path: Path, name: str, split: Split) -> None:
+    bad = ~np.isfinite(split.X).all(axis=1)
+    if bad.any():
+        examples = ", ".join(repr(i) for i in split.ids[bad][:3])
+        raise DataError(
+            f"cache {path} has NaN or infinite features in {bad.sum()} {name} rows (e.g. {examples}); "
+            "rebuild it with `pipeline features --force --precision fp32`"
+        )
+
+
+# ----------------------------------------------------------------------------------------- run
+
+
+def _versions(head: str) -> dict[str, str]:
+    names = ["pipeline", "numpy", "scikit-learn", "h5py"] + (["torch"] if head == "torch" else [])
+    return {n: importlib.metadata.version(n) for n in names}
+
+
+def run(cfg: HeadConfig, report_to: Report = _quiet) -> dict[str, Any]:
+    """Train, select, refit and score a head on the cache ``cfg.features``; write ``cfg.out_path``."""
+    timer = Timer()
+    path = Path(cfg.features)  # type: ignore[arg-type]
+    grid = sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
+    with timer("read"):
+        labels, classes = read_labels(path)
+        _check_labels(path, labels, classes)
+        fs = read_features(path, splits=("train", "val"), dtype=np.float32)
+        for name, split in fs.splits.items():
+            _check_finite(path, name, split)
+    train = fs["train"]
+    if "val" in fs.splits:
+        val, selected_on = fs["val"], "val"
+    else:
+        held = stratified_holdout(train.y, cfg.val_fraction, cfg.seed, salt=3)
+        if not held.any():
+            raise DataError(f"cache {path} has no val split and train is too small to hold out {cfg.val_fraction}")
+        val = Split(train.X[held], train.y[held], train.ids[held])
+        train = Split(train.X[~held], train.y[~held], train.ids[~held])
+        selected_on = f"a stratified holdout of train ({cfg.val_fraction:.0%}, seed {cfg.seed}; no val split)"
+    present = np.unique(train.y)  # the head's classes: those it can learn
+    names = [classes[c] for c in present]
+    encode = lambda y: np.searchsorted(present, y)  # noqa: E731
+    y_train, y_val = encode(train.y), encode(val.y)
+    report_to(
+        f"head: {cfg.head} on {path} ({len(train)} train, {len(val)} val rows, {fs.dim}-d, {len(names)} classes); "
+        f"{len(grid)} C values, select by {cfg.select} on {selected_on.split(' (')[0]}"
+    )
+    repeats = cfg.repeats if cfg.shots else 1
+    bar = tqdm(total=len(grid) * repeats, unit="fit", desc="sweep", disable=not cfg.progress)
+    runs = []  # per repeat: (curve, chosen index, final fit, preprocessor, trained_on)
+    with bar:
+        for r in range(repeats):
+            rows = draw_shots(y_train, cfg.shots, cfg.seed + r) if cfg.shots else np.arange(len(y_train))
+            prep = heads.Preprocessor(cfg.preprocess).fit(train.X[rows])
+            X_fit, X_val = prep.transform(train.X[rows]), prep.transform(val.X)
+            with timer("sweep"):
+                fits = fit_grid(cfg, X_fit, y_train[rows], len(names), grid, tick=bar.update)
+                curve = _curve(fits, X_val, y_val, names)
+                best = choose(curve, cfg.select)
+            if cfg.shots:  # few-shot: val never enters training, so the sweep's fit is final
+                runs.append((curve, best, fits[best], prep, f"{cfg.shots} images per class from train"))
+                continue
+            with timer("refit"):  # the chosen C on train+val, preprocessing refitted on those rows
+                X_all = np.concatenate([train.X, val.X])
+                y_all = np.concatenate([y_train, y_val])
+                prep = heads.Preprocessor(cfg.preprocess).fit(X_all)
+                (final,) = fit_grid(cfg, prep.transform(X_all), y_all, len(names), [grid[best]], init=fits[best])
+            runs.append((curve, best, final, prep, "train+val"))
+
+    # Every choice is made; only now are the test features read, and scored once.
+    with timer("read"):
+        test = read_features(path, splits=("test",), dtype=np.float32)["test"]
+        _check_finite(path, "test", test)
+    with timer("test"):
+        y_test = encode(test.y)
+        scored = [metrics.evaluate(y_test, fit.proba(prep.transform(test.X)), names) for _, _, fit, prep, _ in runs]
+        first = scored[0]
+        if cfg.bootstrap:
+            pred = runs[0][2].proba(runs[0][3].transform(test.X)).argmax(axis=1)
+            first["ci"] = metrics.bootstrap_ci(y_test, pred, len(names), cfg.bootstrap, cfg.seed)
+    curve, best, final, prep, trained_on = runs[0]
+    result = _result(cfg, path, fs, grid, runs, scored, names, selected_on, trained_on, timer)
+    with timer("write"):
+        _write(cfg, result, final, prep, fs, curve, names)
+    result["timings"] = {k: round(v, 3) for k, v in timer.spans.items()}
+    (cfg.out_path / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _result(cfg, path, fs, grid, runs, scored, names, selected_on, trained_on, timer) -> dict[str, Any]:
+    curve, best, final, _, _ = runs[0]
+    test: dict[str, Any] = dict(scored[0])
+    if len(runs) > 1:  # few-shot repeats: mean and standard deviation over draws
+        keys = ["top1", "balanced_accuracy", "macro_f1", "log_loss", "ece"] + (["top5"] if test["top5"] else [])
+        test.update({k: float(np.mean([s[k] for s in scored])) for k in keys})
+        test["std"] = {k: float(np.std([s[k] for s in scored])) for k in keys}
+        test["repeats"] = [{k: s[k] for k in keys} for s in scored]
+    chosen_C = [run[0][run[1]]["C"] for run in runs]
+    return {
+        "schema": 1,
+        "out": str(cfg.out_path),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": to_dict(cfg),
+        "cache": {
+            "path": str(path),
+            "fingerprint": fs.fingerprint,
+            "dim": fs.dim,
+            "rows": {name: len(split) for name, split in fs.splits.items()} | {"test": scored[0]["n"]},
+        },
+        "classes": names,
+        "protocol": {
+            "selected_on": selected_on,
+            "select_metric": SELECT_KEYS[cfg.select],
+            "trained_on": trained_on,
+            "scored_on": "test",
+            "test_read_after_choice": True,
+            "few_shot": {"shots": cfg.shots, "repeats": len(runs)} if cfg.shots else None,
+        },
+        "grid": grid,
+        "curve": curve,
+        "curves": [run[0] for run in runs] if len(runs) > 1 else None,
+        "chosen": {"C": chosen_C if len(runs) > 1 else chosen_C[0], "index": best},
+        "val_at_choice": {
+            "top1": curve[best]["val_top1"],
+            "balanced_accuracy": curve[best]["val_balanced_accuracy"],
+            "log_loss": curve[best]["val_log_loss"],
+        },
+        "final_fit": {"n_iter": final.n_iter, "converged": final.converged, "tol": cfg.tol, "max_iter": cfg.max_iter},
+        "test": test,
+        "versions": _versions(cfg.head),
+    }
+
+
+def _write(cfg, result, final: Fit, prep, fs, curve, names) -> None:
+    out = cfg.out_path
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_csv(curve, out / "curve.csv")
+    probe = heads.LinearProbe(prep, final.coef.T, final.intercept, np.array(names))
+    meta = {
+        "head": cfg.head,
+        "C": final.C,
+        "cache": str(cfg.features),
+        "cache_fingerprint": fs.fingerprint,
+        "trained_on": result["protocol"]["trained_on"],
+        "config": dataclasses.asdict(cfg),
+    }
+    heads.save_head(probe, out, meta)
+    report.plot_validation_curve(curve, final.C, cfg.select, out / "validation_curve.png")
+    report.plot_confusion(result["test"]["confusion"], names, out / "confusion_matrix.png")
+    report.plot_reliability(result["test"]["reliability"], out / "reliability.png")
+    if result["test"].get("repeats"):
+        report.write_csv(result["test"]["repeats"], out / "fewshot.csv")

@@ -1,0 +1,168 @@
+"""Both heads: one regularisation scale, the scikit-learn contract, class weights, saving."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.datasets import make_classification
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from pipeline import metrics
+from pipeline.errors import CacheError, MissingError
+from pipeline.heads import LinearProbe, Preprocessor, TorchLinearClassifier, load_head, save_head
+
+
+def _data(n_classes=5, n=800, weights=None, seed=0):
+    X, y = make_classification(
+        n, 30, n_informative=12, n_classes=n_classes, weights=weights, class_sep=0.8, random_state=seed
+    )
+    return StandardScaler().fit_transform(X), y
+
+
+@parametrize_with_checks([TorchLinearClassifier()])
+def test_scikit_learn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+@pytest.mark.parametrize("n_classes", [5, 2])
+@pytest.mark.parametrize("C", [0.01, 1.0, 100.0])
+def test_torch_and_scikit_learn_reach_the_same_optimum(n_classes, C):
+    """lambda = 1 / (C n) on a mean cross-entropy is scikit-learn's C; the intercept is unpenalised in both."""
+    X, y = _data(n_classes)
+    sk = LogisticRegression(C=C, tol=1e-6, max_iter=5000).fit(X, y)
+    th = TorchLinearClassifier(C=C, tol=1e-5).fit(X, y)
+    assert th.converged_
+    assert (th.predict(X) == sk.predict(X)).mean() >= 0.99
+    np.testing.assert_allclose(th.coef_, sk.coef_, rtol=0, atol=2e-3 * max(1.0, np.abs(sk.coef_).max()))
+    np.testing.assert_allclose(th.intercept_, sk.intercept_, rtol=0, atol=2e-3 * max(1.0, np.abs(sk.coef_).max()))
+    np.testing.assert_allclose(th.predict_proba(X), sk.predict_proba(X), atol=2e-3)
+
+
+def test_balanced_class_weight_matches_scikit_learn():
+    X, y = _data(3, weights=[0.75, 0.2, 0.05])
+    sk = LogisticRegression(C=0.5, class_weight="balanced", tol=1e-6, max_iter=5000).fit(X, y)
+    th = TorchLinearClassifier(C=0.5, class_weight="balanced", tol=1e-5).fit(X, y)
+    plain = TorchLinearClassifier(C=0.5, tol=1e-5).fit(X, y)
+    np.testing.assert_allclose(th.coef_, sk.coef_, atol=2e-3)
+    # Weighting moves predictions towards the rare class, exactly as scikit-learn's does.
+    rare = 2
+    assert (th.predict(X) == rare).sum() > (plain.predict(X) == rare).sum()
+    assert (th.predict(X) == sk.predict(X)).mean() >= 0.99
+
+
+def test_weighted_cross_entropy_is_sample_weight():
+    X, y = _data(3)
+    w = np.random.default_rng(0).uniform(0.2, 3.0, len(y))
+    sk = LogisticRegression(C=2.0, tol=1e-6, max_iter=5000).fit(X, y, sample_weight=w)
+    th = TorchLinearClassifier(C=2.0, tol=1e-5).fit(X, y, sample_weight=w)
+    np.testing.assert_allclose(th.coef_, sk.coef_, atol=2e-3)
+
+
+def test_clone_gridsearch_and_pipeline_accept_the_torch_head():
+    X, y = _data(3, n=300)
+    head = TorchLinearClassifier(C=0.1, max_iter=200)
+    assert clone(head).get_params() == head.get_params()
+    search = GridSearchCV(make_pipeline(StandardScaler(), head), {"torchlinearclassifier__C": [0.01, 1.0]}, cv=3)
+    search.fit(X, y)
+    assert search.best_params_["torchlinearclassifier__C"] in (0.01, 1.0)
+    assert search.score(X, y) > 0.6
+
+
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+def test_minibatch_solvers_approach_the_lbfgs_optimum_reproducibly(solver):
+    X, y = _data(4)
+    exact = TorchLinearClassifier(C=1.0).fit(X, y)
+    lr = 0.01 if solver == "adam" else 0.05
+    a = TorchLinearClassifier(C=1.0, solver=solver, epochs=60, batch_size=64, lr=lr).fit(X, y)
+    b = TorchLinearClassifier(C=1.0, solver=solver, epochs=60, batch_size=64, lr=lr).fit(X, y)
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+    assert (a.predict(X) == exact.predict(X)).mean() >= 0.98
+    assert exact.loss_ <= a.loss_ < exact.loss_ * 1.01, "the same objective, nearly minimised"
+
+
+def test_balanced_sampler_favours_rare_classes():
+    X, y = _data(3, weights=[0.8, 0.15, 0.05], seed=1)
+    kwargs = dict(C=1.0, solver="adam", epochs=20, batch_size=64, lr=0.01)
+    plain = TorchLinearClassifier(**kwargs).fit(X, y)
+    balanced = TorchLinearClassifier(balanced_sampler=True, **kwargs).fit(X, y)
+    assert (balanced.predict(X) == 2).sum() > (plain.predict(X) == 2).sum()
+
+
+def test_label_smoothing_lowers_confidence():
+    X, y = _data(3)
+    sharp = TorchLinearClassifier(C=10.0).fit(X, y).predict_proba(X).max(axis=1).mean()
+    smooth = TorchLinearClassifier(C=10.0, label_smoothing=0.2).fit(X, y).predict_proba(X).max(axis=1).mean()
+    assert smooth < sharp - 0.02
+
+
+def test_preprocessing_is_fitted_on_the_rows_given():
+    X = np.random.default_rng(0).normal(3.0, 2.0, (100, 4)).astype(np.float32)
+    X[:, 3] = 5.0  # constant column: left centred, not divided by zero
+    prep = Preprocessor("standardize").fit(X[:50])
+    Z = prep.transform(X[:50])
+    np.testing.assert_allclose(Z[:, :3].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(Z[:, :3].std(0), 1, atol=1e-4)
+    assert np.all(Z[:, 3] == 0)
+    np.testing.assert_allclose(np.linalg.norm(Preprocessor("l2").fit_transform(X), axis=1), 1, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_classes", [4, 2])
+def test_save_and_load_give_identical_predictions(tmp_path, n_classes):
+    X, y = _data(n_classes)
+    prep = Preprocessor("standardize").fit(X)
+    head = TorchLinearClassifier(C=0.3).fit(prep.transform(X), y)
+    probe = LinearProbe.from_estimator(prep, head)
+    save_head(probe, tmp_path / "run", {"head": "torch", "C": 0.3, "cache_fingerprint": {"k": "v"}})
+    loaded = load_head(tmp_path / "run")
+    np.testing.assert_array_equal(loaded.predict_proba(X), probe.predict_proba(X))
+    np.testing.assert_array_equal(loaded.predict(X), head.predict(prep.transform(X)).astype(str))
+    assert loaded.meta["cache_fingerprint"] == {"k": "v"} and loaded.score(X, y.astype(str)) > 0.5
+    assert not list((tmp_path / "run").glob("*.pkl"))
+
+
+def test_load_head_errors(tmp_path):
+    with pytest.raises(MissingError, match=r"no saved head in .*nothing \(expected head\.json and head\.npz\); run"):
+        load_head(tmp_path / "nothing")
+    X, y = _data(3, n=100)
+    probe = LinearProbe.from_estimator(Preprocessor("none"), TorchLinearClassifier().fit(X, y))
+    save_head(probe, tmp_path / "old", {})
+    (tmp_path / "old" / "head.json").write_text(
+        (tmp_path / "old" / "head.json").read_text().replace('"schema": 1', '"schema": 0')
+    )
+    with pytest.raises(CacheError, match=r"head .*old has schema 0, this pipeline reads 1; retrain it"):
+        load_head(tmp_path / "old")
+
+
+def test_metrics_by_hand():
+    y = np.array([0, 0, 1, 2])
+    proba = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.5, 0.2, 0.3]])
+    assert metrics.top_k_accuracy(y, proba, 1) == 0.5
+    assert metrics.top_k_accuracy(y, proba, 2) == 1.0  # row 2's label is its second choice
+    rel = metrics.reliability(y, proba, bins=10)
+    # confidences 0.9 (right), 0.7 (wrong), 0.8 (right), 0.5 (wrong): |1-.9|+|0-.7|+|1-.8|+|0-.5| over 4
+    assert rel["ece"] == pytest.approx((0.1 + 0.7 + 0.2 + 0.5) / 4)
+    scores = metrics.evaluate(y, proba, ["a", "b", "c"])
+    assert scores["top1"] == 0.5 and scores["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert scores["confusion"] == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+
+
+def test_bootstrap_intervals_match_a_plain_loop():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 300)
+    pred = np.where(rng.random(300) < 0.7, y, rng.integers(0, 4, 300))
+    ci = metrics.bootstrap_ci(y, pred, 4, resamples=200, seed=5)
+    again = np.random.default_rng(5)
+    top1, balanced = [], []
+    for _ in range(200):
+        idx = again.integers(0, 300, 300)
+        top1.append((pred[idx] == y[idx]).mean())
+        recalls = [(pred[idx][y[idx] == c] == c).mean() for c in range(4) if (y[idx] == c).any()]
+        balanced.append(np.mean(recalls))
+    np.testing.assert_allclose(ci["top1"], np.percentile(top1, [2.5, 97.5]))
+    np.testing.assert_allclose(ci["balanced_accuracy"], np.percentile(balanced, [2.5, 97.5]))
+    assert ci["top1"][0] < (pred == y).mean() < ci["top1"][1]
