@@ -8,7 +8,7 @@ CONFIG ?= configs/demo.toml
 PIPELINE ?= $(PY) -m pipeline
 
 .DEFAULT_GOAL := help
-.PHONY: help install features head info test lint format clean
+.PHONY: help install features head info test bench lint format clean
 
 ## List the targets with what they do
 help:
@@ -35,6 +35,10 @@ info:
 ## Run the offline test suite (CPU, a few minutes)
 test:
 	$(PY) -m pytest -q
+
+## Measure the speed claims side by side (ratios with targets) -> benchmarks/out/bench.json
+bench:
+	$(PY) -m benchmarks.run
 
 ## Lint: ruff check and ruff format --check
 lint:

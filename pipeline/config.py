@@ -47,6 +47,12 @@ class FeaturesConfig:
     store_dtype: str = option("float32", "dtype of the stored features", ("float32", "float16"))
     batch_size: int = option(64, "images per forward pass")
     workers: int | None = option(None, "DataLoader worker processes (default: one per core, at most 8)")
+    decode: str = option(
+        "cpu",
+        "cpu: PIL in the DataLoader workers; device: workers read bytes, torchvision.io decodes",
+        ("cpu", "device"),
+    )
+    compile: bool = option(False, "torch.compile the backbone (pays off on long GPU runs)")
     logits: bool = option(False, "also store the backbone's own classifier logits")
     out: str | None = option(None, "cache file to write (default: cache/<data>-<backbone>.h5)")
     force: bool = option(False, "rebuild even when the cache is current")
@@ -193,6 +199,9 @@ class HeadConfig:
     shots: int | None = option(None, "train on this many images per class (few-shot)")
     repeats: int = option(1, "few-shot draws, each with its own seed")
     solver: str = option("lbfgs", "torch head optimiser", ("lbfgs", "adam", "sgd"))
+    sweep_block: int | None = option(
+        None, "torch L-BFGS: C values trained together along the warm-started path (default: 1 on cpu, all on cuda)"
+    )
     max_iter: int = option(1000, "L-BFGS iterations at most (both heads)")
     tol: float = option(1e-4, "stop when max |gradient| <= tol (both heads, scikit-learn's criterion)")
     epochs: int = option(30, "mini-batch solvers: passes over the data")
@@ -216,7 +225,7 @@ class HeadConfig:
             raise ConfigError(f"--val-fraction {self.val_fraction} is out of range; expected a fraction in (0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing {self.label_smoothing} is out of range; expected [0, 1)")
-        _check_positive(self, "shots", "repeats", "max_iter", "tol", "epochs", "batch_size", "lr")
+        _check_positive(self, "shots", "repeats", "sweep_block", "max_iter", "tol", "epochs", "batch_size", "lr")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap {self.bootstrap} is negative; pass 0 for no intervals")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):

@@ -435,3 +435,26 @@ class ImageDataset:
         except BadImageError as exc:
             return row, None, str(exc)
         return row, self.transform(image), None
+
+
+class EncodedDataset(ImageDataset):
+    """For decoding on the device: JPEG files come back as their bytes, anything else (PNG, 16-bit,
+    in-memory arrays) as RGB pixels decoded here. Payloads are ("jpeg", uint8 bytes) or
+    ("pixels", (H, W, 3) uint8)."""
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
+        row = self.start + i
+        item = self.samples.items[row]
+        if isinstance(item, str):
+            try:
+                with open(item, "rb") as fh:
+                    head = fh.read(3)
+                    if head == b"\xff\xd8\xff":
+                        return row, ("jpeg", np.frombuffer(bytearray(head + fh.read()), dtype=np.uint8)), None
+            except OSError as exc:
+                return row, None, f"{item}: {exc.strerror or exc}"
+        try:
+            image = self.samples.read(row)
+        except BadImageError as exc:
+            return row, None, str(exc)
+        return row, ("pixels", np.asarray(image)), None

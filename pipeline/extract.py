@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import queue
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline import backbone, store
 from pipeline.config import FeaturesConfig, to_dict
-from pipeline.data import ImageDataset, SampleList, load_samples
+from pipeline.data import EncodedDataset, ImageDataset, SampleList, load_samples
 from pipeline.devices import autocast, choose_device
 from pipeline.errors import BadImageError, CacheError, Interrupted
 
@@ -50,15 +53,22 @@ def fingerprint(cfg: FeaturesConfig, samples: SampleList, spec: backbone.Backbon
         "samples": f"sha256:{samples.digest()}",
         "rows": len(samples),
         "logits": cfg.logits,
+        "decode": "torchvision.io on the device" if cfg.decode == "device" else "PIL in DataLoader workers",
     }
 
 
 def collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
     """(rows, stacked images of the readable rows, [(row, error)] of the unreadable ones)."""
-    rows = [row for row, _, _ in batch]
-    images = [image for _, image, _ in batch if image is not None]
-    errors = [(row, error) for row, _, error in batch if error is not None]
+    rows, images, errors = collate_encoded(batch)
     return rows, (torch.stack(images) if images else None), errors
+
+
+def collate_encoded(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], list[Any], list[tuple[int, str]]]:
+    """(rows, the readable rows' payloads as a list, [(row, error)] of the unreadable ones)."""
+    rows = [row for row, _, _ in batch]
+    payloads = [payload for _, payload, _ in batch if payload is not None]
+    errors = [(row, error) for row, _, error in batch if error is not None]
+    return rows, payloads, errors
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,90 @@ def _fill(
     return FeaturesResult(str(path), "resumed" if start else "built", len(samples), computed, seconds, skipped)
 
 
+class RowSink:
+    """Writes rows on a background thread, so device-to-host copies and HDF5 writes overlap the next
+    forward pass. Rows stay in order (one thread, a bounded queue); an error in the thread is raised
+    in the caller at its next `put` or at `close`."""
+
+    def __init__(self, writer: store.CacheWriter, dim: int, logits_dim: int | None, depth: int = 4) -> None:
+        self.writer, self.dim, self.logits_dim = writer, dim, logits_dim
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, start: int, ok: np.ndarray, features: torch.Tensor | None, logits: torch.Tensor | None) -> None:
+        """Rows ``start .. start+len(ok)``; `features` holds the rows where `ok` is True, in order."""
+        self._raise()
+        self.queue.put((start, ok, features, logits))
+
+    def close(self, raise_error: bool = True) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if raise_error:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def _rows(self, ok: np.ndarray, values: torch.Tensor | None, width: int) -> np.ndarray:
+        rows = np.full((len(ok), width), np.nan, dtype=np.float32)  # (B, D); NaN where unreadable
+        if values is not None:
+            rows[ok] = values.float().cpu().numpy()
+        return rows
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining so the producer never blocks
+            start, ok, features, logits = item
+            try:
+                self.writer.write(
+                    start,
+                    self._rows(ok, features, self.dim),
+                    ok,
+                    None if logits is None else self._rows(ok, logits, self.logits_dim),  # type: ignore[arg-type]
+                )
+            except BaseException as exc:  # handed to the producer thread
+                self.error = exc
+
+
+def decode_on_device(
+    payloads: list[tuple[str, np.ndarray]], device: torch.device, transform: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[list[torch.Tensor | None], list[str | None]]:
+    """JPEG bytes decoded by torchvision.io on `device` (nvjpeg on CUDA, batched); pixels moved there.
+    Returns the preprocessed (3, H, W) image or None per payload, and the decode error or None."""
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        def decode(data: Any) -> Any:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+        images: list[torch.Tensor | None] = [None] * len(payloads)
+        errors: list[str | None] = [None] * len(payloads)
+        jpegs = [i for i, (kind, _) in enumerate(payloads) if kind == "jpeg"]
+        data = [torch.from_numpy(payloads[i][1]) for i in jpegs]
+        try:
+            decoded = decode(data) if data else []
+        except RuntimeError:  # one bad file fails the batch: decode one by one to find it
+            decoded = []
+            for i, d in zip(jpegs, data, strict=True):
+                try:
+                    decoded.append(decode(d))
+                except RuntimeError as exc:
+                    decoded.append(None)
+                    errors[i] = f"cannot decode JPEG ({str(exc).splitlines()[0].split(', ')[-1]})"
+    for i, image in zip(jpegs, decoded, strict=True):
+        images[i] = image
+    for i, (kind, pixels) in enumerate(payloads):
+        if kind == "pixels":
+            images[i] = torch.from_numpy(pixels).permute(2, 0, 1).to(device, non_blocking=True)  # (3, H, W) uint8
+    return [None if image is None else transform(image) for image in images], errors
+
+
 def _extract_rows(
     writer: store.CacheWriter,
     samples: SampleList,
@@ -181,18 +275,22 @@ def _extract_rows(
     workers = default_workers() if cfg.workers is None else cfg.workers
     report(
         f"backbone: {spec.name} ({model.dim}-d), weights {spec.weights_id}; device {device}, {cfg.precision}, "
-        f"batch {cfg.batch_size}, {workers} workers"
+        f"batch {cfg.batch_size}, {workers} workers, decode on {cfg.decode}" + (", compiled" if cfg.compile else "")
     )
     model = model.to(device, memory_format=torch.channels_last)
+    forward = torch.compile(model) if cfg.compile else model
+    on_device = cfg.decode == "device"
+    dataset = (EncodedDataset if on_device else ImageDataset)(samples, spec.transform, start=writer.rows_done)
     loader = DataLoader(
-        ImageDataset(samples, spec.transform, start=writer.rows_done),
+        dataset,
         batch_size=cfg.batch_size,
         num_workers=workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
+        collate_fn=collate_encoded if on_device else collate,
+        pin_memory=device.type == "cuda" and not on_device,
         prefetch_factor=4 if workers else None,
     )
     skipped: list[str] = []
+    sink = RowSink(writer, model.dim, model.classifier.out_features if cfg.logits else None)
     bar = tqdm(
         total=len(samples),
         initial=writer.rows_done,
@@ -201,31 +299,47 @@ def _extract_rows(
         disable=not cfg.progress,
         smoothing=0.05,
     )
-    with bar, torch.inference_mode(), autocast(device, cfg.precision):
-        for rows, images, errors in loader:
-            start, n = rows[0], len(rows)
-            ok = np.ones(n, dtype=bool)
-            ok[[row - start for row, _ in errors]] = False
-            features = np.full((n, model.dim), np.nan, dtype=np.float32)  # (B, D)
-            logits = np.full((n, model.classifier.out_features), np.nan, dtype=np.float32) if cfg.logits else None
-            if images is not None:
-                x = images.to(device, non_blocking=True, memory_format=torch.channels_last)  # (B_ok, 3, H, W)
-                f = model(x)  # (B_ok, D)
-                features[ok] = f.float().cpu().numpy()
-                if logits is not None:
-                    logits[ok] = model.classifier(f).float().cpu().numpy()
-            if errors and not cfg.skip_bad_images:
-                keep = errors[0][0] - start  # the rows before the first bad image are good: save them
-                writer.write(start, features[:keep], None, None if logits is None else logits[:keep])
-                listed = "; ".join(error for _, error in errors[:5])
-                more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
-                raise BadImageError(
-                    f"cannot read {len(errors)} image(s): {listed}{more}; fix or remove them, or rerun with "
-                    f"--skip-bad-images to record and skip them ({writer.rows_done} rows saved, the rerun resumes)"
-                )
-            writer.write(start, features, ok, logits)
-            skipped += [samples.ids[row] for row, _ in errors]
-            bar.update(n)
+    try:
+        with bar, torch.inference_mode(), autocast(device, cfg.precision):
+            for rows, payload, errors in loader:
+                start, n = rows[0], len(rows)
+                if on_device:
+                    tensors, decode_errors = decode_on_device(payload, device, spec.transform)
+                    readable = [r for r in rows if r not in dict(errors)]
+                    errors = sorted(
+                        errors
+                        + [(r, f"{samples.items[r]}: {e}") for r, e in zip(readable, decode_errors, strict=True) if e]
+                    )
+                    tensors = [t for t in tensors if t is not None]
+                    x = torch.stack(tensors) if tensors else None
+                else:
+                    x = None if payload is None else payload.to(device, non_blocking=True)
+                ok = np.ones(n, dtype=bool)
+                ok[[row - start for row, _ in errors]] = False
+                f = logits = None
+                if x is not None:
+                    f = forward(x.contiguous(memory_format=torch.channels_last))  # (B_ok, 3, H, W) -> (B_ok, D)
+                    logits = model.classifier(f) if cfg.logits else None
+                if errors and not cfg.skip_bad_images:
+                    keep = errors[0][0] - start  # the rows before the first bad image are good: save them
+                    sink.put(
+                        start, ok[:keep], None if f is None else f[:keep], None if logits is None else logits[:keep]
+                    )
+                    sink.close()
+                    listed = "; ".join(error for _, error in errors[:5])
+                    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+                    raise BadImageError(
+                        f"cannot read {len(errors)} image(s): {listed}{more}; fix or remove them, or rerun with "
+                        f"--skip-bad-images to record and skip them ({writer.rows_done} rows saved, the rerun resumes)"
+                    )
+                sink.put(start, ok, f, logits)
+                skipped += [samples.ids[row] for row, _ in errors]
+                bar.update(n)
+    except BaseException:
+        if sink.thread.is_alive():
+            sink.close(raise_error=False)  # keep every row already computed
+        raise
+    sink.close()
     if skipped:
         report(f"skipped {len(skipped)} unreadable images (recorded in the cache's `ok` mask): {skipped[:5]}")
     return skipped

@@ -10,9 +10,10 @@ output, like scikit-learn) for two; the intercept is not penalised. All K settin
 augmented data matrix [X, 1], so one (N, D+1) @ (D+1, K*O) product evaluates every setting.
 
 Solvers: `lbfgs` (full batch; a batched L-BFGS with a per-setting Armijo line search, stopping
-each setting when max|grad| <= tol, exactly scikit-learn's criterion) and the mini-batch `adam`
-and `sgd` (cosine schedule). The penalty is part of the gradient for every solver, so all of them
-minimise the same objective and share one C scale.
+each setting when max|grad| <= tol, exactly scikit-learn's criterion), run along the
+regularisation path in blocks of settings with warm starts (see `path`), and the mini-batch
+`adam` and `sgd` (cosine schedule, all settings at once). The penalty is part of the gradient for
+every solver, so all of them minimise the same objective and share one C scale.
 """
 
 from __future__ import annotations
@@ -111,6 +112,18 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=(0, 2))  # (D+1, K, O) x2 -> (K,)
 
 
+@dataclass
+class Curvature:
+    """Where one setting ended: point, data-loss value and gradient (penalty excluded), L-BFGS pairs."""
+
+    x: torch.Tensor  # (D+1, 1, O)
+    f_data: torch.Tensor  # (1,)
+    g_data: torch.Tensor  # (D+1, 1, O)
+    S: list[torch.Tensor]
+    Y: list[torch.Tensor]  # gradient differences of the data loss only
+    lam: float
+
+
 def lbfgs(
     problem: Problem,
     lambdas: torch.Tensor,
@@ -119,8 +132,16 @@ def lbfgs(
     tol: float,
     memory: int = 10,
     on_done: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Batched L-BFGS; each setting stops on its own (max|grad| <= tol), its columns leave the batch."""
+    start: tuple[torch.Tensor, torch.Tensor] | None = None,
+    history: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    track: int | None = None,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray, Curvature | None]:
+    """Batched L-BFGS; each setting stops on its own (max|grad| <= tol), its columns leave the batch.
+
+    `start` is the objective and gradient at `theta` when already known (a warm start costs no
+    data pass then); `history` seeds the curvature pairs; `track` names the setting whose end
+    state is returned for the next warm start.
+    """
     k_all = theta.shape[1]
     n_iter = np.zeros(k_all, dtype=np.int64)
     grad_max = np.zeros(k_all)
@@ -128,10 +149,11 @@ def lbfgs(
     converged = np.zeros(k_all, dtype=bool)
     active = torch.arange(k_all, device=theta.device)
     x = theta.clone()
-    f, g = problem.loss_grad(x, lambdas)
-    S: list[torch.Tensor] = []
-    Y: list[torch.Tensor] = []
-    R: list[torch.Tensor] = []
+    f, g = start if start is not None else problem.loss_grad(x, lambdas)
+    S: list[torch.Tensor] = list(history[0]) if history else []
+    Y: list[torch.Tensor] = list(history[1]) if history else []
+    R: list[torch.Tensor] = [_inverse_curvature(s, y) for s, y in zip(S, Y, strict=True)]
+    tracked = None
     it = 0
     stalled = torch.zeros(k_all, dtype=torch.bool, device=theta.device)  # line search found no step
     while True:
@@ -145,11 +167,28 @@ def lbfgs(
             grad_max[cols] = gmax[idx].cpu().numpy()
             final_loss[cols] = f[idx].cpu().numpy()
             converged[cols] = (gmax[idx] <= tol).cpu().numpy()
+            if track is not None and track in cols:
+                j = idx[list(cols).index(track)]
+                lam = lambdas[j]
+                W = x[:-1, j : j + 1]
+                g_data = g[:, j : j + 1].clone()
+                g_data[:-1] -= lam * W
+                tracked = Curvature(
+                    x=x[:, j : j + 1].clone(),
+                    f_data=f[j : j + 1] - 0.5 * lam * (W * W).sum(),
+                    g_data=g_data,
+                    S=[s_[:, j : j + 1] for s_ in S],
+                    Y=[
+                        _without_penalty(y_, s_[:, j : j + 1], lam)
+                        for s_, y_ in zip(S, [y[:, j : j + 1] for y in Y], strict=True)
+                    ],
+                    lam=float(lam),
+                )
             if on_done is not None:
                 on_done(len(cols))
             keep = (~done).nonzero()[:, 0]
             if len(keep) == 0:
-                return theta, n_iter, converged, grad_max, final_loss
+                return theta, n_iter, converged, grad_max, final_loss, tracked
             active, x, f, g, lambdas = active[keep], x[:, keep], f[keep], g[:, keep], lambdas[keep]
             S, Y, R = [s[:, keep] for s in S], [y[:, keep] for y in Y], [r[keep] for r in R]
         # Two-loop recursion, per setting.
@@ -176,19 +215,20 @@ def lbfgs(
         if not S:
             t = torch.clamp(1.0 / g.abs().sum(dim=(0, 2)), max=1.0)
         # Armijo backtracking, each setting with its own step.
-        x_new, f_new, g_new = x + t[None, :, None] * d, None, None
+        x_new = x + t[None, :, None] * d
         pending = torch.ones_like(f, dtype=torch.bool)
         f_new = f.clone()
         g_new = g.clone()
         # Near the optimum a float32 loss stops resolving the decrease; then a step that keeps the
         # loss within rounding noise and shrinks the gradient is progress too.
         noise = 16 * torch.finfo(f.dtype).eps * torch.clamp(f.abs(), min=1.0)
+        gnorm2 = _dot(g, g)
         for _ in range(30):
             idx = pending.nonzero()[:, 0]
             fi, gi = problem.loss_grad(x_new[:, idx], lambdas[idx])
             f_new[idx], g_new[:, idx] = fi, gi
             armijo = fi <= f[idx] + 1e-4 * t[idx] * slope[idx]
-            flat = ((fi - f[idx]).abs() <= noise[idx]) & (gi.abs().amax(dim=(0, 2)) < gmax[idx])
+            flat = ((fi - f[idx]).abs() <= noise[idx]) & (_dot(gi, gi) < gnorm2[idx])
             ok = armijo | flat
             pending[idx[ok]] = False
             if not pending.any():
@@ -197,17 +237,76 @@ def lbfgs(
             x_new[:, pending] = x[:, pending] + t[pending][None, :, None] * d[:, pending]
         stalled = pending  # no acceptable step: as far as this precision goes
         s, y = x_new - x, g_new - g
-        sy = _dot(s, y)
-        rho = torch.where(sy > 1e-10, 1.0 / sy.clamp_min(1e-10), torch.zeros_like(sy))
         S.append(s)
         Y.append(y)
-        R.append(rho)
+        R.append(_inverse_curvature(s, y))
         if len(S) > memory:
             S.pop(0)
             Y.pop(0)
             R.pop(0)
         x, f, g = x_new, f_new, g_new
         it += 1
+
+
+def _inverse_curvature(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 / (s.y) per setting; 0 (the pair is ignored) where the curvature condition fails."""
+    sy = _dot(s, y)
+    return torch.where(sy > 1e-10, 1.0 / sy.clamp_min(1e-10), torch.zeros_like(sy))
+
+
+def _without_penalty(y: torch.Tensor, s: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
+    out = y.clone()
+    out[:-1] -= lam * s[:-1]
+    return out
+
+
+def _with_penalty(y: torch.Tensor, s: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    out = y.expand(-1, len(lambdas), -1).clone()
+    out[:-1] += lambdas[None, :, None] * s[:-1]
+    return out
+
+
+def path(
+    problem: Problem,
+    lambdas: torch.Tensor,
+    theta: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    block: int,
+    on_done: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The regularisation path, strongest penalty first, `block` settings trained together.
+
+    Each block starts from the previous block's last solution with that solution's L-BFGS pairs.
+    The data loss and its gradient there are known, so the start costs no data pass: a setting
+    whose gradient ``g_data + lambda * W`` is already within `tol` is done without touching the
+    data, which is what happens along the flat, weakly regularised end of the grid.
+    """
+    k_all = theta.shape[1]
+    order = torch.argsort(lambdas, descending=True)  # strong -> weak regularisation
+    n_iter, converged = np.zeros(k_all, dtype=np.int64), np.zeros(k_all, dtype=bool)
+    grad_max, final_loss = np.zeros(k_all), np.zeros(k_all)
+    x0 = theta[:, order[:1]].clone()
+    f_data, g_data = problem.loss_grad(x0, torch.zeros(1, dtype=theta.dtype, device=theta.device))
+    previous = Curvature(x0, f_data, g_data, [], [], 0.0)
+    for start in range(0, k_all, block):
+        cols = order[start : start + block]
+        lam = lambdas[cols]
+        W = previous.x[:-1]
+        f0 = previous.f_data + 0.5 * lam * (W * W).sum()
+        g0 = previous.g_data.expand(-1, len(cols), -1).clone()
+        g0[:-1] += lam[None, :, None] * W
+        S = [s.expand(-1, len(cols), -1) for s in previous.S]
+        Y = [_with_penalty(y, s, lam) for s, y in zip(previous.S, previous.Y, strict=True)]
+        x = previous.x.expand(-1, len(cols), -1).clone()
+        x, it, conv, gmax, loss, tracked = lbfgs(
+            problem, lam, x, max_iter, tol, on_done=on_done, start=(f0, g0), history=(S, Y), track=len(cols) - 1
+        )
+        theta[:, cols] = x
+        index = cols.cpu().numpy()
+        n_iter[index], converged[index], grad_max[index], final_loss[index] = it, conv, gmax, loss
+        previous = tracked
+    return theta, n_iter, converged, grad_max, final_loss
 
 
 def minibatch(
@@ -277,8 +376,14 @@ def solve(
     dtype: torch.dtype = torch.float32,
     init: tuple[np.ndarray, np.ndarray] | None = None,
     progress: Callable[[int], None] | None = None,
+    block: int | None = None,
 ) -> Solution:
-    """Fit one linear classifier per value in `Cs` on the same data, together."""
+    """Fit one linear classifier per value in `Cs` on the same data.
+
+    L-BFGS walks the C values from the strongest penalty to the weakest in blocks of `block`
+    settings trained together (default: all at once), each block warm-started from the previous
+    block's last solution and curvature. `block=1` is the sequential warm-started path.
+    """
     X_t = X.to(device=device, dtype=dtype) if torch.is_tensor(X) else torch.tensor(X, dtype=dtype, device=device)
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.long, device=device)
     sw = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=dtype, device=device)
@@ -292,7 +397,8 @@ def solve(
         theta[:-1] = coef.permute(1, 0, 2)
         theta[-1] = intercept
     if method == "lbfgs":
-        theta, n_iter, converged, grad_max, loss = lbfgs(problem, lambdas, theta, max_iter, tol, on_done=progress)
+        block = k if block is None else max(1, min(block, k))
+        theta, n_iter, converged, grad_max, loss = path(problem, lambdas, theta, max_iter, tol, block, progress)
     elif method in ("adam", "sgd"):
         lr = lr if lr is not None else (1e-3 if method == "adam" else 0.1)
         theta = minibatch(problem, lambdas, theta, method, epochs, batch_size, lr, seed, balanced_sampler)

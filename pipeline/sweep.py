@@ -79,6 +79,7 @@ def fit_grid(
         from pipeline import solver
         from pipeline.devices import choose_device
 
+        device = choose_device(cfg.device)
         sol = solver.solve(
             X,
             y,
@@ -94,9 +95,12 @@ def fit_grid(
             lr=cfg.lr,
             seed=cfg.seed,
             balanced_sampler=cfg.balanced_sampler,
-            device=str(choose_device(cfg.device)),
+            device=str(device),
             init=None if init is None else (init.coef[None], init.intercept[None]),
             progress=tick,
+            # Measured on CPU: the sequential warm-started path needs ~4x fewer data passes than
+            # all settings at once; a GPU runs many settings for nearly the price of one.
+            block=cfg.sweep_block or (len(Cs) if device.type == "cuda" else 1),
         )
         return [
             Fit(C, sol.coef[k], sol.intercept[k], int(sol.n_iter[k]), bool(sol.converged[k])) for k, C in enumerate(Cs)
@@ -175,7 +179,7 @@ def _check_labels(path: Path, labels: dict[str, np.ndarray], classes: list[str])
 def _check_finite(path: Path, name: str, split: Split) -> None:
     bad = ~np.isfinite(split.X).all(axis=1)
     if bad.any():
-        examples = ", ".join(repr(i) for i in split.ids[bad][:3])
+        examples = ", ".join(repr(str(i)) for i in split.ids[bad][:3])
         raise DataError(
             f"cache {path} has NaN or infinite features in {bad.sum()} {name} rows (e.g. {examples}); "
             "rebuild it with `pipeline features --force --precision fp32`"

@@ -280,3 +280,62 @@ def test_explicit_cuda_without_cuda_is_an_error(folder, tmp_path):
     with pytest.raises(DeviceError, match=r"--device cuda asked for, but CUDA is not available .*; use --device cpu"):
         extract.run(tiny(data=str(folder), out=str(tmp_path / "c.h5"), device="cuda"))
     assert devices.choose_device("auto").type in {"cpu", "cuda", "mps"}
+
+
+def _mixed_folder(root: Path) -> Path:
+    """JPEG (RGB, grayscale, CMYK) and PNG images of two classes."""
+    for c, color in enumerate([(200, 60, 60), (60, 60, 200)]):
+        for n in range(3):
+            write_image(root / f"k{c}" / f"p{n}.png", color, size=(70, 50))
+            rgb = Image.open(root / f"k{c}" / f"p{n}.png")
+            rgb.save(root / f"k{c}" / f"j{n}.jpg", quality=95)
+        rgb.convert("L").save(root / f"k{c}" / "gray.jpg", quality=95)
+        rgb.convert("CMYK").save(root / f"k{c}" / "cmyk.jpg", quality=95)
+    return root
+
+
+def test_decode_on_device_matches_cpu_decoding(tmp_path):
+    root = _mixed_folder(tmp_path / "img")
+    common = dict(data=str(root), image_size=48, val_fraction=0.0, test_fraction=0.0)
+    extract.run(tiny(out=str(tmp_path / "cpu.h5"), **common))
+    extract.run(tiny(out=str(tmp_path / "dev.h5"), decode="device", workers=2, **common))
+    cpu, dev = read_features(tmp_path / "cpu.h5"), read_features(tmp_path / "dev.h5")
+    assert cpu.fingerprint["decode"] == "PIL in DataLoader workers"
+    assert dev.fingerprint["decode"] == "torchvision.io on the device"
+    np.testing.assert_array_equal(cpu["train"].ids, dev["train"].ids)
+    # Two decoders and two resize implementations: close, not identical.
+    a, b = cpu["train"].X, dev["train"].X
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.99
+
+
+def test_decode_on_device_reports_bad_jpegs(tmp_path):
+    root = make_folder(tmp_path / "img", per_class=3, ext=".jpg")
+    data = (root / "dog" / "img01.jpg").read_bytes()
+    (root / "dog" / "img01.jpg").write_bytes(data[: len(data) // 2])  # truncated: fails on the device
+    (root / "cat" / "img02.jpg").write_text("not a jpeg")  # no JPEG marker: fails in the worker
+    cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"), decode="device", val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(BadImageError, match=r"cannot read 1 image\(s\): .*cat/img02\.jpg: cannot identify image file"):
+        extract.run(cfg)
+    skip = tiny(data=str(root), out=str(tmp_path / "c.h5"), decode="device", skip_bad_images=True,
+                val_fraction=0.0, test_fraction=0.0)  # fmt: skip
+    assert sorted(extract.run(skip).skipped) == ["cat/img02.jpg", "dog/img01.jpg"]
+    assert "dog/img01.jpg" in store.summary(skip.out)["skipped"]
+
+
+def test_compile_flag_compiles_the_backbone(folder, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    said, report = _messages()
+    extract.run(tiny(data=str(folder), out=str(tmp_path / "c.h5"), compile=True), report=report)
+    assert len(compiled) == 1 and isinstance(compiled[0], backbone.FeatureExtractor)
+    assert any("compiled" in m for m in said)
+
+
+def test_errors_in_the_writer_thread_reach_the_caller(tmp_path, monkeypatch):
+    """A float16 overflow is detected while writing, on the background thread; the run still stops with it."""
+    root = make_folder(tmp_path / "img", per_class=2)
+    real = store.CacheWriter.write
+    monkeypatch.setattr(store.CacheWriter, "write", lambda self, start, f, *a: real(self, start, f * 1e6, *a))
+    with pytest.raises(CacheError, match=r"beyond float16's 65504; rerun with --store-dtype float32"):
+        extract.run(tiny(data=str(root), out=str(tmp_path / "c.h5"), store_dtype="float16"))

@@ -166,3 +166,31 @@ def test_bootstrap_intervals_match_a_plain_loop():
     np.testing.assert_allclose(ci["top1"], np.percentile(top1, [2.5, 97.5]))
     np.testing.assert_allclose(ci["balanced_accuracy"], np.percentile(balanced, [2.5, 97.5]))
     assert ci["top1"][0] < (pred == y).mean() < ci["top1"][1]
+
+
+@pytest.mark.parametrize("block", [1, 4, 45])
+def test_path_blocks_reach_scikit_learns_solutions(block):
+    """Warm-started blocks (1 = sequential path, 45 = every C at once) all meet the same optimum."""
+    from pipeline import solver
+
+    X, y = _data(4, n=500)
+    Cs = np.logspace(-6, 5, 45)
+    sol = solver.solve(X, y, Cs, n_classes=4, tol=1e-5, block=block)
+    assert sol.converged.all()
+
+    def objective(coef, intercept, C):  # mean cross-entropy + ||W||^2 / (2 C n), in float64
+        z = X @ coef + intercept
+        z -= z.max(axis=1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return -log_p[np.arange(len(y)), y].mean() + (coef**2).sum() / (2 * C * len(y))
+
+    for k in (0, 12, 20, 28, 44):
+        sk = LogisticRegression(C=Cs[k], tol=1e-8, max_iter=10000).fit(X, y)
+        if k <= 20:
+            np.testing.assert_allclose(sol.coef[k].T, sk.coef_, atol=1e-3 * max(1.0, np.abs(sk.coef_).max()))
+        # Nearly unregularised problems are flat: compare how well each minimises the objective.
+        ours, theirs = objective(sol.coef[k], sol.intercept[k], Cs[k]), objective(sk.coef_.T, sk.intercept_, Cs[k])
+        assert ours == pytest.approx(theirs, rel=1e-5)
+        assert ((X @ sol.coef[k] + sol.intercept[k]).argmax(1) == sk.predict(X)).mean() >= 0.99
+    if block == 1:  # along the flat, weakly regularised end a warm start is already converged: no data pass
+        assert (sol.n_iter[-10:] == 0).any()

@@ -1,0 +1,250 @@
+"""`make bench`: the project's speed claims, measured side by side in one run on this machine.
+
+1. extraction: full `pipeline features` images/s versus the same backbone's forward pass on ready
+   tensors (same batch size, precision, memory format), resnet18 and resnet50 at 224 px, on
+   photo-like 500x375 JPEGs; and peak memory of a features run on N and 4N images.
+2. the torch head's whole 45-value sweep (select on val, refit, test) versus one scikit-learn
+   LogisticRegression fit at the chosen C, on a CIFAR-100-shaped cache; and versus the logreg
+   head's own 45-value sweep.
+3. reading a 50,000 x 2,048 feature matrix from the cache versus np.load of the same array.
+4. `pipeline head` on the demo cache, each head.
+
+Prints a table with each ratio and its target, and writes benchmarks/out/bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.images import write_photo_folder
+from benchmarks.synthetic import write_synthetic_cache
+
+OUT = Path("benchmarks/out")
+ROWS: list[dict] = []
+
+
+def row(name: str, value: float, unit: str, target: str = "", ok: bool | None = None, **detail) -> None:
+    entry = {"benchmark": name, "value": value, "unit": unit, "target": target, "ok": ok, **detail}
+    ROWS.append(entry)
+    mark = "" if ok is None else ("PASS" if ok else "MISS")
+    print(f"  {name:<52} {value:>10.3f} {unit:<8} {target:<16} {mark}", flush=True)
+
+
+def forward_only(name: str, batch: int, size: int = 224, batches: int = 4) -> float:
+    """images/s of the frozen backbone alone on ready channels-last tensors."""
+    import torch
+
+    from pipeline import backbone
+
+    model = backbone.build(backbone.describe(name, "none")).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model(x)  # warm-up
+        start = time.perf_counter()
+        for _ in range(batches):
+            model(x)
+    return batch * batches / (time.perf_counter() - start)
+
+
+def bench_extraction(n: int, batch: int) -> None:
+    from pipeline import extract
+    from pipeline.config import FeaturesConfig
+
+    photos = write_photo_folder(OUT / f"photos-{n}", n)
+    print(f"extraction: {n} photo-like 500x375 JPEGs, 224 px, batch {batch}, fp32, default workers", flush=True)
+    for name, target in (("resnet18", 0.85), ("resnet50", 0.92)):
+        before = forward_only(name, batch)
+        cfg = FeaturesConfig(
+            data=str(photos), backbone=name, weights="none", out=str(OUT / f"photos-{name}.h5"), force=True,
+            batch_size=batch, progress=False, val_fraction=0.0, test_fraction=0.0,
+        )  # fmt: skip
+        start = time.perf_counter()
+        extract.run(cfg)
+        pipeline_rate = n / (time.perf_counter() - start)
+        after = forward_only(name, batch)
+        reference = (before + after) / 2
+        row(f"{name}: pipeline images/s", pipeline_rate, "img/s")
+        row(f"{name}: forward-only images/s (mean of before/after)", reference, "img/s")
+        ratio = pipeline_rate / reference
+        row(f"{name}: pipeline / forward-only", ratio, "ratio", f">= {target}", ratio >= target)
+
+
+_PEAK = """
+import resource, sys
+from pipeline import cli
+code = cli.main(sys.argv[1:])
+print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def peak_rss_mb(folder: Path, out: Path) -> float:
+    args = ["features", "--data", str(folder), "--backbone", "resnet18", "--weights", "none", "--out", str(out)]
+    args += ["--force", "--no-progress", "--val-fraction", "0", "--test-fraction", "0"]
+    done = subprocess.run([sys.executable, "-c", _PEAK, *args], capture_output=True, text=True, check=True)
+    kb = next(int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_KB"))
+    return kb / 1024
+
+
+def bench_memory(n: int) -> None:
+    print(f"memory: peak RSS of the main process, resnet18 features on N={n} and 4N={4 * n} images", flush=True)
+    big = write_photo_folder(OUT / f"photos-{4 * n}", 4 * n)
+    small = OUT / f"photos-{n}-subset"
+    if not small.exists():
+        for path in sorted(big.rglob("*.jpg"))[:n]:
+            (small / path.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, small / path.parent.name / path.name)
+    a = peak_rss_mb(small, OUT / "mem-n.h5")
+    b = peak_rss_mb(big, OUT / "mem-4n.h5")
+    row(f"peak RSS, N = {n}", a, "MB")
+    row(f"peak RSS, 4N = {4 * n}", b, "MB")
+    row("peak RSS 4N / N", b / a, "ratio", "<= 1.10", b / a <= 1.10)
+
+
+def bench_sweep(sklearn_sweep: bool) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline import read_features, sweep
+    from pipeline.config import HeadConfig
+    from pipeline.heads import Preprocessor
+    from pipeline.splits import stratified_holdout
+
+    cache = OUT / "cifar100-like.h5"
+    if not cache.exists():
+        write_synthetic_cache(cache)
+    print("sweep: CIFAR-100-shaped cache (50,000 train + 10,000 test, 2,048-d float16, 100 classes)", flush=True)
+    cfg = HeadConfig(features=str(cache), head="torch", out=str(OUT / "sweep-torch"), progress=False, bootstrap=0)
+    result = sweep.run(cfg)
+    t = result["timings"]
+    ours = t["sweep"] + t["refit"] + t["test"]
+    C = result["chosen"]["C"]
+    row("torch head: 45-value sweep + refit + test", ours, "s", chosen_C=C, timings=t)
+    row("torch head: same, with reading the cache", ours + t["read"], "s")
+    # One scikit-learn fit at the chosen C, on exactly the rows and preprocessing of our refit.
+    fs = read_features(cache, dtype=np.float32)
+    train, test = fs["train"], fs["test"]
+    held = stratified_holdout(train.y, cfg.val_fraction, cfg.seed, salt=3)
+    X_all = np.concatenate([train.X[~held], train.X[held]])
+    y_all = np.concatenate([train.y[~held], train.y[held]])
+    prep = Preprocessor(cfg.preprocess).fit(X_all)
+    X_fit, X_test = prep.transform(X_all), prep.transform(test.X)
+    start = time.perf_counter()
+    model = LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(X_fit, y_all)
+    single = time.perf_counter() - start
+    sk_top1 = float((model.predict(X_test) == test.y).mean())
+    row(f"scikit-learn: one fit at C = {C:.3g}", single, "s", n_iter=int(model.n_iter_.max()))
+    row("sweep time / one scikit-learn fit", ours / single, "ratio", "< 1", ours / single < 1)
+    gap = abs(result["test"]["top1"] - sk_top1) * 100
+    row("test top-1: torch sweep", result["test"]["top1"] * 100, "%")
+    row("test top-1: scikit-learn fit", sk_top1 * 100, "%")
+    row("test top-1 gap", gap, "points", "<= 0.5", gap <= 0.5)
+    if sklearn_sweep:
+        logreg = sweep.run(
+            HeadConfig(features=str(cache), head="logreg", out=str(OUT / "sweep-logreg"), progress=False, bootstrap=0)
+        )
+        lt = logreg["timings"]
+        theirs = lt["sweep"] + lt["refit"] + lt["test"]
+        row(
+            "logreg head (scikit-learn, joblib): 45-value sweep + refit + test",
+            theirs,
+            "s",
+            chosen_C=logreg["chosen"]["C"],
+        )
+        row("torch sweep / scikit-learn sweep", ours / theirs, "ratio")
+
+
+def bench_reads() -> None:
+    import h5py
+
+    from pipeline import read_features, store
+
+    cache = OUT / "cifar100-like.h5"
+    if not cache.exists():
+        write_synthetic_cache(cache)
+    with h5py.File(cache) as f:
+        array = f["features"][:50_000]
+    npy = OUT / "features-50000.npy"
+    np.save(npy, array)
+    print(f"reads: {array.shape} {array.dtype} ({array.nbytes / 1e6:.0f} MB), best of 3, warm page cache", flush=True)
+    matrix, full, numpy = [], [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        with store.open_cache(cache) as f:
+            X = store.read_block(f["features"], 0, 50_000)
+        matrix.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        split = read_features(cache, splits=("train",))["train"]
+        full.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        Y = np.load(npy)
+        numpy.append(time.perf_counter() - start)
+    assert X.shape == Y.shape == (50_000, 2048) and np.array_equal(X, Y) and np.array_equal(split.X, Y)
+    row("the feature matrix from the cache (open + one block read)", min(matrix), "s")
+    row("read_features: the matrix + labels + ids (the head's read)", min(full), "s")
+    row("np.load of the same array", min(numpy), "s")
+    ratio = min(numpy) / min(matrix)
+    row("feature matrix read speed / np.load speed", ratio, "ratio", ">= 0.8", ratio >= 0.8)
+    row("read_features speed / np.load speed", min(numpy) / min(full), "ratio")
+
+
+def bench_demo_heads() -> None:
+    print("demo: `pipeline head --config configs/demo.toml` wall time (a fresh process each)", flush=True)
+    subprocess.run([sys.executable, "-m", "pipeline", "features", "--config", "configs/demo.toml", "--no-progress"],
+                   check=True, capture_output=True)  # fmt: skip
+    for head in ("logreg", "torch"):
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "pipeline", "head", "--config", "configs/demo.toml", "--head", head,
+             "--out", str(OUT / f"demo-{head}"), "--no-progress"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        row(f"make head on the demo cache, {head}", time.perf_counter() - start, "s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=["extraction", "memory", "sweep", "reads", "demo"])
+    parser.add_argument("--images", type=int, default=1000, help="images for the extraction benchmark")
+    parser.add_argument("--memory-images", type=int, default=250, help="N of the memory benchmark (4N too)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-sklearn-sweep", action="store_true", help="skip the (slow) scikit-learn 45-value sweep")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    chosen = set(args.only or ["extraction", "memory", "sweep", "reads", "demo"])
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    print(f"machine: {machine}\n")
+    started = time.perf_counter()
+    if "extraction" in chosen:
+        bench_extraction(args.images, args.batch_size)
+    if "memory" in chosen:
+        bench_memory(args.memory_images)
+    if "sweep" in chosen:
+        bench_sweep(not args.no_sklearn_sweep)
+    if "reads" in chosen:
+        bench_reads()
+    if "demo" in chosen:
+        bench_demo_heads()
+    import importlib.metadata as md
+
+    versions = {n: md.version(n) for n in ("torch", "torchvision", "numpy", "scikit-learn", "h5py", "pipeline")}
+    report = {"machine": machine, "versions": versions, "seconds": time.perf_counter() - started, "rows": ROWS}
+    (OUT / "bench.json").write_text(json.dumps(report, indent=2))
+    missed = [r["benchmark"] for r in ROWS if r["ok"] is False]
+    print(f"\nwrote {OUT / 'bench.json'}; {len(missed)} target(s) missed" + (f": {missed}" if missed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
