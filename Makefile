@@ -5,10 +5,11 @@ VENV ?= .venv
 PYTHON ?= python3
 PY ?= $(VENV)/bin/python
 CONFIG ?= configs/demo.toml
+STUDY ?= configs/demo-study.toml
 PIPELINE ?= $(PY) -m pipeline
 
 .DEFAULT_GOAL := help
-.PHONY: help install features head info test bench lint format clean
+.PHONY: help install features head study info test bench lint format clean
 
 ## List the targets with what they do
 help:
@@ -27,6 +28,10 @@ features:
 ## Train the linear head of CONFIG on its cache: sweep C on val, refit, test once -> results/
 head:
 	$(PIPELINE) head --config $(CONFIG)
+
+## Run STUDY (default: the offline demo study) and write its comparison report under results/
+study:
+	$(PIPELINE) study $(STUDY)
 
 ## Describe the cache file that CONFIG writes
 info:

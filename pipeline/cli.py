@@ -40,6 +40,47 @@ def _head(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from pipeline import study
+
+    summary = study.run(args.file, report=_say, progress=args.progress)
+    if summary["failed"]:
+        _say(f"error: {len(summary['failed'])} cell(s) failed: " + "; ".join(f["cell"] for f in summary["failed"]))
+        return 2
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pipeline import compare
+
+    if args.pair:
+        a, b = (compare.load_run(p) for p in args.pair)
+        print(compare.pair(a, b, args.alpha)["statement"])
+        return 0
+    done = compare.write_report(args.paths, args.out, args.alpha)
+    for p in done["pairs"]:
+        print(("* " if p["significant"] else "  ") + p["statement"])
+    _say(f"wrote {done['report']} ({done['runs']} runs, {len(done['pairs'])} paired comparisons)")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pipeline import predict
+
+    overrides = {
+        k: getattr(args, k) for k in ("device", "batch_size", "workers", "progress") if getattr(args, k) is not None
+    }
+    predict.predict(args.head, args.data, args.out, args.top_k, args.strict, args.weights, overrides, report=_say)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline import predict
+
+    predict.export(args.head, args.out, args.weights, report=_say)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from pipeline import store
 
@@ -101,6 +142,54 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--config", help="TOML file whose [head] table sets any of these flags")
     add_arguments(head, HeadConfig)
     head.set_defaults(handler=_head)
+
+    study = commands.add_parser(
+        "study",
+        help="run a study: datasets x backbones x heads through the cache, then compare",
+        description="Run every cell of a study file (TOML): extraction through the cache, then each head.",
+    )
+    study.add_argument("file", help="the study file, e.g. configs/transfer-suite.toml")
+    study.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress")
+    study.set_defaults(handler=_study)
+
+    compare = commands.add_parser(
+        "compare",
+        help="one table (Markdown + CSV) from many head results, with paired tests and plots",
+        description="Gather result.json files into one comparison with 95%% intervals and paired tests.",
+    )
+    compare.add_argument("paths", nargs="*", default=["results"], help="result folders, searched recursively")
+    compare.add_argument("--out", default="results/report.md", help="the Markdown report (CSV and PNGs beside it)")
+    compare.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired tests")
+    compare.add_argument("--pair", nargs=2, metavar="RESULT", help="compare just these two runs, paired")
+    compare.set_defaults(handler=_compare)
+
+    predict = commands.add_parser(
+        "predict",
+        help="classify new images with a trained head (rebuilds its backbone)",
+        description="Rebuild the head's backbone and preprocessing, classify images, write top-k to a CSV.",
+    )
+    predict.add_argument("--head", required=True, help="a results folder written by `pipeline head`")
+    predict.add_argument("--data", required=True, help="a folder of images, a CSV with a path column, or one image")
+    predict.add_argument("--out", default="predictions.csv", help="the CSV to write")
+    predict.add_argument("--top-k", type=int, default=5, help="classes per image in the CSV")
+    predict.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
+                         help="stop on an unreadable image instead of listing it")  # fmt: skip
+    predict.add_argument("--weights", help="where the backbone weights are now (checked against the cache)")
+    predict.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: as the cache was made)")
+    predict.add_argument("--batch-size", type=int)
+    predict.add_argument("--workers", type=int)
+    predict.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    predict.set_defaults(handler=_predict)
+
+    export = commands.add_parser(
+        "export",
+        help="one torch file with backbone, preprocessing constants and head",
+        description="Write a torch.export program (uint8 crops -> probabilities) that loads without this package.",
+    )
+    export.add_argument("--head", required=True, help="a results folder written by `pipeline head`")
+    export.add_argument("--out", required=True, help="the file to write, e.g. classifier.pt2")
+    export.add_argument("--weights", help="where the backbone weights are now (checked against the cache)")
+    export.set_defaults(handler=_export)
 
     info = commands.add_parser("info", help="describe a cache file", description="Summarise a feature cache file.")
     info.add_argument("path", nargs="?", help="the .h5 cache file")

@@ -132,18 +132,21 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         parser.add_argument(f"--{_flag(f.name)}", dest=f.name, **kwargs)
 
 
-def load_table(path: str | Path, table: str) -> dict[str, Any]:
-    """The ``[table]`` of a TOML config file (empty when the file has no such table)."""
+def load_document(path: str | Path) -> dict[str, Any]:
+    """A whole TOML file, or a one-line error saying why it cannot be read."""
     path = Path(path)
     if not path.is_file():
-        raise MissingError(
-            f"config file {path} does not exist; pass --config with a TOML file such as configs/demo.toml"
-        )
+        raise MissingError(f"config file {path} does not exist; pass a TOML file such as configs/demo.toml")
     try:
         with path.open("rb") as fh:
-            document = tomllib.load(fh)
+            return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix the syntax") from None
+
+
+def load_table(path: str | Path, table: str) -> dict[str, Any]:
+    """The ``[table]`` of a TOML config file (empty when the file has no such table)."""
+    document = load_document(path)
     section = document.get(table, {})
     if not isinstance(section, dict):
         raise ConfigError(f"config file {path}: '{table}' must be a table ([{table}]), got {type(section).__name__}")

@@ -458,3 +458,29 @@ class EncodedDataset(ImageDataset):
         except BadImageError as exc:
             return row, None, str(exc)
         return row, ("pixels", np.asarray(image)), None
+
+
+def list_images(path: str | Path) -> SampleList:
+    """Unlabelled images for prediction: a folder (searched recursively), a CSV with a `path`
+    column (relative to the CSV's folder), or a single image file. Ids are the paths as given."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise MissingError(f"manifest {path} does not exist; pass a CSV with a path column")
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if "path" not in [c.strip() for c in reader.fieldnames or []]:
+                raise DataError(f"manifest {path} has no 'path' column; expected a header row starting with path")
+            ids = [row["path"].strip() for row in reader if (row.get("path") or "").strip()]
+        items = [str(path.parent / i) for i in ids]
+    elif path.is_file():
+        ids, items = [path.name], [str(path)]
+    elif path.is_dir():
+        ids = _images_under(path)
+        items = [str(path / i) for i in ids]
+    else:
+        raise MissingError(f"{path} does not exist; pass a folder of images, a CSV manifest or an image file")
+    if not ids:
+        raise DataError(f"{path} holds no images (extensions read: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    n = len(ids)
+    return SampleList(ids, np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int8), ["?"], items, source=str(path))

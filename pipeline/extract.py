@@ -158,16 +158,23 @@ def _fill(
         report=report,
     )
     start = writer.rows_done
+    sink = RowSink(writer, model.dim, model.classifier.out_features if cfg.logits else None)
     try:
-        skipped = _extract_rows(writer, samples, model, spec, cfg, device, report)
-        path = writer.finish()
+        bad = _extract_rows(sink, start, samples, model, spec, cfg, device, report)
+        path = writer.finish({"extract_seconds": time.perf_counter() - t0, "extract_rows": len(samples) - start})
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted: {writer.rows_done} of {len(samples)} rows are saved in {store.partial_path(cfg.out_path)}; "
             "rerun the same command to resume"
         ) from None
+    except BadImageError as exc:
+        raise BadImageError(
+            f"{exc}; fix or remove them, or rerun with --skip-bad-images to record and skip them "
+            f"({writer.rows_done} rows saved, the rerun resumes)"
+        ) from None
     finally:
         writer.close()
+    skipped = [samples.ids[row] for row in bad]
     seconds = time.perf_counter() - t0
     computed = len(samples) - start
     size = path.stat().st_size / 1e6
@@ -196,8 +203,9 @@ class RowSink:
         self.queue.put((start, ok, features, logits))
 
     def close(self, raise_error: bool = True) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
         if raise_error:
             self._raise()
 
@@ -262,16 +270,44 @@ def decode_on_device(
     return [None if image is None else transform(image) for image in images], errors
 
 
+class MemorySink:
+    """Rows into one in-memory (N, D) array (NaN rows for unreadable images): for `embed`."""
+
+    def __init__(self, n: int, dim: int) -> None:
+        self.features = np.full((n, dim), np.nan, dtype=np.float32)
+
+    def put(self, start: int, ok: np.ndarray, features: torch.Tensor | None, logits: torch.Tensor | None) -> None:
+        if features is not None:
+            self.features[start : start + len(ok)][ok] = features.float().cpu().numpy()
+
+    def close(self, raise_error: bool = True) -> None:
+        pass
+
+
+def embed(
+    cfg: FeaturesConfig, samples: SampleList, spec: backbone.BackboneSpec, report: Report = _quiet
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Features of `samples` in memory, no cache file: (N, D) float32 and {row: error} of unreadable ones."""
+    device = choose_device(cfg.device)
+    model = backbone.build(spec, progress=cfg.progress)
+    sink = MemorySink(len(samples), model.dim)
+    errors: dict[int, str] = {}
+    _extract_rows(sink, 0, samples, model, spec, cfg, device, report, errors)
+    return sink.features, errors
+
+
 def _extract_rows(
-    writer: store.CacheWriter,
+    sink: RowSink | MemorySink,
+    start_row: int,
     samples: SampleList,
     model: backbone.FeatureExtractor,
     spec: backbone.BackboneSpec,
     cfg: FeaturesConfig,
     device: torch.device,
     report: Report,
-) -> list[str]:
-    """Forward every row from ``writer.rows_done`` on; returns the ids of skipped unreadable images."""
+    errors_out: dict[int, str] | None = None,
+) -> list[int]:
+    """Forward every row from `start_row` on into `sink`; returns the rows skipped as unreadable."""
     workers = default_workers() if cfg.workers is None else cfg.workers
     report(
         f"backbone: {spec.name} ({model.dim}-d), weights {spec.weights_id}; device {device}, {cfg.precision}, "
@@ -280,7 +316,7 @@ def _extract_rows(
     model = model.to(device, memory_format=torch.channels_last)
     forward = torch.compile(model) if cfg.compile else model
     on_device = cfg.decode == "device"
-    dataset = (EncodedDataset if on_device else ImageDataset)(samples, spec.transform, start=writer.rows_done)
+    dataset = (EncodedDataset if on_device else ImageDataset)(samples, spec.transform, start=start_row)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -289,11 +325,10 @@ def _extract_rows(
         pin_memory=device.type == "cuda" and not on_device,
         prefetch_factor=4 if workers else None,
     )
-    skipped: list[str] = []
-    sink = RowSink(writer, model.dim, model.classifier.out_features if cfg.logits else None)
+    skipped: list[int] = []
     bar = tqdm(
         total=len(samples),
-        initial=writer.rows_done,
+        initial=start_row,
         unit="img",
         desc="extract",
         disable=not cfg.progress,
@@ -328,18 +363,16 @@ def _extract_rows(
                     sink.close()
                     listed = "; ".join(error for _, error in errors[:5])
                     more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
-                    raise BadImageError(
-                        f"cannot read {len(errors)} image(s): {listed}{more}; fix or remove them, or rerun with "
-                        f"--skip-bad-images to record and skip them ({writer.rows_done} rows saved, the rerun resumes)"
-                    )
+                    raise BadImageError(f"cannot read {len(errors)} image(s): {listed}{more}")
                 sink.put(start, ok, f, logits)
-                skipped += [samples.ids[row] for row, _ in errors]
+                skipped += [row for row, _ in errors]
+                if errors_out is not None:
+                    errors_out.update(errors)
                 bar.update(n)
     except BaseException:
-        if sink.thread.is_alive():
-            sink.close(raise_error=False)  # keep every row already computed
+        sink.close(raise_error=False)  # keep every row already computed
         raise
     sink.close()
     if skipped:
-        report(f"skipped {len(skipped)} unreadable images (recorded in the cache's `ok` mask): {skipped[:5]}")
+        report(f"skipped {len(skipped)} unreadable images: {[samples.ids[r] for r in skipped[:5]]}")
     return skipped

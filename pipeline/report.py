@@ -133,3 +133,59 @@ def format_table(result: dict[str, Any]) -> str:
     t = result["timings"]
     lines += ["", "time       " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())]
     return "\n".join(lines)
+
+
+def plot_grouped_bars(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Test top-1 per dataset, one bar per backbone / head, with the 95% interval as error bars."""
+    plt = _pyplot()
+    full = [r for r in rows if r["shots"] == "all"] or rows
+    datasets = sorted({r["dataset"] for r in full})
+    series = sorted({(r["backbone"], r["head"]) for r in full})
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(datasets) + 0.4 * len(series)), 4))
+    for k, (backbone, head) in enumerate(series):
+        xs, ys, errs = [], [], [[], []]
+        for i, d in enumerate(datasets):
+            match = [r for r in full if (r["dataset"], r["backbone"], r["head"]) == (d, backbone, head)]
+            if not match:
+                continue
+            r = match[0]
+            xs.append(i - 0.4 + width * (k + 0.5))
+            ys.append(r["test_top1"] * 100)
+            lo, hi = r["top1_lo"], r["top1_hi"]
+            errs[0].append((r["test_top1"] - lo) * 100 if lo is not None else 0)
+            errs[1].append((hi - r["test_top1"]) * 100 if hi is not None else 0)
+        ax.bar(xs, ys, width=width * 0.95, yerr=errs, capsize=3, label=f"{backbone} / {head}")
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set(ylabel="test top-1 (%)", title="Test accuracy with 95% bootstrap intervals")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_fewshot(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Test top-1 against images per class (log2 axis), mean ± std over draws; 'all' at the right."""
+    plt = _pyplot()
+    curves: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        curves.setdefault((r["dataset"], r["backbone"], r["head"]), []).append(r)
+    numeric = [r["shots"] for r in rows if r["shots"] != "all"]
+    all_x = 2 * max(numeric) if numeric else 1
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for (d, b, h), points in sorted(curves.items()):
+        xs = [all_x if p["shots"] == "all" else p["shots"] for p in points]
+        ax.errorbar(xs, [p["top1_mean"] * 100 for p in points], yerr=[p["top1_std"] * 100 for p in points],
+                    marker="o", ms=4, capsize=3, label=f"{d} / {b} / {h}")  # fmt: skip
+    ticks = sorted(set(numeric)) + ([all_x] if any(r["shots"] == "all" for r in rows) else [])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(t) if t != all_x or all_x in numeric else "all" for t in ticks])
+    ax.set(xlabel="training images per class", ylabel="test top-1 (%)", title="Few-shot linear probes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -191,9 +191,10 @@ class CacheWriter:
         self.f.attrs["rows_done"] = stop
         self.f.flush()
 
-    def finish(self) -> Path:
-        """Mark complete, close, and move into place under the final name."""
+    def finish(self, attrs: Mapping[str, Any] | None = None) -> Path:
+        """Mark complete (with any last attributes), close, and move into place under the final name."""
         assert self.rows_done == self.n_rows, "finish() before every row was written"
+        self.f.attrs.update(attrs or {})
         self.f.attrs["complete"] = True
         self.f.close()
         os.replace(partial_path(self.path), self.path)

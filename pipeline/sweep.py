@@ -8,6 +8,7 @@ split chose, which trained the final head, and which scored it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import time
@@ -194,8 +195,19 @@ def _versions(head: str) -> dict[str, str]:
     return {n: importlib.metadata.version(n) for n in names}
 
 
-def run(cfg: HeadConfig, report_to: Report = _quiet) -> dict[str, Any]:
-    """Train, select, refit and score a head on the cache ``cfg.features``; write ``cfg.out_path``."""
+def test_set_digest(test: Split) -> str:
+    """Identity of a test set (its ids and labels): paired comparisons need equal digests."""
+    h = hashlib.sha256(np.ascontiguousarray(test.y, dtype="<i8").tobytes())
+    for sample_id in test.ids:
+        h.update(str(sample_id).encode() + b"\0")
+    return f"sha256:{h.hexdigest()}"
+
+
+def run(cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train, select, refit and score a head on the cache ``cfg.features``; write ``cfg.out_path``.
+
+    `cell` labels the run (dataset, backbone, head) for `pipeline compare`.
+    """
     timer = Timer()
     path = Path(cfg.features)  # type: ignore[arg-type]
     grid = sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
@@ -253,13 +265,17 @@ def run(cfg: HeadConfig, report_to: Report = _quiet) -> dict[str, Any]:
         y_test = encode(test.y)
         scored = [metrics.evaluate(y_test, fit.proba(prep.transform(test.X)), names) for _, _, fit, prep, _ in runs]
         first = scored[0]
-        if cfg.bootstrap:
+        if cfg.bootstrap and not cfg.shots:  # few-shot spread is the std over draws instead
             pred = runs[0][2].proba(runs[0][3].transform(test.X)).argmax(axis=1)
             first["ci"] = metrics.bootstrap_ci(y_test, pred, len(names), cfg.bootstrap, cfg.seed)
     curve, best, final, prep, trained_on = runs[0]
     result = _result(cfg, path, fs, grid, runs, scored, names, selected_on, trained_on, timer)
+    result["test_set"] = test_set_digest(test)
+    result["cell"] = cell or {}
     with timer("write"):
         _write(cfg, result, final, prep, fs, curve, names)
+        pred = runs[0][2].proba(runs[0][3].transform(test.X)).argmax(axis=1)
+        np.savez(cfg.out_path / "predictions.npz", ids=test.ids.astype(str), y_true=y_test, y_pred=pred)
     result["timings"] = {k: round(v, 3) for k, v in timer.spans.items()}
     (cfg.out_path / "result.json").write_text(json.dumps(result, indent=2))
     return result
@@ -282,6 +298,9 @@ def _result(cfg, path, fs, grid, runs, scored, names, selected_on, trained_on, t
         "cache": {
             "path": str(path),
             "fingerprint": fs.fingerprint,
+            "data": fs.config.get("dataset") or Path(str(fs.config.get("data") or path.stem)).stem,
+            "extract_seconds": fs.attrs.get("extract_seconds"),
+            "features_config": fs.config,
             "dim": fs.dim,
             "rows": {name: len(split) for name, split in fs.splits.items()} | {"test": scored[0]["n"]},
         },
@@ -319,6 +338,7 @@ def _write(cfg, result, final: Fit, prep, fs, curve, names) -> None:
         "C": final.C,
         "cache": str(cfg.features),
         "cache_fingerprint": fs.fingerprint,
+        "features_config": fs.config,
         "trained_on": result["protocol"]["trained_on"],
         "config": dataclasses.asdict(cfg),
     }

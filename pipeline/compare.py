@@ -1,0 +1,279 @@
+"""`pipeline compare`: many head results -> one table with intervals, paired tests, few-shot curves.
+
+Runs are paired only when they were scored on the same test rows (equal test-set digests over
+ids and labels): then the accuracy difference gets a paired bootstrap interval and McNemar's
+exact test, and "A beats B" is printed only when the difference is significant.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import binomtest
+
+from pipeline import report
+from pipeline.errors import CacheError, DataError, MissingError
+
+RESULT_SCHEMA = 1
+
+
+@dataclass
+class Run:
+    """One head result folder (result.json + predictions.npz)."""
+
+    folder: Path
+    result: dict[str, Any]
+    dataset: str
+    backbone: str
+    head: str
+    shots: int | None
+    _pred: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset} / {self.backbone} / {self.head}"
+
+    def predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, y_true, y_pred) on the test split."""
+        if self._pred is None:
+            path = self.folder / "predictions.npz"
+            if not path.is_file():
+                raise MissingError(f"{path} is missing; rerun `pipeline head` for {self.folder} to write it")
+            with np.load(path, allow_pickle=False) as z:
+                self._pred = (z["ids"], z["y_true"], z["y_pred"])
+        return self._pred
+
+
+def load_run(folder: str | Path) -> Run:
+    folder = Path(folder)
+    path = folder / "result.json" if folder.is_dir() else folder
+    if not path.is_file():
+        raise MissingError(f"no result.json in {folder}; pass folders written by `pipeline head`")
+    result = json.loads(path.read_text())
+    if result.get("schema") != RESULT_SCHEMA:
+        raise CacheError(
+            f"result {path} has schema {result.get('schema')!r}, this pipeline reads {RESULT_SCHEMA}; "
+            "rerun `pipeline head` for it"
+        )
+    cell, cache = result.get("cell") or {}, result["cache"]
+    weights = str(cache["fingerprint"].get("weights", "?")).split(" (")[0]
+    return Run(
+        folder=path.parent,
+        result=result,
+        dataset=cell.get("dataset") or cache.get("data") or Path(cache["path"]).stem,
+        backbone=cell.get("backbone") or f"{cache['fingerprint'].get('backbone', '?')} {weights}",
+        head=cell.get("head") or result["config"]["head"],
+        shots=result["config"].get("shots"),
+    )
+
+
+def gather(paths: list[str | Path]) -> list[Run]:
+    """Every result under the given folders (searched recursively) or result.json files."""
+    runs = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise MissingError(f"{p} does not exist; pass result folders written by `pipeline head`")
+        files = [p] if p.is_file() else sorted(p.rglob("result.json"))
+        runs += [load_run(f) for f in files]
+    if not runs:
+        raise MissingError(f"no result.json under {', '.join(map(str, paths))}; run `pipeline head` or a study first")
+    return sorted(runs, key=lambda r: (r.dataset, r.backbone, r.shots is not None, r.shots or 0, r.head))
+
+
+# ---------------------------------------------------------------------------------- statistics
+
+
+def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> tuple[int, int, float]:
+    """Exact McNemar test: (A right & B wrong, A wrong & B right, two-sided p-value)."""
+    b = int(np.sum(a_correct & ~b_correct))
+    c = int(np.sum(~a_correct & b_correct))
+    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+    return b, c, p
+
+
+def paired_bootstrap(
+    a_correct: np.ndarray, b_correct: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """Accuracy difference A - B and its percentile interval, resampling the same rows for both."""
+    diff = a_correct.astype(np.float64) - b_correct.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(resamples)])
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(diff.mean()), float(lo), float(hi)
+
+
+def pair(a: Run, b: Run, alpha: float = 0.05) -> dict[str, Any]:
+    """Paired comparison of two runs on the same test rows; refuses runs scored on different rows."""
+    if a.result.get("test_set") != b.result.get("test_set"):
+        ids_a, ids_b = a.predictions()[0], b.predictions()[0]
+        raise DataError(
+            f"cannot pair {a.folder} and {b.folder}: they were scored on different test sets "
+            f"({len(ids_a)} vs {len(ids_b)} rows, digests {str(a.result.get('test_set'))[:19]} vs "
+            f"{str(b.result.get('test_set'))[:19]}); compare runs of the same cache split only"
+        )
+    _, ya, pa = a.predictions()
+    _, yb, pb = b.predictions()
+    ca, cb = pa == ya, pb == yb
+    b_only, c_only, p = mcnemar(ca, cb)
+    diff, lo, hi = paired_bootstrap(ca, cb)
+    significant = p < alpha and (lo > 0 or hi < 0)
+    better, worse = (a, b) if diff > 0 else (b, a)
+    differing = [k for k in ("backbone", "head") if getattr(a, k) != getattr(b, k)]
+    what = " / ".join(getattr(better, k) for k in differing) or better.name
+    than = " / ".join(getattr(worse, k) for k in differing) or worse.name
+    context = " / ".join(getattr(a, k) for k in ("backbone", "head") if k not in differing)
+    where = f"{a.dataset}" + (f" ({context})" if context else "")
+    interval = f"{diff * 100:+.2f} points [{lo * 100:+.2f}, {hi * 100:+.2f}]"
+    statement = (
+        f"{what} beats {than} on {where}: {abs(diff) * 100:.2f} points better, A-B = {interval}, McNemar p = {p:.3g}"
+        if significant
+        else f"no significant difference between {a.name} and {b.name}: A-B = {interval}, McNemar p = {p:.3g}"
+    )
+    return {
+        "dataset": a.dataset,
+        "a": a.name,
+        "b": b.name,
+        "diff_top1": diff,
+        "ci": [lo, hi],
+        "a_only_right": b_only,
+        "b_only_right": c_only,
+        "p_value": p,
+        "significant": significant,
+        "statement": statement,
+    }
+
+
+def comparisons(runs: list[Run], alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Every pair of full (not few-shot) runs on the same test rows that differ in backbone or head only."""
+    full = [r for r in runs if r.shots is None]
+    out = []
+    for a, b in combinations(full, 2):
+        if a.result.get("test_set") != b.result.get("test_set") or a.dataset != b.dataset:
+            continue
+        if (a.backbone != b.backbone) + (a.head != b.head) == 1:
+            out.append(pair(a, b, alpha))
+    return out
+
+
+# ------------------------------------------------------------------------------------- tables
+
+
+def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    rows = []
+    for r in runs:
+        test, t = r.result["test"], r.result.get("timings", {})
+        ci = test.get("ci", {})
+        top1_ci, bal_ci = ci.get("top1", [None, None]), ci.get("balanced_accuracy", [None, None])
+        chosen = r.result["chosen"]["C"]
+        rows.append(
+            {
+                "dataset": r.dataset,
+                "backbone": r.backbone,
+                "head": r.head,
+                "shots": r.shots or "all",
+                "test_top1": test["top1"],
+                "top1_lo": top1_ci[0],
+                "top1_hi": top1_ci[1],
+                "top1_std": test.get("std", {}).get("top1"),
+                "test_balanced_accuracy": test["balanced_accuracy"],
+                "balanced_lo": bal_ci[0],
+                "balanced_hi": bal_ci[1],
+                "chosen_C": chosen if not isinstance(chosen, list) else float(np.median(chosen)),
+                "cache_seconds": r.result["cache"].get("extract_seconds"),
+                "head_seconds": round(sum(t.values()), 3),
+                "folder": str(r.folder),
+            }
+        )
+    return rows
+
+
+def fewshot_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """Test top-1 (mean, std over draws) against shots per class, per dataset / backbone / head."""
+    curves: dict[tuple[str, str, str], dict[Any, tuple[float, float]]] = {}
+    for r in runs:
+        if r.shots is None:
+            continue
+        key = (r.dataset, r.backbone, r.result["config"]["head"])
+        curves.setdefault(key, {})[r.shots] = (r.result["test"]["top1"], r.result["test"].get("std", {}).get("top1", 0))
+    for r in runs:  # the full-data point, when a plain run of the same head exists
+        key = (r.dataset, r.backbone, r.result["config"]["head"])
+        if r.shots is None and key in curves:
+            curves[key]["all"] = (r.result["test"]["top1"], 0.0)
+    return [
+        {"dataset": d, "backbone": b, "head": h, "shots": k, "top1_mean": m, "top1_std": s}
+        for (d, b, h), points in sorted(curves.items())
+        for k, (m, s) in sorted(points.items(), key=lambda kv: (kv[0] == "all", kv[0] if kv[0] != "all" else 0))
+    ]
+
+
+def _pct(value: Any, lo: Any = None, hi: Any = None, std: Any = None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value * 100:.2f}"
+    if lo is not None:
+        text += f" [{lo * 100:.1f}, {hi * 100:.1f}]"
+    if std:
+        text += f" ± {std * 100:.1f}"
+    return text
+
+
+def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[str]) -> str:
+    lines = [
+        "# Comparison",
+        "",
+        f"{len(rows)} runs. Test accuracy in %, with 95% bootstrap intervals (± std over draws for few-shot).",
+        "",
+        "| dataset | backbone | head | shots | test top-1 | balanced accuracy | C | cache s | head s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cache_s = "-" if r["cache_seconds"] is None else f"{r['cache_seconds']:.1f}"
+        lines.append(
+            f"| {r['dataset']} | {r['backbone']} | {r['head']} | {r['shots']} | "
+            f"{_pct(r['test_top1'], r['top1_lo'], r['top1_hi'], r['top1_std'])} | "
+            f"{_pct(r['test_balanced_accuracy'], r['balanced_lo'], r['balanced_hi'])} | {r['chosen_C']:.3g} | "
+            f"{cache_s} | {r['head_seconds']:.1f} |"
+        )
+    lines += ["", "## Paired comparisons (same test rows)", ""]
+    if not pairs:
+        lines.append("No two runs share a test set and differ in exactly one of backbone or head.")
+    for p in pairs:
+        lines.append(f"- {'**' if p['significant'] else ''}{p['statement']}{'**' if p['significant'] else ''}")
+    if few:
+        shots = sorted({r["shots"] for r in few}, key=lambda s: (s == "all", s if s != "all" else 0))
+        lines += ["", "## Few-shot: test top-1 (%) against images per class, mean ± std over draws", ""]
+        lines += [
+            "| dataset | backbone | head | " + " | ".join(map(str, shots)) + " |",
+            "|---|---|---|" + "---|" * len(shots),
+        ]
+        by_curve: dict[tuple, dict] = {}
+        for r in few:
+            by_curve.setdefault((r["dataset"], r["backbone"], r["head"]), {})[r["shots"]] = r
+        for (d, b, h), points in by_curve.items():
+            cells = [_pct(points[s]["top1_mean"], std=points[s]["top1_std"]) if s in points else "-" for s in shots]
+            lines.append(f"| {d} | {b} | {h} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"![{Path(i).stem}]({Path(i).name})" for i in images]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(paths: list[str | Path], out: str | Path, alpha: float = 0.05) -> dict[str, Any]:
+    """Markdown + CSV tables and the plots, next to `out`."""
+    runs = gather(paths)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows, pairs, few = summary_rows(runs), comparisons(runs, alpha), fewshot_rows(runs)
+    report.write_csv(rows, out.with_suffix(".csv"))
+    images = [str(report.plot_grouped_bars(rows, out.with_name(out.stem + "-bars.png")))]
+    if pairs:
+        report.write_csv(pairs, out.with_name(out.stem + "-pairs.csv"))
+    if few:
+        report.write_csv(few, out.with_name(out.stem + "-fewshot.csv"))
+        images.append(str(report.plot_fewshot(few, out.with_name(out.stem + "-fewshot.png"))))
+    out.write_text(markdown(rows, pairs, few, images))
+    return {"runs": len(runs), "rows": rows, "pairs": pairs, "fewshot": few, "report": str(out)}

@@ -1,0 +1,183 @@
+"""Using a trained head on new images: `pipeline predict` (CSV of top-k classes) and
+`pipeline export` (one torch file with backbone, preprocessing constants and head).
+
+Both rebuild the backbone and preprocessing that made the head's cache, from the settings the
+head saved, and refuse when the weights or preprocessing cannot be matched exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import backbone
+from pipeline.config import FeaturesConfig
+from pipeline.errors import BadImageError, CacheError, WeightsError
+from pipeline.heads import LinearProbe, load_head
+
+
+def _settings(head: LinearProbe, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    fingerprint, settings = head.meta.get("cache_fingerprint"), head.meta.get("features_config")
+    if not fingerprint or not settings:
+        raise CacheError(
+            f"head {folder} does not record how its features were made (saved by an older pipeline); "
+            "retrain it with `pipeline head`"
+        )
+    return fingerprint, settings
+
+
+def rebuild_spec(head: LinearProbe, folder: Path, weights: str | None = None) -> backbone.BackboneSpec:
+    """The head's backbone and preprocessing, verified against its cache fingerprint."""
+    fingerprint, settings = _settings(head, folder)
+    spec = backbone.describe(
+        fingerprint["backbone"], weights or settings["weights"], settings.get("seed", 0), settings.get("image_size")
+    )
+    if spec.weights_id != fingerprint["weights"]:
+        raise WeightsError(
+            f"cannot rebuild the backbone of head {folder}: its features came from weights {fingerprint['weights']!r}, "
+            f"these are {spec.weights_id!r}; pass --weights with the very same weights (a checkpoint is matched by "
+            "its sha256)"
+        )
+    if spec.preprocessing != fingerprint["preprocessing"]:
+        raise WeightsError(
+            f"cannot rebuild the preprocessing of head {folder}: it was {fingerprint['preprocessing']!r}, this "
+            f"torchvision gives {spec.preprocessing!r}; use the torchvision version recorded in the head's cache"
+        )
+    return spec
+
+
+def predict(
+    head_path: str | Path,
+    data: str | Path,
+    out: str | Path,
+    top_k: int = 5,
+    strict: bool = False,
+    weights: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    report: Any = lambda message: None,
+) -> dict[str, Any]:
+    """Classify every image under `data` (a folder, a CSV with a `path` column, or one file)."""
+    from pipeline import extract
+    from pipeline.data import list_images
+
+    folder = Path(head_path)
+    head = load_head(folder)
+    spec = rebuild_spec(head, folder, weights)
+    _, settings = _settings(head, folder)
+    samples = list_images(data)
+    fields = {f.name for f in dataclasses.fields(FeaturesConfig)}
+    values = {k: v for k, v in settings.items() if k in fields and k not in ("dataset", "out")}
+    values.update(data=str(data), weights=weights or settings["weights"], skip_bad_images=not strict)
+    values.update(overrides or {})
+    cfg = FeaturesConfig(**values)
+    try:
+        features, errors = extract.embed(cfg, samples, spec, report)
+    except BadImageError as exc:
+        raise BadImageError(f"{exc}; fix or remove them, or drop --strict to list them in the CSV and go on") from None
+    ok = np.isfinite(features).all(axis=1)
+    proba = np.full((len(samples), len(head.classes_)), np.nan, dtype=np.float32)
+    if ok.any():
+        proba[ok] = head.predict_proba(features[ok])
+    k = min(top_k, len(head.classes_))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = ["path", "prediction", "probability"]
+    header += [f"{name}_{i}" for i in range(2, k + 1) for name in ("class", "probability")] + ["error"]
+    with out.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for row, sample_id in enumerate(samples.ids):
+            if not ok[row]:
+                writer.writerow([sample_id] + [""] * (2 * k) + [errors.get(row, "unreadable")])
+                continue
+            order = np.argsort(-proba[row])[:k]
+            cells = [x for c in order for x in (head.classes_[c], f"{proba[row, c]:.6f}")]
+            writer.writerow([sample_id, *cells, ""])
+    bad = [samples.ids[r] for r in sorted(errors)]
+    report(f"wrote {out}: {int(ok.sum())} images classified" + (f", {len(bad)} unreadable: {bad[:5]}" if bad else ""))
+    return {"out": str(out), "classified": int(ok.sum()), "unreadable": bad, "proba": proba, "ids": samples.ids}
+
+
+class ExportedClassifier:
+    """Builds the exported module: uint8 crops (B, 3, S, S) -> class probabilities (B, C)."""
+
+    @staticmethod
+    def module(model: Any, spec: backbone.BackboneSpec, head: LinearProbe) -> Any:
+        import torch
+        from torch import nn
+
+        class Classifier(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body = model.body
+                t = spec.transform
+                self.register_buffer("mean", torch.tensor(t.mean).reshape(1, 3, 1, 1).clone())
+                self.register_buffer("std", torch.tensor(t.std).reshape(1, 3, 1, 1).clone())
+                prep = head.preprocessor
+                dim = head.n_features_in_
+                self.kind = prep.kind
+                f_mean = prep.mean_ if prep.mean_ is not None else np.zeros(dim, np.float32)
+                f_scale = prep.scale_ if prep.scale_ is not None else np.ones(dim, np.float32)
+                arrays = {"f_mean": f_mean, "f_scale": f_scale, "coef": head.coef_, "intercept": head.intercept_}
+                for name, array in arrays.items():  # own contiguous copies: torch.export saves them whole
+                    self.register_buffer(name, torch.tensor(np.ascontiguousarray(array, dtype=np.float32)))
+
+            def forward(self, images: torch.Tensor) -> torch.Tensor:
+                x = (images.to(torch.float32) / 255.0 - self.mean) / self.std  # (B, 3, S, S)
+                f = self.body(x)  # (B, D)
+                if self.kind == "standardize":
+                    f = (f - self.f_mean) / self.f_scale
+                elif self.kind == "l2":
+                    f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                z = f @ self.coef.T + self.intercept  # (B, C) or (B, 1)
+                if z.shape[1] == 1:
+                    p = torch.sigmoid(z)
+                    return torch.cat([1 - p, p], dim=1)
+                return torch.softmax(z, dim=1)
+
+        return Classifier().eval()
+
+
+def export(head_path: str | Path, out: str | Path, weights: str | None = None, report: Any = lambda m: None) -> Path:
+    """One file that `torch.export.load` opens without this package: module + preprocessing in meta.json."""
+    import torch
+
+    folder = Path(head_path)
+    head = load_head(folder)
+    spec = rebuild_spec(head, folder, weights)
+    model = backbone.build(spec, progress=False)
+    module = ExportedClassifier.module(model, spec, head)
+    size = spec.crop_size
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: batch}})
+    t = spec.transform
+    meta = {
+        "format": "pipeline linear-probe classifier, torch.export program",
+        "input": f"uint8 tensor (B, 3, {size}, {size}): RGB image resized (shorter side {t.resize_size[0]}, "
+        f"{t.interpolation.value}, antialias) and centre-cropped to {size}",
+        "output": "float32 (B, C) class probabilities, columns in the order of `classes`",
+        "classes": [str(c) for c in head.classes_],
+        "resize_size": t.resize_size[0],
+        "crop_size": size,
+        "interpolation": t.interpolation.value,
+        "mean": list(t.mean),
+        "std": list(t.std),
+        "backbone": spec.name,
+        "weights": spec.weights_id,
+        "head": {k: head.meta.get(k) for k in ("head", "C", "trained_on", "cache")},
+        "usage": "p = torch.export.load(path).module()(images_uint8)",
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(out), extra_files={"meta.json": json.dumps(meta, indent=2)})
+    report(
+        f"wrote {out}: {spec.name} + {head.meta.get('head', 'linear')} head, {len(head.classes_)} classes; "
+        f"input {meta['input']}"
+    )
+    return out

@@ -1,0 +1,166 @@
+"""`pipeline study FILE.toml`: datasets x backbones x heads, each cell through the cache.
+
+Every (dataset, backbone) pair is extracted once (a current cache is reused, never recomputed)
+and every head runs on it; optional few-shot runs give accuracy-versus-shots curves. A failing
+cell is reported and the rest go on. At the end `pipeline compare` writes the study's report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.config import FeaturesConfig, HeadConfig, load_document, resolve
+from pipeline.errors import ConfigError, PipelineError
+
+TABLES = ("study", "features", "head", "datasets", "backbones", "heads", "fewshot")
+STUDY_KEYS = ("name", "results", "cache")
+FEWSHOT_KEYS = ("head", "shots", "repeats")
+Report = Callable[[str], None]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A validated study: one features config per (dataset, backbone), head configs per cell."""
+
+    name: str
+    results: Path
+    extractions: list[tuple[str, str, FeaturesConfig]]  # (dataset label, backbone label, config)
+    heads: list[tuple[str, dict[str, Any]]]  # (head label, [head] values)
+    fewshot: dict[str, Any] | None
+    head_defaults: dict[str, Any]
+
+
+def _entries(document: dict[str, Any], key: str, source: str) -> list[dict[str, Any]]:
+    entries = document.get(key, [])
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{source}: needs at least one [[{key}]] table; see configs/demo-study.toml")
+    return entries
+
+
+def _check_keys(values: dict[str, Any], allowed: list[str], where: str) -> None:
+    for key in values:
+        if key.replace("-", "_") not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(allowed)}")
+
+
+def plan(path: str | Path) -> Plan:
+    """Read and validate the whole study before anything runs."""
+    from pipeline import backbone, data
+
+    source = str(path)
+    document = load_document(path)
+    for key in document:
+        if key not in TABLES:
+            raise ConfigError(f"{source}: unknown table {key!r}; valid ones: {', '.join(TABLES)}")
+    study = document.get("study", {})
+    _check_keys(study, list(STUDY_KEYS), f"{source} [study]")
+    name = study.get("name", Path(source).stem)
+    results = Path(study.get("results", "results")) / _slug(name)
+    cache = Path(study.get("cache", "cache"))
+    feature_fields = [f.name for f in dataclasses.fields(FeaturesConfig)]
+    head_fields = [f.name for f in dataclasses.fields(HeadConfig)]
+    defaults = document.get("features", {})
+    _check_keys(defaults, feature_fields, f"{source} [features]")
+    head_defaults = document.get("head", {})
+    _check_keys(head_defaults, head_fields, f"{source} [head]")
+
+    datasets = _entries(document, "datasets", source)
+    backbones = _entries(document, "backbones", source)
+    extractions = []
+    for i, ds in enumerate(datasets):
+        where = f"{source} [[datasets]] #{i + 1}"
+        _check_keys(ds, ["name", *feature_fields], where)
+        if "dataset" in ds:
+            data.canonical_dataset_name(ds["dataset"])  # unknown names fail here, listing the valid ones
+        label = ds.get("name") or ds.get("dataset") or Path(str(ds.get("data", f"data{i}"))).stem
+        for j, bb in enumerate(backbones):
+            _check_keys(bb, ["name", *feature_fields], f"{source} [[backbones]] #{j + 1}")
+            bb_label = bb.get("name") or f"{bb.get('backbone', 'resnet50')}-{bb.get('weights', 'DEFAULT')}"
+            values = {**defaults, **{k: v for k, v in ds.items() if k != "name"}}
+            values.update({k: v for k, v in bb.items() if k != "name"})
+            values.setdefault("out", str(cache / f"{_slug(label)}-{_slug(bb_label)}.h5"))
+            values["progress"] = False
+            cfg = resolve(FeaturesConfig, values, {}, source=where)
+            backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size)  # names checked up front
+            extractions.append((label, bb_label, cfg))
+    heads = []
+    for k, hd in enumerate(_entries(document, "heads", source)):
+        where = f"{source} [[heads]] #{k + 1}"
+        _check_keys(hd, ["name", *head_fields], where)
+        values = {**head_defaults, **{key: v for key, v in hd.items() if key != "name"}}
+        resolve(HeadConfig, {**values, "features": "check.h5"}, {}, source=where)  # validate now
+        heads.append((hd.get("name") or values.get("head", "logreg"), values))
+    fewshot = document.get("fewshot")
+    if fewshot is not None:
+        _check_keys(fewshot, list(FEWSHOT_KEYS), f"{source} [fewshot]")
+        shots = fewshot.get("shots", [1, 2, 4, 8, 16])
+        if not shots or not all(isinstance(s, int) and s > 0 for s in shots):
+            raise ConfigError(f"{source} [fewshot]: shots = {shots!r}; expected positive whole numbers, e.g. [1, 2, 4]")
+        fewshot = {"head": fewshot.get("head", "logreg"), "shots": shots, "repeats": fewshot.get("repeats", 5)}
+    return Plan(name, results, extractions, heads, fewshot, head_defaults)
+
+
+def run(path: str | Path, report: Report = lambda message: None, progress: bool = True) -> dict[str, Any]:
+    """Run every cell; returns {computed, reused, failed, runs} and writes the comparison report."""
+    from pipeline import compare, extract, sweep
+
+    p = plan(path)
+    n_fewshot = len(p.fewshot["shots"]) if p.fewshot else 0
+    steps = len(p.extractions) * (1 + len(p.heads) + n_fewshot)
+    summary: dict[str, Any] = {"computed": [], "reused": [], "failed": [], "runs": []}
+    started = time.perf_counter()
+    report(f"study {p.name}: {len(p.extractions)} caches x {len(p.heads)} heads (+{n_fewshot} few-shot runs each)")
+    bar = tqdm(total=steps, unit="step", desc=f"study {p.name}", disable=not progress)
+
+    def attempt(label: str, job: Callable[[], Any]) -> Any:
+        bar.set_postfix_str(label, refresh=True)
+        try:
+            return job()
+        except PipelineError as exc:
+            summary["failed"].append({"cell": label, "error": str(exc)})
+            bar.write(f"failed: {label}: {exc}")
+            return None
+        finally:
+            bar.update(1)
+
+    with bar:
+        for data_label, bb_label, fcfg in p.extractions:
+            cell = f"{data_label} / {bb_label}"
+            done = attempt(f"{cell}: features", lambda fcfg=fcfg: extract.run(fcfg))
+            if done is None:
+                bar.update(len(p.heads) + n_fewshot)  # nothing to train on
+                continue
+            (summary["reused"] if done.status == "current" else summary["computed"]).append(str(fcfg.out_path))
+            jobs = [(head_label, values, None) for head_label, values in p.heads]
+            if p.fewshot:
+                values = {**p.head_defaults, "head": p.fewshot["head"], "repeats": p.fewshot["repeats"]}
+                jobs += [(f"{p.fewshot['head']}-{k}shot", {**values, "shots": k}, k) for k in p.fewshot["shots"]]
+            for head_label, values, shots in jobs:
+                folder = "fewshot" if shots else ""
+                out = p.results / folder / f"{_slug(data_label)}__{_slug(bb_label)}__{_slug(head_label)}"
+                hcfg = resolve(HeadConfig, {**values, "features": str(fcfg.out_path), "out": str(out)}, {})
+                hcfg = dataclasses.replace(hcfg, progress=False)
+                labels = {"study": p.name, "dataset": data_label, "backbone": bb_label, "head": head_label}
+                result = attempt(f"{cell} / {head_label}", lambda h=hcfg, c=labels: sweep.run(h, cell=c))
+                if result is not None:
+                    summary["runs"].append(str(out))
+    if summary["runs"]:
+        compare.write_report([p.results], p.results / "report.md")
+    seconds = time.perf_counter() - started
+    report(
+        f"study {p.name} done in {seconds:.0f} s: {len(summary['computed'])} caches computed, "
+        f"{len(summary['reused'])} reused, {len(summary['runs'])} head runs, {len(summary['failed'])} failed; "
+        f"report: {p.results / 'report.md'}"
+    )
+    return summary

@@ -1,0 +1,124 @@
+"""predict and export agree with each other and with the head on cached features of the same images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import cli, extract, predict, read_features, sweep
+from pipeline.config import HeadConfig
+from pipeline.errors import CacheError, WeightsError
+from pipeline.heads import load_head
+
+from conftest import make_folder, tiny, write_image
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny cache (3 classes, train/test folders) and a logreg head trained on it."""
+    tmp = tmp_path_factory.mktemp("trained")
+    data = make_folder(
+        tmp / "data", classes=("cat", "dog", "owl"), per_class=6, splits=("train", "test"), size=(40, 30)
+    )
+    cfg = tiny(data=str(data), out=str(tmp / "c.h5"), image_size=40)
+    extract.run(cfg)
+    sweep.run(HeadConfig(features=cfg.out, out=str(tmp / "head"), grid=(0.1, 1.0, 10.0), progress=False, bootstrap=0))
+    return tmp, data
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_predict_matches_the_head_on_cached_features(trained):
+    tmp, data = trained
+    out = tmp / "pred.csv"
+    result = predict.predict(tmp / "head", data / "test", out, top_k=3)
+    rows = _rows(out)
+    assert [r["path"] for r in rows] == [f"{c}/test{n:02d}.png" for c in ("cat", "dog", "owl") for n in range(6)]
+    assert list(rows[0]) == ["path", "prediction", "probability", "class_2", "probability_2", "class_3",
+                             "probability_3", "error"]  # fmt: skip
+    head, fs = load_head(tmp / "head"), read_features(tmp / "c.h5")
+    cached = head.predict_proba(fs["test"].X)  # the same images, through the cache
+    by_id = {f"{i.split('/', 1)[1]}": k for k, i in enumerate(fs["test"].ids)}
+    order = [by_id[i] for i in result["ids"]]
+    np.testing.assert_allclose(result["proba"], cached[order], atol=1e-5)
+    assert [r["prediction"] for r in rows] == list(head.classes_[cached[order].argmax(1)])
+
+
+def test_export_loads_without_the_package_and_agrees_with_predict(trained):
+    tmp, data = trained
+    exported = tmp / "classifier.pt2"
+    assert cli.main(["export", "--head", str(tmp / "head"), "--out", str(exported)]) == 0
+    result = predict.predict(tmp / "head", data / "test", tmp / "pred.csv")
+    code = f"""
+import sys, json, numpy as np, torch
+sys.modules["pipeline"] = None  # any import of this package would fail here
+from PIL import Image
+import torchvision.transforms.functional as F
+extra = {{"meta.json": ""}}
+program = torch.export.load({str(exported)!r}, extra_files=extra)
+meta = json.loads(extra["meta.json"])
+paths = {[str(data / "test" / i) for i in result["ids"]]!r}
+crops = []
+for p in paths:
+    image = Image.open(p).convert("RGB")
+    mode = F.InterpolationMode(meta["interpolation"])
+    image = F.resize(image, meta["resize_size"], interpolation=mode, antialias=True)
+    crops.append(F.pil_to_tensor(F.center_crop(image, meta["crop_size"])))
+proba = program.module()(torch.stack(crops))
+np.save(sys.argv[1], proba.detach().numpy())
+print(",".join(meta["classes"]))
+"""
+    done = subprocess.run([sys.executable, "-c", code, str(tmp / "p.npy")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "cat,dog,owl"
+    np.testing.assert_allclose(np.load(tmp / "p.npy"), result["proba"], atol=1e-5)
+
+
+def test_unreadable_images_are_listed_unless_strict(trained, capsys):
+    tmp, _ = trained
+    new = tmp / "new"
+    write_image(new / "a.png", (200, 40, 40), size=(40, 30))
+    (new / "b.jpg").write_text("not an image")
+    result = predict.predict(tmp / "head", new, tmp / "new.csv")
+    assert result["unreadable"] == ["b.jpg"] and result["classified"] == 1
+    rows = _rows(tmp / "new.csv")
+    assert rows[1]["path"] == "b.jpg" and rows[1]["prediction"] == "" and "cannot identify image" in rows[1]["error"]
+    code = cli.main(
+        ["predict", "--head", str(tmp / "head"), "--data", str(new), "--out", str(tmp / "x.csv"), "--strict"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "b.jpg: cannot identify image file" in err and "Traceback" not in err
+
+
+def test_predict_refuses_weights_that_do_not_match(trained, tmp_path):
+    tmp, data = trained
+    other = tmp_path / "other.pth"
+    torch.save(__import__("torchvision").models.resnet18(weights=None).state_dict(), other)
+    pattern = (
+        r"cannot rebuild the backbone of head .*: its features came from weights "
+        r"'none \(random init, seed 0\)', these are 'checkpoint sha256:.*'; pass --weights"
+    )
+    with pytest.raises(WeightsError, match=pattern):
+        predict.predict(tmp / "head", data / "test", tmp_path / "p.csv", weights=str(other))
+
+
+def test_head_without_feature_settings_is_refused(trained, tmp_path):
+    tmp, data = trained
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("head.npz", "head.json"):
+        (old / name).write_bytes((tmp / "head" / name).read_bytes())
+    meta = json.loads((old / "head.json").read_text())
+    del meta["features_config"]
+    (old / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match=r"head .*old does not record how its features were made .*; retrain it"):
+        predict.predict(old, data / "test", tmp_path / "p.csv")
