@@ -125,23 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    features = commands.add_parser(
-        "features",
-        help="extract backbone features of an image set into an HDF5 cache",
-        description="Pass every image through a frozen torchvision ResNet once and cache the pooled features.",
-    )
-    features.add_argument("--config", help="TOML file whose [features] table sets any of these flags")
-    add_arguments(features, FeaturesConfig)
-    features.set_defaults(handler=_features)
-
-    head = commands.add_parser(
-        "head",
-        help="train a linear head on a cache: sweep C on val, refit, test once",
-        description="Train a linear head on cached features, select C on validation, score the test split once.",
-    )
-    head.add_argument("--config", help="TOML file whose [head] table sets any of these flags")
-    add_arguments(head, HeadConfig)
-    head.set_defaults(handler=_head)
+    for name, cls, handler, help_text, description in (
+        (
+            "features",
+            FeaturesConfig,
+            _features,
+            "extract backbone features of an image set into an HDF5 cache",
+            "Pass every image through a frozen torchvision ResNet once and cache the pooled features.",
+        ),
+        (
+            "head",
+            HeadConfig,
+            _head,
+            "train a linear head on a cache: sweep C on val, refit, test once",
+            "Train a linear head on cached features, select C on validation, score the test split once.",
+        ),
+    ):
+        stage = commands.add_parser(name, help=help_text, description=description)
+        stage.add_argument("--config", help=f"TOML file whose [{name}] table sets any of these flags")
+        add_arguments(stage, cls)
+        stage.set_defaults(handler=handler)
 
     study = commands.add_parser(
         "study",

@@ -73,8 +73,7 @@ class FeaturesConfig:
         _check_positive(self, "batch_size", "image_size")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers {self.workers} is negative; pass 0 (load in this process) or more")
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ConfigError(f"--device {self.device!r} is not a device; choose auto, cpu, cuda, cuda:N or mps")
+        _check_device(self.device)
 
     @property
     def out_path(self) -> Path:
@@ -94,6 +93,11 @@ def _check_choices(config: Any) -> None:
         value = getattr(config, f.name)
         if choices and value not in choices:
             raise ConfigError(f"--{_flag(f.name)} {value!r} is not allowed; choose one of: {', '.join(choices)}")
+
+
+def _check_device(device: str) -> None:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise ConfigError(f"--device {device!r} is not a device; choose auto, cpu, cuda, cuda:N or mps")
 
 
 def _check_positive(config: Any, *names: str) -> None:
@@ -231,8 +235,7 @@ class HeadConfig:
         _check_positive(self, "shots", "repeats", "sweep_block", "max_iter", "tol", "epochs", "batch_size", "lr")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap {self.bootstrap} is negative; pass 0 for no intervals")
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ConfigError(f"--device {self.device!r} is not a device; choose auto, cpu, cuda, cuda:N or mps")
+        _check_device(self.device)
 
     @property
     def out_path(self) -> Path:
