@@ -79,11 +79,12 @@ def bench_extraction(n: int, batch: int) -> None:
         row(f"{name}: pipeline / forward-only", ratio, "ratio", f">= {target}", ratio >= target)
 
 
+# VmHWM is this process's own peak; ru_maxrss survives exec on Linux and can report the parent's.
 _PEAK = """
-import resource, sys
+import sys
 from pipeline import cli
 code = cli.main(sys.argv[1:])
-print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("PEAK_RSS_KB", next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")))
 sys.exit(code)
 """
 
@@ -104,10 +105,15 @@ def bench_memory(n: int) -> None:
         for path in sorted(big.rglob("*.jpg"))[:n]:
             (small / path.parent.name).mkdir(parents=True, exist_ok=True)
             shutil.copy(path, small / path.parent.name / path.name)
-    a = peak_rss_mb(small, OUT / "mem-n.h5")
-    b = peak_rss_mb(big, OUT / "mem-4n.h5")
-    row(f"peak RSS, N = {n}", a, "MB")
-    row(f"peak RSS, 4N = {4 * n}", b, "MB")
+    # The peak moves by a few % from run to run (when a batch's transient buffers coincide), so
+    # each size is measured three times, interleaved, and the medians are compared.
+    runs: dict[int, list[float]] = {n: [], 4 * n: []}
+    for _ in range(3):
+        runs[n].append(peak_rss_mb(small, OUT / "mem-n.h5"))
+        runs[4 * n].append(peak_rss_mb(big, OUT / "mem-4n.h5"))
+    a, b = float(np.median(runs[n])), float(np.median(runs[4 * n]))
+    row(f"peak RSS, N = {n} (median of 3)", a, "MB", runs=runs[n])
+    row(f"peak RSS, 4N = {4 * n} (median of 3)", b, "MB", runs=runs[4 * n])
     row("peak RSS 4N / N", b / a, "ratio", "<= 1.10", b / a <= 1.10)
 
 

@@ -95,6 +95,16 @@ def _check_choices(config: Any) -> None:
             raise ConfigError(f"--{_flag(f.name)} {value!r} is not allowed; choose one of: {', '.join(choices)}")
 
 
+def parse_size(text: str) -> int:
+    """'4GB', '512 MiB', '1.5G', '1000000' -> bytes (decimal and binary units both accepted)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--max-memory {text!r} is not a size; write it like 4GB, 512MB or 1.5GiB")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
+
+
 def _check_device(device: str) -> None:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
         raise ConfigError(f"--device {device!r} is not a device; choose auto, cpu, cuda, cuda:N or mps")
@@ -218,6 +228,12 @@ class HeadConfig:
     balanced_sampler: bool = option(False, "torch mini-batch: draw every class equally often")
     device: str = option("cpu", "torch head device: cpu, cuda, cuda:N, mps or auto")
     jobs: int | None = option(None, "logreg sweep: parallel fits (default: one per core)")
+    joblib_backend: str | None = option(
+        None, "logreg sweep: joblib backend (loky, threading, multiprocessing, or dask for a dask.distributed cluster)"
+    )
+    max_memory: str | None = option(
+        None, "bound on the arrays the head holds, e.g. 4GB; above it the torch head streams the cache"
+    )
     bootstrap: int = option(1000, "bootstrap resamples for the test confidence intervals (0: none)")
     progress: bool = option(True, "show a progress bar")
 
@@ -235,6 +251,8 @@ class HeadConfig:
         _check_positive(self, "shots", "repeats", "sweep_block", "max_iter", "tol", "epochs", "batch_size", "lr")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap {self.bootstrap} is negative; pass 0 for no intervals")
+        if self.max_memory is not None:
+            parse_size(self.max_memory)
         _check_device(self.device)
 
     @property

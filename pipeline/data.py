@@ -96,6 +96,19 @@ class SampleList:
     def read(self, row: int) -> Image.Image:
         return self.reader(self.items[row])
 
+    def subset(self, start: int, stop: int) -> SampleList:
+        """Rows ``start:stop`` (a contiguous shard), same classes and reader."""
+        return SampleList(
+            ids=self.ids[start:stop],
+            labels=self.labels[start:stop],
+            split=self.split[start:stop],
+            classes=self.classes,
+            items=self.items[start:stop],
+            reader=self.reader,
+            source=self.source,
+            carved=self.carved,
+        )
+
     def split_sizes(self) -> dict[str, int]:
         counts = np.bincount(self.split, minlength=len(SPLITS))
         return {name: int(n) for name, n in zip(SPLITS, counts, strict=True)}

@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,10 +86,8 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def run(cfg: FeaturesConfig, report: Report = _quiet) -> FeaturesResult:
-    """Make the cache at ``cfg.out_path`` current: nothing, a resume, or a (re)build."""
-    t0 = time.perf_counter()
-    out = cfg.out_path
+def prepare(cfg: FeaturesConfig, report: Report = _quiet) -> tuple[SampleList, backbone.BackboneSpec, dict[str, Any]]:
+    """The sample list, the backbone spec and the fingerprint they give: no model is built."""
     samples = load_samples(
         data=cfg.data,
         dataset=cfg.dataset,
@@ -99,7 +98,6 @@ def run(cfg: FeaturesConfig, report: Report = _quiet) -> FeaturesResult:
         split_seed=cfg.split_seed,
     )
     spec = backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size)
-    wanted = fingerprint(cfg, samples, spec)
     sizes = ", ".join(f"{k} {v}" for k, v in samples.split_sizes().items())
     report(f"data: {len(samples)} images, {len(samples.classes)} classes ({sizes}) from {samples.source}")
     if spec.enum is None and spec.checkpoint is None:
@@ -107,40 +105,67 @@ def run(cfg: FeaturesConfig, report: Report = _quiet) -> FeaturesResult:
             f"note: --weights none: random initialisation (seed {spec.seed}), so these features are not pretrained; "
             "pretrained weights need a download (use --weights DEFAULT where there is internet)"
         )
+    return samples, spec, fingerprint(cfg, samples, spec)
 
-    with store.locked(out):
-        existing = store.stored_fingerprint(out)
-        if existing == wanted and not cfg.force:
-            report(f"cache {out} is current ({len(samples)} rows); nothing to do (--force rebuilds)")
-            return FeaturesResult(str(out), "current", len(samples), 0, time.perf_counter() - t0, [])
-        if existing is not None and existing != wanted:
-            differences = "; ".join(store.fingerprint_diff(existing, wanted))
-            if cfg.on_mismatch == "refuse":
-                raise CacheError(
-                    f"cache {out} was built differently ({differences}); pass --on-mismatch rebuild or another --out"
-                )
-            report(f"cache {out} was built differently, rebuilding: {differences}")
-        elif existing is not None:
-            report(f"cache {out} is current; rebuilding because of --force")
+
+def is_current(cfg: FeaturesConfig, wanted: dict[str, Any], report: Report = _quiet) -> bool:
+    """True when the cache at ``cfg.out_path`` already holds these features (and --force is off);
+    otherwise says why it will be (re)built, or refuses under ``--on-mismatch refuse``."""
+    out = cfg.out_path
+    existing = store.stored_fingerprint(out)
+    if existing == wanted and not cfg.force:
+        report(f"cache {out} is current ({wanted['rows']} rows); nothing to do (--force rebuilds)")
+        return True
+    if existing is not None and existing != wanted:
+        differences = "; ".join(store.fingerprint_diff(existing, wanted))
+        if cfg.on_mismatch == "refuse":
+            raise CacheError(
+                f"cache {out} was built differently ({differences}); pass --on-mismatch rebuild or another --out"
+            )
+        report(f"cache {out} was built differently, rebuilding: {differences}")
+    elif existing is not None:
+        report(f"cache {out} is current; rebuilding because of --force")
+    return False
+
+
+def run(cfg: FeaturesConfig, report: Report = _quiet) -> FeaturesResult:
+    """Make the cache at ``cfg.out_path`` current: nothing, a resume, or a (re)build.
+
+    Under `torchrun` (WORLD_SIZE > 1) every rank extracts its own shard: see `pipeline.distributed`.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from pipeline import distributed
+
+        return distributed.run_features(cfg, report)
+    t0 = time.perf_counter()
+    samples, spec, wanted = prepare(cfg, report)
+    with store.locked(cfg.out_path):
+        if is_current(cfg, wanted, report):
+            return FeaturesResult(str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, [])
         if cfg.force:
-            store.partial_path(out).unlink(missing_ok=True)
-        return _fill(cfg, samples, spec, wanted, report, t0)
+            store.partial_path(cfg.out_path).unlink(missing_ok=True)
+        return fill(cfg, samples, spec, wanted, report, t0)
 
 
-def _fill(
+def fill(
     cfg: FeaturesConfig,
     samples: SampleList,
     spec: backbone.BackboneSpec,
     wanted: dict[str, Any],
     report: Report,
     t0: float,
+    out: Path | None = None,
+    device: torch.device | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> FeaturesResult:
-    device = choose_device(cfg.device)
+    """Extract every row not yet in ``OUT.partial`` (default: ``cfg.out_path``), then finish the file."""
+    out = cfg.out_path if out is None else out
+    device = choose_device(cfg.device) if device is None else device
     model = backbone.build(spec, progress=cfg.progress)
     if cfg.logits and model.classifier is None:
         raise CacheError(f"--logits: checkpoint {spec.checkpoint} has no fc layer; drop --logits")
     writer = store.CacheWriter.open(
-        cfg.out_path,
+        out,
         fingerprint=wanted,
         ids=samples.ids,
         labels=samples.labels,
@@ -160,11 +185,11 @@ def _fill(
     start = writer.rows_done
     sink = RowSink(writer, model.dim, model.classifier.out_features if cfg.logits else None)
     try:
-        bad = _extract_rows(sink, start, samples, model, spec, cfg, device, report)
+        bad = _extract_rows(sink, start, samples, model, spec, cfg, device, report, on_batch=on_batch)
         path = writer.finish({"extract_seconds": time.perf_counter() - t0, "extract_rows": len(samples) - start})
     except KeyboardInterrupt:
         raise Interrupted(
-            f"interrupted: {writer.rows_done} of {len(samples)} rows are saved in {store.partial_path(cfg.out_path)}; "
+            f"interrupted: {writer.rows_done} of {len(samples)} rows are saved in {store.partial_path(out)}; "
             "rerun the same command to resume"
         ) from None
     except BadImageError as exc:
@@ -306,6 +331,7 @@ def _extract_rows(
     device: torch.device,
     report: Report,
     errors_out: dict[int, str] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Forward every row from `start_row` on into `sink`; returns the rows skipped as unreadable."""
     workers = default_workers() if cfg.workers is None else cfg.workers
@@ -369,6 +395,8 @@ def _extract_rows(
                 if errors_out is not None:
                     errors_out.update(errors)
                 bar.update(n)
+                if on_batch is not None:
+                    on_batch(start + n)
     except BaseException:
         sink.close(raise_error=False)  # keep every row already computed
         raise

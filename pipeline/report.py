@@ -38,6 +38,8 @@ def plot_validation_curve(curve: list[dict[str, Any]], chosen_C: float, metric: 
     best = next(row for row in curve if row["C"] == chosen_C)
     ax.axvline(chosen_C, color="0.6", ls="--", lw=1)
     ax.plot([chosen_C], [best[key]], "r*", ms=14, label=f"chosen C = {chosen_C:.3g}")
+    if len(set(Cs)) == 1:  # a fixed C: give the log axis some width
+        ax.set_xlim(Cs[0] / 10, Cs[0] * 10)
     ax.set(xlabel="C (inverse regularisation strength)", ylabel="accuracy", title="Validation curve")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)

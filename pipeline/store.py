@@ -376,6 +376,21 @@ def read_features(
         )
 
 
+def cache_info(path: str | Path) -> dict[str, Any]:
+    """What the head stage records about a cache, without reading any features."""
+    with open_cache(path) as f:
+        split_codes, ok = f["split"][...], f["ok"][...]
+        return {
+            "path": str(path),
+            "fingerprint": _json_attr(f, "fingerprint"),
+            "config": _json_attr(f, "config"),
+            "extract_seconds": float(f.attrs["extract_seconds"]) if "extract_seconds" in f.attrs else None,
+            "dim": int(f["features"].shape[1]),
+            "ranges": _row_ranges(split_codes),
+            "rows": {name: int((ok & (split_codes == code)).sum()) for code, name in enumerate(SPLITS)},
+        }
+
+
 def read_labels(path: str | Path) -> tuple[dict[str, np.ndarray], list[str]]:
     """Labels per split (readable rows only) and class names: no features are read."""
     with open_cache(path) as f:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,9 +24,9 @@ from tqdm import tqdm
 
 from pipeline import heads, metrics, report
 from pipeline.config import HeadConfig, to_dict
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.splits import draw_shots, stratified_holdout
-from pipeline.store import Split, read_features, read_labels
+from pipeline.store import Split, cache_info, read_features, read_labels
 
 DEFAULT_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
 SELECT_KEYS = {"top1": "top1", "balanced": "balanced_accuracy"}
@@ -121,13 +122,49 @@ def fit_grid(
 
     fits = []
     if len(Cs) == 1:
-        jobs: Any = (one(C) for C in Cs)
-    else:
-        jobs = Parallel(n_jobs=cfg.jobs or -1, return_as="generator")(delayed(one)(C) for C in Cs)
-    for fit in jobs:
-        fits.append(fit)
-        tick(1)
+        for fit in (one(C) for C in Cs):
+            fits.append(fit)
+            tick(1)
+        return fits
+    with joblib_backend(cfg.joblib_backend):
+        for fit in Parallel(n_jobs=cfg.jobs or -1, return_as="generator")(delayed(one)(C) for C in Cs):
+            fits.append(fit)
+            tick(1)
     return fits
+
+
+JOBLIB_BACKENDS = ("loky", "threading", "multiprocessing", "dask")
+
+
+@contextmanager
+def joblib_backend(name: str | None) -> Iterator[None]:
+    """The joblib backend of the scikit-learn sweep; `dask` runs the fits on a dask.distributed cluster:
+    the current client, else the scheduler at $DASK_SCHEDULER_ADDRESS, else a local cluster."""
+    import joblib
+
+    if name is None:
+        yield
+        return
+    if name not in JOBLIB_BACKENDS:
+        raise ConfigError(f"unknown joblib backend {name!r}; choose one of: {', '.join(JOBLIB_BACKENDS)}")
+    if name != "dask":
+        with joblib.parallel_config(backend=name):
+            yield
+        return
+    try:
+        from dask.distributed import Client, get_client
+    except ImportError:
+        raise ConfigError("--joblib-backend dask needs dask.distributed; pip install 'pipeline[dask]'") from None
+    try:
+        client, owned = get_client(), False
+    except ValueError:  # no client yet: connect (or start a local cluster) for this sweep
+        client, owned = Client(os.environ.get("DASK_SCHEDULER_ADDRESS")), True
+    try:
+        with joblib.parallel_config(backend="dask"):
+            yield
+    finally:
+        if owned:
+            client.close()
 
 
 def choose(curve: list[dict[str, Any]], metric: str) -> int:
@@ -214,6 +251,13 @@ def run(cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None
     with timer("read"):
         labels, classes = read_labels(path)
         _check_labels(path, labels, classes)
+        info = cache_info(path)
+    if cfg.max_memory is not None:
+        from pipeline import stream
+
+        if stream.needs_streaming(cfg, info, len(np.unique(labels["train"]))):
+            return stream.run(cfg, info, labels, classes, grid, timer, report_to, cell)
+    with timer("read"):
         fs = read_features(path, splits=("train", "val"), dtype=np.float32)
         for name, split in fs.splits.items():
             _check_finite(path, name, split)
@@ -232,7 +276,7 @@ def run(cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None
     encode = lambda y: np.searchsorted(present, y)  # noqa: E731
     y_train, y_val = encode(train.y), encode(val.y)
     report_to(
-        f"head: {cfg.head} on {path} ({len(train)} train, {len(val)} val rows, {fs.dim}-d, {len(names)} classes); "
+        f"head: {cfg.head} on {path} ({len(train)} train, {len(val)} val rows, {info['dim']}-d, {len(names)} classes); "
         f"{len(grid)} C values, select by {cfg.select} on {selected_on.split(' (')[0]}"
     )
     repeats = cfg.repeats if cfg.shots else 1
@@ -268,21 +312,36 @@ def run(cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None
         if cfg.bootstrap and not cfg.shots:  # few-shot spread is the std over draws instead
             pred = runs[0][2].proba(runs[0][3].transform(test.X)).argmax(axis=1)
             first["ci"] = metrics.bootstrap_ci(y_test, pred, len(names), cfg.bootstrap, cfg.seed)
-    curve, best, final, prep, trained_on = runs[0]
-    result = _result(cfg, path, fs, grid, runs, scored, names, selected_on, trained_on, timer)
-    result["test_set"] = test_set_digest(test)
+    pred = runs[0][2].proba(runs[0][3].transform(test.X)).argmax(axis=1)
+    return finish(cfg, info, grid, runs, scored, names, selected_on, timer, Split(pred, y_test, test.ids), cell)
+
+
+def finish(
+    cfg: HeadConfig,
+    info: dict[str, Any],
+    grid: list[float],
+    runs: list[tuple],
+    scored: list[dict[str, Any]],
+    names: list[str],
+    selected_on: str,
+    timer: Timer,
+    test: Split,
+    cell: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Assemble result.json and write every output; `test` carries (predicted, true, ids) of the test rows."""
+    result = _result(cfg, info, grid, runs, scored, names, selected_on)
+    result["test_set"] = test_set_digest(Split(test.X, test.y, test.ids))
     result["cell"] = cell or {}
     with timer("write"):
-        _write(cfg, result, final, prep, fs, curve, names)
-        pred = runs[0][2].proba(runs[0][3].transform(test.X)).argmax(axis=1)
-        np.savez(cfg.out_path / "predictions.npz", ids=test.ids.astype(str), y_true=y_test, y_pred=pred)
+        _write(cfg, result, runs[0][2], runs[0][3], info, runs[0][0], names)
+        np.savez(cfg.out_path / "predictions.npz", ids=test.ids.astype(str), y_true=test.y, y_pred=test.X)
     result["timings"] = {k: round(v, 3) for k, v in timer.spans.items()}
     (cfg.out_path / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def _result(cfg, path, fs, grid, runs, scored, names, selected_on, trained_on, timer) -> dict[str, Any]:
-    curve, best, final, _, _ = runs[0]
+def _result(cfg, info, grid, runs, scored, names, selected_on) -> dict[str, Any]:
+    curve, best, final, _, trained_on = runs[0]
     test: dict[str, Any] = dict(scored[0])
     if len(runs) > 1:  # few-shot repeats: mean and standard deviation over draws
         keys = ["top1", "balanced_accuracy", "macro_f1", "log_loss", "ece"] + (["top5"] if test["top5"] else [])
@@ -296,13 +355,13 @@ def _result(cfg, path, fs, grid, runs, scored, names, selected_on, trained_on, t
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": to_dict(cfg),
         "cache": {
-            "path": str(path),
-            "fingerprint": fs.fingerprint,
-            "data": fs.config.get("dataset") or Path(str(fs.config.get("data") or path.stem)).stem,
-            "extract_seconds": fs.attrs.get("extract_seconds"),
-            "features_config": fs.config,
-            "dim": fs.dim,
-            "rows": {name: len(split) for name, split in fs.splits.items()} | {"test": scored[0]["n"]},
+            "path": info["path"],
+            "fingerprint": info["fingerprint"],
+            "data": info["config"].get("dataset") or Path(str(info["config"].get("data") or info["path"])).stem,
+            "extract_seconds": info["extract_seconds"],
+            "features_config": info["config"],
+            "dim": info["dim"],
+            "rows": {name: n for name, n in info["rows"].items() if n},
         },
         "classes": names,
         "protocol": {
@@ -328,7 +387,7 @@ def _result(cfg, path, fs, grid, runs, scored, names, selected_on, trained_on, t
     }
 
 
-def _write(cfg, result, final: Fit, prep, fs, curve, names) -> None:
+def _write(cfg, result, final: Fit, prep, info, curve, names) -> None:
     out = cfg.out_path
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(curve, out / "curve.csv")
@@ -337,8 +396,8 @@ def _write(cfg, result, final: Fit, prep, fs, curve, names) -> None:
         "head": cfg.head,
         "C": final.C,
         "cache": str(cfg.features),
-        "cache_fingerprint": fs.fingerprint,
-        "features_config": fs.config,
+        "cache_fingerprint": info["fingerprint"],
+        "features_config": info["config"],
         "trained_on": result["protocol"]["trained_on"],
         "config": dataclasses.asdict(cfg),
     }

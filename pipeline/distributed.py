@@ -1,0 +1,196 @@
+"""Feature extraction across processes and machines with `torchrun` (torch.distributed).
+
+Each rank takes one contiguous shard of the canonical sample list and writes its own part file,
+``OUT.part-RRR-of-WWW`` (``.partial`` while in progress), with the same schema, fingerprint (plus
+the shard), resume and bad-image rules as a single process. When every part is complete, rank 0
+copies them in canonical row order into ``OUT`` and removes them, so the result is an ordinary
+cache file, equal to a single-process run's. A rank that dies leaves its finished rows in its
+part; rerunning the same command resumes every shard. Rank 0 alone reports, with one progress bar
+for the whole job fed by per-rank progress files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pipeline import store
+from pipeline.config import FeaturesConfig
+from pipeline.devices import choose_device
+from pipeline.errors import CacheError
+
+BLOCK_ROWS = 8192  # rows per copy when parts are assembled
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+
+    @classmethod
+    def from_env(cls) -> World:
+        env = os.environ
+        size = int(env.get("WORLD_SIZE", "1"))
+        return cls(
+            int(env.get("RANK", "0")), size, int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", size))
+        )
+
+    def shard(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous rows: the first ``n % size`` ranks take one more."""
+        base, extra = divmod(n, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
+
+
+def part_path(out: Path, rank: int, size: int) -> Path:
+    return Path(f"{out}.part-{rank:03d}-of-{size:03d}")
+
+
+def _progress_path(out: Path, rank: int) -> Path:
+    return Path(f"{out}.progress-{rank:03d}")
+
+
+def _write_progress(out: Path, rank: int, rows: int) -> None:
+    path = _progress_path(out, rank)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(str(rows))
+    os.replace(tmp, path)
+
+
+def _read_progress(out: Path, size: int) -> int:
+    total = 0
+    for rank in range(size):
+        with contextlib.suppress(FileNotFoundError, ValueError):  # not written yet, or mid-replace
+            total += int(_progress_path(out, rank).read_text() or 0)
+    return total
+
+
+def run_features(cfg: FeaturesConfig, report: Any) -> Any:
+    """One rank's share of a `torchrun` extraction; rank 0 assembles the final cache."""
+    from pipeline import extract
+
+    world = World.from_env()
+    t0 = time.perf_counter()
+    say = report if world.rank == 0 else (lambda message: None)
+    device = _device(cfg.device, world)
+    if device.type == "cpu":  # ranks on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+    if cfg.workers is None:
+        cfg = dataclasses.replace(cfg, workers=max(0, extract.default_workers() // world.local_size - 1))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=dt.timedelta(hours=24))  # waits span whole shards
+    try:
+        samples, spec, wanted = extract.prepare(cfg, say)
+        out, n = cfg.out_path, len(samples)
+        if extract.is_current(cfg, wanted, say):  # every rank reads the same file: the same answer
+            return extract.FeaturesResult(str(out), "current", n, 0, time.perf_counter() - t0, [])
+        say(f"distributed: {world.size} ranks ({backend}), {n} rows in contiguous shards, device {device} on rank 0")
+        start, stop = world.shard(n)
+        part = part_path(out, world.rank, world.size)
+        shard_fp = {**wanted, "shard": f"rows {start}:{stop} of {n}, rank {world.rank} of {world.size}"}
+        quiet = dataclasses.replace(cfg, progress=False)
+        with store.locked(part):
+            if cfg.force:
+                part.unlink(missing_ok=True)
+                store.partial_path(part).unlink(missing_ok=True)
+            done = store.stored_fingerprint(part) == shard_fp
+            _write_progress(out, world.rank, (stop - start) if done else 0)
+            bar = tqdm(
+                total=n,
+                unit="img",
+                desc=f"extract ({world.size} ranks)",
+                disable=not (cfg.progress and world.rank == 0),
+            )
+            with bar:
+
+                def on_batch(rows: int) -> None:
+                    _write_progress(out, world.rank, rows)
+                    bar.n = _read_progress(out, world.size)
+                    bar.refresh()
+
+                if not done:
+                    shard = samples.subset(start, stop)
+                    extract.fill(quiet, shard, spec, shard_fp, say, t0, out=part, device=device, on_batch=on_batch)
+                if world.rank == 0:  # one bar for the job: follow the other ranks until all parts exist
+                    while not all(part_path(out, r, world.size).exists() for r in range(world.size)):
+                        on_batch(stop - start)
+                        time.sleep(0.5)
+                    on_batch(stop - start)
+        dist.barrier()
+        if world.rank == 0:
+            with store.locked(out):
+                path = assemble(out, world.size, samples, wanted, cfg, time.perf_counter() - t0)
+            say(f"wrote {path} ({n} rows) from {world.size} parts in {time.perf_counter() - t0:.1f} s")
+        dist.barrier()
+        skipped = [] if world.rank else store.summary(out)["skipped"]
+        return extract.FeaturesResult(str(out), "built", n, stop - start, time.perf_counter() - t0, skipped)
+    finally:
+        dist.destroy_process_group()
+
+
+def _device(request: str, world: World) -> torch.device:
+    device = choose_device(request)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", world.local_rank)  # one GPU per local rank
+    return device
+
+
+def assemble(out: Path, size: int, samples: Any, wanted: dict[str, Any], cfg: FeaturesConfig, seconds: float) -> Path:
+    """Copy the complete parts, in rank order (= canonical row order), into one cache; remove them."""
+    from pipeline.extract import versions
+
+    parts = [part_path(out, r, size) for r in range(size)]
+    missing = [str(p) for p in parts if not p.exists()]
+    if missing:
+        raise CacheError(f"cannot assemble {out}: parts {missing} are missing; rerun the same torchrun command")
+    with store.open_cache(parts[0]) as f:
+        dim = f["features"].shape[1]
+        logits_dim = f["logits"].shape[1] if "logits" in f else None
+    store.partial_path(out).unlink(missing_ok=True)
+    writer = store.CacheWriter.open(
+        out,
+        fingerprint=wanted,
+        ids=samples.ids,
+        labels=samples.labels,
+        split=samples.split,
+        classes=samples.classes,
+        dim=dim,
+        store_dtype=cfg.store_dtype,
+        logits_dim=logits_dim,
+        attrs={
+            "config": dataclasses.asdict(cfg),
+            "versions": versions(),
+            "carved": samples.carved,
+            "source": samples.source,
+            "distributed": {"parts": size},
+        },
+    )
+    try:
+        for part in parts:
+            with store.open_cache(part) as f:
+                rows = f["features"].shape[0]
+                for a in range(0, rows, BLOCK_ROWS):
+                    b = min(a + BLOCK_ROWS, rows)
+                    block = store.read_block(f["features"], a, b, np.float32)
+                    logits = store.read_block(f["logits"], a, b, np.float32) if logits_dim else None
+                    writer.write(writer.rows_done, block, f["ok"][a:b], logits)
+        path = writer.finish({"extract_seconds": seconds, "extract_rows": len(samples)})
+    finally:
+        writer.close()
+    for rank, part in enumerate(parts):
+        part.unlink()
+        _progress_path(out, rank).unlink(missing_ok=True)
+    return path

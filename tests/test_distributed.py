@@ -1,0 +1,135 @@
+"""Extraction under the real torchrun launcher: two CPU processes (gloo), against a single process."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import extract, read_features, store
+from pipeline.distributed import World, part_path
+
+from conftest import REPO, make_folder, tiny
+
+FLAGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "2", "--no-progress"]
+FLAGS += ["--val-fraction", "0.25"]
+
+# Under torchrun: each rank records its pid, and how many rows it writes (slowly, to be killable).
+_WRAPPER = """
+import os, sys, time
+from pathlib import Path
+from pipeline import cli, store
+log = Path(sys.argv[1]); delay = float(sys.argv[2])
+rank = os.environ["RANK"]
+(log / f"pid-{rank}").write_text(str(os.getpid()))
+write = store.CacheWriter.write
+def counted(self, start, features, *args, **kwargs):
+    write(self, start, features, *args, **kwargs)
+    if ".part-" in str(self.path):
+        with open(log / f"rows-{rank}", "a") as fh:
+            fh.write(f"{len(features)}\\n")
+        time.sleep(delay)
+store.CacheWriter.write = counted
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(tmp_path: Path, args: list[str], delay: float = 0.0) -> subprocess.Popen:
+    log = tmp_path / "log"
+    log.mkdir(exist_ok=True)
+    script = tmp_path / "wrapper.py"
+    script.write_text(_WRAPPER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+               f"--master-port={_free_port()}", str(script), str(log), str(delay), *args]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rows_written(tmp_path: Path) -> dict[str, int]:
+    return {p.name: sum(map(int, p.read_text().split())) for p in sorted((tmp_path / "log").glob("rows-*"))}
+
+
+def test_shards_are_contiguous_and_cover_every_row():
+    for n in (0, 1, 7, 10):
+        shards = [World(r, 3, r, 3).shard(n) for r in range(3)]
+        assert shards[0][0] == 0 and shards[-1][1] == n
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(shards))
+
+
+def test_two_ranks_match_a_single_process(tmp_path):
+    data = make_folder(tmp_path / "img", classes=("a", "b", "c"), per_class=5)
+    out = tmp_path / "dist.h5"
+    job = torchrun(tmp_path, ["features", "--data", str(data), "--out", str(out), *FLAGS])
+    _stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-3000:]
+    assert stderr.count("data: 15 images") == 1, "rank 0 alone reports"
+    assert "distributed: 2 ranks (gloo)" in stderr
+    assert rows_written(tmp_path) == {"rows-0": 8, "rows-1": 7}
+    assert not list(tmp_path.glob("dist.h5.part-*")) and not list(tmp_path.glob("dist.h5.progress-*"))
+
+    extract.run(tiny(data=str(data), out=str(tmp_path / "single.h5"), batch_size=2))
+    ours, single = read_features(out), read_features(tmp_path / "single.h5")
+    assert ours.fingerprint == single.fingerprint
+    for split in single.splits:
+        np.testing.assert_array_equal(ours[split].ids, single[split].ids)
+        np.testing.assert_allclose(ours[split].X, single[split].X, rtol=0, atol=1e-5)
+    assert store.summary(out)["complete"]
+
+    again = torchrun(tmp_path, ["features", "--data", str(data), "--out", str(out), *FLAGS])
+    _, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0 and "is current (15 rows); nothing to do" in stderr
+
+
+def _part_rows(path: Path) -> int:
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f.attrs["rows_done"])
+    except (OSError, KeyError):
+        return 0
+
+
+def test_a_killed_rank_leaves_its_rows_and_the_rerun_resumes_every_shard(tmp_path):
+    data = make_folder(tmp_path / "img", classes=("a", "b"), per_class=10)
+    out = tmp_path / "dist.h5"
+    job = torchrun(tmp_path, ["features", "--data", str(data), "--out", str(out), *FLAGS], delay=0.4)
+    partials = [store.partial_path(part_path(out, r, 2)) for r in range(2)]
+    deadline = time.monotonic() + 120
+    while min(_part_rows(p) for p in partials) < 4 and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    os.kill(int((tmp_path / "log" / "pid-1").read_text()), signal.SIGKILL)  # rank 1 dies
+    job.communicate(timeout=120)
+    assert job.returncode != 0 and not out.exists()
+    kept = [_part_rows(p) for p in partials]
+    assert all(rows >= 4 for rows in kept) and sum(kept) < 20
+
+    for f in (tmp_path / "log").glob("rows-*"):
+        f.unlink()
+    rerun = torchrun(tmp_path, ["features", "--data", str(data), "--out", str(out), *FLAGS])
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr[-3000:]
+    written = rows_written(tmp_path)
+    assert written == {"rows-0": 10 - kept[0], "rows-1": 10 - kept[1]}, "each shard resumed at its first missing row"
+    extract.run(tiny(data=str(data), out=str(tmp_path / "single.h5"), batch_size=2))
+    ours, single = read_features(out), read_features(tmp_path / "single.h5")
+    for split in single.splits:
+        np.testing.assert_allclose(ours[split].X, single[split].X, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank,size,n,expected", [(0, 2, 5, (0, 3)), (1, 2, 5, (3, 5)), (2, 4, 2, (2, 2))])
+def test_shard_bounds(rank, size, n, expected):
+    assert World(rank, size, rank, size).shard(n) == expected

@@ -1,0 +1,127 @@
+"""Heads on caches larger than memory (--max-memory), and the scikit-learn sweep's joblib backends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.synthetic import write_synthetic_cache
+from pipeline import sweep
+from pipeline.config import HeadConfig, parse_size
+from pipeline.errors import ConfigError
+
+from conftest import REPO
+
+# Peak memory of one `pipeline head` run above a baseline taken after imports and a warm-up that
+# touches what any run touches once (torch's thread pools and GEMM buffers, matplotlib's fonts).
+_MEASURE = """
+import json, os, sys, tempfile
+import numpy as np
+from pipeline import cli, metrics, report
+from pipeline.heads import TorchLinearClassifier
+rng = np.random.default_rng(0)
+X, y = rng.normal(size=(2048, 64)).astype(np.float32), rng.integers(0, 10, 2048)
+TorchLinearClassifier(solver="adam", epochs=2).fit(X, y)
+with tempfile.TemporaryDirectory() as d:
+    report.plot_confusion([[3, 1], [0, 4]], ["a", "b"], os.path.join(d, "c.png"))
+    table = metrics.reliability(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]))
+    report.plot_reliability(table, os.path.join(d, "r.png"))
+    curve = [{"C": 1.0, "val_top1": 0.5, "val_balanced_accuracy": 0.5}]
+    report.plot_validation_curve(curve, 1.0, "top1", os.path.join(d, "v.png"))
+status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+baseline = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:  # restart the high-water mark (VmHWM) from here
+    fh.write("5")
+code = cli.main(sys.argv[1:])
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it can report the parent's size.
+print(json.dumps({"code": code, "grown_mb": (status("VmHWM") - baseline) / 1024}))
+"""
+
+
+@pytest.fixture(scope="module")
+def big_cache(tmp_path_factory):
+    """120,000 x 512 float16 rows (123 MB on disk, ~0.75 GB as the in-memory head holds it), 10 classes."""
+    path = tmp_path_factory.mktemp("big") / "big.h5"
+    return write_synthetic_cache(path, n_train=110_000, n_test=10_000, dim=512, classes=10, latent=32, sep=0.6, seed=1)
+
+
+def test_sizes():
+    assert parse_size("4GB") == 4_000_000_000 and parse_size("512 MiB") == 512 * 2**20
+    assert parse_size("1.5g") == 1_500_000_000 and parse_size("1000") == 1000
+    with pytest.raises(ConfigError, match=r"--max-memory 'lots' is not a size; write it like 4GB, 512MB or 1.5GiB"):
+        parse_size("lots")
+
+
+def test_streamed_head_stays_under_the_budget_and_matches_the_in_memory_fit(big_cache, tmp_path):
+    budget_mb = 48
+    assert big_cache.stat().st_size > 2.5 * budget_mb * 1e6
+    args = ["head", "--features", str(big_cache), "--head", "torch", "--C", "0.001", "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *args, "--out", str(tmp_path / "streamed"), "--max-memory", f"{budget_mb}MB",
+         "--epochs", "4", "--bootstrap", "200"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "streaming" in done.stderr and "--max-memory 48MB" in done.stderr
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["code"] == 0 and measured["grown_mb"] < budget_mb, measured
+
+    streamed = json.loads((tmp_path / "streamed" / "result.json").read_text())
+    in_memory = sweep.run(HeadConfig(features=str(big_cache), head="torch", C=0.001, out=str(tmp_path / "memory"),
+                                     progress=False, bootstrap=0))  # fmt: skip
+    gap = abs(streamed["test"]["top1"] - in_memory["test"]["top1"]) * 100
+    assert gap <= 0.5, (streamed["test"]["top1"], in_memory["test"]["top1"])
+    assert streamed["protocol"] == in_memory["protocol"]
+    assert streamed["test_set"] == in_memory["test_set"]
+    assert (tmp_path / "streamed" / "head.npz").exists()
+
+
+def test_streamed_sweep_selects_on_val(big_cache, tmp_path):
+    cfg = HeadConfig(features=str(big_cache), head="torch", grid=(1e-4, 1e-2), max_memory="64MB", epochs=1,
+                     out=str(tmp_path / "r"), progress=False, bootstrap=0, class_weight="balanced")  # fmt: skip
+    result = sweep.run(cfg)
+    assert len(result["curve"]) == 2 and result["chosen"]["C"] in (1e-4, 1e-2)
+    assert result["protocol"]["selected_on"].startswith("a stratified holdout of train (10%")
+    assert result["cache"]["rows"] == {"train": 110_000, "test": 10_000}
+
+
+def test_scikit_learn_head_refuses_above_the_budget(synthetic_cache, tmp_path):
+    cfg = HeadConfig(features=str(synthetic_cache), head="logreg", max_memory="10KB", out=str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match=r"the logreg head holds the whole cache in memory, about 0\.\d+ GB here, "
+                       r"above --max-memory 10KB; use --head torch, which streams the cache"):  # fmt: skip
+        sweep.run(cfg)
+    tiny = HeadConfig(features=str(synthetic_cache), head="torch", max_memory="10KB", out=str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match=r"--max-memory 10KB does not cover the 45 weight matrices"):
+        sweep.run(tiny)
+    roomy = HeadConfig(features=str(synthetic_cache), head="logreg", max_memory="1GB", out=str(tmp_path / "r"),
+                       grid=(1.0,), progress=False)  # fmt: skip
+    assert sweep.run(roomy)["test"]["top1"] > 0.5, "under the budget nothing changes"
+
+
+@pytest.mark.parametrize("backend", ["threading", "dask"])
+def test_joblib_backends_give_the_same_sweep(synthetic_cache, tmp_path, backend):
+    if backend == "dask":
+        distributed = pytest.importorskip("dask.distributed")
+        cluster = distributed.LocalCluster(n_workers=2, processes=False, dashboard_address=None)
+        client = distributed.Client(cluster)
+    common = dict(features=str(synthetic_cache), head="logreg", grid=(0.01, 0.1, 1.0), progress=False, bootstrap=0)
+    try:
+        default = sweep.run(HeadConfig(**common, out=str(tmp_path / "loky")))
+        other = sweep.run(HeadConfig(**common, out=str(tmp_path / backend), joblib_backend=backend))
+    finally:
+        if backend == "dask":
+            client.close()
+            cluster.close()
+    np.testing.assert_allclose([r["val_top1"] for r in other["curve"]], [r["val_top1"] for r in default["curve"]])
+    assert other["test"]["top1"] == default["test"]["top1"]
+
+
+def test_unknown_joblib_backend(synthetic_cache, tmp_path):
+    cfg = HeadConfig(features=str(synthetic_cache), head="logreg", joblib_backend="spark", out=str(tmp_path / "r"),
+                     grid=(0.1, 1.0), progress=False)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"unknown joblib backend 'spark'; choose one of: loky, threading"):
+        sweep.run(cfg)
