@@ -150,7 +150,7 @@ def _device(request: str, world: World) -> torch.device:
 
 def assemble(out: Path, size: int, samples: Any, wanted: dict[str, Any], cfg: FeaturesConfig, seconds: float) -> Path:
     """Copy the complete parts, in rank order (= canonical row order), into one cache; remove them."""
-    from pipeline.extract import versions
+    from pipeline.extract import open_writer
 
     parts = [part_path(out, r, size) for r in range(size)]
     missing = [str(p) for p in parts if not p.exists()]
@@ -160,24 +160,7 @@ def assemble(out: Path, size: int, samples: Any, wanted: dict[str, Any], cfg: Fe
         dim = f["features"].shape[1]
         logits_dim = f["logits"].shape[1] if "logits" in f else None
     store.partial_path(out).unlink(missing_ok=True)
-    writer = store.CacheWriter.open(
-        out,
-        fingerprint=wanted,
-        ids=samples.ids,
-        labels=samples.labels,
-        split=samples.split,
-        classes=samples.classes,
-        dim=dim,
-        store_dtype=cfg.store_dtype,
-        logits_dim=logits_dim,
-        attrs={
-            "config": dataclasses.asdict(cfg),
-            "versions": versions(),
-            "carved": samples.carved,
-            "source": samples.source,
-            "distributed": {"parts": size},
-        },
-    )
+    writer = open_writer(out, cfg, samples, wanted, dim, logits_dim, distributed={"parts": size})
     try:
         for part in parts:
             with store.open_cache(part) as f:

@@ -147,6 +147,33 @@ def run(cfg: FeaturesConfig, report: Report = _quiet) -> FeaturesResult:
         return fill(cfg, samples, spec, wanted, report, t0)
 
 
+def open_writer(
+    out: Path,
+    cfg: FeaturesConfig,
+    samples: SampleList,
+    wanted: dict[str, Any],
+    dim: int,
+    logits_dim: int | None,
+    report: Report = _quiet,
+    **attrs: Any,
+) -> store.CacheWriter:
+    """A writer for ``OUT.partial`` whose attributes describe `samples` and `cfg` (resumes when it can)."""
+    return store.CacheWriter.open(
+        out,
+        fingerprint=wanted,
+        ids=samples.ids,
+        labels=samples.labels,
+        split=samples.split,
+        classes=samples.classes,
+        dim=dim,
+        store_dtype=cfg.store_dtype,
+        logits_dim=logits_dim,
+        attrs={"config": to_dict(cfg), "versions": versions(), "carved": samples.carved, "source": samples.source}
+        | attrs,
+        report=report,
+    )
+
+
 def fill(
     cfg: FeaturesConfig,
     samples: SampleList,
@@ -164,24 +191,8 @@ def fill(
     model = backbone.build(spec, progress=cfg.progress)
     if cfg.logits and model.classifier is None:
         raise CacheError(f"--logits: checkpoint {spec.checkpoint} has no fc layer; drop --logits")
-    writer = store.CacheWriter.open(
-        out,
-        fingerprint=wanted,
-        ids=samples.ids,
-        labels=samples.labels,
-        split=samples.split,
-        classes=samples.classes,
-        dim=model.dim,
-        store_dtype=cfg.store_dtype,
-        logits_dim=model.classifier.out_features if cfg.logits else None,
-        attrs={
-            "config": to_dict(cfg),
-            "versions": versions(),
-            "carved": samples.carved,
-            "source": samples.source,
-        },
-        report=report,
-    )
+    logits_dim = model.classifier.out_features if cfg.logits else None
+    writer = open_writer(out, cfg, samples, wanted, model.dim, logits_dim, report)
     start = writer.rows_done
     sink = RowSink(writer, model.dim, model.classifier.out_features if cfg.logits else None)
     try:
