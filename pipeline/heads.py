@@ -163,6 +163,17 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         self.loss_ = float(sol.loss[0])  # the objective at the end: mean weighted loss + penalty
         return self
 
+    def to_module(self) -> Any:
+        """The fitted head as a `torch.nn.Linear` (D -> C outputs, or D -> 1 for two classes)."""
+        import torch
+
+        check_is_fitted(self)
+        linear = torch.nn.Linear(self.coef_.shape[1], self.coef_.shape[0])
+        with torch.no_grad():
+            linear.weight.copy_(torch.as_tensor(self.coef_))
+            linear.bias.copy_(torch.as_tensor(self.intercept_))
+        return linear
+
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])

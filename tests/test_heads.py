@@ -194,3 +194,19 @@ def test_path_blocks_reach_scikit_learns_solutions(block):
         assert ((X @ sol.coef[k] + sol.intercept[k]).argmax(1) == sk.predict(X)).mean() >= 0.99
     if block == 1:  # along the flat, weakly regularised end a warm start is already converged: no data pass
         assert (sol.n_iter[-10:] == 0).any()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_solution_is_a_stationary_point_of_nn_linear_and_cross_entropy(smoothing):
+    """Autograd through nn.Linear + F.cross_entropy + lambda/2 ||W||^2 checks the solver's hand-written gradient."""
+    import torch
+
+    X, y = _data(4, n=400)
+    head = TorchLinearClassifier(C=0.5, tol=1e-6, label_smoothing=smoothing).fit(X, y)
+    linear = head.to_module().double()
+    lam = 1.0 / (0.5 * len(y))
+    logits = linear(torch.as_tensor(X))
+    loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y), label_smoothing=smoothing)
+    (loss + 0.5 * lam * (linear.weight**2).sum()).backward()
+    assert linear.weight.grad.abs().max() < 1e-5 and linear.bias.grad.abs().max() < 1e-5
+    np.testing.assert_allclose(logits.detach().numpy(), head.decision_function(X), rtol=1e-5, atol=1e-5)
