@@ -115,7 +115,6 @@ def fit_stream(
     prep: heads.Preprocessor,
     Cs: list[float],
     n_classes: int,
-    class_weights: np.ndarray | None,
     bar: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """K settings at once over shuffled blocks: (K, D, O) weights, (K, O) intercepts."""
@@ -129,7 +128,10 @@ def fit_stream(
     lr = cfg.lr or (1e-3 if method == "adam" else 0.1)
     n = sum(b.n for b in parts)
     dim, outputs = parts[0].f["features"].shape[1], (1 if n_classes == 2 else n_classes)
-    weight_of = np.ones(n_classes) if class_weights is None else class_weights
+    weight_of = np.ones(n_classes)
+    if cfg.class_weight == "balanced":  # scikit-learn's n / (classes * n_c), over the rows of this fit
+        counts = np.bincount(np.concatenate([b.kept_labels for b in parts]), minlength=n_classes)
+        weight_of = counts.sum() / (n_classes * np.maximum(counts, 1))
     w_total = float(sum(weight_of[b.kept_labels].sum() for b in parts))
     lambdas = torch.as_tensor(1.0 / (np.asarray(Cs) * w_total), dtype=torch.float32, device=device)
     theta = torch.zeros(dim + 1, len(Cs), outputs, device=device)
@@ -221,10 +223,9 @@ def run(cfg, info, labels, classes, grid, timer, report_to, cell) -> dict[str, A
             val = Blocks(f, va, vb, rows, None, encoded[va:vb])
             selected_on = "val"
         else:  # a stratified holdout of train, exactly as in memory (the same rows, the same seed)
+            readable = np.flatnonzero(ok[ta:tb])  # labels["train"] holds exactly these rows, in order
             held = np.zeros(tb - ta, dtype=bool)
-            held[np.flatnonzero(ok[ta:tb])[stratified_holdout(labels["train"], cfg.val_fraction, cfg.seed, salt=3)]] = (
-                True
-            )
+            held[readable[stratified_holdout(labels["train"], cfg.val_fraction, cfg.seed, salt=3)]] = True
             train = Blocks(f, ta, tb, rows, ~held, encoded[ta:tb])
             val = Blocks(f, ta, tb, rows, held, encoded[ta:tb])
             selected_on = f"a stratified holdout of train ({cfg.val_fraction:.0%}, seed {cfg.seed}; no val split)"
@@ -232,15 +233,11 @@ def run(cfg, info, labels, classes, grid, timer, report_to, cell) -> dict[str, A
             f"head: torch, streaming {path} in blocks of {rows} rows (--max-memory {cfg.max_memory}): {train.n} train, "
             f"{val.n} val rows, {dim}-d, {len(names)} classes; {K} C values, select by {cfg.select}"
         )
-        weights = None
-        if cfg.class_weight == "balanced":  # scikit-learn's n / (classes * n_c), from the training rows
-            counts = np.bincount(train.kept_labels, minlength=len(names))
-            weights = counts.sum() / (len(names) * np.maximum(counts, 1))
         bar = tqdm(total=2 * cfg.epochs, unit="epoch", desc="stream", disable=not cfg.progress)
         with bar:
             with timer("sweep"):
                 prep = fit_preprocessor(cfg.preprocess, [train])
-                coef, intercept = fit_stream(cfg, [train], prep, grid, len(names), weights, bar)
+                coef, intercept = fit_stream(cfg, [train], prep, grid, len(names), bar)
                 probs = _scores(val, prep, coef, intercept)  # (n_val, K, C)
                 y_val = np.concatenate([y for _, y in val])
                 fits = [sweep.Fit(C, coef[k], intercept[k], cfg.epochs, True) for k, C in enumerate(grid)]
@@ -253,7 +250,7 @@ def run(cfg, info, labels, classes, grid, timer, report_to, cell) -> dict[str, A
             with timer("refit"):
                 both = [train, val] if vb > va else [Blocks(f, ta, tb, rows, None, encoded[ta:tb])]
                 prep = fit_preprocessor(cfg.preprocess, both)
-                coef, intercept = fit_stream(cfg, both, prep, [grid[best]], len(names), weights, bar)
+                coef, intercept = fit_stream(cfg, both, prep, [grid[best]], len(names), bar)
                 final = sweep.Fit(grid[best], coef[0], intercept[0], cfg.epochs, True)
         # Every choice is made; only now are test rows read, and scored once.
         with timer("test"):
