@@ -117,6 +117,12 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _head_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `predict` and `export` both need: the trained head, and where its weights are now."""
+    parser.add_argument("--head", required=True, help="a results folder written by `pipeline head`")
+    parser.add_argument("--weights", help="where the backbone weights are now (checked against the cache)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -171,13 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="classify new images with a trained head (rebuilds its backbone)",
         description="Rebuild the head's backbone and preprocessing, classify images, write top-k to a CSV.",
     )
-    predict.add_argument("--head", required=True, help="a results folder written by `pipeline head`")
+    _head_arguments(predict)
     predict.add_argument("--data", required=True, help="a folder of images, a CSV with a path column, or one image")
     predict.add_argument("--out", default="predictions.csv", help="the CSV to write")
     predict.add_argument("--top-k", type=int, default=5, help="classes per image in the CSV")
     predict.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
                          help="stop on an unreadable image instead of listing it")  # fmt: skip
-    predict.add_argument("--weights", help="where the backbone weights are now (checked against the cache)")
     predict.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: as the cache was made)")
     predict.add_argument("--batch-size", type=int)
     predict.add_argument("--workers", type=int)
@@ -189,9 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="one torch file with backbone, preprocessing constants and head",
         description="Write a torch.export program (uint8 crops -> probabilities) that loads without this package.",
     )
-    export.add_argument("--head", required=True, help="a results folder written by `pipeline head`")
+    _head_arguments(export)
     export.add_argument("--out", required=True, help="the file to write, e.g. classifier.pt2")
-    export.add_argument("--weights", help="where the backbone weights are now (checked against the cache)")
     export.set_defaults(handler=_export)
 
     info = commands.add_parser("info", help="describe a cache file", description="Summarise a feature cache file.")

@@ -103,44 +103,41 @@ def predict(
     return {"out": str(out), "classified": int(ok.sum()), "unreadable": bad, "proba": proba, "ids": samples.ids}
 
 
-class ExportedClassifier:
-    """Builds the exported module: uint8 crops (B, 3, S, S) -> class probabilities (B, C)."""
+def export_module(model: Any, spec: backbone.BackboneSpec, head: LinearProbe) -> Any:
+    """The exported module: uint8 crops (B, 3, S, S) -> class probabilities (B, C)."""
+    import torch
+    from torch import nn
 
-    @staticmethod
-    def module(model: Any, spec: backbone.BackboneSpec, head: LinearProbe) -> Any:
-        import torch
-        from torch import nn
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = model.body
+            t = spec.transform
+            self.register_buffer("mean", torch.tensor(t.mean).reshape(1, 3, 1, 1).clone())
+            self.register_buffer("std", torch.tensor(t.std).reshape(1, 3, 1, 1).clone())
+            prep = head.preprocessor
+            dim = head.n_features_in_
+            self.kind = prep.kind
+            f_mean = prep.mean_ if prep.mean_ is not None else np.zeros(dim, np.float32)
+            f_scale = prep.scale_ if prep.scale_ is not None else np.ones(dim, np.float32)
+            arrays = {"f_mean": f_mean, "f_scale": f_scale, "coef": head.coef_, "intercept": head.intercept_}
+            for name, array in arrays.items():  # own contiguous copies: torch.export saves them whole
+                self.register_buffer(name, torch.tensor(np.ascontiguousarray(array, dtype=np.float32)))
 
-        class Classifier(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.body = model.body
-                t = spec.transform
-                self.register_buffer("mean", torch.tensor(t.mean).reshape(1, 3, 1, 1).clone())
-                self.register_buffer("std", torch.tensor(t.std).reshape(1, 3, 1, 1).clone())
-                prep = head.preprocessor
-                dim = head.n_features_in_
-                self.kind = prep.kind
-                f_mean = prep.mean_ if prep.mean_ is not None else np.zeros(dim, np.float32)
-                f_scale = prep.scale_ if prep.scale_ is not None else np.ones(dim, np.float32)
-                arrays = {"f_mean": f_mean, "f_scale": f_scale, "coef": head.coef_, "intercept": head.intercept_}
-                for name, array in arrays.items():  # own contiguous copies: torch.export saves them whole
-                    self.register_buffer(name, torch.tensor(np.ascontiguousarray(array, dtype=np.float32)))
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            x = (images.to(torch.float32) / 255.0 - self.mean) / self.std  # (B, 3, S, S)
+            f = self.body(x)  # (B, D)
+            if self.kind == "standardize":
+                f = (f - self.f_mean) / self.f_scale
+            elif self.kind == "l2":
+                f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            z = f @ self.coef.T + self.intercept  # (B, C) or (B, 1)
+            if z.shape[1] == 1:
+                p = torch.sigmoid(z)
+                return torch.cat([1 - p, p], dim=1)
+            return torch.softmax(z, dim=1)
 
-            def forward(self, images: torch.Tensor) -> torch.Tensor:
-                x = (images.to(torch.float32) / 255.0 - self.mean) / self.std  # (B, 3, S, S)
-                f = self.body(x)  # (B, D)
-                if self.kind == "standardize":
-                    f = (f - self.f_mean) / self.f_scale
-                elif self.kind == "l2":
-                    f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                z = f @ self.coef.T + self.intercept  # (B, C) or (B, 1)
-                if z.shape[1] == 1:
-                    p = torch.sigmoid(z)
-                    return torch.cat([1 - p, p], dim=1)
-                return torch.softmax(z, dim=1)
-
-        return Classifier().eval()
+    return Classifier().eval()
 
 
 def export(head_path: str | Path, out: str | Path, weights: str | None = None, report: Any = lambda m: None) -> Path:
@@ -151,7 +148,7 @@ def export(head_path: str | Path, out: str | Path, weights: str | None = None, r
     head = load_head(folder)
     spec = rebuild_spec(head, folder, weights)
     model = backbone.build(spec, progress=False)
-    module = ExportedClassifier.module(model, spec, head)
+    module = export_module(model, spec, head)
     size = spec.crop_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=65536)

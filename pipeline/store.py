@@ -377,10 +377,13 @@ def read_features(
 
 
 def cache_info(path: str | Path) -> dict[str, Any]:
-    """What the head stage records about a cache, without reading any features."""
+    """What the head stage needs to know about a cache before reading any features: its identity,
+    shape and row ranges, and the labels per split (readable rows only) with the class names."""
     with open_cache(path) as f:
-        split_codes, ok = f["split"][...], f["ok"][...]
+        split_codes, ok, labels = f["split"][...], f["ok"][...], f["labels"][...]
         return {
+            "labels": {name: labels[(split_codes == code) & ok] for code, name in enumerate(SPLITS)},
+            "classes": list(f["classes"].asstr()[...]),
             "path": str(path),
             "fingerprint": _json_attr(f, "fingerprint"),
             "config": _json_attr(f, "config"),
@@ -389,14 +392,6 @@ def cache_info(path: str | Path) -> dict[str, Any]:
             "ranges": _row_ranges(split_codes),
             "rows": {name: int((ok & (split_codes == code)).sum()) for code, name in enumerate(SPLITS)},
         }
-
-
-def read_labels(path: str | Path) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Labels per split (readable rows only) and class names: no features are read."""
-    with open_cache(path) as f:
-        split_codes, ok, labels = f["split"][...], f["ok"][...], f["labels"][...]
-        classes = list(f["classes"].asstr()[...])
-    return {name: labels[(split_codes == code) & ok] for code, name in enumerate(SPLITS)}, classes
 
 
 def summary(path: str | Path) -> dict[str, Any]:

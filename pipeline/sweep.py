@@ -26,7 +26,7 @@ from pipeline import heads, metrics, report
 from pipeline.config import HeadConfig, to_dict
 from pipeline.errors import ConfigError, DataError
 from pipeline.splits import draw_shots, stratified_holdout
-from pipeline.store import Split, cache_info, read_features, read_labels
+from pipeline.store import Split, cache_info, read_features
 
 DEFAULT_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
 SELECT_KEYS = {"top1": "top1", "balanced": "balanced_accuracy"}
@@ -249,9 +249,9 @@ def run(cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None
     path = Path(cfg.features)  # type: ignore[arg-type]
     grid = sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
     with timer("read"):
-        labels, classes = read_labels(path)
-        _check_labels(path, labels, classes)
         info = cache_info(path)
+        labels, classes = info["labels"], info["classes"]
+        _check_labels(path, labels, classes)
     if cfg.max_memory is not None:
         from pipeline import stream
 
@@ -307,12 +307,11 @@ def run(cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None
         _check_finite(path, "test", test)
     with timer("test"):
         y_test = encode(test.y)
-        scored = [metrics.evaluate(y_test, fit.proba(prep.transform(test.X)), names) for _, _, fit, prep, _ in runs]
-        first = scored[0]
+        probas = [fit.proba(prep.transform(test.X)) for _, _, fit, prep, _ in runs]
+        scored = [metrics.evaluate(y_test, proba, names) for proba in probas]
+        pred = probas[0].argmax(axis=1)
         if cfg.bootstrap and not cfg.shots:  # few-shot spread is the std over draws instead
-            pred = runs[0][2].proba(runs[0][3].transform(test.X)).argmax(axis=1)
-            first["ci"] = metrics.bootstrap_ci(y_test, pred, len(names), cfg.bootstrap, cfg.seed)
-    pred = runs[0][2].proba(runs[0][3].transform(test.X)).argmax(axis=1)
+            scored[0]["ci"] = metrics.bootstrap_ci(y_test, pred, len(names), cfg.bootstrap, cfg.seed)
     return finish(cfg, info, grid, runs, scored, names, selected_on, timer, Split(pred, y_test, test.ids), cell)
 
 
