@@ -208,7 +208,13 @@ class HeadConfig:
     out: str | None = option(None, "results folder (default: results/<cache>-<head>)")
     C: float | None = option(None, "train at this C only, no sweep (scikit-learn's C)")
     grid: tuple[float, ...] | None = option(None, "C values to sweep (default: 45 log-spaced from 1e-6 to 1e5)")
-    select: str = option("top1", "validation metric that chooses C", ("top1", "balanced"))
+    select: str = option(
+        "top1-1se",
+        "rule that chooses C on validation: top1-1se / balanced-1se take the strongest regularisation whose score is "
+        "within one standard error of the best; top1 / balanced the plain argmax (the published protocol); logloss "
+        "the lowest log-loss",
+        ("top1-1se", "balanced-1se", "top1", "balanced", "logloss"),
+    )
     preprocess: str = option("standardize", "fitted on training rows only", ("standardize", "l2", "none"))
     class_weight: str = option("none", "'balanced' weighs classes by n / (classes * n_c)", ("none", "balanced"))
     val_fraction: float = option(0.1, "stratified holdout from train when the cache has no val split")
@@ -220,7 +226,11 @@ class HeadConfig:
         None, "torch L-BFGS: C values trained together along the warm-started path (default: 1 on cpu, all on cuda)"
     )
     max_iter: int = option(1000, "L-BFGS iterations at most (both heads)")
-    tol: float = option(1e-4, "stop when max |gradient| <= tol (both heads, scikit-learn's criterion)")
+    tol: float = option(
+        1e-4,
+        "stop when max |gradient| <= tol, on the mean scale: mean weighted loss + ||W||^2 / (2 C n) (both heads; "
+        "scikit-learn's gtol)",
+    )
     epochs: int = option(30, "mini-batch solvers: passes over the data")
     batch_size: int = option(512, "mini-batch solvers: rows per step")
     lr: float | None = option(None, "mini-batch solvers: peak learning rate (default 1e-3 adam, 0.1 sgd)")

@@ -30,18 +30,22 @@ PREPROCESSING = ("standardize", "l2", "none")
 HEAD_SCHEMA = 1
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
+def log_proba_from_decision(decision: np.ndarray) -> np.ndarray:
+    """(n, C) float64 log-probabilities from (n, C) logits, or (n,) binomial logits of the second class.
+
+    A log-softmax in float64: a confident mistake keeps its true loss (p = 1e-12 is log p = -27.6),
+    where float32 probabilities underflow to 0 past a logit gap of about 100.
+    """
+    z = np.asarray(decision, dtype=np.float64)
+    if z.ndim == 1:  # binomial: log sigmoid(-z), log sigmoid(z), without overflow
+        return -np.logaddexp(0.0, np.column_stack([z, -z]))
     z = z - z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def _proba_from_decision(decision: np.ndarray) -> np.ndarray:
-    if decision.ndim == 1:  # binomial: one logit for the second class
-        p = 1.0 / (1.0 + np.exp(-decision))
-        return np.column_stack([1 - p, p])
-    return softmax(decision.copy())
+    """float64 probabilities (rows sum to 1), from the float64 log-softmax."""
+    return np.exp(log_proba_from_decision(decision))
 
 
 class Preprocessor:
@@ -184,7 +188,7 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         return _proba_from_decision(self.decision_function(X))
 
     def predict_log_proba(self, X: np.ndarray) -> np.ndarray:
-        return np.log(self.predict_proba(X))
+        return log_proba_from_decision(self.decision_function(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         decision = self.decision_function(X)

@@ -1,6 +1,8 @@
 """Classification metrics on predicted probabilities, with bootstrap confidence intervals.
 
-Everything takes integer labels `y` (n,) in 0..C-1 and probabilities `proba` (n, C).
+Everything takes integer labels `y` (n,) in 0..C-1 and probabilities `proba` (n, C). The log-loss
+is taken from float64 log-probabilities (`log_proba`, a log-softmax of the logits) when given:
+probabilities that underflow or are clipped would otherwise cap the loss of a confident mistake.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from sklearn.metrics import (
     balanced_accuracy_score,
     confusion_matrix,
     f1_score,
-    log_loss,
     precision_recall_fscore_support,
 )
 
@@ -21,6 +22,38 @@ def top_k_accuracy(y: np.ndarray, proba: np.ndarray, k: int) -> float:
     """Fraction of rows whose label is among the k highest scores (ties broken by order)."""
     top = np.argpartition(-proba, kth=min(k, proba.shape[1]) - 1, axis=1)[:, :k]
     return float((top == y[:, None]).any(axis=1).mean())
+
+
+def log_loss(y: np.ndarray, proba: np.ndarray, log_proba: np.ndarray | None = None) -> float:
+    """Mean negative log-likelihood of the labels, in float64, without clipping.
+
+    From `log_proba` it is exact. From `proba` alone it is exact down to p(y) = 1e-300 when the
+    probabilities are float64 (a float32 row that underflowed to 0 counts as the smallest float64).
+    scikit-learn's `log_loss` clips at the input dtype's epsilon: 1.2e-7 for float32, which turns a
+    loss of 27.6 (p = 1e-12) into 15.9.
+    """
+    rows = np.arange(len(y))
+    if log_proba is not None:
+        picked = np.asarray(log_proba, dtype=np.float64)[rows, y]
+    else:
+        tiny = np.finfo(np.float64).smallest_subnormal
+        picked = np.log(np.maximum(np.asarray(proba, dtype=np.float64)[rows, y], tiny))
+    return float(-picked.mean()) if len(y) else float("nan")
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n independent rows: sqrt(p (1 - p) / n)."""
+    return float(np.sqrt(p * (1 - p) / n)) if n else float("nan")
+
+
+def balanced_accuracy_se(y: np.ndarray, pred: np.ndarray) -> float:
+    """Standard error of the balanced accuracy (mean recall over the classes present in y):
+    sqrt(sum_c r_c (1 - r_c) / n_c) / K, each class's recall a binomial proportion on its n_c rows."""
+    classes, counts = np.unique(y, return_counts=True)
+    if not len(classes):
+        return float("nan")
+    recall = np.array([(pred[y == c] == c).mean() for c in classes])
+    return float(np.sqrt(np.sum(recall * (1 - recall) / counts)) / len(classes))
 
 
 def reliability(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> dict[str, Any]:
@@ -73,9 +106,12 @@ def bootstrap_ci(
     }
 
 
-def evaluate(y: np.ndarray, proba: np.ndarray, classes: list[str], detail: bool = True) -> dict[str, Any]:
+def evaluate(
+    y: np.ndarray, proba: np.ndarray, classes: list[str], detail: bool = True, log_proba: np.ndarray | None = None
+) -> dict[str, Any]:
     """Top-1, top-5 (5+ classes), balanced accuracy, macro-F1, log-loss, ECE; with `detail` also
-    per-class precision/recall, the confusion matrix and the reliability table."""
+    per-class precision/recall, the confusion matrix and the reliability table. `log_proba`
+    (float64 log-softmax of the logits) makes the log-loss exact; see `log_loss`."""
     n_classes = len(classes)
     labels = np.arange(n_classes)
     pred = proba.argmax(axis=1)
@@ -86,7 +122,7 @@ def evaluate(y: np.ndarray, proba: np.ndarray, classes: list[str], detail: bool 
         "top5": top_k_accuracy(y, proba, 5) if n_classes >= 5 else None,
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
-        "log_loss": float(log_loss(y, np.clip(proba, 1e-15, 1), labels=labels)),
+        "log_loss": log_loss(y, proba, log_proba),
         "ece": calib["ece"],
     }
     if detail:

@@ -29,24 +29,59 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 
 def plot_validation_curve(curve: list[dict[str, Any]], chosen_C: float, metric: str, path: str | Path) -> Path:
+    """Validation top-1 (with its binomial standard error), balanced accuracy and log-loss against C.
+
+    `metric` is the --select rule. Fits that did not converge are crossed out in red, warm-start-only
+    fits (the previous C's weights) are hollow grey circles and fits that did not resolve their C
+    (the penalty's gradient below tol) hollow grey diamonds, so none reads as the optimum at its C;
+    the one-SE rules also show their threshold.
+    """
     plt = _pyplot()
-    Cs = [row["C"] for row in curve]
+    Cs = np.array([row["C"] for row in curve])
+    top1 = np.array([row["val_top1"] for row in curve])
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.semilogx(Cs, [row["val_top1"] for row in curve], "o-", ms=3, label="val top-1")
-    ax.semilogx(Cs, [row["val_balanced_accuracy"] for row in curve], "s-", ms=3, label="val balanced accuracy")
-    key = "val_top1" if metric == "top1" else "val_balanced_accuracy"
+    se = [row.get("val_top1_se", 0.0) for row in curve]
+    ax.errorbar(Cs, top1, yerr=se, fmt="o-", ms=3, lw=1, capsize=1.5, elinewidth=0.6, label="val top-1 ± SE")
+    ax.plot(Cs, [row["val_balanced_accuracy"] for row in curve], "s-", ms=3, lw=1, label="val balanced accuracy")
+    ax.set_xscale("log")
+    if len(set(Cs)) == 1:  # a fixed C: give the log axis some width (before a twin axis autoscales it)
+        ax.set_xlim(Cs[0] / 10, Cs[0] * 10)
+    _mark_status(ax, curve, Cs, top1)
+    key = "val_log_loss" if metric == "logloss" else "val_balanced_accuracy" if "balanced" in metric else "val_top1"
+    target = ax
+    if all("val_log_loss" in row for row in curve):
+        loss_ax = ax.twinx()
+        loss_ax.plot(Cs, [row["val_log_loss"] for row in curve], "-", color="0.55", lw=1)
+        loss_ax.set_ylabel("val log-loss (grey)", color="0.4")
+        target = loss_ax if key == "val_log_loss" else ax
+    if metric.endswith("-1se") and all(f"{key}_se" in row for row in curve):
+        from pipeline.sweep import selection  # the rule itself, so the line is the threshold it used
+
+        ax.axhline(selection(curve, metric)["threshold"], color="tab:red", ls=":", lw=1, label="best − 1 SE")
     best = next(row for row in curve if row["C"] == chosen_C)
     ax.axvline(chosen_C, color="0.6", ls="--", lw=1)
-    ax.plot([chosen_C], [best[key]], "r*", ms=14, label=f"chosen C = {chosen_C:.3g}")
-    if len(set(Cs)) == 1:  # a fixed C: give the log axis some width
-        ax.set_xlim(Cs[0] / 10, Cs[0] * 10)
+    target.plot([chosen_C], [best[key]], "r*", ms=14, label=f"chosen C = {chosen_C:.3g} ({metric})")
     ax.set(xlabel="C (inverse regularisation strength)", ylabel="accuracy", title="Validation curve")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    handles = [h for a in {ax, target} for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, loc="best", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _mark_status(ax: Any, curve: list[dict[str, Any]], Cs: np.ndarray, top1: np.ndarray) -> None:
+    """Mark the fits whose scores are not those of the optimum at their C (see `sweep.Fit.status`)."""
+    status = np.array([row.get("status", "converged") for row in curve])
+    styles = {
+        "not converged": dict(marker="x", color="tab:red", ms=8, mew=1.5, label="not converged (max_iter)"),
+        "warm start only": dict(marker="o", mfc="white", mec="0.5", ms=6, label="warm start only (no step)"),
+        "C not resolved": dict(marker="D", mfc="white", mec="0.5", ms=5, label="C not resolved (penalty < tol)"),
+    }
+    for name, style in styles.items():
+        if (status == name).any():
+            ax.plot(Cs[status == name], top1[status == name], ls="none", **style)
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path) -> Path:

@@ -9,8 +9,13 @@ with the multinomial cross-entropy for three or more classes and the binomial on
 output, like scikit-learn) for two; the intercept is not penalised. All K settings share one
 augmented data matrix [X, 1], so one (N, D+1) @ (D+1, K*O) product evaluates every setting.
 
+The stopping rule is on this mean scale: max |grad f_k| <= tol. That is scikit-learn's rule too:
+since 1.2 its lbfgs divides C * sum(w * loss) + ||W||^2 / 2 by C * sum(w) and hands `tol` to
+scipy's L-BFGS-B as `gtol` (max |projected gradient|); on the undivided scale the same stop is a
+gradient of tol * C * sum(w).
+
 Solvers: `lbfgs` (full batch; a batched L-BFGS with a per-setting Armijo line search, stopping
-each setting when max|grad| <= tol, exactly scikit-learn's criterion), run along the
+each setting when max|grad| <= tol), run along the
 regularisation path in blocks of settings with warm starts (see `path`), and the mini-batch
 `adam` and `sgd` (cosine schedule, all settings at once). The penalty is part of the gradient for
 every solver, so all of them minimise the same objective and share one C scale.
@@ -39,6 +44,7 @@ class Solution:
     converged: np.ndarray  # (K,) bool: max|grad| <= tol
     grad_max: np.ndarray  # (K,) max |grad| at the end
     loss: np.ndarray  # (K,) objective at the end
+    copied: np.ndarray  # (K,) bool: no step from the previous setting's solution (warm start only)
 
 
 class Problem:
@@ -274,17 +280,18 @@ def path(
     tol: float,
     block: int,
     on_done: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The regularisation path, strongest penalty first, `block` settings trained together.
 
     Each block starts from the previous block's last solution with that solution's L-BFGS pairs.
     The data loss and its gradient there are known, so the start costs no data pass: a setting
     whose gradient ``g_data + lambda * W`` is already within `tol` is done without touching the
-    data, which is what happens along the flat, weakly regularised end of the grid.
+    data, which is what happens along the flat, weakly regularised end of the grid. Such a
+    setting keeps the previous solution's weights; it is reported as `copied` (warm start only).
     """
     k_all = theta.shape[1]
     order = torch.argsort(lambdas, descending=True)  # strong -> weak regularisation
-    n_iter, converged = np.zeros(k_all, dtype=np.int64), np.zeros(k_all, dtype=bool)
+    n_iter, converged, copied = np.zeros(k_all, dtype=np.int64), np.zeros(k_all, dtype=bool), np.zeros(k_all, bool)
     grad_max, final_loss = np.zeros(k_all), np.zeros(k_all)
     x0 = theta[:, order[:1]].clone()
     f_data, g_data = problem.loss_grad(x0, torch.zeros(1, dtype=theta.dtype, device=theta.device))
@@ -305,8 +312,9 @@ def path(
         theta[:, cols] = x
         index = cols.cpu().numpy()
         n_iter[index], converged[index], grad_max[index], final_loss[index] = it, conv, gmax, loss
+        copied[index] = (it == 0) & (start > 0)  # the previous block's weights, unchanged
         previous = tracked
-    return theta, n_iter, converged, grad_max, final_loss
+    return theta, n_iter, converged, grad_max, final_loss, copied
 
 
 def minibatch(
@@ -398,17 +406,18 @@ def solve(
         theta[-1] = intercept
     if method == "lbfgs":
         block = k if block is None else max(1, min(block, k))
-        theta, n_iter, converged, grad_max, loss = path(problem, lambdas, theta, max_iter, tol, block, progress)
+        theta, n_iter, converged, grad_max, loss, copied = path(problem, lambdas, theta, max_iter, tol, block, progress)
     elif method in ("adam", "sgd"):
         lr = lr if lr is not None else (1e-3 if method == "adam" else 0.1)
         theta = minibatch(problem, lambdas, theta, method, epochs, batch_size, lr, seed, balanced_sampler)
         loss_t, grad = problem.loss_grad(theta, lambdas)
         grad_max = grad.abs().amax(dim=(0, 2)).cpu().numpy()
         loss, n_iter, converged = loss_t.cpu().numpy(), np.full(k, epochs), grad_max <= tol
+        copied = np.zeros(k, dtype=bool)
         if progress is not None:
             progress(k)
     else:
         raise ValueError(f"unknown solver {method!r}; choose one of: {', '.join(SOLVERS)}")
     coef = theta[:-1].permute(1, 0, 2).cpu().numpy()  # (K, D, O)
     intercept = theta[-1].cpu().numpy()  # (K, O)
-    return Solution(coef, intercept, n_iter, converged, grad_max, loss)
+    return Solution(coef, intercept, n_iter, converged, grad_max, loss, copied)

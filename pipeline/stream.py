@@ -185,6 +185,27 @@ def _scores(blocks: Blocks, prep: heads.Preprocessor, coef: np.ndarray, intercep
     return np.concatenate(out)
 
 
+def _val_curve(val: Blocks, prep: heads.Preprocessor, fits: list[Any], names: list[str]) -> list[dict[str, Any]]:
+    """The validation curve as in memory (`sweep.curve_row`): float64 logits of every fit, block by block."""
+    from pipeline import sweep
+
+    logits = np.empty((val.n, len(fits), fits[0].coef.shape[1]))  # (n_val, K, O): the val rows only
+    y_val, at = np.empty(val.n, dtype=np.int64), 0
+    for X, y in val:
+        Z = _transform_inplace(prep, X)
+        for k, fit in enumerate(fits):
+            logits[at : at + len(y), k] = fit.decision(Z).reshape(len(y), -1)
+        y_val[at : at + len(y)], at = y, at + len(y)
+    return [
+        sweep.curve_row(fit, y_val, heads.log_proba_from_decision(_squeeze(logits[:, k])), names)
+        for k, fit in enumerate(fits)
+    ]
+
+
+def _squeeze(z: np.ndarray) -> np.ndarray:
+    return z[:, 0] if z.shape[1] == 1 else z  # binomial heads have one logit
+
+
 def _keep_block_buffers_returnable() -> None:
     """glibc raises its mmap threshold after each large free, so later block-sized buffers come from
     the heap and stay in the process after they are freed; a fixed 1 MiB threshold keeps them in
@@ -238,14 +259,8 @@ def run(cfg, info, labels, classes, grid, timer, report_to, cell) -> dict[str, A
             with timer("sweep"):
                 prep = fit_preprocessor(cfg.preprocess, [train])
                 coef, intercept = fit_stream(cfg, [train], prep, grid, len(names), bar)
-                probs = _scores(val, prep, coef, intercept)  # (n_val, K, C)
-                y_val = np.concatenate([y for _, y in val])
                 fits = [sweep.Fit(C, coef[k], intercept[k], cfg.epochs, True) for k, C in enumerate(grid)]
-                curve = []
-                for k, fit in enumerate(fits):
-                    s = metrics.evaluate(y_val, probs[:, k], names, detail=False)
-                    curve.append({"C": fit.C, "val_top1": s["top1"], "val_balanced_accuracy": s["balanced_accuracy"],
-                                  "val_log_loss": s["log_loss"], "n_iter": cfg.epochs, "converged": True})  # fmt: skip
+                curve = _val_curve(val, prep, fits, names)
                 best = sweep.choose(curve, cfg.select)
             with timer("refit"):
                 both = [train, val] if vb > va else [Blocks(f, ta, tb, rows, None, encoded[ta:tb])]

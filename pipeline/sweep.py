@@ -29,7 +29,16 @@ from pipeline.splits import draw_shots, stratified_holdout
 from pipeline.store import Split, cache_info, read_features
 
 DEFAULT_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
-SELECT_KEYS = {"top1": "top1", "balanced": "balanced_accuracy"}
+# --select: the validation metric of each rule. `*-1se` take the strongest regularisation within one
+# standard error of the best score, `top1` and `balanced` the plain argmax (the published protocol),
+# `logloss` the lowest validation log-loss; see `selection`.
+SELECT_KEYS = {
+    "top1-1se": "top1",
+    "balanced-1se": "balanced_accuracy",
+    "top1": "top1",
+    "balanced": "balanced_accuracy",
+    "logloss": "log_loss",
+}
 Report = Callable[[str], None]
 
 
@@ -39,17 +48,55 @@ def _quiet(message: str) -> None:
 
 @dataclass
 class Fit:
-    """One trained linear model: (D, O) weights, (O,) intercept, and how its optimisation ended."""
+    """One trained linear model: (D, O) weights, (O,) intercept, and how its optimisation ended.
+
+    `warm_start_only`: the solver took no step from the previous C's solution because its gradient
+    there was already within tol, so these are that solution's weights, not a fit at this C.
+    `penalty_gradient`: max |W| / (C * sum of row weights), the largest gradient the penalty adds
+    on the stopping rule's (mean) scale. Below tol, the point where the solver stopped passes the
+    rule whatever the penalty: the fit did not resolve its C (see `status`).
+    """
 
     C: float
     coef: np.ndarray
     intercept: np.ndarray
     n_iter: int
     converged: bool
+    warm_start_only: bool = False
+    penalty_gradient: float = float("inf")
+    tol: float = 0.0
+
+    @property
+    def status(self) -> str:
+        """How far the weights are a fit at this C:
+
+        - `not converged`: stopped at max_iter (mini-batch: the epochs ended above tol);
+        - `warm start only`: the previous C's weights, no step taken (torch head);
+        - `C not resolved`: converged, but the penalty's gradient is below tol, so this point passes the
+          stopping rule for any larger C too: where the solver stopped on a loss that is flat to within tol,
+          which differs between solvers, starts and BLAS threads, not the optimum at this C;
+        - `converged`: the optimum at this C, to within tol.
+        """
+        if not self.converged:
+            return "not converged"
+        if self.warm_start_only:
+            return "warm start only"
+        return "C not resolved" if self.penalty_gradient <= self.tol else "converged"
+
+    def decision(self, X: np.ndarray) -> np.ndarray:
+        """Logits in float64, in row chunks (no float64 copy of all of X): exact inputs for the log-softmax."""
+        coef, intercept = self.coef.astype(np.float64), self.intercept.astype(np.float64)
+        step = max(1, 2_000_000 // max(X.shape[1], 1))  # ~16 MB of float64 rows at a time
+        out = np.empty((len(X), coef.shape[1]))
+        for a in range(0, len(X), step):
+            out[a : a + step] = X[a : a + step].astype(np.float64) @ coef + intercept
+        return out.ravel() if out.shape[1] == 1 else out
+
+    def log_proba(self, X: np.ndarray) -> np.ndarray:
+        return heads.log_proba_from_decision(self.decision(X))
 
     def proba(self, X: np.ndarray) -> np.ndarray:
-        decision = X @ self.coef + self.intercept
-        return heads._proba_from_decision(decision.ravel() if decision.shape[1] == 1 else decision)
+        return np.exp(self.log_proba(X))
 
 
 class Timer:
@@ -77,6 +124,12 @@ def fit_grid(
 ) -> list[Fit]:
     """One fit per C on the same rows: batched in torch, or parallel scikit-learn fits."""
     class_weight = None if cfg.class_weight == "none" else cfg.class_weight
+    weights = heads.balanced_weights(y, class_weight)
+    w_sum = float(len(y) if weights is None else weights.sum())
+
+    def resolution(C: float, coef: np.ndarray) -> dict[str, float]:
+        return {"penalty_gradient": float(np.abs(coef).max(initial=0.0)) / (C * w_sum), "tol": cfg.tol}
+
     if cfg.head == "torch":
         from pipeline import solver
         from pipeline.devices import choose_device
@@ -87,7 +140,7 @@ def fit_grid(
             y,
             Cs,
             n_classes=n_classes,
-            sample_weight=heads.balanced_weights(y, class_weight),
+            sample_weight=weights,
             label_smoothing=cfg.label_smoothing,
             method=cfg.solver,
             max_iter=cfg.max_iter,
@@ -105,8 +158,10 @@ def fit_grid(
             block=cfg.sweep_block or (len(Cs) if device.type == "cuda" else 1),
         )
         return [
-            Fit(C, sol.coef[k], sol.intercept[k], int(sol.n_iter[k]), bool(sol.converged[k])) for k, C in enumerate(Cs)
-        ]
+            Fit(C, sol.coef[k], sol.intercept[k], int(sol.n_iter[k]), bool(sol.converged[k]), bool(sol.copied[k]),
+                **resolution(C, sol.coef[k]))
+            for k, C in enumerate(Cs)
+        ]  # fmt: skip
     from joblib import Parallel, delayed
 
     def one(C: float) -> Fit:
@@ -118,7 +173,8 @@ def fit_grid(
             warnings.simplefilter("ignore", ConvergenceWarning)  # recorded per C instead
             model = heads.make_logreg(C, class_weight, cfg.max_iter, cfg.tol).fit(X, y)
         n_iter = int(model.n_iter_.max())
-        return Fit(C, model.coef_.T.copy(), model.intercept_.copy(), n_iter, n_iter < cfg.max_iter)
+        coef = model.coef_.T.copy()
+        return Fit(C, coef, model.intercept_.copy(), n_iter, n_iter < cfg.max_iter, **resolution(C, coef))
 
     fits = []
     if len(Cs) == 1:
@@ -167,27 +223,84 @@ def joblib_backend(name: str | None) -> Iterator[None]:
             client.close()
 
 
-def choose(curve: list[dict[str, Any]], metric: str) -> int:
-    """Index of the best validation score; ties go to the smaller C (the stronger regularisation)."""
-    key = f"val_{SELECT_KEYS[metric]}"
-    return int(np.argmax([row[key] for row in curve]))  # the grid is ascending: first max = smallest C
+def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
+    """Which C the rule `select` takes from a validation curve, and the numbers that decided it.
+
+    - `top1-1se` / `balanced-1se` (one-standard-error rule): among the fits that converged, find
+      the best score p and its standard error SE (`val_*_se` of that row: sqrt(p (1 - p) / n_val)
+      for top-1, sqrt(sum_c r_c (1 - r_c) / n_c) / K for balanced accuracy); take the smallest C
+      whose score is >= p - SE. A one- or two-image spike on the flat, weakly regularised end
+      cannot move the choice: every C it beats by less than its noise stays a candidate.
+    - `top1` / `balanced`: plain argmax over every fit (the published protocol).
+    - `logloss`: the converged fit with the lowest validation log-loss.
+
+    The `*-1se` and `logloss` rules look only at fits whose status is `converged` (see
+    `Fit.status`): a fit that did not converge, repeats the previous C's weights, or did not
+    resolve its C is scored and shown, but neither sets the best score nor is chosen (unless no fit
+    converged, and then every fit counts). Those are the points where the solvers stop on a flat
+    loss, so their scores differ between the heads, solver starts and BLAS threads by a few
+    images. Ties go to the smaller C (the stronger regularisation).
+    """
+    metric = SELECT_KEYS[select]
+    values = np.array([row[f"val_{metric}"] for row in curve], dtype=np.float64)
+    Cs = np.array([row["C"] for row in curve], dtype=np.float64)
+    out: dict[str, Any] = {"select": select, "metric": metric}
+    if select in ("top1", "balanced"):
+        best = _smallest_C(Cs, values == values.max())
+        return out | {"rule": "argmax", "best": float(values[best]), "index": best, "C": float(Cs[best])}
+    eligible = np.array([row.get("status", "converged") == "converged" for row in curve])
+    out["excluded"] = int((~eligible).sum()) if eligible.any() else 0  # fits not converged at their C
+    eligible = eligible if eligible.any() else np.ones(len(curve), dtype=bool)
+    if select == "logloss":
+        lowest = values[eligible].min()
+        index = _smallest_C(Cs, eligible & (values == lowest))
+        return out | {"rule": "argmin", "best": float(lowest), "index": index, "C": float(Cs[index])}
+    best = int(np.flatnonzero(eligible)[np.argmax(values[eligible])])
+    se = float(curve[best][f"val_{metric}_se"])
+    threshold = values[best] - se
+    # A relative slack of 1e-12 keeps a score that equals the threshold up to rounding a candidate.
+    index = _smallest_C(Cs, eligible & (values >= threshold - 1e-12))
+    return out | {
+        "rule": "one-SE",
+        "best": float(values[best]),
+        "best_C": float(Cs[best]),
+        "se": se,
+        "threshold": float(threshold),
+        "index": index,
+        "C": float(Cs[index]),
+    }
+
+
+def _smallest_C(Cs: np.ndarray, candidates: np.ndarray) -> int:
+    """Index of the smallest C among the candidates: the strongest regularisation."""
+    rows = np.flatnonzero(candidates)
+    return int(rows[np.argmin(Cs[rows])])
+
+
+def choose(curve: list[dict[str, Any]], select: str) -> int:
+    """Index of the C the rule `select` chooses (see `selection`); shared by both heads and the streamed head."""
+    return selection(curve, select)["index"]
+
+
+def curve_row(fit: Fit, y: np.ndarray, log_proba: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """One row of the validation curve, from float64 log-probabilities (exact log-loss)."""
+    proba = np.exp(log_proba)
+    scores = metrics.evaluate(y, proba, classes, detail=False, log_proba=log_proba)
+    return {
+        "C": fit.C,
+        "val_top1": scores["top1"],
+        "val_top1_se": metrics.binomial_se(scores["top1"], len(y)),
+        "val_balanced_accuracy": scores["balanced_accuracy"],
+        "val_balanced_accuracy_se": metrics.balanced_accuracy_se(y, proba.argmax(axis=1)),
+        "val_log_loss": scores["log_loss"],
+        "n_iter": fit.n_iter,
+        "converged": fit.converged,
+        "status": fit.status,
+    }
 
 
 def _curve(fits: list[Fit], X_val: np.ndarray, y_val: np.ndarray, classes: list[str]) -> list[dict[str, Any]]:
-    rows = []
-    for fit in fits:
-        scores = metrics.evaluate(y_val, fit.proba(X_val), classes, detail=False)
-        rows.append(
-            {
-                "C": fit.C,
-                "val_top1": scores["top1"],
-                "val_balanced_accuracy": scores["balanced_accuracy"],
-                "val_log_loss": scores["log_loss"],
-                "n_iter": fit.n_iter,
-                "converged": fit.converged,
-            }
-        )
-    return rows
+    return [curve_row(fit, y_val, fit.log_proba(X_val), classes) for fit in fits]
 
 
 # ------------------------------------------------------------------------------------- checks

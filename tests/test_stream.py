@@ -85,6 +85,11 @@ def test_streamed_sweep_selects_on_val(big_cache, tmp_path):
                      out=str(tmp_path / "r"), progress=False, bootstrap=0, class_weight="balanced")  # fmt: skip
     result = sweep.run(cfg)
     assert len(result["curve"]) == 2 and result["chosen"]["C"] in (1e-4, 1e-2)
+    assert result["chosen"]["index"] == sweep.choose(result["curve"], "top1-1se"), "the rule of the in-memory heads"
+    assert list(result["curve"][0]) == [
+        "C", "val_top1", "val_top1_se", "val_balanced_accuracy", "val_balanced_accuracy_se", "val_log_loss", "n_iter",
+        "converged", "status",
+    ]  # fmt: skip
     assert result["protocol"]["selected_on"].startswith("a stratified holdout of train (10%")
     assert result["cache"]["rows"] == {"train": 110_000, "test": 10_000}
 

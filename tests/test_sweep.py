@@ -210,3 +210,60 @@ def test_both_heads_agree_on_the_sweep(synthetic_cache, tmp_path):
     for a, b in zip(logreg["curve"], torch_["curve"], strict=True):
         assert abs(a["val_top1"] - b["val_top1"]) <= 2 / 120  # at most two of 120 val rows differ
     assert abs(logreg["test"]["top1"] - torch_["test"]["top1"]) <= 2 / 120
+
+
+# ------------------------------------------------------------------------------- choosing C
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_both_heads_choose_C_within_one_grid_step(tmp_path, seed):
+    """The default (one-SE) rule on the full 45-value grid: the heads' curves differ by an image here and there,
+    which must not move the choice by more than one grid step."""
+    X, y = make_classification(800, 40, n_informative=10, n_classes=5, class_sep=0.8, random_state=seed)
+    split = np.repeat(np.array([0, 1, 2], dtype=np.int8), [480, 160, 160])
+    cache = write_cache(tmp_path / "shared.h5", X, y, split)
+    chosen = {}
+    for head in ("logreg", "torch"):
+        result = sweep.run(head_cfg(cache, tmp_path, head=head, grid=None, out=str(tmp_path / head), bootstrap=0))
+        assert result["config"]["select"] == "top1-1se"
+        chosen[head] = result["chosen"]["index"]
+    assert abs(chosen["logreg"] - chosen["torch"]) <= 1, chosen
+
+
+def test_curve_marks_fits_that_are_not_fits_at_their_C(synthetic_cache, tmp_path):
+    """Torch: past some C the warm start is already within tol, so no step is taken (warm start only); any
+    head: a fit stopped by max_iter is not converged, and one whose penalty gradient is below tol did not
+    resolve its C. All are in curve.csv, and the default rule never chooses them."""
+    logreg_run = sweep.run(head_cfg(synthetic_cache, tmp_path, grid=None, out=str(tmp_path / "l")))
+    status = [row["status"] for row in logreg_run["curve"]]
+    first = status.index("C not resolved")
+    assert set(status[:first]) == {"converged"} and set(status[first:]) == {"C not resolved"}, status
+    assert logreg_run["chosen"]["index"] < first
+    torch_run = sweep.run(head_cfg(synthetic_cache, tmp_path, head="torch", grid=None, out=str(tmp_path / "t")))
+    status = [row["status"] for row in torch_run["curve"]]
+    assert "warm start only" in status and status[0] == "converged"
+    assert abs(status.index("C not resolved" if "C not resolved" in status else "warm start only") - first) <= 2
+    copied = [k for k, s in enumerate(status) if s == "warm start only"]
+    for k in copied:  # the previous C's weights: the same scores
+        assert torch_run["curve"][k]["val_log_loss"] == torch_run["curve"][k - 1]["val_log_loss"]
+        assert torch_run["curve"][k]["n_iter"] == 0
+    assert torch_run["chosen"]["index"] not in copied
+    header = (tmp_path / "t" / "curve.csv").read_text().splitlines()[0]
+    assert header == (
+        "C,val_top1,val_top1_se,val_balanced_accuracy,val_balanced_accuracy_se,val_log_loss,n_iter,converged,status"
+    )
+    short = sweep.run(head_cfg(synthetic_cache, tmp_path, head="logreg", max_iter=3, out=str(tmp_path / "s")))
+    assert {row["status"] for row in short["curve"]} == {"not converged"}
+    assert "not converged" in (tmp_path / "s" / "curve.csv").read_text()
+
+
+def test_select_rules_on_a_real_curve(synthetic_cache, tmp_path):
+    runs = {
+        s: sweep.run(head_cfg(synthetic_cache, tmp_path, select=s, out=str(tmp_path / s))) for s in sweep.SELECT_KEYS
+    }
+    curve = runs["top1"]["curve"]
+    for select, result in runs.items():
+        assert result["curve"] == curve, "the rule changes the choice, not the fits"
+        assert result["chosen"]["index"] == sweep.choose(curve, select)
+        assert result["protocol"]["select_metric"] == sweep.SELECT_KEYS[select]
+    assert runs["top1-1se"]["chosen"]["C"] <= runs["top1"]["chosen"]["C"], "never weaker regularisation than argmax"
