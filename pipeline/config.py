@@ -38,6 +38,9 @@ class FeaturesConfig:
     val_fraction: float = option(0.1, "fraction of train carved out (stratified) when the source has no val split")
     test_fraction: float = option(0.2, "fraction carved out (stratified) as test when the source has no test split")
     split_seed: int = option(0, "seed of the stratified val/test carving")
+    verify_content: bool = option(
+        False, "identify each image by a sha256 of its bytes too, not only its size and modification time"
+    )
     backbone: str = option("resnet50", "torchvision ResNet family model, e.g. resnet18, resnet50, resnext50_32x4d")
     weights: str = option("DEFAULT", "DEFAULT, a weights name (IMAGENET1K_V2), 'none' (random init), or a .pth path")
     seed: int = option(0, "seed of the random initialisation when --weights none")
@@ -71,6 +74,15 @@ class FeaturesConfig:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"--{_flag(name)} {value} is out of range; expected a fraction in [0, 1)")
         _check_positive(self, "batch_size", "image_size")
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(
+                f"--image-size {self.image_size} is too small for a ResNet; pass 16 or more (224 is usual)"
+            )
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                f"--val-fraction {self.val_fraction} + --test-fraction {self.test_fraction} leave no train images; "
+                "their sum must stay below 1"
+            )
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers {self.workers} is negative; pass 0 (load in this process) or more")
         _check_device(self.device)
@@ -156,6 +168,8 @@ def load_document(path: str | Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; pass a TOML file such as configs/demo.toml") from None
 
 
 def load_table(path: str | Path, table: str) -> dict[str, Any]:
@@ -245,6 +259,7 @@ class HeadConfig:
         None, "bound on the arrays the head holds, e.g. 4GB; above it the torch head streams the cache"
     )
     bootstrap: int = option(1000, "bootstrap resamples for the test confidence intervals (0: none)")
+    force: bool = option(False, "replace an --out folder that `pipeline head` did not write")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -259,6 +274,8 @@ class HeadConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing {self.label_smoothing} is out of range; expected [0, 1)")
         _check_positive(self, "shots", "repeats", "sweep_block", "max_iter", "tol", "epochs", "batch_size", "lr")
+        if self.jobs is not None and self.jobs < 1 and self.jobs != -1:
+            raise ConfigError(f"--jobs {self.jobs} is not allowed; pass a positive number, or -1 for one per core")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap {self.bootstrap} is negative; pass 0 for no intervals")
         if self.max_memory is not None:

@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ class SampleList:
     reader: Callable[[Any], Image.Image] = load_image
     source: str = ""
     carved: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per-row facts of image files (file_size, file_mtime_ns[, file_sha256]); None for in-memory arrays.
+    identity: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -107,6 +110,7 @@ class SampleList:
             reader=self.reader,
             source=self.source,
             carved=self.carved,
+            identity=None if self.identity is None else {k: v[start:stop] for k, v in self.identity.items()},
         )
 
     def split_sizes(self) -> dict[str, int]:
@@ -114,12 +118,15 @@ class SampleList:
         return {name: int(n) for name, n in zip(SPLITS, counts, strict=True)}
 
     def digest(self) -> str:
-        """sha256 over ids, labels, splits and classes: the identity of the image set."""
+        """sha256 over ids, labels, splits, classes and each file's size and modification time (and
+        content hash with --verify-content): the identity of the image set."""
         h = hashlib.sha256(json.dumps(self.classes).encode())
         h.update(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
         h.update(np.ascontiguousarray(self.split, dtype="i1").tobytes())
         for sample_id in self.ids:
             h.update(sample_id.encode() + b"\0")
+        for key, values in sorted((self.identity or {}).items()):
+            h.update(key.encode() + np.ascontiguousarray(values).tobytes())
         return h.hexdigest()
 
 
@@ -134,6 +141,7 @@ def _finalize(
     test_fraction: float,
     seed: int,
     reader: Callable[[Any], Image.Image] = load_image,
+    verify_content: bool = False,
 ) -> SampleList:
     """Carve missing val/test splits out of train, then order rows by split."""
     if not ids:
@@ -155,16 +163,78 @@ def _finalize(
             split[train_rows[held]] = code
             carved[name] = {"from": "train", "fraction": fraction, "seed": seed, "stratified": True}
     order = np.argsort(split, kind="stable")
+    items = [items[i] for i in order]
+    files = all(isinstance(item, str) for item in items)
     return SampleList(
         ids=[ids[i] for i in order],
         labels=labels_arr[order],
         split=split[order],
         classes=classes,
-        items=[items[i] for i in order],
+        items=items,
         reader=reader,
         source=source,
         carved=carved,
+        identity=file_identity(items, verify_content) if files else None,
     )
+
+
+def file_identity(paths: Sequence[str], content: bool = False) -> dict[str, np.ndarray]:
+    """Each file's size and modification time (and sha256 of its bytes when `content`). Refuses,
+    naming the file, anything that is not a readable regular file (a FIFO would hang the reader)."""
+    sizes = np.empty(len(paths), dtype=np.int64)
+    mtimes = np.empty(len(paths), dtype=np.int64)
+    for i, path in enumerate(paths):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise DataError(f"cannot read image {path}: {exc.strerror}; fix or remove it") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"image {path} is not a regular file (a FIFO, socket or device?); remove it from the data")
+        if not os.access(path, os.R_OK):
+            raise DataError(f"image {path} is not readable (permission denied); fix its permissions or remove it")
+        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+    identity = {"file_size": sizes, "file_mtime_ns": mtimes}
+    if content:
+        identity["file_sha256"] = np.array([_sha256(p).encode() for p in paths], dtype="S64")
+    return identity
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_changes(old: dict[str, np.ndarray], new: SampleList, most: int = 5) -> str:
+    """Which files were added, removed or changed (label, split, size, time, content) between the
+    rows a cache recorded (`store.stored_rows`) and a new sample list; "" when the rows are equal."""
+    before = {str(i): row for row, i in enumerate(old["ids"])}
+    after = {i: row for row, i in enumerate(new.ids)}
+    added = [i for i in new.ids if i not in before]
+    removed = [i for i in before if i not in after]
+    changed = []
+    for sample_id, row in after.items():
+        if sample_id not in before:
+            continue
+        o = before[sample_id]
+        what = [
+            name
+            for name, a, b in (("label", old["labels"][o], new.labels[row]), ("split", old["split"][o], new.split[row]))
+            if a != b
+        ]
+        for key in ("file_size", "file_mtime_ns", "file_sha256"):
+            if key in old and new.identity and key in new.identity and old[key][o] != new.identity[key][row]:
+                what.append({"file_size": "size", "file_mtime_ns": "modified", "file_sha256": "content"}[key])
+        if what:
+            changed.append(f"{sample_id} ({', '.join(what)})")
+    parts = [
+        f"{label} {len(found)}: {', '.join(found[:most])}{', ...' if len(found) > most else ''}"
+        for label, found in (("changed", changed), ("added", added), ("removed", removed))
+        if found
+    ]
+    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------ folders
@@ -174,21 +244,89 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _check_name(folder: Path | str, name: str) -> str:
+    """File names become cache ids (UTF-8 text): refuse the ones that are not valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"file name {os.fsencode(name)!r} in {folder} is not valid UTF-8; rename it (e.g. with `convmv`)"
+        ) from None
+    return name
+
+
+def _scandir(folder: Path | str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as exc:
+        raise DataError(f"cannot read folder {folder}: {exc.strerror}; fix its permissions or remove it") from None
+
+
 def _subdirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    return sorted(_check_name(folder, e.name) for e in _scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+class _Seen:
+    """Real folders and files met so far: a symlink loop is entered once, and no file is listed twice."""
+
+    def __init__(self) -> None:
+        self.folders: set[tuple[int, int]] = set()
+        self.files: dict[tuple[int, int], str] = {}
+
+    def new_folder(self, path: str) -> bool:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in self.folders:
+            return False
+        self.folders.add(key)
+        return True
+
+    def file(self, path: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise DataError(f"cannot read image {path}: {exc.strerror}; fix or remove it") from None
+        key = (st.st_dev, st.st_ino)
+        if key in self.files:
+            raise DataError(
+                f"{path} and {self.files[key]} are the same file (a link); an image may appear once, "
+                "or it can leak between splits: remove one of them"
+            )
+        self.files[key] = path
 
 
 def _images_under(folder: Path) -> list[str]:
-    """Image files below `folder` (recursively), as sorted paths relative to it."""
+    """Image files below `folder` (recursively, following symlinks but entering each real folder
+    once), as sorted paths relative to it."""
+    seen = _Seen()
+    seen.new_folder(str(folder))
+    return _walk(folder, seen)
+
+
+def _walk(folder: Path, seen: _Seen) -> list[str]:
+    """Image files below `folder` (already registered in `seen`); folders met before are skipped."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    stack = [str(folder)]
+    while stack:
+        dirpath = stack.pop()
         rel = os.path.relpath(dirpath, folder)
-        found += [os.path.normpath(os.path.join(rel, f)) for f in sorted(filenames) if _is_image(f)]
+        for entry in sorted(_scandir(dirpath), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if seen.new_folder(entry.path):
+                    _check_name(dirpath, entry.name)
+                    stack.append(entry.path)
+            elif _is_image(entry.name):
+                seen.file(entry.path)
+                found.append(os.path.normpath(os.path.join(rel, _check_name(dirpath, entry.name))))
     return sorted(found)
 
 
-def scan_folder(root: str | Path, val_fraction: float, test_fraction: float, seed: int) -> SampleList:
+def scan_folder(
+    root: str | Path, val_fraction: float, test_fraction: float, seed: int, verify_content: bool = False
+) -> SampleList:
     """``ROOT/<class>/<image>`` or ``ROOT/{train,val,test}/<class>/<image>``."""
     root = Path(root).expanduser()
     hint = "expected ROOT/<class>/<image> or ROOT/{train,val,test}/<class>/<image>"
@@ -201,9 +339,22 @@ def scan_folder(root: str | Path, val_fraction: float, test_fraction: float, see
             raise DataError(f"data folder {root} mixes split folders with {extra[0]!r}; {hint}")
     else:
         parts = {"train": root}
-    per_split = {name: {c: _images_under(folder / c) for c in _subdirs(folder)} for name, folder in parts.items()}
+    # Register the root, the split folders and every class folder before walking any of them, so
+    # a link from inside one class to the root or to another class is never followed.
+    seen = _Seen()
+    seen.new_folder(str(root))
+    classes_of = {name: _subdirs(folder) for name, folder in parts.items()}
+    for name, folder in parts.items():
+        seen.new_folder(str(folder))
+        for c in classes_of[name]:
+            if not seen.new_folder(str(folder / c)):
+                raise DataError(
+                    f"folder {folder / c} is a link to a folder already read; an image may appear once, or it "
+                    "can leak between classes and splits: remove the link"
+                )
+    per_split = {name: {c: _walk(folder / c, seen) for c in classes_of[name]} for name, folder in parts.items()}
     if not any(per_split.values()):
-        loose = [f for f in os.listdir(root) if _is_image(f)]
+        loose = [e.name for e in _scandir(root) if _is_image(e.name)]
         extra = f" (found {len(loose)} images directly in it; move them into class folders)" if loose else ""
         raise DataError(f"data folder {root} contains no class folders{extra}; {hint}")
     classes = sorted({c for found in per_split.values() for c in found})
@@ -223,7 +374,9 @@ def scan_folder(root: str | Path, val_fraction: float, test_fraction: float, see
                 items.append(str(root / rel))
                 labels.append(index[c])
                 splits.append(name)
-    return _finalize(ids, items, labels, splits, classes, str(root), val_fraction, test_fraction, seed)
+    return _finalize(
+        ids, items, labels, splits, classes, str(root), val_fraction, test_fraction, seed, verify_content=verify_content
+    )
 
 
 # ------------------------------------------------------------------------------ CSV manifests
@@ -237,20 +390,47 @@ def _sorted_labels(names: set[str]) -> list[str]:
         return sorted(names)
 
 
-def read_manifest(path: str | Path, val_fraction: float, test_fraction: float, seed: int) -> SampleList:
-    """A CSV with a header ``path,label[,split]``; relative paths are read from the CSV's folder."""
-    path = Path(path).expanduser()
+def read_csv(path: Path, required: tuple[str, ...], expected: str) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of a UTF-8 CSV with a header naming at least `required`; encoding and format
+    slips (Latin-1 bytes, a NUL byte, an oversized field) are one-line errors naming the line."""
+    if path.is_dir():
+        raise DataError(f"manifest {path} is a folder; pass a CSV file with columns {expected}")
     if not path.is_file():
-        raise MissingError(f"manifest {path} does not exist; pass a CSV with columns path,label[,split]")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if not {"path", "label"} <= set(columns):
-            raise DataError(f"manifest {path} has columns {columns}; expected a header row path,label[,split]")
-        reader.fieldnames = columns
-        rows = [(reader.line_num, row) for row in reader]
+        raise MissingError(f"manifest {path} does not exist; pass a CSV with columns {expected}")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            if not set(required) <= set(columns):
+                raise DataError(f"manifest {path} has columns {columns}; expected a header row {expected}")
+            reader.fieldnames = columns
+            rows = []
+            for row in reader:
+                if any("\0" in (value or "") for value in row.values() if isinstance(value, str)):
+                    raise DataError(f"manifest {path} line {reader.line_num}: contains a NUL byte; fix that row")
+                rows.append((reader.line_num, row))
+            return rows
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"manifest {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    except csv.Error as exc:
+        raise DataError(f"manifest {path} line {reader.line_num}: {exc}; fix that row") from None
+    except OSError as exc:
+        raise DataError(f"cannot read manifest {path}: {exc.strerror}") from None
+
+
+def read_manifest(
+    path: str | Path, val_fraction: float, test_fraction: float, seed: int, verify_content: bool = False
+) -> SampleList:
+    """A CSV with a header ``path,label[,split]``; relative paths are read from the CSV's folder.
+    A path may point anywhere the user can read (``../`` included); each file may be listed once."""
+    path = Path(path).expanduser()
+    rows = read_csv(path, ("path", "label"), "path,label[,split]")
     base = path.parent
     ids, items, names, splits, missing = [], [], [], [], []
+    first_line: dict[str, int] = {}
     for line, row in rows:
         rel, label = (row["path"] or "").strip(), (row["label"] or "").strip()
         if not rel or not label:
@@ -259,7 +439,14 @@ def read_manifest(path: str | Path, val_fraction: float, test_fraction: float, s
         if split not in SPLIT_ALIASES:
             raise DataError(f"manifest {path} line {line}: split {split!r} is not one of train, val, test")
         full = base / rel
-        if not full.is_file():
+        real = os.path.realpath(full)
+        if real in first_line:
+            raise DataError(
+                f"manifest {path} lines {first_line[real]} and {line} name the same file {rel!r}; list each image "
+                "once (with one label), or it leaks between splits"
+            )
+        first_line[real] = line
+        if not full.exists():
             missing.append((line, full))
         ids.append(rel)
         items.append(str(full))
@@ -275,7 +462,9 @@ def read_manifest(path: str | Path, val_fraction: float, test_fraction: float, s
     classes = _sorted_labels(set(names))
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[n] for n in names]
-    return _finalize(ids, items, labels, splits, classes, str(path), val_fraction, test_fraction, seed)
+    return _finalize(
+        ids, items, labels, splits, classes, str(path), val_fraction, test_fraction, seed, verify_content=verify_content
+    )
 
 
 # ------------------------------------------------------------------------ torchvision datasets
@@ -329,7 +518,13 @@ def _dataset_classes(ds: Any, n_labels: int) -> list[str]:
 
 
 def load_torchvision(
-    name: str, root: str | Path, download: bool, val_fraction: float, test_fraction: float, seed: int
+    name: str,
+    root: str | Path,
+    download: bool,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    verify_content: bool = False,
 ) -> SampleList:
     """A torchvision dataset with its official splits (labels read without decoding any image)."""
     import torchvision.datasets
@@ -361,7 +556,9 @@ def load_torchvision(
         classes = classes or _dataset_classes(ds, max(s_labels, default=-1) + 1)
     reader = ArrayReader(arrays, channels_first=name == "STL10") if arrays else load_image
     source = f"{name} in {root}"
-    return _finalize(ids, items, labels, splits, classes, source, val_fraction, test_fraction, seed, reader)
+    return _finalize(
+        ids, items, labels, splits, classes, source, val_fraction, test_fraction, seed, reader, verify_content
+    )
 
 
 # --------------------------------------------------------------------------- the offline demo
@@ -409,9 +606,15 @@ def load_samples(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     split_seed: int = 0,
+    verify_content: bool = False,
 ) -> SampleList:
     """The sample list of whichever source is named (exactly one of `data` or `dataset`)."""
-    carve = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": split_seed}
+    carve = {
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "seed": split_seed,
+        "verify_content": verify_content,
+    }
     if dataset is not None:
         name = canonical_dataset_name(dataset)
         if name == "digits":
@@ -478,13 +681,8 @@ def list_images(path: str | Path) -> SampleList:
     column (relative to the CSV's folder), or a single image file. Ids are the paths as given."""
     path = Path(path).expanduser()
     if path.suffix.lower() == ".csv":
-        if not path.is_file():
-            raise MissingError(f"manifest {path} does not exist; pass a CSV with a path column")
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            if "path" not in [c.strip() for c in reader.fieldnames or []]:
-                raise DataError(f"manifest {path} has no 'path' column; expected a header row starting with path")
-            ids = [row["path"].strip() for row in reader if (row.get("path") or "").strip()]
+        rows = read_csv(path, ("path",), "path[,...]")
+        ids = [row["path"].strip() for _, row in rows if (row.get("path") or "").strip()]
         items = [str(path.parent / i) for i in ids]
     elif path.is_file():
         ids, items = [path.name], [str(path)]
@@ -493,6 +691,11 @@ def list_images(path: str | Path) -> SampleList:
         items = [str(path / i) for i in ids]
     else:
         raise MissingError(f"{path} does not exist; pass a folder of images, a CSV manifest or an image file")
+    for item in items:  # a FIFO or device would hang the reader: refuse it up front (missing files are listed)
+        if os.path.exists(item) and not os.path.isfile(item):
+            raise DataError(
+                f"{item} is not a regular file (a folder, FIFO, socket or device?); remove it from the list"
+            )
     if not ids:
         raise DataError(f"{path} holds no images (extensions read: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     n = len(ids)

@@ -95,7 +95,7 @@ def run_features(cfg: FeaturesConfig, report: Any) -> Any:
     try:
         samples, spec, wanted = extract.prepare(cfg, say)
         out, n = cfg.out_path, len(samples)
-        if extract.is_current(cfg, wanted, say):  # every rank reads the same file: the same answer
+        if extract.is_current(cfg, wanted, samples, say):  # every rank reads the same file: the same answer
             return extract.FeaturesResult(str(out), "current", n, 0, time.perf_counter() - t0, [])
         say(f"distributed: {world.size} ranks ({backend}), {n} rows in contiguous shards, device {device} on rank 0")
         start, stop = world.shard(n)
@@ -103,9 +103,7 @@ def run_features(cfg: FeaturesConfig, report: Any) -> Any:
         shard_fp = {**wanted, "shard": f"rows {start}:{stop} of {n}, rank {world.rank} of {world.size}"}
         quiet = dataclasses.replace(cfg, progress=False)
         with store.locked(part):
-            if cfg.force:
-                part.unlink(missing_ok=True)
-                store.partial_path(part).unlink(missing_ok=True)
+            # Parts exist only until assembly, so any part here belongs to this (possibly --force) run: keep it.
             done = store.stored_fingerprint(part) == shard_fp
             _write_progress(out, world.rank, (stop - start) if done else 0)
             bar = tqdm(

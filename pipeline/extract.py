@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import backbone, store
+from pipeline import backbone, fsutil, store
 from pipeline.config import FeaturesConfig, to_dict
-from pipeline.data import EncodedDataset, ImageDataset, SampleList, load_samples
+from pipeline.data import EncodedDataset, ImageDataset, SampleList, describe_changes, load_samples
 from pipeline.devices import autocast, choose_device
 from pipeline.errors import BadImageError, CacheError, Interrupted
 
@@ -53,6 +53,7 @@ def fingerprint(cfg: FeaturesConfig, samples: SampleList, spec: backbone.Backbon
         "store_dtype": cfg.store_dtype,
         "samples": f"sha256:{samples.digest()}",
         "rows": len(samples),
+        "identity": "ids, labels, splits, file size and mtime" + (", sha256 of content" if cfg.verify_content else ""),
         "logits": cfg.logits,
         "decode": "torchvision.io on the device" if cfg.decode == "device" else "PIL in DataLoader workers",
     }
@@ -96,6 +97,7 @@ def prepare(cfg: FeaturesConfig, report: Report = _quiet) -> tuple[SampleList, b
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
         split_seed=cfg.split_seed,
+        verify_content=cfg.verify_content,
     )
     spec = backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size)
     sizes = ", ".join(f"{k} {v}" for k, v in samples.split_sizes().items())
@@ -108,16 +110,26 @@ def prepare(cfg: FeaturesConfig, report: Report = _quiet) -> tuple[SampleList, b
     return samples, spec, fingerprint(cfg, samples, spec)
 
 
-def is_current(cfg: FeaturesConfig, wanted: dict[str, Any], report: Report = _quiet) -> bool:
+def is_current(cfg: FeaturesConfig, wanted: dict[str, Any], samples: SampleList, report: Report = _quiet) -> bool:
     """True when the cache at ``cfg.out_path`` already holds these features (and --force is off);
     otherwise says why it will be (re)built, or refuses under ``--on-mismatch refuse``."""
     out = cfg.out_path
     existing = store.stored_fingerprint(out)
+    pending = store.partial_state(out)
     if existing == wanted and not cfg.force:
-        report(f"cache {out} is current ({wanted['rows']} rows); nothing to do (--force rebuilds)")
+        if pending is not None and pending[0] == wanted:  # an interrupted --force rebuild of the same features
+            report(
+                f"cache {out} is complete and matches; an interrupted --force rebuild ({pending[1]} of {pending[2]} "
+                f"rows) waits in {store.partial_path(out)}: rerun with --force to finish it, or delete that file"
+            )
+        else:
+            report(f"cache {out} is current ({wanted['rows']} rows); nothing to do (--force rebuilds)")
         return True
     if existing is not None and existing != wanted:
         differences = "; ".join(store.fingerprint_diff(existing, wanted))
+        if existing.get("samples") != wanted.get("samples"):
+            files = describe_changes(store.stored_rows(out), samples)
+            differences += f" ({files})" if files else ""
         if cfg.on_mismatch == "refuse":
             raise CacheError(
                 f"cache {out} was built differently ({differences}); pass --on-mismatch rebuild or another --out"
@@ -139,11 +151,17 @@ def run(cfg: FeaturesConfig, report: Report = _quiet) -> FeaturesResult:
         return distributed.run_features(cfg, report)
     t0 = time.perf_counter()
     samples, spec, wanted = prepare(cfg, report)
+    if cfg.out_path.is_dir():
+        raise CacheError(f"--out {cfg.out_path} is a folder; pass a file path such as {cfg.out_path / 'features.h5'}")
+    # A current cache needs no lock (so a read-only copy still says "current"); a build takes it and
+    # checks again, since another run may have finished it meanwhile.
+    if not cfg.force and store.stored_fingerprint(cfg.out_path) == wanted:
+        is_current(cfg, wanted, samples, report)
+        return FeaturesResult(str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, [])
     with store.locked(cfg.out_path):
-        if is_current(cfg, wanted, report):
+        if is_current(cfg, wanted, samples, report):
             return FeaturesResult(str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, [])
-        if cfg.force:
-            store.partial_path(cfg.out_path).unlink(missing_ok=True)
+        # --force keeps a partial file of the same features: it is the rebuild an earlier --force started.
         return fill(cfg, samples, spec, wanted, report, t0)
 
 
@@ -170,6 +188,7 @@ def open_writer(
         logits_dim=logits_dim,
         attrs={"config": to_dict(cfg), "versions": versions(), "carved": samples.carved, "source": samples.source}
         | attrs,
+        identity=samples.identity,
         report=report,
     )
 
@@ -208,6 +227,12 @@ def fill(
             f"{exc}; fix or remove them, or rerun with --skip-bad-images to record and skip them "
             f"({writer.rows_done} rows saved, the rerun resumes)"
         ) from None
+    except fsutil.WriteError as exc:
+        error = fsutil.WriteError(
+            f"{exc} ({writer.rows_done} of {len(samples)} rows are saved; the same command resumes once it can write)"
+        )
+        error.hdf5_broken = getattr(exc, "hdf5_broken", False)
+        raise error from None
     finally:
         writer.close()
     skipped = [samples.ids[row] for row in bad]

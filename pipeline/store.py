@@ -5,22 +5,25 @@ Datasets
     features (N, D) float32|float16, chunked by rows, allocated up front (writes touch no metadata)
     labels (N,) int64 · ids (N,) str · split (N,) int8 (attr ``names``) · classes (C,) str
     ok (N,) bool (False for images skipped as unreadable) · logits (N, K) when asked for
+    row_crc (N,) uint32: CRC-32 of each stored row, re-read and checked before `complete` is set
+    file_size, file_mtime_ns (N,) int64 and file_sha256 (N,) with --verify-content: what each image
+    file was when it was read, so a rebuild can name the files that changed
 Attributes
     schema_version · fingerprint (JSON; equal fingerprints mean equal features) · config (JSON)
     versions (JSON) · created · complete · rows_done · carved (JSON) · source
 
-A run writes ``NAME.partial`` and renames it to ``NAME`` only once complete; an interrupted run
-resumes at ``rows_done``. ``NAME.lock`` keeps two runs from writing the same cache.
+A run writes ``NAME.partial`` and renames it to ``NAME`` only once every row has been read back
+against its CRC and the file fsynced; an interrupted run resumes at ``rows_done``. ``NAME.lock``
+keeps two runs from writing the same cache. `validate` checks the whole schema once, on open.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
-import os
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.errors import CacheError, MissingError
+from pipeline import fsutil
+from pipeline.errors import CacheError, MissingError, PipelineError
+from pipeline.fsutil import locked  # noqa: F401  (the cache's lock: `store.locked(path)`)
 from pipeline.splits import SPLITS
 
 SCHEMA_VERSION = 1
@@ -51,28 +56,92 @@ def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
 
 
 def _open_existing(path: Path, mode: str = "r") -> h5py.File:
+    """Open a cache file and check everything it claims (see `validate`), or say why it cannot be read."""
+    if path.is_dir():
+        raise CacheError(f"{path} is a folder, not a cache file; pass the .h5 file inside it or another path")
     try:
         # No chunk cache when reading: whole-chunk reads then go straight into the caller's array.
         f = h5py.File(path, mode, rdcc_nbytes=0 if mode == "r" else 1 << 20)
+    except BlockingIOError:
+        raise CacheError(f"cache {path} is open for writing by another process; wait for it to finish") from None
     except OSError as exc:
-        if "lock" in str(exc).lower():
-            raise CacheError(f"cache {path} is open for writing by another process; wait for it to finish") from None
+        reason = str(exc).split("(")[-1].rstrip(")") if "(" in str(exc) else str(exc)
         raise CacheError(
-            f"{path} is not a readable HDF5 cache ({exc}); delete it and rerun the features stage"
+            f"{path} is not a readable HDF5 cache ({reason}); delete it and rerun the features stage"
         ) from None
+    try:
+        validate(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _malformed(path: Path, what: str) -> CacheError:
+    return CacheError(f"cache {path} is malformed: {what}; rebuild it with `pipeline features --force`")
+
+
+def validate(f: h5py.File, path: Path) -> None:
+    """Check the whole schema once, where a cache is opened: every dataset with its shape, dtype and
+    value range, and every JSON attribute. Readers after this can trust what the file says."""
     version = f.attrs.get("schema_version")
     if version is None or "features" not in f:
-        f.close()
         raise CacheError(
             f"{path} is an HDF5 file but not a feature cache; point at a file written by `pipeline features`"
         )
-    if int(version) != SCHEMA_VERSION:
-        f.close()
+    try:
+        version = int(np.asarray(version).item())
+    except (TypeError, ValueError):
+        raise _malformed(path, f"schema_version {version!r} is not an integer") from None
+    if version != SCHEMA_VERSION:
         raise CacheError(
-            f"cache {path} has schema version {int(version)}, this pipeline reads version {SCHEMA_VERSION}; "
+            f"cache {path} has schema version {version}, this pipeline reads version {SCHEMA_VERSION}; "
             "rebuild it with `pipeline features --force`"
         )
-    return f
+    missing = [
+        k for k in ("features", "labels", "ids", "split", "classes", "ok") if not isinstance(f.get(k), h5py.Dataset)
+    ]
+    if missing:
+        raise _malformed(path, f"dataset(s) {', '.join(missing)} missing")
+    features = f["features"]
+    if features.ndim != 2 or features.dtype.kind != "f" or features.shape[1] == 0:
+        raise _malformed(path, f"features are {features.shape} {features.dtype}, expected (rows, dim) floats")
+    n = features.shape[0]
+    kinds = {"labels": "iu", "split": "iu", "ok": "b", "ids": "SOU"}
+    optional = {"file_size": "iu", "file_mtime_ns": "iu", "file_sha256": "SO", "row_crc": "u"}
+    for key, kind in kinds.items() | {k: v for k, v in optional.items() if k in f}.items():
+        d = f[key]
+        if not isinstance(d, h5py.Dataset) or d.ndim != 1 or d.shape[0] != n or d.dtype.kind not in kind:
+            shape = getattr(d, "shape", "a group")
+            raise _malformed(path, f"{key} is {shape} {getattr(d, 'dtype', '')}, expected {n} rows to match features")
+    classes = f["classes"]
+    if classes.ndim != 1 or h5py.check_string_dtype(classes.dtype) is None:
+        raise _malformed(path, f"classes is {classes.shape} {classes.dtype}, expected a list of names")
+    if "logits" in f and (
+        not isinstance(f["logits"], h5py.Dataset) or f["logits"].ndim != 2 or f["logits"].shape[0] != n
+    ):
+        raise _malformed(path, f"logits are {getattr(f['logits'], 'shape', 'a group')}, expected {n} rows")
+    labels, split = f["labels"][...], f["split"][...]
+    if n and (labels.min() < 0 or labels.max() >= len(classes)):
+        bad = int(np.flatnonzero((labels < 0) | (labels >= len(classes)))[0])
+        raise _malformed(path, f"label {labels[bad]} at row {bad} is outside the {len(classes)} class names")
+    if n and (split.min() < 0 or split.max() >= len(SPLITS)):
+        bad = int(np.flatnonzero((split < 0) | (split >= len(SPLITS)))[0])
+        raise _malformed(path, f"split code {split[bad]} at row {bad} is not one of 0, 1, 2 ({', '.join(SPLITS)})")
+    for key in ("fingerprint", "config", "carved", "versions"):
+        if key in f.attrs:
+            try:
+                value = json.loads(f.attrs[key])
+            except (TypeError, ValueError):
+                raise _malformed(path, f"attribute {key} is not JSON") from None
+            if not isinstance(value, dict):
+                raise _malformed(path, f"attribute {key} is {type(value).__name__}, expected a JSON object")
+    try:
+        done = int(np.asarray(f.attrs.get("rows_done", 0)).item())
+    except (TypeError, ValueError):
+        raise _malformed(path, "rows_done is not an integer") from None
+    if not 0 <= done <= n:
+        raise _malformed(path, f"rows_done {done} is outside 0..{n}")
 
 
 def stored_fingerprint(path: str | Path) -> dict[str, Any] | None:
@@ -84,49 +153,54 @@ def stored_fingerprint(path: str | Path) -> dict[str, Any] | None:
         return _json_attr(f, "fingerprint") if bool(f.attrs.get("complete")) else None
 
 
-# ------------------------------------------------------------------------------------- locking
-
-
-@contextlib.contextmanager
-def locked(path: str | Path) -> Iterator[None]:
-    """Hold ``PATH.lock`` exclusively; a second writer fails at once with a clear message."""
-    lock = Path(f"{path}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise CacheError(
-                f"another run (pid {holder}) is writing {path}; wait for it to finish or stop it, then rerun"
-            ) from None
-        # The previous holder may have unlinked the file between our open and flock: retry then.
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                break
-        os.close(fd)
+def partial_state(path: str | Path) -> tuple[dict[str, Any], int, int] | None:
+    """(fingerprint, rows done, rows) of ``PATH.partial``, or None when there is none or it is unreadable."""
+    partial = partial_path(path)
+    if not partial.exists():
+        return None
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.unlink(lock)
-        os.close(fd)
+        with _open_existing(partial) as f:
+            return _json_attr(f, "fingerprint"), int(f.attrs.get("rows_done", 0)), int(f["features"].shape[0])
+    except CacheError:
+        return None
+
+
+def stored_rows(path: str | Path) -> dict[str, np.ndarray]:
+    """Each row's identity as the cache recorded it: ids, labels, split, and file size, mtime, sha256
+    where recorded. Lets a rebuild say which files changed."""
+    with _open_existing(Path(path)) as f:
+        rows = {"ids": read_ids(f["ids"]), "labels": f["labels"][...], "split": f["split"][...]}
+        for key in ("file_size", "file_mtime_ns", "file_sha256"):
+            if key in f:
+                rows[key] = f[key][...]
+        return rows
 
 
 # ------------------------------------------------------------------------------------- writing
 
 
+def row_crc(features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
+    """(B,) CRC-32 of each row's stored bytes (features, then logits): what verification re-reads."""
+    out = np.empty(len(features), dtype=np.uint32)
+    for i, row in enumerate(features):
+        crc = zlib.crc32(np.ascontiguousarray(row).tobytes())
+        out[i] = crc if logits is None else zlib.crc32(np.ascontiguousarray(logits[i]).tobytes(), crc)
+    return out
+
+
 class CacheWriter:
-    """Rows arrive in order; each batch is flushed before `rows_done` says it is there."""
+    """Rows arrive in order; each batch is flushed before `rows_done` says it is there, and each row's
+    CRC is stored with it so `finish` can re-read the file and prove every row before marking it complete."""
 
     def __init__(self, f: h5py.File, path: Path) -> None:
         self.f = f
         self.path = path
         self.rows_done = int(f.attrs["rows_done"])
         self.n_rows = int(f["features"].shape[0])
+
+    @property
+    def partial(self) -> Path:
+        return partial_path(self.path)
 
     @classmethod
     def open(
@@ -142,9 +216,11 @@ class CacheWriter:
         store_dtype: str,
         logits_dim: int | None = None,
         attrs: Mapping[str, Any] | None = None,
+        identity: Mapping[str, np.ndarray] | None = None,
         report: Any = lambda message: None,
     ) -> CacheWriter:
-        """Resume ``PATH.partial`` when it was started with the same fingerprint; else start it afresh."""
+        """Resume ``PATH.partial`` when it was started with the same fingerprint; else start it afresh.
+        `identity` holds per-row file facts (``file_size``, ``file_mtime_ns``, ``file_sha256``)."""
         path = Path(path)
         partial = partial_path(path)
         if partial.exists():
@@ -157,15 +233,31 @@ class CacheWriter:
                 old, done = {}, 0
             if old == dict(fingerprint) and done <= len(ids):
                 report(f"resuming {partial} at row {done} of {len(ids)}")
-                return cls(h5py.File(partial, "r+"), path)
+                try:
+                    return cls(h5py.File(partial, "r+", locking=False), path)
+                except OSError as exc:
+                    raise fsutil.explain(exc, partial) from None
             if old:
                 report(f"discarding partial cache built differently ({'; '.join(fingerprint_diff(old, fingerprint))})")
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(partial, "w")
+        fsutil.check_output_folder(partial, "cache")
+        partial.unlink(missing_ok=True)
+        fsutil.require_space(partial, _file_bytes(ids, dim, logits_dim, np.dtype(store_dtype)))
         try:
-            _create(f, fingerprint, ids, labels, split, classes, dim, store_dtype, logits_dim, attrs or {})
+            # HDF5's own lock would be inherited by forked DataLoader workers and outlive a kill -9 of
+            # this process; writers are kept apart by ``PATH.lock`` instead, which workers never hold.
+            f = h5py.File(partial, "w", locking=False)
+        except OSError as exc:
+            raise fsutil.explain(exc, partial) from None
+        try:
+            _create(f, fingerprint, ids, labels, split, classes, dim, store_dtype, logits_dim, attrs or {}, identity)
+            # Every block the rows will use is claimed now: a disk that fills up later cannot reach them.
+            fsutil.reserve(partial, f.id.get_filesize())
+        except (OSError, RuntimeError) as exc:
+            _close_quietly(f)
+            partial.unlink(missing_ok=True)
+            raise fsutil.explain(exc, partial) from None
         except BaseException:
-            f.close()
+            _close_quietly(f)
             partial.unlink(missing_ok=True)
             raise
         return cls(f, path)
@@ -174,35 +266,101 @@ class CacheWriter:
         """Rows ``start .. start+len(features)``; rows with ``ok`` False hold NaN."""
         assert start == self.rows_done, f"rows must arrive in order: expected {self.rows_done}, got {start}"
         stop = start + len(features)
-        if self.f["features"].dtype == np.float16 and len(features):
+        dtype = self.f["features"].dtype
+        if dtype == np.float16 and len(features):
             peak = float(np.nanmax(np.abs(features), initial=0.0))
             if peak > FLOAT16_MAX:
                 raise CacheError(
                     f"feature values reach {peak:.3g}, beyond float16's {FLOAT16_MAX:.0f}; "
                     "rerun with --store-dtype float32"
                 )
-        self.f["features"][start:stop] = features
-        if logits is not None:
-            self.f["logits"][start:stop] = logits
-        if ok is not None and not ok.all():
-            self.f["ok"][start:stop] = ok
-        self.f.flush()  # data first, then the count that vouches for it
+        features = np.asarray(features, dtype=dtype)
+        logits = None if logits is None else np.asarray(logits, dtype=dtype)
+        try:
+            self.f["features"][start:stop] = features
+            if logits is not None:
+                self.f["logits"][start:stop] = logits
+            if ok is not None and not ok.all():
+                self.f["ok"][start:stop] = ok
+            self.f["row_crc"][start:stop] = row_crc(features, logits)
+            self.f.flush()  # data first, then the count that vouches for it
+            self.f.attrs["rows_done"] = stop
+            self.f.flush()
+        except (OSError, RuntimeError) as exc:
+            error = fsutil.explain(exc, self.partial, (self.n_rows - start) * features[:1].nbytes)
+            error.hdf5_broken = True  # HDF5 may crash tearing this file down: see `cli.main`
+            raise error from None
         self.rows_done = stop
-        self.f.attrs["rows_done"] = stop
-        self.f.flush()
 
     def finish(self, attrs: Mapping[str, Any] | None = None) -> Path:
-        """Mark complete (with any last attributes), close, and move into place under the final name."""
+        """Close, fsync, re-read every row against its CRC, mark complete, and move into place under
+        the final name (then fsync the folder). Nothing is marked complete that was not read back."""
         assert self.rows_done == self.n_rows, "finish() before every row was written"
-        self.f.attrs.update(attrs or {})
-        self.f.attrs["complete"] = True
-        self.f.close()
-        os.replace(partial_path(self.path), self.path)
+        partial = self.partial
+        try:
+            self.f.attrs.update(attrs or {})
+            self.f.close()
+            fsutil.fsync_path(partial)
+            verify(partial)
+            with h5py.File(partial, "r+", locking=False) as f:
+                f.attrs["complete"] = True
+            fsutil.replace(partial, self.path)
+        except PipelineError:
+            raise
+        except (OSError, RuntimeError) as exc:
+            raise fsutil.explain(exc, partial) from None
         return self.path
 
     def close(self) -> None:
-        if self.f.id.valid:
-            self.f.close()
+        _close_quietly(self.f)
+
+
+def _chunk_rows(n: int, width: int, dtype: np.dtype) -> int:
+    return max(1, min(n, CHUNK_BYTES // (width * dtype.itemsize)))
+
+
+def _file_bytes(ids: list[str], dim: int, logits_dim: int | None, dtype: np.dtype) -> int:
+    """What a new cache file will take: row blocks rounded up to whole chunks, the per-row
+    datasets, and 64 KiB of HDF5 metadata."""
+    n, total = len(ids), 64 << 10
+    for width in (dim, logits_dim or 0):
+        if width:
+            chunk = _chunk_rows(n, width, dtype)
+            total += -(-n // chunk) * chunk * width * dtype.itemsize
+    id_width = max((len(i.encode()) for i in ids), default=1)
+    return total + n * (8 + 1 + 1 + 4 + 16 + 64 + id_width)
+
+
+def _close_quietly(f: h5py.File) -> None:
+    """Close after a failed write: HDF5 may fail to flush its own metadata then; the partial file's
+    `rows_done` still only counts rows flushed before the failure."""
+    if f.id.valid:
+        with contextlib.suppress(OSError, RuntimeError):
+            f.close()
+
+
+def verify(path: Path, block_rows: int = 8192) -> None:
+    """Re-read every row and compare it with the CRC stored when it was written. On a mismatch the
+    file's `rows_done` goes back to the first bad row, so the rerun rewrites from there."""
+    with _open_existing(path) as f:
+        if "row_crc" not in f:
+            return
+        n, stored = f["features"].shape[0], f["row_crc"][...]
+        for a in range(0, n, block_rows):
+            b = min(n, a + block_rows)
+            logits = read_block(f["logits"], a, b) if "logits" in f else None
+            bad = np.flatnonzero(row_crc(read_block(f["features"], a, b), logits) != stored[a:b])
+            if bad.size:
+                first = a + int(bad[0])
+                break
+        else:
+            return
+    with contextlib.suppress(OSError, RuntimeError), h5py.File(path, "r+", locking=False) as f:
+        f.attrs["rows_done"] = first
+    raise CacheError(
+        f"cache {path} failed verification: row {first} reads back different from what was written "
+        "(a full or failing disk?); check the disk and rerun the same command to rewrite from that row"
+    )
 
 
 def _create(
@@ -216,13 +374,14 @@ def _create(
     store_dtype: str,
     logits_dim: int | None,
     attrs: Mapping[str, Any],
+    identity: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     n = len(ids)
     dtype = np.dtype(store_dtype)
 
     def rows(width: int) -> tuple[tuple[int, int], tuple[int, int], h5py.h5p.PropDCID]:
         # Chunks of ~1 MiB of whole rows; early allocation so row writes never change metadata.
-        chunk = (max(1, min(n, CHUNK_BYTES // (width * dtype.itemsize))), width)
+        chunk = (_chunk_rows(n, width, dtype), width)
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         return (n, width), chunk, dcpl
@@ -232,6 +391,7 @@ def _create(
     if logits_dim:
         shape, chunks, dcpl = rows(logits_dim)
         f.create_dataset("logits", shape=shape, dtype=dtype, chunks=chunks, dcpl=dcpl, fill_time="never")
+    f.create_dataset("row_crc", data=np.zeros(n, dtype=np.uint32))
     text = h5py.string_dtype()
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
     # Fixed-length UTF-8: read in one block, ~4x faster than variable-length strings.
@@ -241,6 +401,8 @@ def _create(
     f.create_dataset("split", data=np.asarray(split, dtype=np.int8)).attrs["names"] = list(SPLITS)
     f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=text)
     f.create_dataset("ok", data=np.ones(n, dtype=bool))
+    for key, values in (identity or {}).items():
+        f.create_dataset(key, data=values)
     f.attrs.update(
         {
             "schema_version": SCHEMA_VERSION,
@@ -248,6 +410,10 @@ def _create(
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "complete": False,
             "rows_done": 0,
+            # Set by `finish`; created now so that finishing rewrites values in place and never
+            # needs new file space.
+            "extract_seconds": 0.0,
+            "extract_rows": 0,
         }
     )
     for key, value in attrs.items():
