@@ -1,9 +1,27 @@
 """Cached-embedding linear probing: frozen torchvision ResNet features in HDF5, fast linear heads.
 
-Importing the package is cheap: torch is imported only by the stages that run a model.
+Importing the package is cheap: names are loaded on first use, and torch only by the stages that
+run a model. Safe loaders for files from others: `read_features` (a cache), `load_head` (a head
+folder) and `load_export` (an exported classifier, refusing pickled content).
 """
 
-from pipeline.store import FeatureSet, Split, read_features
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["FeatureSet", "Split", "__version__", "read_features"]
+_LAZY = {
+    "FeatureSet": "pipeline.store",
+    "Split": "pipeline.store",
+    "read_features": "pipeline.store",
+    "load_head": "pipeline.heads",
+    "load_export": "pipeline.predict",
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

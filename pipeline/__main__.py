@@ -1,5 +1,3 @@
-import sys
+from pipeline._entry import main
 
-from pipeline.cli import main
-
-sys.exit(main())
+main()

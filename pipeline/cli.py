@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -57,7 +59,9 @@ def _compare(args: argparse.Namespace) -> int:
         a, b = (compare.load_run(p) for p in args.pair)
         print(compare.pair(a, b, args.alpha)["statement"])
         return 0
-    done = compare.write_report(args.paths, args.out, args.alpha)
+    done = compare.write_report(args.paths, args.out, args.alpha, force=args.force)
+    for reason in done["skipped"]:
+        _say(f"skipped: {reason}")
     for p in done["pairs"]:
         print(("* " if p["significant"] else "  ") + p["statement"])
     _say(f"wrote {done['report']} ({done['runs']} runs, {len(done['pairs'])} paired comparisons)")
@@ -70,14 +74,16 @@ def _predict(args: argparse.Namespace) -> int:
     overrides = {
         k: getattr(args, k) for k in ("device", "batch_size", "workers", "progress") if getattr(args, k) is not None
     }
-    predict.predict(args.head, args.data, args.out, args.top_k, args.strict, args.weights, overrides, report=_say)
+    predict.predict(
+        args.head, args.data, args.out, args.top_k, args.strict, args.weights, overrides, report=_say, force=args.force
+    )
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from pipeline import predict
 
-    predict.export(args.head, args.out, args.weights, report=_say)
+    predict.export(args.head, args.out, args.weights, report=_say, force=args.force)
     return 0
 
 
@@ -121,6 +127,8 @@ def _head_arguments(parser: argparse.ArgumentParser) -> None:
     """What `predict` and `export` both need: the trained head, and where its weights are now."""
     parser.add_argument("--head", required=True, help="a results folder written by `pipeline head`")
     parser.add_argument("--weights", help="where the backbone weights are now (checked against the cache)")
+    parser.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
+                        help="replace an existing --out file that this command did not write")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="results/report.md", help="the Markdown report (CSV and PNGs beside it)")
     compare.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired tests")
     compare.add_argument("--pair", nargs=2, metavar="RESULT", help="compare just these two runs, paired")
+    compare.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
+                         help="replace an existing --out file that this command did not write")  # fmt: skip
     compare.set_defaults(handler=_compare)
 
     predict = commands.add_parser(
@@ -205,16 +215,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None, interruptible: bool = False) -> int:
+    """Run one command; user mistakes are one line on stderr and exit status 2.
+
+    `interruptible` (the program entry sets it): SIGTERM stops a run like Ctrl-C, inside the
+    handlers that keep finished work and print one line; outside them both signals exit quietly.
+    """
+    quiet = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
+        if interruptible:
+            signal.signal(signal.SIGINT, _interrupt)
+            signal.signal(signal.SIGTERM, _interrupt)
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except PipelineError as exc:
         _say(f"error: {exc}")
+        if interruptible and getattr(exc, "hdf5_broken", False):
+            # HDF5 may crash while tearing down a file whose write failed; everything is already
+            # saved or reported, so leave without its exit handlers.
+            sys.stdout.flush()
+            os._exit(2)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
+    except BrokenPipeError:  # `pipeline info X | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:  # the file system refused something the user pointed at
+        where = f"{exc.filename}: " if exc.filename else ""
+        _say(f"error: {where}{exc.strerror or exc}; check the path and its permissions")
+        return 2
+    finally:
+        if interruptible:
+            signal.signal(signal.SIGINT, quiet[0])
+            signal.signal(signal.SIGTERM, quiet[1])
 
 
 if __name__ == "__main__":  # pragma: no cover

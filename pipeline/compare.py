@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
-from pipeline import report
-from pipeline.errors import CacheError, DataError, MissingError
+from pipeline import outputs, report
+from pipeline.errors import CacheError, DataError, MissingError, PipelineError
 
 RESULT_SCHEMA = 1
 
@@ -54,32 +54,47 @@ def load_run(folder: str | Path) -> Run:
     path = folder / "result.json" if folder.is_dir() else folder
     if not path.is_file():
         raise MissingError(f"no result.json in {folder}; pass folders written by `pipeline head`")
-    result = json.loads(path.read_text())
-    if result.get("schema") != RESULT_SCHEMA:
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise CacheError(f"result {path} is unreadable ({type(exc).__name__}); rerun `pipeline head` for it") from None
+    if not isinstance(result, dict) or result.get("schema") != RESULT_SCHEMA:
+        schema = result.get("schema") if isinstance(result, dict) else None
         raise CacheError(
-            f"result {path} has schema {result.get('schema')!r}, this pipeline reads {RESULT_SCHEMA}; "
-            "rerun `pipeline head` for it"
+            f"result {path} has schema {schema!r}, this pipeline reads {RESULT_SCHEMA}; rerun `pipeline head` for it"
         )
-    cell, cache = result.get("cell") or {}, result["cache"]
-    weights = str(cache["fingerprint"].get("weights", "?")).split(" (")[0]
-    return Run(
-        folder=path.parent,
-        result=result,
-        dataset=cell.get("dataset") or cache.get("data") or Path(cache["path"]).stem,
-        backbone=cell.get("backbone") or f"{cache['fingerprint'].get('backbone', '?')} {weights}",
-        head=cell.get("head") or result["config"]["head"],
-        shots=result["config"].get("shots"),
-    )
+    try:
+        cell, cache = result.get("cell") or {}, result["cache"]
+        weights = str(cache["fingerprint"].get("weights", "?")).split(" (")[0]
+        return Run(
+            folder=path.parent,
+            result=result,
+            dataset=cell.get("dataset") or cache.get("data") or Path(cache["path"]).stem,
+            backbone=cell.get("backbone") or f"{cache['fingerprint'].get('backbone', '?')} {weights}",
+            head=cell.get("head") or result["config"]["head"],
+            shots=result["config"].get("shots"),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CacheError(
+            f"result {path} lacks {exc} or has it in another shape; rerun `pipeline head` for it"
+        ) from None
 
 
-def gather(paths: list[str | Path]) -> list[Run]:
-    """Every result under the given folders (searched recursively) or result.json files."""
+def gather(paths: list[str | Path], skipped: list[str] | None = None) -> list[Run]:
+    """Every result under the given folders (searched recursively) or result.json files. An unreadable
+    result is left out and its reason appended to `skipped`: one bad file does not stop a report."""
     runs = []
     for p in map(Path, paths):
         if not p.exists():
             raise MissingError(f"{p} does not exist; pass result folders written by `pipeline head`")
         files = [p] if p.is_file() else sorted(p.rglob("result.json"))
-        runs += [load_run(f) for f in files]
+        for f in files:
+            try:
+                runs.append(load_run(f))
+            except PipelineError as exc:
+                if skipped is None:
+                    raise
+                skipped.append(str(exc))
     if not runs:
         raise MissingError(f"no result.json under {', '.join(map(str, paths))}; run `pipeline head` or a study first")
     return sorted(runs, key=lambda r: (r.dataset, r.backbone, r.shots is not None, r.shots or 0, r.head))
@@ -262,18 +277,26 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
     return "\n".join(lines) + "\n"
 
 
-def write_report(paths: list[str | Path], out: str | Path, alpha: float = 0.05) -> dict[str, Any]:
-    """Markdown + CSV tables and the plots, next to `out`."""
-    runs = gather(paths)
+def write_report(paths: list[str | Path], out: str | Path, alpha: float = 0.05, force: bool = False) -> dict[str, Any]:
+    """Markdown + CSV tables and the plots, next to `out`; each file is written whole or not at all."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    outputs.check_file_output(out, "report", force)
+    skipped: list[str] = []
+    runs = gather(paths, skipped)
     rows, pairs, few = summary_rows(runs), comparisons(runs, alpha), fewshot_rows(runs)
-    report.write_csv(rows, out.with_suffix(".csv"))
-    images = [str(report.plot_grouped_bars(rows, out.with_name(out.stem + "-bars.png")))]
+    images = []
+
+    def put(path: Path, write: Any) -> str:
+        outputs.replace_file(path, write)
+        return str(path)
+
+    put(out.with_suffix(".csv"), lambda tmp: report.write_csv(rows, tmp))
+    bars = out.with_name(out.stem + "-bars.png")
+    images.append(put(bars, lambda tmp: report.plot_grouped_bars(rows, tmp)))
     if pairs:
-        report.write_csv(pairs, out.with_name(out.stem + "-pairs.csv"))
+        put(out.with_name(out.stem + "-pairs.csv"), lambda tmp: report.write_csv(pairs, tmp))
     if few:
-        report.write_csv(few, out.with_name(out.stem + "-fewshot.csv"))
-        images.append(str(report.plot_fewshot(few, out.with_name(out.stem + "-fewshot.png"))))
-    out.write_text(markdown(rows, pairs, few, images))
-    return {"runs": len(runs), "rows": rows, "pairs": pairs, "fewshot": few, "report": str(out)}
+        put(out.with_name(out.stem + "-fewshot.csv"), lambda tmp: report.write_csv(few, tmp))
+        images.append(put(out.with_name(out.stem + "-fewshot.png"), lambda tmp: report.plot_fewshot(few, tmp)))
+    put(out, lambda tmp: tmp.write_text(markdown(rows, pairs, few, images), encoding="utf-8"))
+    return {"runs": len(runs), "rows": rows, "pairs": pairs, "fewshot": few, "report": str(out), "skipped": skipped}

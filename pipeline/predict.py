@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import backbone
+from pipeline import backbone, outputs
 from pipeline.config import FeaturesConfig
-from pipeline.errors import BadImageError, CacheError, WeightsError
+from pipeline.errors import BadImageError, CacheError, ConfigError, MissingError, WeightsError
 from pipeline.heads import LinearProbe, load_head
 
 
@@ -60,11 +63,16 @@ def predict(
     weights: str | None = None,
     overrides: dict[str, Any] | None = None,
     report: Any = lambda message: None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Classify every image under `data` (a folder, a CSV with a `path` column, or one file)."""
     from pipeline import extract
     from pipeline.data import list_images
 
+    if top_k < 1:
+        raise ConfigError(f"--top-k {top_k} must be at least 1")
+    out = Path(out)
+    outputs.check_file_output(out, "predictions", force)
     folder = Path(head_path)
     head = load_head(folder)
     spec = rebuild_spec(head, folder, weights)
@@ -84,20 +92,22 @@ def predict(
     if ok.any():
         proba[ok] = head.predict_proba(features[ok])
     k = min(top_k, len(head.classes_))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     header = ["path", "prediction", "probability"]
     header += [f"{name}_{i}" for i in range(2, k + 1) for name in ("class", "probability")] + ["error"]
-    with out.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for row, sample_id in enumerate(samples.ids):
-            if not ok[row]:
-                writer.writerow([sample_id] + [""] * (2 * k) + [errors.get(row, "unreadable")])
-                continue
-            order = np.argsort(-proba[row])[:k]
-            cells = [x for c in order for x in (head.classes_[c], f"{proba[row, c]:.6f}")]
-            writer.writerow([sample_id, *cells, ""])
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            for row, sample_id in enumerate(samples.ids):
+                if not ok[row]:
+                    writer.writerow([sample_id] + [""] * (2 * k) + [errors.get(row, "unreadable")])
+                    continue
+                order = np.argsort(-proba[row])[:k]
+                cells = [x for c in order for x in (head.classes_[c], f"{proba[row, c]:.6f}")]
+                writer.writerow([sample_id, *cells, ""])
+
+    outputs.replace_file(out, write)
     bad = [samples.ids[r] for r in sorted(errors)]
     report(f"wrote {out}: {int(ok.sum())} images classified" + (f", {len(bad)} unreadable: {bad[:5]}" if bad else ""))
     return {"out": str(out), "classified": int(ok.sum()), "unreadable": bad, "proba": proba, "ids": samples.ids}
@@ -140,10 +150,18 @@ def export_module(model: Any, spec: backbone.BackboneSpec, head: LinearProbe) ->
     return Classifier().eval()
 
 
-def export(head_path: str | Path, out: str | Path, weights: str | None = None, report: Any = lambda m: None) -> Path:
+def export(
+    head_path: str | Path,
+    out: str | Path,
+    weights: str | None = None,
+    report: Any = lambda m: None,
+    force: bool = False,
+) -> Path:
     """One file that `torch.export.load` opens without this package: module + preprocessing in meta.json."""
     import torch
 
+    out = Path(out)
+    outputs.check_file_output(out, "export", force)
     folder = Path(head_path)
     head = load_head(folder)
     spec = rebuild_spec(head, folder, weights)
@@ -170,11 +188,53 @@ def export(head_path: str | Path, out: str | Path, weights: str | None = None, r
         "head": {k: head.meta.get(k) for k in ("head", "C", "trained_on", "cache")},
         "usage": "p = torch.export.load(path).module()(images_uint8)",
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(out), extra_files={"meta.json": json.dumps(meta, indent=2)})
+    outputs.replace_file(
+        out, lambda tmp: torch.export.save(program, str(tmp), extra_files={"meta.json": json.dumps(meta, indent=2)})
+    )
     report(
         f"wrote {out}: {spec.name} + {head.meta.get('head', 'linear')} head, {len(head.classes_)} classes; "
         f"input {meta['input']}"
     )
     return out
+
+
+# An exported classifier holds raw tensor bytes, JSON, and one small torch.save file of sample
+# inputs. torch.export.load falls back to full unpickling for pickled payloads; these are refused.
+_EXPORT_ENTRIES = re.compile(
+    r"[^/]+/(data/weights/weight_\d+|data/(weights|constants)/\w+_config\.json|models/\w+\.json"
+    r"|data/sample_inputs/\w+\.pt|extra/[\w.-]+|archive_format|archive_version|byteorder|\.data/version"
+    r"|\.data/serialization_id)"
+)
+
+
+def _refuse(path: Path, why: str) -> WeightsError:
+    return WeightsError(f"refusing to load {path}: {why}; load only exports made by `pipeline export`")
+
+
+def load_export(path: str | Path) -> Any:
+    """`torch.export.load` for files from others: the archive may hold only the entries an export of
+    this project has, no payload may be pickled, and the sample inputs must load with
+    ``weights_only=True``. Returns the ExportedProgram (``.module()`` gives the callable)."""
+    import torch
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for name in archive.namelist():
+                if not _EXPORT_ENTRIES.fullmatch(name):
+                    raise _refuse(path, f"unexpected entry {name!r}")
+                if name.endswith("_config.json"):
+                    config = json.loads(archive.read(name)).get("config", {})
+                    if any(entry.get("use_pickle", True) for entry in config.values()):
+                        raise _refuse(path, f"{name} declares pickled payloads")
+                if "/data/sample_inputs/" in name:
+                    try:
+                        torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                    except Exception:
+                        raise _refuse(path, f"{name} is not plain tensors") from None
+    except FileNotFoundError:
+        raise MissingError(f"no export at {path}; write one with `pipeline export`") from None
+    except (zipfile.BadZipFile, ValueError, AttributeError):
+        raise _refuse(path, "it is not a torch.export archive") from None
+    return torch.export.load(io.BytesIO(data))

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import heads, metrics, report
+from pipeline import heads, metrics, outputs, report
 from pipeline.config import HeadConfig, to_dict
 from pipeline.errors import ConfigError, DataError
 from pipeline.splits import draw_shots, stratified_holdout
@@ -356,8 +357,15 @@ def test_set_digest(test: Split) -> str:
 def run(cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, select, refit and score a head on the cache ``cfg.features``; write ``cfg.out_path``.
 
-    `cell` labels the run (dataset, backbone, head) for `pipeline compare`.
+    `cell` labels the run (dataset, backbone, head) for `pipeline compare`. The output folder is
+    checked before any fit, locked for the whole run, and replaced in one step at the end.
     """
+    outputs.check_results_folder(cfg.out_path, cfg.force)
+    with outputs.results_lock(cfg.out_path):
+        return _run(cfg, report_to, cell)
+
+
+def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dict[str, Any]:
     timer = Timer()
     path = Path(cfg.features)  # type: ignore[arg-type]
     grid = sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
@@ -440,15 +448,18 @@ def finish(
     test: Split,
     cell: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Assemble result.json and write every output; `test` carries (predicted, true, ids) of the test rows."""
+    """Assemble result.json and write every output into a staging folder that replaces ``cfg.out_path``
+    only once complete; `test` carries (predicted, true, ids) of the test rows."""
     result = _result(cfg, info, grid, runs, scored, names, selected_on)
     result["test_set"] = test_set_digest(Split(test.X, test.y, test.ids))
     result["cell"] = cell or {}
-    with timer("write"):
-        _write(cfg, result, runs[0][2], runs[0][3], info, runs[0][0], names)
-        np.savez(cfg.out_path / "predictions.npz", ids=test.ids.astype(str), y_true=test.y, y_pred=test.X)
-    result["timings"] = {k: round(v, 3) for k, v in timer.spans.items()}
-    (cfg.out_path / "result.json").write_text(json.dumps(result, indent=2))
+    result["run_id"] = uuid.uuid4().hex  # head.json and head.npz carry it too: `load_head` checks they match
+    with outputs.staged_folder(cfg.out_path) as staging:
+        with timer("write"):
+            _write(cfg, result, runs[0][2], runs[0][3], info, runs[0][0], names, staging)
+            np.savez(staging / "predictions.npz", ids=test.ids.astype(str), y_true=test.y, y_pred=test.X)
+        result["timings"] = {k: round(v, 3) for k, v in timer.spans.items()}
+        (staging / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -479,6 +490,8 @@ def _result(cfg, info, grid, runs, scored, names, selected_on) -> dict[str, Any]
         "protocol": {
             "selected_on": selected_on,
             "select_metric": SELECT_KEYS[cfg.select],
+            "select": cfg.select,
+            "selection": selection(curve, cfg.select),  # the rule's best score, SE, threshold, choice
             "trained_on": trained_on,
             "scored_on": "test",
             "test_read_after_choice": True,
@@ -493,15 +506,19 @@ def _result(cfg, info, grid, runs, scored, names, selected_on) -> dict[str, Any]
             "balanced_accuracy": curve[best]["val_balanced_accuracy"],
             "log_loss": curve[best]["val_log_loss"],
         },
-        "final_fit": {"n_iter": final.n_iter, "converged": final.converged, "tol": cfg.tol, "max_iter": cfg.max_iter},
+        "final_fit": {
+            "n_iter": final.n_iter,
+            "converged": final.converged,
+            "status": final.status,
+            "tol": cfg.tol,
+            "max_iter": cfg.max_iter,
+        },
         "test": test,
         "versions": _versions(cfg.head),
     }
 
 
-def _write(cfg, result, final: Fit, prep, info, curve, names) -> None:
-    out = cfg.out_path
-    out.mkdir(parents=True, exist_ok=True)
+def _write(cfg, result, final: Fit, prep, info, curve, names, out: Path) -> None:
     report.write_csv(curve, out / "curve.csv")
     probe = heads.LinearProbe(prep, final.coef.T, final.intercept, np.array(names))
     meta = {
@@ -512,6 +529,7 @@ def _write(cfg, result, final: Fit, prep, info, curve, names) -> None:
         "features_config": info["config"],
         "trained_on": result["protocol"]["trained_on"],
         "config": dataclasses.asdict(cfg),
+        "run_id": result["run_id"],
     }
     heads.save_head(probe, out, meta)
     report.plot_validation_curve(curve, final.C, cfg.select, out / "validation_curve.png")
