@@ -61,8 +61,18 @@ def test_stratified_holdout_keeps_one_of_each_class_behind():
 def test_csv_manifest_relative_absolute_and_split(tmp_path):
     a = write_image(tmp_path / "imgs" / "a.png", (200, 0, 0))
     b = write_image(tmp_path / "elsewhere" / "b.png", (0, 200, 0))
+    for name in "cde":
+        write_image(tmp_path / "imgs" / f"{name}.png", (0, 0, 200))
     manifest = tmp_path / "imgs" / "list.csv"
-    rows = ["path,label,split", "a.png,10,train", f"{b},2,train", "a.png,2,test", f"{b},10,test", "a.png,2,train"]
+    d = tmp_path / "imgs" / "d.png"
+    rows = [
+        "path,label,split",
+        "a.png,10,train",
+        f"{b},2,train",
+        "c.png,2,test",
+        f"{d},10,test",
+        "../imgs/e.png,2,train",
+    ]
     manifest.write_text("\n".join(rows) + "\n")
     samples = read_manifest(manifest, **{**CARVE, "val_fraction": 0.0})
     assert samples.classes == ["2", "10"], "numeric labels sort numerically"

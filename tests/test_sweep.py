@@ -45,9 +45,12 @@ def test_test_split_is_read_only_after_the_choice(synthetic_cache, tmp_path, mon
     monkeypatch.setattr(sweep, "choose", choose)
     result = sweep.run(head_cfg(synthetic_cache, tmp_path, head=head))
     assert events == [("read", ("train", "val")), ("choose", 5), ("read", ("test",))]
+    selection = result["protocol"].pop("selection")
+    assert selection["rule"] == "one-SE" and selection["C"] == result["chosen"]["C"]
     assert result["protocol"] | {"few_shot": None} == {
         "selected_on": "val",
         "select_metric": "top1",
+        "select": "top1-1se",
         "trained_on": "train+val",
         "scored_on": "test",
         "test_read_after_choice": True,
