@@ -157,7 +157,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"cache      {result['cache']['path']} ({result['cache']['fingerprint'].get('backbone', '?')}, "
         f"{result['cache']['dim']}-d, {len(result['classes'])} classes)",
         f"head       {result['config']['head']}; C = {', '.join(f'{c:.3g}' for c in Cs)} chosen on "
-        f"{protocol['selected_on']} by {protocol.get('select', protocol['select_metric'])} from {len(result['grid'])} values; "
+        f"{protocol['selected_on']} by {protocol.get('select', protocol['select_metric'])} "
+        f"from {len(result['grid'])} values; "
         f"trained on {protocol['trained_on']}; scored once on {protocol['scored_on']}",
         "",
         f"{'metric':<19}{'val (chosen C)':>16}   {'test' + (' [95% CI]' if ci else '') + (' ± std' if std else '')}",
