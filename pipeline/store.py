@@ -109,7 +109,7 @@ def validate(f: h5py.File, path: Path) -> None:
     n = features.shape[0]
     kinds = {"labels": "iu", "split": "iu", "ok": "b", "ids": "SOU"}
     optional = {"file_size": "iu", "file_mtime_ns": "iu", "file_sha256": "SO", "row_crc": "u"}
-    for key, kind in kinds.items() | {k: v for k, v in optional.items() if k in f}.items():
+    for key, kind in [*kinds.items(), *((k, v) for k, v in optional.items() if k in f)]:
         d = f[key]
         if not isinstance(d, h5py.Dataset) or d.ndim != 1 or d.shape[0] != n or d.dtype.kind not in kind:
             shape = getattr(d, "shape", "a group")
