@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import resource
 import shutil
 import signal
@@ -65,7 +66,7 @@ def assert_one_line_error(stderr: str, pattern: str) -> None:
     assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, stderr
-    assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
 
 
 def rows_done(partial: Path) -> int:
@@ -399,7 +400,7 @@ def test_csv_encoding_and_format_slips_are_one_line(tmp_path, content, pattern):
     manifest = tmp_path / "m.csv"
     manifest.write_bytes(content)
     code, err = _main(["features", "--data", str(manifest), *FAST, "--out", str(tmp_path / "c.h5")])
-    assert code == 2 and pytest.importorskip("re").search(pattern, err), err
+    assert code == 2 and re.search(pattern, err), err
 
 
 def test_a_binary_config_file_is_one_line(tmp_path):
@@ -623,7 +624,7 @@ def test_every_malformed_cache_is_one_line_in_info_head_and_features(cache, tmp_
     for argv in (["info", str(bad)], ["head", "--features", str(bad), "--out", str(tmp_path / "r"), *HEAD]):
         code, err = _main(argv)
         assert code == 2, err
-        assert pytest.importorskip("re").search(f"cache .*bad\\.h5 is malformed: {MALFORMED[key]}", err), err
+        assert re.search(f"cache .*bad\\.h5 is malformed: {MALFORMED[key]}", err), err
     assert digest(bad) == before
 
 
@@ -669,7 +670,7 @@ def test_every_malformed_head_folder_is_one_line(cache, tmp_path, damage, patter
     damage(folder)
     images = make_folder(tmp_path / "new", per_class=1)
     code, err = _main(["predict", "--head", str(folder), "--data", str(images), "--out", str(tmp_path / "p.csv")])
-    assert code == 2 and pytest.importorskip("re").search(f"head .*head is malformed: .*{pattern}", err), err
+    assert code == 2 and re.search(f"head .*head is malformed: .*{pattern}", err), err
     assert not (tmp_path / "p.csv").exists()
 
 
