@@ -44,7 +44,7 @@ def forward_only(name: str, batch: int, size: int = 224, batches: int = 4) -> fl
     """images/s of the frozen backbone alone on ready channels-last tensors."""
     import torch
 
-    from pipeline import backbone
+    from pipeline.features import backbone
 
     model = backbone.build(backbone.describe(name, "none")).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
@@ -57,8 +57,8 @@ def forward_only(name: str, batch: int, size: int = 224, batches: int = 4) -> fl
 
 
 def bench_extraction(n: int, batch: int) -> None:
-    from pipeline import extract
     from pipeline.config import FeaturesConfig
+    from pipeline.features import stage
 
     photos = write_photo_folder(OUT / f"photos-{n}", n)
     print(f"extraction: {n} photo-like 500x375 JPEGs, 224 px, batch {batch}, fp32, default workers", flush=True)
@@ -69,7 +69,7 @@ def bench_extraction(n: int, batch: int) -> None:
             batch_size=batch, progress=False, val_fraction=0.0, test_fraction=0.0,
         )  # fmt: skip
         start = time.perf_counter()
-        extract.run(cfg)
+        stage.run(cfg)
         pipeline_rate = n / (time.perf_counter() - start)
         after = forward_only(name, batch)
         reference = (before + after) / 2
@@ -120,9 +120,10 @@ def bench_memory(n: int) -> None:
 def bench_sweep(sklearn_sweep: bool) -> None:
     from sklearn.linear_model import LogisticRegression
 
-    from pipeline import read_features, sweep
+    from pipeline import read_features
     from pipeline.config import HeadConfig
-    from pipeline.heads import Preprocessor
+    from pipeline.heads import protocol
+    from pipeline.heads.estimators import Preprocessor
     from pipeline.splits import stratified_holdout
 
     cache = OUT / "cifar100-like.h5"
@@ -130,7 +131,7 @@ def bench_sweep(sklearn_sweep: bool) -> None:
         write_synthetic_cache(cache)
     print("sweep: CIFAR-100-shaped cache (50,000 train + 10,000 test, 2,048-d float16, 100 classes)", flush=True)
     cfg = HeadConfig(features=str(cache), head="torch", out=str(OUT / "sweep-torch"), progress=False, bootstrap=0)
-    result = sweep.run(cfg)
+    result = protocol.run(cfg)
     t = result["timings"]
     ours = t["sweep"] + t["refit"] + t["test"]
     C = result["chosen"]["C"]
@@ -155,7 +156,7 @@ def bench_sweep(sklearn_sweep: bool) -> None:
     row("test top-1: scikit-learn fit", sk_top1 * 100, "%")
     row("test top-1 gap", gap, "points", "<= 0.5", gap <= 0.5)
     if sklearn_sweep:
-        logreg = sweep.run(
+        logreg = protocol.run(
             HeadConfig(features=str(cache), head="logreg", out=str(OUT / "sweep-logreg"), progress=False, bootstrap=0)
         )
         lt = logreg["timings"]
@@ -172,7 +173,9 @@ def bench_sweep(sklearn_sweep: bool) -> None:
 def bench_reads() -> None:
     import h5py
 
-    from pipeline import read_features, store
+    from pipeline import read_features
+    from pipeline.cache import reader as cache_reader
+    from pipeline.cache import schema
 
     cache = OUT / "cifar100-like.h5"
     if not cache.exists():
@@ -185,8 +188,8 @@ def bench_reads() -> None:
     matrix, full, numpy = [], [], []
     for _ in range(3):
         start = time.perf_counter()
-        with store.open_cache(cache) as f:
-            X = store.read_block(f["features"], 0, 50_000)
+        with cache_reader.open_cache(cache) as f:
+            X = schema.read_block(f["features"], 0, 50_000)
         matrix.append(time.perf_counter() - start)
         start = time.perf_counter()
         split = read_features(cache, splits=("train",))["train"]

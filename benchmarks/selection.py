@@ -28,8 +28,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline import extract, store, sweep
+from pipeline import registry
+from pipeline.cache import reader as cache_reader
+from pipeline.cache import writer as cache_writer
 from pipeline.config import FeaturesConfig, HeadConfig
+from pipeline.features import stage
+from pipeline.heads import choice, fitting, protocol
 
 OUT = Path("benchmarks/out")
 HEADS = ("logreg", "torch")
@@ -130,7 +134,7 @@ def extract_folder(root: Path, out: Path) -> Path:
     cfg = FeaturesConfig(
         data=str(root), backbone="resnet18", weights="none", image_size=48, batch_size=128, out=str(out), progress=False
     )
-    extract.run(cfg)
+    stage.run(cfg)
     return out
 
 
@@ -141,7 +145,7 @@ def demo_cache() -> Path:
         dataset="digits", root="cache/datasets", backbone="resnet18", weights="none", seed=0, image_size=64,
         batch_size=128, out=str(out), progress=False,
     )  # fmt: skip
-    extract.run(cfg)
+    stage.run(cfg)
     return out
 
 
@@ -173,7 +177,7 @@ class Gaussians:
 def gaussian_cache(path: Path, g: Gaussians) -> Path:
     X, y = g.sample(2000, seed=1)
     split = np.repeat(np.array([0, 1, 2], dtype=np.int8), [1440, 160, 400])
-    writer = store.CacheWriter.open(
+    writer = cache_writer.CacheWriter.open(
         path,
         fingerprint={"backbone": "gaussian", "rows": 2000, "dim": g.dim, "seed": 1},
         ids=[f"row{i}" for i in range(2000)],
@@ -191,15 +195,15 @@ def gaussian_cache(path: Path, g: Gaussians) -> Path:
 def oracle(path: Path, g: Gaussians, fresh: int = 20_000) -> dict[str, Any]:
     """The C whose head, trained as the protocol trains it (standardised train+val, logreg), scores best on
     `fresh` new rows; and the Bayes rate on those rows."""
-    from pipeline import heads
+    from pipeline.heads import estimators
 
-    fs = store.read_features(path, dtype=np.float32)
+    fs = cache_reader.read_features(path, dtype=np.float32)
     X = np.concatenate([fs["train"].X, fs["val"].X])
     y = np.concatenate([fs["train"].y, fs["val"].y])
     X_new, y_new = g.sample(fresh, seed=2)
-    prep = heads.Preprocessor("standardize").fit(X)
+    prep = estimators.Preprocessor("standardize").fit(X)
     cfg = HeadConfig(features=str(path), progress=False)
-    fits = sweep.fit_grid(cfg, prep.transform(X), y, g.classes, list(sweep.DEFAULT_GRID))
+    fits = fitting.fit_grid(cfg, prep.transform(X), y, g.classes, list(registry.DEFAULT_GRID))
     Z = prep.transform(X_new)
     accuracy = [float((fit.decision(Z).argmax(axis=1) == y_new).mean()) for fit in fits]
     best = int(np.argmax(accuracy))
@@ -220,14 +224,14 @@ def run_head(cache: Path, head: str, select: str) -> dict[str, Any]:
     out = OUT / "selection" / f"{cache.stem}-{head}-{select}"
     cfg = HeadConfig(features=str(cache), head=head, select=select, out=str(out), progress=False, bootstrap=0)
     start = time.perf_counter()
-    result = sweep.run(cfg)
+    result = protocol.run(cfg)
     status = [row["status"] for row in result["curve"]]
     return {
         "C": result["chosen"]["C"],
         "index": result["chosen"]["index"],
         "test_top1": result["test"]["top1"],
         "test_log_loss": result["test"]["log_loss"],
-        "selection": sweep.selection(result["curve"], select),
+        "selection": choice.selection(result["curve"], select),
         "status_counts": {name: status.count(name) for name in sorted(set(status))},
         "seconds": round(time.perf_counter() - start, 1),
         "curve": result["curve"],
@@ -241,8 +245,8 @@ def run_rules(cache: Path, head: str) -> dict[str, Any]:
     for rule in RULES:
         if rule in runs:
             continue
-        same = [r for r in runs.values() if r["index"] == sweep.choose(runs["top1-1se"]["curve"], rule)]
-        runs[rule] = dict(same[0], selection=sweep.selection(same[0]["curve"], rule)) if same else None
+        same = [r for r in runs.values() if r["index"] == choice.choose(runs["top1-1se"]["curve"], rule)]
+        runs[rule] = dict(same[0], selection=choice.selection(same[0]["curve"], rule)) if same else None
         runs[rule] = runs[rule] or run_head(cache, head, rule)
     return {rule: {k: v for k, v in runs[rule].items() if k != "curve"} for rule in RULES} | {
         "curve": runs["top1-1se"]["curve"]
@@ -262,13 +266,13 @@ def build_caches() -> dict[str, Path]:
 
 def steps(a: float, b: float) -> int:
     """Grid steps between two C values of the default grid (log-spaced, 4.4 per decade)."""
-    per_step = math.log10(sweep.DEFAULT_GRID[1] / sweep.DEFAULT_GRID[0])
+    per_step = math.log10(registry.DEFAULT_GRID[1] / registry.DEFAULT_GRID[0])
     return round(abs(math.log10(a / b)) / per_step)
 
 
 def one_image_sensitivity(curve: list[dict[str, Any]], rule: str, n: int) -> int:
     """The most grid steps the rule's choice moves when one C's validation top-1 (n rows) changes by one image."""
-    base, most = sweep.choose(curve, rule), 0
+    base, most = choice.choose(curve, rule), 0
     for k in range(len(curve)):
         for delta in (-1 / n, 1 / n):
             p = curve[k]["val_top1"] + delta
@@ -276,7 +280,7 @@ def one_image_sensitivity(curve: list[dict[str, Any]], rule: str, n: int) -> int
                 continue
             moved = [dict(row) for row in curve]
             moved[k] |= {"val_top1": p, "val_top1_se": float(np.sqrt(p * (1 - p) / n))}
-            most = max(most, abs(sweep.choose(moved, rule) - base))
+            most = max(most, abs(choice.choose(moved, rule) - base))
     return most
 
 
@@ -320,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     caches = build_caches()
     results: dict[str, Any] = {"caches": {}}
     for name, path in caches.items():
-        info = store.cache_info(path)
+        info = cache_reader.cache_info(path)
         entry: dict[str, Any] = {"path": str(path), "rows": {k: v for k, v in info["rows"].items() if v}}
         for head in HEADS:
             entry[head] = run_rules(path, head)

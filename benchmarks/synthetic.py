@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store
+from pipeline.cache import writer as cache_writer
 
 
 def write_synthetic_cache(
@@ -29,7 +29,7 @@ def write_synthetic_cache(
     split = np.repeat(np.array([0, 2], dtype=np.int8), [n_train, n_test])
     labels = rng.integers(0, classes, n)  # drawn up front so rows can be written in blocks
     fingerprint = {"backbone": "synthetic", "rows": n, "dim": dim, "classes": classes, "sep": sep, "seed": seed}
-    writer = store.CacheWriter.open(
+    writer = cache_writer.CacheWriter.open(
         path,
         fingerprint=fingerprint,
         ids=[f"{i}" for i in range(n)],

@@ -12,10 +12,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 _LAZY = {
-    "FeatureSet": "pipeline.store",
-    "Split": "pipeline.store",
-    "read_features": "pipeline.store",
-    "load_head": "pipeline.heads",
+    "FeatureSet": "pipeline.cache.reader",
+    "Split": "pipeline.cache.reader",
+    "read_features": "pipeline.cache.reader",
+    "load_head": "pipeline.heads.probe",
     "load_export": "pipeline.predict",
 }
 __all__ = ["__version__", *_LAZY]

@@ -28,16 +28,17 @@ def _config(args: argparse.Namespace, cls: type, table: str) -> Any:
 
 
 def _features(args: argparse.Namespace) -> int:
-    from pipeline import extract  # torch is imported only by the commands that need it
+    from pipeline.features import stage  # torch is imported only by the commands that need it
 
-    extract.run(_config(args, FeaturesConfig, "features"), report=_say)
+    stage.run(_config(args, FeaturesConfig, "features"), report=_say)
     return 0
 
 
 def _head(args: argparse.Namespace) -> int:
-    from pipeline import report, sweep  # no torch unless the torch head is chosen
+    from pipeline.evaluate import report
+    from pipeline.heads import protocol  # no torch unless the torch head is chosen
 
-    result = sweep.run(_config(args, HeadConfig, "head"), report_to=_say)
+    result = protocol.run(_config(args, HeadConfig, "head"), report_to=_say)
     print(report.format_table(result))
     return 0
 
@@ -53,7 +54,7 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from pipeline import compare
+    from pipeline.evaluate import compare
 
     if args.pair:
         a, b = (compare.load_run(p) for p in args.pair)
@@ -88,12 +89,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from pipeline import store
+    from pipeline.cache import reader
 
     if args.path is None and args.config is None:
         raise ConfigError("info needs a cache file: pass its path, or --config with a [features] table")
     path = args.path or _config(args, FeaturesConfig, "features").out_path
-    print(format_summary(store.summary(path)))
+    print(format_summary(reader.summary(path)))
     return 0
 
 

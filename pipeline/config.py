@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import re
 import tomllib
 import types
@@ -17,7 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline import registry
 from pipeline.errors import ConfigError, MissingError
+from pipeline.heads.options import DEFAULTS
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -41,25 +44,27 @@ class FeaturesConfig:
     verify_content: bool = option(
         False, "identify each image by a sha256 of its bytes too, not only its size and modification time"
     )
-    backbone: str = option("resnet50", "torchvision ResNet family model, e.g. resnet18, resnet50, resnext50_32x4d")
+    backbone: str = option(
+        "resnet50", "torchvision ResNet family model, e.g. resnet18, resnet50, resnext50_32x4d", registry.BACKBONES
+    )
     weights: str = option("DEFAULT", "DEFAULT, a weights name (IMAGENET1K_V2), 'none' (random init), or a .pth path")
     seed: int = option(0, "seed of the random initialisation when --weights none")
     image_size: int | None = option(None, "crop size (resize = size*256/224); default: the weights' own preprocessing")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    precision: str = option("fp32", "compute precision (bf16/fp16 use autocast)", ("fp32", "bf16", "fp16"))
-    store_dtype: str = option("float32", "dtype of the stored features", ("float32", "float16"))
+    precision: str = option("fp32", "compute precision (bf16/fp16 use autocast)", registry.PRECISIONS)
+    store_dtype: str = option("float32", "dtype of the stored features", registry.STORE_DTYPES)
     batch_size: int = option(64, "images per forward pass")
     workers: int | None = option(None, "DataLoader worker processes (default: one per core, at most 8)")
     decode: str = option(
         "cpu",
         "cpu: PIL in the DataLoader workers; device: workers read bytes, torchvision.io decodes",
-        ("cpu", "device"),
+        registry.DECODERS,
     )
     compile: bool = option(False, "torch.compile the backbone (pays off on long GPU runs)")
     logits: bool = option(False, "also store the backbone's own classifier logits")
     out: str | None = option(None, "cache file to write (default: cache/<data>-<backbone>.h5)")
     force: bool = option(False, "rebuild even when the cache is current")
-    on_mismatch: str = option("rebuild", "when the cache was built differently", ("rebuild", "refuse"))
+    on_mismatch: str = option("rebuild", "when the cache was built differently", registry.ON_MISMATCH)
     skip_bad_images: bool = option(False, "record unreadable images and go on instead of stopping")
     progress: bool = option(True, "show a progress bar")
 
@@ -69,6 +74,8 @@ class FeaturesConfig:
             raise ConfigError("no images given; pass --data FOLDER_OR_CSV or --dataset NAME (try --dataset digits)")
         if self.data is not None and self.dataset is not None:
             raise ConfigError(f"both --data {self.data!r} and --dataset {self.dataset!r} given; pass only one")
+        if self.dataset is not None:
+            registry.canonical_dataset_name(self.dataset)  # an unknown name fails here, listing the valid ones
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -103,7 +110,7 @@ def _check_choices(config: Any) -> None:
     for f in dataclasses.fields(config):
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)
-        if choices and value not in choices:
+        if choices and value is not None and value not in choices:
             raise ConfigError(f"--{_flag(f.name)} {value!r} is not allowed; choose one of: {', '.join(choices)}")
 
 
@@ -154,7 +161,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         elif kind is tuple:
             kwargs.update(nargs="+", type=float, metavar="X")
         else:
-            kwargs.update(type=kind, choices=f.metadata["choices"])
+            choices = f.metadata["choices"]
+            if choices and len(choices) > 6:  # a long list: named in the help; checked by the config's own message
+                kwargs.update(type=kind, metavar="NAME", help=f"{kwargs['help']}; one of: {', '.join(choices)}")
+            else:
+                kwargs.update(type=kind, choices=choices)
         parser.add_argument(f"--{_flag(f.name)}", dest=f.name, **kwargs)
 
 
@@ -218,42 +229,44 @@ class HeadConfig:
     """Everything that decides how a head is trained on a cache, selected and scored."""
 
     features: str | None = option(None, "the cache file written by `pipeline features`")
-    head: str = option("logreg", "torch (nn.Linear + cross-entropy) or logreg (scikit-learn)", ("logreg", "torch"))
+    head: str = option("logreg", "torch (nn.Linear + cross-entropy) or logreg (scikit-learn)", registry.HEADS)
     out: str | None = option(None, "results folder (default: results/<cache>-<head>)")
     C: float | None = option(None, "train at this C only, no sweep (scikit-learn's C)")
-    grid: tuple[float, ...] | None = option(None, "C values to sweep (default: 45 log-spaced from 1e-6 to 1e5)")
+    grid: tuple[float, ...] | None = option(None, f"C values to sweep (default: {registry.DEFAULT_GRID_TEXT})")
     select: str = option(
         "top1-1se",
         "rule that chooses C on validation: top1-1se / balanced-1se take the strongest regularisation whose score is "
         "within one standard error of the best; top1 / balanced the plain argmax (the published protocol); logloss "
         "the lowest log-loss",
-        ("top1-1se", "balanced-1se", "top1", "balanced", "logloss"),
+        tuple(registry.SELECT_RULES),
     )
-    preprocess: str = option("standardize", "fitted on training rows only", ("standardize", "l2", "none"))
-    class_weight: str = option("none", "'balanced' weighs classes by n / (classes * n_c)", ("none", "balanced"))
+    preprocess: str = option("standardize", "fitted on training rows only", registry.PREPROCESSING)
+    class_weight: str = option("none", "'balanced' weighs classes by n / (classes * n_c)", registry.CLASS_WEIGHTS)
     val_fraction: float = option(0.1, "stratified holdout from train when the cache has no val split")
     seed: int = option(0, "seed of the holdout, few-shot draws, mini-batch order and bootstrap")
     shots: int | None = option(None, "train on this many images per class (few-shot)")
     repeats: int = option(1, "few-shot draws, each with its own seed")
-    solver: str = option("lbfgs", "torch head optimiser", ("lbfgs", "adam", "sgd"))
+    solver: str = option(
+        "auto", "torch head optimiser (auto: lbfgs in memory, adam when streaming)", registry.HEAD_SOLVERS
+    )
     sweep_block: int | None = option(
         None, "torch L-BFGS: C values trained together along the warm-started path (default: 1 on cpu, all on cuda)"
     )
-    max_iter: int = option(1000, "L-BFGS iterations at most (both heads)")
+    max_iter: int = option(DEFAULTS.max_iter, "L-BFGS iterations at most (both heads)")
     tol: float = option(
-        1e-4,
+        DEFAULTS.tol,
         "stop when max |gradient| <= tol, on the mean scale: mean weighted loss + ||W||^2 / (2 C n) (both heads; "
         "scikit-learn's gtol)",
     )
-    epochs: int = option(30, "mini-batch solvers: passes over the data")
-    batch_size: int = option(512, "mini-batch solvers: rows per step")
-    lr: float | None = option(None, "mini-batch solvers: peak learning rate (default 1e-3 adam, 0.1 sgd)")
-    label_smoothing: float = option(0.0, "torch head: label smoothing of the cross-entropy")
-    balanced_sampler: bool = option(False, "torch mini-batch: draw every class equally often")
-    device: str = option("cpu", "torch head device: cpu, cuda, cuda:N, mps or auto")
+    epochs: int = option(DEFAULTS.epochs, "mini-batch solvers: passes over the data")
+    batch_size: int = option(DEFAULTS.batch_size, "mini-batch solvers: rows per step")
+    lr: float | None = option(DEFAULTS.lr, "mini-batch solvers: peak learning rate (default 1e-3 adam, 0.1 sgd)")
+    label_smoothing: float = option(DEFAULTS.label_smoothing, "torch head: label smoothing of the cross-entropy")
+    balanced_sampler: bool = option(DEFAULTS.balanced_sampler, "torch mini-batch: draw every class equally often")
+    device: str = option(DEFAULTS.device, "torch head device: cpu, cuda, cuda:N, mps or auto")
     jobs: int | None = option(None, "logreg sweep: parallel fits (default: one per core)")
     joblib_backend: str | None = option(
-        None, "logreg sweep: joblib backend (loky, threading, multiprocessing, or dask for a dask.distributed cluster)"
+        None, "logreg sweep: joblib backend (dask: a dask.distributed cluster)", registry.JOBLIB_BACKENDS
     )
     max_memory: str | None = option(
         None, "bound on the arrays the head holds, e.g. 4GB; above it the torch head streams the cache"
@@ -278,9 +291,12 @@ class HeadConfig:
             raise ConfigError(f"--jobs {self.jobs} is not allowed; pass a positive number, or -1 for one per core")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap {self.bootstrap} is negative; pass 0 for no intervals")
-        if self.max_memory is not None:
-            parse_size(self.max_memory)
+        _ = self.max_memory_bytes  # parsed once, here: a bad size fails before any work
         _check_device(self.device)
+
+    @functools.cached_property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory is None else parse_size(self.max_memory)
 
     @property
     def out_path(self) -> Path:

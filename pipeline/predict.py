@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import backbone, outputs
+from pipeline import outputs
 from pipeline.config import FeaturesConfig
 from pipeline.errors import BadImageError, CacheError, ConfigError, MissingError, WeightsError
-from pipeline.heads import LinearProbe, load_head
+from pipeline.features import backbone
+from pipeline.heads.probe import LinearProbe, load_head
 
 
 def _settings(head: LinearProbe, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -66,8 +67,8 @@ def predict(
     force: bool = False,
 ) -> dict[str, Any]:
     """Classify every image under `data` (a folder, a CSV with a `path` column, or one file)."""
-    from pipeline import extract
-    from pipeline.data import list_images
+    from pipeline.features import forward
+    from pipeline.features.sources import list_images
 
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k} must be at least 1")
@@ -84,7 +85,7 @@ def predict(
     values.update(overrides or {})
     cfg = FeaturesConfig(**values)
     try:
-        features, errors = extract.embed(cfg, samples, spec, report)
+        features, errors = forward.embed(cfg, samples, spec, report)
     except BadImageError as exc:
         raise BadImageError(f"{exc}; fix or remove them, or drop --strict to list them in the CSV and go on") from None
     ok = np.isfinite(features).all(axis=1)

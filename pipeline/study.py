@@ -56,7 +56,8 @@ def _check_keys(values: dict[str, Any], allowed: list[str], where: str) -> None:
 
 def plan(path: str | Path) -> Plan:
     """Read and validate the whole study before anything runs."""
-    from pipeline import backbone, data
+    from pipeline import registry
+    from pipeline.features import backbone
 
     source = str(path)
     document = load_document(path)
@@ -82,7 +83,7 @@ def plan(path: str | Path) -> Plan:
         where = f"{source} [[datasets]] #{i + 1}"
         _check_keys(ds, ["name", *feature_fields], where)
         if "dataset" in ds:
-            data.canonical_dataset_name(ds["dataset"])  # unknown names fail here, listing the valid ones
+            registry.canonical_dataset_name(ds["dataset"])  # unknown names fail here, listing the valid ones
         label = ds.get("name") or ds.get("dataset") or Path(str(ds.get("data", f"data{i}"))).stem
         for j, bb in enumerate(backbones):
             _check_keys(bb, ["name", *feature_fields], f"{source} [[backbones]] #{j + 1}")
@@ -113,7 +114,9 @@ def plan(path: str | Path) -> Plan:
 
 def run(path: str | Path, report: Report = lambda message: None, progress: bool = True) -> dict[str, Any]:
     """Run every cell; returns {computed, reused, failed, runs} and writes the comparison report."""
-    from pipeline import compare, extract, sweep
+    from pipeline.evaluate import compare
+    from pipeline.features import stage as features
+    from pipeline.heads import protocol
 
     p = plan(path)
     n_fewshot = len(p.fewshot["shots"]) if p.fewshot else 0
@@ -137,7 +140,7 @@ def run(path: str | Path, report: Report = lambda message: None, progress: bool 
     with bar:
         for data_label, bb_label, fcfg in p.extractions:
             cell = f"{data_label} / {bb_label}"
-            done = attempt(f"{cell}: features", lambda fcfg=fcfg: extract.run(fcfg))
+            done = attempt(f"{cell}: features", lambda fcfg=fcfg: features.run(fcfg))
             if done is None:
                 bar.update(len(p.heads) + n_fewshot)  # nothing to train on
                 continue
@@ -152,7 +155,7 @@ def run(path: str | Path, report: Report = lambda message: None, progress: bool 
                 hcfg = resolve(HeadConfig, {**values, "features": str(fcfg.out_path), "out": str(out)}, {})
                 hcfg = dataclasses.replace(hcfg, progress=False)
                 labels = {"study": p.name, "dataset": data_label, "backbone": bb_label, "head": head_label}
-                result = attempt(f"{cell} / {head_label}", lambda h=hcfg, c=labels: sweep.run(h, cell=c))
+                result = attempt(f"{cell} / {head_label}", lambda h=hcfg, c=labels: protocol.run(h, cell=c))
                 if result is not None:
                     summary["runs"].append(str(out))
     if summary["runs"]:

@@ -15,6 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 PALETTE = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (200, 200, 40), (160, 40, 200)]
 
 
+# Python source that slows every cache write by 0.3 s, so a signal or a kill lands mid-run; a test
+# appends the entry it runs (`python -c SLOW_WRITES + ...`).
+SLOW_WRITES = """
+import sys, time
+from pipeline.cache.writer import CacheWriter
+write = CacheWriter.write
+def slow(self, *a, **k):
+    write(self, *a, **k)
+    time.sleep(0.3)
+CacheWriter.write = slow
+"""
+
+
 def write_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (28, 22)) -> Path:
     """A small noisy image of one dominant colour (the seed comes from the path: reproducible)."""
     rng = np.random.default_rng(zlib.crc32(str(path.name).encode()))
@@ -79,12 +92,12 @@ def write_cache(
     fingerprint: dict | None = None,
 ) -> Path:
     """A complete cache file from arrays (rows must be sorted by split), written by the real writer."""
-    from pipeline import store
+    from pipeline.cache import writer as cache_writer
 
     order = np.argsort(split, kind="stable")
     X, y, split = X[order], y[order], split[order]
     classes = classes or [f"c{i}" for i in range(int(y.max()) + 1)]
-    writer = store.CacheWriter.open(
+    writer = cache_writer.CacheWriter.open(
         path,
         fingerprint=fingerprint or {"backbone": "synthetic", "rows": len(y)},
         ids=[f"row{i}" for i in range(len(y))],

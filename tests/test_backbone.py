@@ -8,8 +8,9 @@ import pytest
 import torch
 import torchvision
 
-from pipeline import backbone
+from pipeline import registry
 from pipeline.errors import ConfigError, MissingError, WeightsError
+from pipeline.features import backbone
 
 
 def _seeded_torchvision(name: str, seed: int) -> torch.nn.Module:
@@ -18,7 +19,7 @@ def _seeded_torchvision(name: str, seed: int) -> torch.nn.Module:
         return torchvision.models.get_model(name, weights=None).eval()
 
 
-@pytest.mark.parametrize("name", backbone.BACKBONES)
+@pytest.mark.parametrize("name", registry.BACKBONES)
 def test_features_are_the_pooled_input_of_fc(name):
     model = backbone.build(backbone.describe(name, "none", seed=3, image_size=32))
     assert not model.training and not any(p.requires_grad for p in model.parameters())

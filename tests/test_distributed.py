@@ -15,8 +15,11 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import extract, read_features, store
-from pipeline.distributed import World, part_path
+from pipeline import read_features
+from pipeline.cache import reader as cache_reader
+from pipeline.cache import schema
+from pipeline.features import stage
+from pipeline.features.distributed import World, part_path
 
 from conftest import REPO, make_folder, tiny
 
@@ -27,18 +30,21 @@ FLAGS += ["--val-fraction", "0.25"]
 _WRAPPER = """
 import os, sys, time
 from pathlib import Path
-from pipeline import cli, store
+from pipeline import cli
+from pipeline.cache import reader as cache_reader
+from pipeline.cache import schema
+from pipeline.cache import writer as cache_writer
 log = Path(sys.argv[1]); delay = float(sys.argv[2])
 rank = os.environ["RANK"]
 (log / f"pid-{rank}").write_text(str(os.getpid()))
-write = store.CacheWriter.write
+write = cache_writer.CacheWriter.write
 def counted(self, start, features, *args, **kwargs):
     write(self, start, features, *args, **kwargs)
     if ".part-" in str(self.path):
         with open(log / f"rows-{rank}", "a") as fh:
             fh.write(f"{len(features)}\\n")
         time.sleep(delay)
-store.CacheWriter.write = counted
+cache_writer.CacheWriter.write = counted
 sys.exit(cli.main(sys.argv[3:]))
 """
 
@@ -82,13 +88,13 @@ def test_two_ranks_match_a_single_process(tmp_path):
     assert rows_written(tmp_path) == {"rows-0": 8, "rows-1": 7}
     assert not list(tmp_path.glob("dist.h5.part-*")) and not list(tmp_path.glob("dist.h5.progress-*"))
 
-    extract.run(tiny(data=str(data), out=str(tmp_path / "single.h5"), batch_size=2))
+    stage.run(tiny(data=str(data), out=str(tmp_path / "single.h5"), batch_size=2))
     ours, single = read_features(out), read_features(tmp_path / "single.h5")
     assert ours.fingerprint == single.fingerprint
     for split in single.splits:
         np.testing.assert_array_equal(ours[split].ids, single[split].ids)
         np.testing.assert_allclose(ours[split].X, single[split].X, rtol=0, atol=1e-5)
-    assert store.summary(out)["complete"]
+    assert cache_reader.summary(out)["complete"]
 
     again = torchrun(tmp_path, ["features", "--data", str(data), "--out", str(out), *FLAGS])
     _, stderr = again.communicate(timeout=300)
@@ -107,7 +113,7 @@ def test_a_killed_rank_leaves_its_rows_and_the_rerun_resumes_every_shard(tmp_pat
     data = make_folder(tmp_path / "img", classes=("a", "b"), per_class=10)
     out = tmp_path / "dist.h5"
     job = torchrun(tmp_path, ["features", "--data", str(data), "--out", str(out), *FLAGS], delay=0.4)
-    partials = [store.partial_path(part_path(out, r, 2)) for r in range(2)]
+    partials = [schema.partial_path(part_path(out, r, 2)) for r in range(2)]
     deadline = time.monotonic() + 120
     while min(_part_rows(p) for p in partials) < 4 and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.05)
@@ -124,7 +130,7 @@ def test_a_killed_rank_leaves_its_rows_and_the_rerun_resumes_every_shard(tmp_pat
     assert rerun.returncode == 0, stderr[-3000:]
     written = rows_written(tmp_path)
     assert written == {"rows-0": 10 - kept[0], "rows-1": 10 - kept[1]}, "each shard resumed at its first missing row"
-    extract.run(tiny(data=str(data), out=str(tmp_path / "single.h5"), batch_size=2))
+    stage.run(tiny(data=str(data), out=str(tmp_path / "single.h5"), batch_size=2))
     ours, single = read_features(out), read_features(tmp_path / "single.h5")
     for split in single.splits:
         np.testing.assert_allclose(ours[split].X, single[split].X, rtol=0, atol=1e-5)

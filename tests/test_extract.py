@@ -16,10 +16,14 @@ import torch
 import torchvision
 from PIL import Image
 
-from pipeline import backbone, devices, extract, read_features, store
+from pipeline import devices, fsutil, read_features
+from pipeline.cache import reader as cache_reader
+from pipeline.cache import schema
+from pipeline.cache import writer as cache_writer
 from pipeline.errors import BadImageError, CacheError, DeviceError, Interrupted
+from pipeline.features import backbone, stage
 
-from conftest import REPO, make_folder, tiny, write_image
+from conftest import REPO, SLOW_WRITES, make_folder, tiny, write_image
 
 
 def _messages():
@@ -36,7 +40,7 @@ def test_cached_features_equal_a_direct_forward_of_the_torchvision_model(tmp_pat
     torch.save(state, offline_hub / "resnet18-f37072fd.pth")
     root = make_folder(tmp_path / "img", per_class=3, splits=("train", "test"), size=(60, 45))
     cfg = tiny(data=str(root), weights="IMAGENET1K_V1", image_size=None, out=str(tmp_path / "c.h5"))
-    extract.run(cfg)
+    stage.run(cfg)
 
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     model = torchvision.models.resnet18(weights=weights).eval()  # torchvision's own loading path
@@ -53,14 +57,14 @@ def test_cached_features_equal_a_direct_forward_of_the_torchvision_model(tmp_pat
 
 def test_cache_file_describes_itself(folder, tmp_path):
     cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"), logits=True)
-    result = extract.run(cfg)
+    result = stage.run(cfg)
     assert result.status == "built" and result.computed == 10
     with h5py.File(cfg.out) as f:
         assert f["features"].chunks[1] == 512 and f["features"].chunks[0] >= 1
         assert f["labels"].dtype == np.int64 and f["split"].dtype == np.int8
         assert list(f["split"].attrs["names"]) == ["train", "val", "test"]
         assert list(f["classes"].asstr()[...]) == ["cat", "dog"]
-        assert f.attrs["schema_version"] == store.SCHEMA_VERSION and f.attrs["complete"]
+        assert f.attrs["schema_version"] == schema.SCHEMA_VERSION and f.attrs["complete"]
         assert f.attrs["rows_done"] == 10
         assert f["logits"].shape == (10, 1000)
         features, logits = f["features"][...], f["logits"][...]
@@ -75,17 +79,17 @@ def test_cache_file_describes_itself(folder, tmp_path):
 
 def test_current_cache_is_not_recomputed(folder, tmp_path, monkeypatch):
     cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"))
-    extract.run(cfg)
+    stage.run(cfg)
     monkeypatch.setattr(backbone, "build", lambda *a, **k: pytest.fail("a current cache must not build the model"))
     said, report = _messages()
-    result = extract.run(cfg, report=report)
+    result = stage.run(cfg, report=report)
     assert result.status == "current" and result.computed == 0
     assert any("is current (10 rows); nothing to do" in m for m in said)
 
 
 def test_changed_fingerprint_rebuilds_and_lists_every_difference(folder, tmp_path):
     cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"))
-    extract.run(cfg)
+    stage.run(cfg)
     before = read_features(cfg.out)["train"].X
     changed = tiny(data=str(folder), out=cfg.out, image_size=40, store_dtype="float16")
     with pytest.raises(
@@ -93,9 +97,9 @@ def test_changed_fingerprint_rebuilds_and_lists_every_difference(folder, tmp_pat
         match=r"was built differently \(preprocessing: .*crop_size=\[32\].* -> .*"
         r"crop_size=\[40\].*; store_dtype: 'float32' -> 'float16'\); pass --on-mismatch rebuild",
     ):
-        extract.run(tiny(data=str(folder), out=cfg.out, image_size=40, store_dtype="float16", on_mismatch="refuse"))
+        stage.run(tiny(data=str(folder), out=cfg.out, image_size=40, store_dtype="float16", on_mismatch="refuse"))
     said, report = _messages()
-    assert extract.run(changed, report=report).status == "built"
+    assert stage.run(changed, report=report).status == "built"
     assert any("built differently, rebuilding: preprocessing:" in m and "store_dtype" in m for m in said)
     after = read_features(cfg.out)
     assert after["train"].X.dtype == np.float16 and not np.allclose(after["train"].X, before, atol=1e-2)
@@ -103,15 +107,15 @@ def test_changed_fingerprint_rebuilds_and_lists_every_difference(folder, tmp_pat
 
 def test_force_rebuilds_a_current_cache(folder, tmp_path):
     cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"))
-    extract.run(cfg)
-    assert extract.run(tiny(data=str(folder), out=cfg.out, force=True)).status == "built"
+    stage.run(cfg)
+    assert stage.run(tiny(data=str(folder), out=cfg.out, force=True)).status == "built"
 
 
 def test_interrupt_keeps_rows_and_the_rerun_resumes_to_the_same_features(folder, tmp_path, monkeypatch):
     reference = tiny(data=str(folder), out=str(tmp_path / "ref.h5"), batch_size=2)
-    extract.run(reference)
+    stage.run(reference)
     cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"), batch_size=2)
-    real_write, calls = store.CacheWriter.write, []
+    real_write, calls = cache_writer.CacheWriter.write, []
 
     def write_then_ctrl_c(self, *args, **kwargs):
         calls.append(1)
@@ -119,31 +123,22 @@ def test_interrupt_keeps_rows_and_the_rerun_resumes_to_the_same_features(folder,
             raise KeyboardInterrupt
         real_write(self, *args, **kwargs)
 
-    monkeypatch.setattr(store.CacheWriter, "write", write_then_ctrl_c)
+    monkeypatch.setattr(cache_writer.CacheWriter, "write", write_then_ctrl_c)
     with pytest.raises(Interrupted, match=r"interrupted: 4 of 10 rows are saved in .*c\.h5\.partial; rerun the same"):
-        extract.run(cfg)
+        stage.run(cfg)
     assert not Path(cfg.out).exists(), "the final name appears only when the file is complete"
     with pytest.raises(CacheError, match=r"cache .*c\.h5 is incomplete \(4 of 10 rows in .*c\.h5\.partial\); rerun"):
         read_features(cfg.out)
-    monkeypatch.setattr(store.CacheWriter, "write", real_write)
+    monkeypatch.setattr(cache_writer.CacheWriter, "write", real_write)
     said, report = _messages()
-    result = extract.run(cfg, report=report)
+    result = stage.run(cfg, report=report)
     assert result.status == "resumed" and result.computed == 6
     assert any("resuming" in m and "at row 4 of 10" in m for m in said)
-    assert not store.partial_path(cfg.out).exists()
+    assert not schema.partial_path(cfg.out).exists()
     np.testing.assert_array_equal(read_features(cfg.out)["train"].X, read_features(reference.out)["train"].X)
 
 
-_SLOW_RUN = """
-import sys, time
-from pipeline import cli, store
-write = store.CacheWriter.write
-def slow(self, *a, **k):
-    write(self, *a, **k)
-    time.sleep(0.3)
-store.CacheWriter.write = slow
-sys.exit(cli.main(sys.argv[1:]))
-"""
+_SLOW_RUN = SLOW_WRITES + "from pipeline import cli\nsys.exit(cli.main(sys.argv[1:]))\n"
 
 
 def _rows_done(partial: Path) -> int:
@@ -161,7 +156,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_features(tmp_path):
     out = tmp_path / "c.h5"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     job = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, "features", *flags, "--out", str(out)], env=env)
-    partial = store.partial_path(out)
+    partial = schema.partial_path(out)
     deadline = time.monotonic() + 60
     while _rows_done(partial) < 4 and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.05)
@@ -172,10 +167,10 @@ def test_kill_9_then_rerun_resumes_to_the_same_features(tmp_path):
 
     said, report = _messages()
     cfg = tiny(data=str(root), batch_size=2, out=str(out))
-    result = extract.run(cfg, report=report)
+    result = stage.run(cfg, report=report)
     assert result.status == "resumed" and result.computed == 16 - done
     assert any(f"at row {done} of 16" in m for m in said)
-    extract.run(tiny(data=str(root), batch_size=2, out=str(tmp_path / "ref.h5")))
+    stage.run(tiny(data=str(root), batch_size=2, out=str(tmp_path / "ref.h5")))
     ours, ref = read_features(out), read_features(tmp_path / "ref.h5")
     for split in ref.splits:
         np.testing.assert_array_equal(ours[split].X, ref[split].X)
@@ -185,13 +180,13 @@ def test_kill_9_then_rerun_resumes_to_the_same_features(tmp_path):
 def test_a_second_writer_stops_with_a_clear_message(folder, tmp_path):
     cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"))
     with (
-        store.locked(cfg.out),
+        fsutil.locked(cfg.out),
         pytest.raises(
             CacheError, match=rf"another run \(pid {os.getpid()}\) is writing .*c\.h5; wait for it to finish"
         ),
     ):
-        extract.run(cfg)
-    assert extract.run(cfg).status == "built", "the lock is released"
+        stage.run(cfg)
+    assert stage.run(cfg).status == "built", "the lock is released"
     assert not Path(f"{cfg.out}.lock").exists()
 
 
@@ -211,22 +206,22 @@ def test_bad_images_stop_the_run_with_their_paths_and_keep_earlier_rows(tmp_path
         match=r"cannot read 1 image\(s\): .*cat/img01\.png: cannot identify image file; "
         r"fix or remove them, or rerun with --skip-bad-images .*\(1 rows saved, the rerun resumes\)",
     ):
-        extract.run(cfg)
-    assert _rows_done(store.partial_path(cfg.out)) == 1 and not Path(cfg.out).exists()
+        stage.run(cfg)
+    assert _rows_done(schema.partial_path(cfg.out)) == 1 and not Path(cfg.out).exists()
 
 
 def test_skip_bad_images_records_them(tmp_path):
     root = _with_bad_images(tmp_path / "img")
     cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"), skip_bad_images=True, val_fraction=0.0, test_fraction=0.0)
     said, report = _messages()
-    result = extract.run(cfg, report=report)
+    result = stage.run(cfg, report=report)
     assert sorted(result.skipped) == ["cat/img01.png", "dog/zz.jpg"]
     fs = read_features(cfg.out)
     assert sorted(fs.skipped) == ["cat/img01.png", "dog/zz.jpg"]
     assert len(fs["train"]) == 7 and np.isfinite(fs["train"].X).all()
     assert "dog/zz.jpg" not in fs["train"].ids
     assert any("skipped 2 unreadable images" in m for m in said)
-    assert store.summary(cfg.out)["skipped"] == ["cat/img01.png", "dog/zz.jpg"]
+    assert cache_reader.summary(cfg.out)["skipped"] == ["cat/img01.png", "dog/zz.jpg"]
 
 
 def test_odd_image_modes_simply_work(tmp_path):
@@ -238,7 +233,7 @@ def test_odd_image_modes_simply_work(tmp_path):
     Image.fromarray(rgb).convert("P").save(root / "dog" / "palette.png")
     Image.fromarray(rgb).convert("CMYK").save(root / "dog" / "cmyk.jpg")
     cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"), val_fraction=0.0, test_fraction=0.0)
-    extract.run(cfg)
+    stage.run(cfg)
     train = read_features(cfg.out)["train"]
     row = {i: n for n, i in enumerate(train.ids)}
     assert len(train) == 9 and np.isfinite(train.X).all()
@@ -247,9 +242,9 @@ def test_odd_image_modes_simply_work(tmp_path):
 
 def test_workers_and_reduced_precision_agree_with_the_plain_run(folder, tmp_path):
     plain = tiny(data=str(folder), out=str(tmp_path / "a.h5"))
-    extract.run(plain)
-    extract.run(tiny(data=str(folder), out=str(tmp_path / "b.h5"), workers=2, store_dtype="float16"))
-    extract.run(tiny(data=str(folder), out=str(tmp_path / "c.h5"), precision="bf16"))
+    stage.run(plain)
+    stage.run(tiny(data=str(folder), out=str(tmp_path / "b.h5"), workers=2, store_dtype="float16"))
+    stage.run(tiny(data=str(folder), out=str(tmp_path / "c.h5"), precision="bf16"))
     a, b, c = (read_features(tmp_path / f"{n}.h5")["train"].X for n in "abc")
     assert b.dtype == np.float16
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3)
@@ -257,7 +252,7 @@ def test_workers_and_reduced_precision_agree_with_the_plain_run(folder, tmp_path
 
 
 def test_float16_overflow_is_refused(tmp_path):
-    writer = store.CacheWriter.open(
+    writer = cache_writer.CacheWriter.open(
         tmp_path / "c.h5",
         fingerprint={"k": 1},
         ids=["a"],
@@ -278,7 +273,7 @@ def test_explicit_cuda_without_cuda_is_an_error(folder, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(DeviceError, match=r"--device cuda asked for, but CUDA is not available .*; use --device cpu"):
-        extract.run(tiny(data=str(folder), out=str(tmp_path / "c.h5"), device="cuda"))
+        stage.run(tiny(data=str(folder), out=str(tmp_path / "c.h5"), device="cuda"))
     assert devices.choose_device("auto").type in {"cpu", "cuda", "mps"}
 
 
@@ -297,8 +292,8 @@ def _mixed_folder(root: Path) -> Path:
 def test_decode_on_device_matches_cpu_decoding(tmp_path):
     root = _mixed_folder(tmp_path / "img")
     common = dict(data=str(root), image_size=48, val_fraction=0.0, test_fraction=0.0)
-    extract.run(tiny(out=str(tmp_path / "cpu.h5"), **common))
-    extract.run(tiny(out=str(tmp_path / "dev.h5"), decode="device", workers=2, **common))
+    stage.run(tiny(out=str(tmp_path / "cpu.h5"), **common))
+    stage.run(tiny(out=str(tmp_path / "dev.h5"), decode="device", workers=2, **common))
     cpu, dev = read_features(tmp_path / "cpu.h5"), read_features(tmp_path / "dev.h5")
     assert cpu.fingerprint["decode"] == "PIL in DataLoader workers"
     assert dev.fingerprint["decode"] == "torchvision.io on the device"
@@ -316,18 +311,18 @@ def test_decode_on_device_reports_bad_jpegs(tmp_path):
     (root / "cat" / "img02.jpg").write_text("not a jpeg")  # no JPEG marker: fails in the worker
     cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"), decode="device", val_fraction=0.0, test_fraction=0.0)
     with pytest.raises(BadImageError, match=r"cannot read 1 image\(s\): .*cat/img02\.jpg: cannot identify image file"):
-        extract.run(cfg)
+        stage.run(cfg)
     skip = tiny(data=str(root), out=str(tmp_path / "c.h5"), decode="device", skip_bad_images=True,
                 val_fraction=0.0, test_fraction=0.0)  # fmt: skip
-    assert sorted(extract.run(skip).skipped) == ["cat/img02.jpg", "dog/img01.jpg"]
-    assert "dog/img01.jpg" in store.summary(skip.out)["skipped"]
+    assert sorted(stage.run(skip).skipped) == ["cat/img02.jpg", "dog/img01.jpg"]
+    assert "dog/img01.jpg" in cache_reader.summary(skip.out)["skipped"]
 
 
 def test_compile_flag_compiles_the_backbone(folder, tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
     said, report = _messages()
-    extract.run(tiny(data=str(folder), out=str(tmp_path / "c.h5"), compile=True), report=report)
+    stage.run(tiny(data=str(folder), out=str(tmp_path / "c.h5"), compile=True), report=report)
     assert len(compiled) == 1 and isinstance(compiled[0], backbone.FeatureExtractor)
     assert any("compiled" in m for m in said)
 
@@ -335,7 +330,7 @@ def test_compile_flag_compiles_the_backbone(folder, tmp_path, monkeypatch):
 def test_errors_in_the_writer_thread_reach_the_caller(tmp_path, monkeypatch):
     """A float16 overflow is detected while writing, on the background thread; the run still stops with it."""
     root = make_folder(tmp_path / "img", per_class=2)
-    real = store.CacheWriter.write
-    monkeypatch.setattr(store.CacheWriter, "write", lambda self, start, f, *a: real(self, start, f * 1e6, *a))
+    real = cache_writer.CacheWriter.write
+    monkeypatch.setattr(cache_writer.CacheWriter, "write", lambda self, start, f, *a: real(self, start, f * 1e6, *a))
     with pytest.raises(CacheError, match=r"beyond float16's 65504; rerun with --store-dtype float32"):
-        extract.run(tiny(data=str(root), out=str(tmp_path / "c.h5"), store_dtype="float16"))
+        stage.run(tiny(data=str(root), out=str(tmp_path / "c.h5"), store_dtype="float16"))

@@ -19,27 +19,19 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import cli, extract, outputs, read_features, store
+from pipeline import cli, outputs, read_features
+from pipeline.cache import schema
+from pipeline.cache import writer as cache_writer
 from pipeline.errors import CacheError, DataError
+from pipeline.features import stage
 
-from conftest import REPO, make_folder, tiny, write_cache, write_image
+from conftest import REPO, SLOW_WRITES, make_folder, tiny, write_cache, write_image
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0", "--no-progress"]
 
 # The real entry (`python -m pipeline`), with each cache write slowed so a signal lands mid-run.
-_SLOW_ENTRY = """
-import sys, time
-from pipeline import store
-write = store.CacheWriter.write
-def slow(self, *a, **k):
-    write(self, *a, **k)
-    time.sleep(0.3)
-store.CacheWriter.write = slow
-sys.argv[0] = "pipeline"
-from pipeline._entry import main
-main()
-"""
+_SLOW_ENTRY = SLOW_WRITES + 'sys.argv[0] = "pipeline"\nfrom pipeline._entry import main\nmain()\n'
 
 
 def digest(path: Path) -> str:
@@ -122,7 +114,7 @@ def test_a_file_size_limit_stops_the_run_up_front_and_keeps_the_old_cache(tmp_pa
     rebuilt = run_cli("features", "--data", str(root), *FAST, "--out", str(out))
     assert rebuilt.returncode == 0, rebuilt.stderr
     reference = tmp_path / "ref.h5"
-    extract.run(tiny(data=str(root), out=str(reference), val_fraction=0.1))
+    stage.run(tiny(data=str(root), out=str(reference), val_fraction=0.1))
     ours, ref = read_features(out), read_features(reference)
     for split in ref.splits:
         np.testing.assert_array_equal(ours[split].X, ref[split].X)
@@ -146,11 +138,11 @@ def test_a_disk_that_fills_up_mid_run_cannot_reach_the_reserved_rows(tmp_path, t
     root = make_folder(tmp_path / "img", classes=("a", "b"), per_class=60, size=(16, 16))
     out = tmpfs / "x.h5"
     job = start_slow(out, root)
-    wait_rows(job, store.partial_path(out), 2)
+    wait_rows(job, schema.partial_path(out), 2)
     _fill(tmpfs)
     _, stderr = job.communicate(timeout=120)
     assert job.returncode == 0, stderr
-    store.verify(out)  # every row reads back as written
+    cache_writer.verify(out)  # every row reads back as written
     assert read_features(out)["train"].X.shape[0] > 0
 
 
@@ -169,30 +161,30 @@ def test_verification_catches_rows_that_read_back_wrong(tmp_path, folder):
     """A row silently lost (zeros) is caught before `complete` is set, and the rerun rewrites it."""
     out = tmp_path / "c.h5"
     cfg = tiny(data=str(folder), out=str(out))
-    original = store.CacheWriter.finish
+    original = cache_writer.CacheWriter.finish
 
     def corrupt_then_finish(self, attrs=None):
         self.f["features"][3] = 0.0
         return original(self, attrs)
 
-    store.CacheWriter.finish = corrupt_then_finish
+    cache_writer.CacheWriter.finish = corrupt_then_finish
     try:
         with pytest.raises(CacheError, match=r"failed verification: row 3 reads back different.*rerun the same"):
-            extract.run(cfg)
+            stage.run(cfg)
     finally:
-        store.CacheWriter.finish = original
-    assert not out.exists() and rows_done(store.partial_path(out)) == 3
+        cache_writer.CacheWriter.finish = original
+    assert not out.exists() and rows_done(schema.partial_path(out)) == 3
     said = []
-    assert extract.run(cfg, report=said.append).status == "resumed"
+    assert stage.run(cfg, report=said.append).status == "resumed"
     assert any("at row 3 of" in m for m in said)
-    store.verify(out)
+    cache_writer.verify(out)
 
 
 def test_kill_9_of_the_main_process_does_not_leave_the_lock_with_its_workers(tmp_path):
     root = make_folder(tmp_path / "img", per_class=10)
     out = tmp_path / "c.h5"
     job = start_slow(out, root, "--workers", "2")
-    wait_rows(job, store.partial_path(out), 4)
+    wait_rows(job, schema.partial_path(out), 4)
     job.kill()
     job.wait()
     rerun = run_cli("features", "--data", str(root), *FAST, "--batch-size", "2", "--out", str(out))
@@ -204,7 +196,7 @@ def test_sigterm_stops_like_ctrl_c_and_the_rerun_resumes(tmp_path):
     root = make_folder(tmp_path / "img", per_class=10)
     out = tmp_path / "c.h5"
     job = start_slow(out, root)
-    wait_rows(job, store.partial_path(out), 4)
+    wait_rows(job, schema.partial_path(out), 4)
     job.send_signal(signal.SIGTERM)
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 130 and "Traceback" not in stderr
@@ -235,10 +227,10 @@ def test_an_interrupted_force_rebuild_is_resumed_by_force_and_named_without_it(t
     assert run_cli("features", "--data", str(root), *FAST, "--batch-size", "2", "--out", str(out)).returncode == 0
     before = digest(out)
     job = start_slow(out, root, "--force")
-    wait_rows(job, store.partial_path(out), 4)
+    wait_rows(job, schema.partial_path(out), 4)
     job.kill()
     job.wait()
-    done = rows_done(store.partial_path(out))
+    done = rows_done(schema.partial_path(out))
     plain = run_cli("features", "--data", str(root), *FAST, "--batch-size", "2", "--out", str(out))
     assert plain.returncode == 0 and digest(out) == before
     assert f"an interrupted --force rebuild ({done} of 20 rows) waits in" in plain.stderr
@@ -265,10 +257,10 @@ def test_a_current_cache_on_a_read_only_file_system_is_still_current(tmp_path, t
 def test_a_changed_image_is_detected_and_named(tmp_path):
     root = make_folder(tmp_path / "img", per_class=4)
     out = tmp_path / "c.h5"
-    extract.run(tiny(data=str(root), out=str(out)))
+    stage.run(tiny(data=str(root), out=str(out)))
     write_image(root / "dog" / "img01.png", (0, 0, 0))  # new pixels, new size and time
     said = []
-    assert extract.run(tiny(data=str(root), out=str(out)), report=said.append).status == "built"
+    assert stage.run(tiny(data=str(root), out=str(out)), report=said.append).status == "built"
     assert any("changed 1: dog/img01.png (size, modified)" in m for m in said), said
 
 
@@ -276,22 +268,22 @@ def test_verify_content_catches_a_change_that_keeps_size_and_time(tmp_path):
     root = make_folder(tmp_path / "img", per_class=4, ext=".bmp")  # uncompressed: a pixel edit keeps the size
     out = tmp_path / "c.h5"
     cfg = tiny(data=str(root), out=str(out), verify_content=True)
-    extract.run(cfg)
+    stage.run(cfg)
     image = root / "cat" / "img00.bmp"
     st = image.stat()
     data = bytearray(image.read_bytes())
     data[-20] ^= 0xFF  # same size; then the old modification time is put back
     image.write_bytes(bytes(data))
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert extract.run(tiny(data=str(root), out=str(out))).status == "built", "size+time alone: a different cache"
+    assert stage.run(tiny(data=str(root), out=str(out))).status == "built", "size+time alone: a different cache"
     said = []
-    extract.run(cfg, report=said.append)
-    assert extract.run(cfg).status == "current"
+    stage.run(cfg, report=said.append)
+    assert stage.run(cfg).status == "current"
     data[-20] ^= 0x0F
     image.write_bytes(bytes(data))
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
     said = []
-    assert extract.run(cfg, report=said.append).status == "built"
+    assert stage.run(cfg, report=said.append).status == "built"
     assert any("changed 1: cat/img00.bmp (content)" in m for m in said), said
 
 
@@ -301,8 +293,8 @@ def test_two_folders_with_the_same_names_do_not_share_a_cache(tmp_path):
     shutil.copytree(a, b)
     write_image(b / "cat" / "img00.png", (1, 2, 3))
     out = tmp_path / "c.h5"
-    extract.run(tiny(data=str(a), out=str(out)))
-    assert extract.run(tiny(data=str(b), out=str(out))).status == "built"
+    stage.run(tiny(data=str(a), out=str(out)))
+    assert stage.run(tiny(data=str(b), out=str(out))).status == "built"
 
 
 def test_a_symlink_loop_is_entered_once_and_a_linked_class_is_one_class(tmp_path):
@@ -310,7 +302,7 @@ def test_a_symlink_loop_is_entered_once_and_a_linked_class_is_one_class(tmp_path
     (root / "cat" / "loop").symlink_to(root, target_is_directory=True)
     external = make_folder(tmp_path / "ext", classes=("owl",), per_class=2)
     (root / "owl").symlink_to(external / "owl", target_is_directory=True)
-    from pipeline.data import scan_folder
+    from pipeline.features.sources import scan_folder
 
     samples = scan_folder(root, 0.0, 0.0, 0)
     assert len(samples) == 8 and samples.classes == ["cat", "dog", "owl"]
@@ -337,7 +329,7 @@ def test_a_manifest_naming_a_file_twice_is_an_error(tmp_path, rows, pattern):
     manifest = tmp_path / "m.csv"
     manifest.write_text("\n".join(["path,label", *rows, "b.png,dog", "c.png,cat"]) + "\n")
     with pytest.raises(DataError, match=pattern):
-        from pipeline.data import read_manifest
+        from pipeline.features.sources import read_manifest
 
         read_manifest(manifest, 0.0, 0.0, 0)
 
@@ -348,14 +340,14 @@ def test_a_manifest_may_point_outside_its_folder(tmp_path):
     manifest = tmp_path / "lists" / "m.csv"
     rows = [f"../elsewhere/{c}/img{n:02d}.png,{c}" for c in ("cat", "dog") for n in range(2)]
     manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
-    from pipeline.data import read_manifest
+    from pipeline.features.sources import read_manifest
 
     assert len(read_manifest(manifest, 0.0, 0.0, 0)) == 4
 
 
 def test_an_unreadable_folder_or_file_is_named(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "img", per_class=3)
-    from pipeline import data
+    from pipeline.features import sources
 
     real_scandir = os.scandir
 
@@ -364,13 +356,13 @@ def test_an_unreadable_folder_or_file_is_named(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(data.os, "scandir", refuse)
+    monkeypatch.setattr(sources.os, "scandir", refuse)
     with pytest.raises(DataError, match=r"cannot read folder .*img/dog: Permission denied"):
-        data.scan_folder(root, 0.0, 0.0, 0)
-    monkeypatch.setattr(data.os, "scandir", real_scandir)
-    monkeypatch.setattr(data.os, "access", lambda path, mode: not str(path).endswith("img01.png"))
+        sources.scan_folder(root, 0.0, 0.0, 0)
+    monkeypatch.setattr(sources.os, "scandir", real_scandir)
+    monkeypatch.setattr(sources.os, "access", lambda path, mode: not str(path).endswith("img01.png"))
     with pytest.raises(DataError, match=r"image .*cat/img01\.png is not readable \(permission denied\)"):
-        data.scan_folder(root, 0.0, 0.0, 0)
+        sources.scan_folder(root, 0.0, 0.0, 0)
 
 
 def test_a_fifo_named_like_an_image_is_refused_up_front(tmp_path):
@@ -418,7 +410,7 @@ def cache(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("faults")
     root = make_folder(tmp / "img", classes=("cat", "dog", "owl"), per_class=8)
     out = tmp / "c.h5"
-    extract.run(tiny(data=str(root), out=str(out), test_fraction=0.25))
+    stage.run(tiny(data=str(root), out=str(out), test_fraction=0.25))
     return out
 
 
@@ -445,7 +437,7 @@ def test_a_head_killed_while_writing_leaves_the_previous_results_whole(cache, tm
     out = tmp_path / "run"
     assert _main(["head", "--features", str(cache), "--out", str(out), *HEAD])[0] == 0
     before = _folder_digest(out)
-    from pipeline import report
+    from pipeline.evaluate import report
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -457,7 +449,7 @@ def test_a_head_killed_while_writing_leaves_the_previous_results_whole(cache, tm
 
 
 def test_a_folder_mixing_two_runs_is_refused_by_load_head(cache, tmp_path):
-    from pipeline.heads import load_head
+    from pipeline.heads.probe import load_head
 
     for name in ("a", "b"):
         assert _main(["head", "--features", str(cache), "--out", str(tmp_path / name), *HEAD])[0] == 0

@@ -12,9 +12,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline import metrics
 from pipeline.errors import CacheError, MissingError
-from pipeline.heads import LinearProbe, Preprocessor, TorchLinearClassifier, load_head, save_head
+from pipeline.evaluate import metrics
+from pipeline.heads.estimators import Preprocessor, TorchLinearClassifier
+from pipeline.heads.probe import LinearProbe, load_head, save_head
 
 
 def _data(n_classes=5, n=800, weights=None, seed=0):
@@ -171,11 +172,12 @@ def test_bootstrap_intervals_match_a_plain_loop():
 @pytest.mark.parametrize("block", [1, 4, 45])
 def test_path_blocks_reach_scikit_learns_solutions(block):
     """Warm-started blocks (1 = sequential path, 45 = every C at once) all meet the same optimum."""
-    from pipeline import solver
+    from pipeline.heads import solver
+    from pipeline.heads.options import SolverOptions
 
     X, y = _data(4, n=500)
     Cs = np.logspace(-6, 5, 45)
-    sol = solver.solve(X, y, Cs, n_classes=4, tol=1e-5, block=block)
+    sol = solver.solve(X, y, Cs, n_classes=4, options=SolverOptions(tol=1e-5), block=block)
     assert sol.converged.all()
 
     def objective(coef, intercept, C):  # mean cross-entropy + ||W||^2 / (2 C n), in float64
@@ -210,3 +212,34 @@ def test_the_solution_is_a_stationary_point_of_nn_linear_and_cross_entropy(smoot
     (loss + 0.5 * lam * (linear.weight**2).sum()).backward()
     assert linear.weight.grad.abs().max() < 1e-5 and linear.bias.grad.abs().max() < 1e-5
     np.testing.assert_allclose(logits.detach().numpy(), head.decision_function(X), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"tol": -1}, r"The 'tol' parameter of TorchLinearClassifier must be a float in the range \(0(\.0)?, inf\)"),
+        ({"solver": "newton"}, r"The 'solver' parameter of TorchLinearClassifier must be a str among \{.*'adam'"),
+        ({"C": 0.0}, r"The 'C' parameter of TorchLinearClassifier must be a float in the range \(0(\.0)?, inf\)"),
+        ({"epochs": 0}, r"The 'epochs' parameter of TorchLinearClassifier must be an int in the range \[1, inf\)"),
+        ({"label_smoothing": 1.0}, r"The 'label_smoothing' parameter of TorchLinearClassifier must be a float in"),
+        ({"class_weight": "even"}, r"The 'class_weight' parameter of TorchLinearClassifier must be"),
+    ],
+)
+def test_torch_head_checks_every_parameter_before_fitting(params, message):
+    X, y = _data(3, n=60)
+    with pytest.raises(ValueError, match=message):
+        TorchLinearClassifier(**params).fit(X, y)
+
+
+def test_linear_probe_keeps_the_estimator_contract():
+    from sklearn.base import clone
+
+    X, y = _data(3, n=120)
+    fitted = TorchLinearClassifier(C=1.0).fit(X, y)
+    probe = LinearProbe.from_estimator(Preprocessor("none"), fitted)
+    copy = clone(probe)
+    assert set(copy.get_params()) == {"preprocessor", "coef", "intercept", "classes"}
+    assert "LinearProbe(" in repr(probe)
+    np.testing.assert_array_equal(copy.predict(X), probe.predict(X))
+    np.testing.assert_array_equal(probe.predict(X), fitted.predict(X))
+    assert probe.n_features_in_ == X.shape[1] and probe.coef_.dtype == np.float32

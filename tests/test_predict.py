@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cli, extract, predict, read_features, sweep
+from pipeline import cli, predict, read_features
 from pipeline.config import HeadConfig
 from pipeline.errors import CacheError, WeightsError
-from pipeline.heads import load_head
+from pipeline.features import stage
+from pipeline.heads import protocol
+from pipeline.heads.probe import load_head
 
 from conftest import make_folder, tiny, write_image
 
@@ -27,8 +29,10 @@ def trained(tmp_path_factory):
         tmp / "data", classes=("cat", "dog", "owl"), per_class=6, splits=("train", "test"), size=(40, 30)
     )
     cfg = tiny(data=str(data), out=str(tmp / "c.h5"), image_size=40)
-    extract.run(cfg)
-    sweep.run(HeadConfig(features=cfg.out, out=str(tmp / "head"), grid=(0.1, 1.0, 10.0), progress=False, bootstrap=0))
+    stage.run(cfg)
+    protocol.run(
+        HeadConfig(features=cfg.out, out=str(tmp / "head"), grid=(0.1, 1.0, 10.0), progress=False, bootstrap=0)
+    )
     return tmp, data
 
 

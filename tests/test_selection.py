@@ -7,16 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import metrics, report, sweep
 from pipeline.config import HeadConfig
 from pipeline.errors import ConfigError
+from pipeline.evaluate import metrics, report
+from pipeline.heads import choice
 
 GRID = list(np.logspace(-3, 4, 29))
 N_VAL = 160
 
 
 def _curve(top1: list[float], status: list[str] | None = None, balanced: list[float] | None = None) -> list[dict]:
-    """A validation curve as `sweep._curve` writes it, from accuracies on N_VAL rows."""
+    """A validation curve as `choice.curve_row` writes it, from accuracies on N_VAL rows."""
     rows = []
     for k, p in enumerate(top1):
         b = p if balanced is None else balanced[k]
@@ -38,17 +39,17 @@ def _plateau_with_a_spike() -> list[float]:
 
 def test_argmax_takes_a_one_image_spike_and_the_one_se_rule_does_not():
     curve = _curve(_plateau_with_a_spike())
-    assert sweep.choose(curve, "top1") == 24, "argmax: the spike on the flat end"
-    chosen = sweep.selection(curve, "top1-1se")
+    assert choice.choose(curve, "top1") == 24, "argmax: the spike on the flat end"
+    chosen = choice.selection(curve, "top1-1se")
     se = math.sqrt(129 / 160 * 31 / 160 / 160)
     assert chosen["se"] == pytest.approx(se) and chosen["threshold"] == pytest.approx(129 / 160 - se)
     assert chosen["best_C"] == GRID[24] and chosen["rule"] == "one-SE"
     # The smallest C within one SE of the best (0.806 - 0.031 = 0.775): 0.5 + 0.03 k >= 0.775 first at k = 10.
     assert chosen["index"] == 10 and chosen["C"] == GRID[10]
-    assert sweep.choose(curve, "top1-1se") == 10
+    assert choice.choose(curve, "top1-1se") == 10
     # Without the spike argmax jumps 14 grid steps, to the plateau's first C; the one-SE choice moves by one.
     curve[24]["val_top1"] = 0.8
-    assert sweep.choose(curve, "top1") == 10 and sweep.choose(curve, "top1-1se") == 9
+    assert choice.choose(curve, "top1") == 10 and choice.choose(curve, "top1-1se") == 9
 
 
 def test_the_default_rule_is_the_one_se_rule():
@@ -61,12 +62,12 @@ def test_the_default_rule_is_the_one_se_rule():
 def test_balanced_one_se_uses_the_balanced_accuracy_error():
     balanced = [min(0.7, 0.4 + 0.03 * k) for k in range(len(GRID))]
     curve = _curve(_plateau_with_a_spike(), balanced=balanced)
-    chosen = sweep.selection(curve, "balanced-1se")
+    chosen = choice.selection(curve, "balanced-1se")
     assert chosen["metric"] == "balanced_accuracy" and chosen["best"] == 0.7
     threshold = 0.7 - metrics.binomial_se(0.7, N_VAL) / 2
     assert chosen["threshold"] == pytest.approx(threshold)
     assert chosen["index"] == min(k for k, b in enumerate(balanced) if b >= threshold)
-    assert sweep.choose(curve, "balanced") == balanced.index(0.7)
+    assert choice.choose(curve, "balanced") == balanced.index(0.7)
 
 
 @pytest.mark.parametrize("other", ["not converged", "warm start only", "C not resolved"])
@@ -74,29 +75,29 @@ def test_fits_that_are_not_the_optimum_at_their_C_are_not_candidates(other):
     top1 = _plateau_with_a_spike()
     status = [other if k < 12 or k == 24 else "converged" for k in range(len(GRID))]
     curve = _curve(top1, status)
-    chosen = sweep.selection(curve, "top1-1se")
+    chosen = choice.selection(curve, "top1-1se")
     assert chosen["best"] == 0.8 and chosen["index"] == 12 and chosen["excluded"] == 13
-    assert sweep.choose(curve, "top1") == 24, "argmax is the published protocol: every fit counts"
-    assert sweep.choose(curve, "logloss") == 12
+    assert choice.choose(curve, "top1") == 24, "argmax is the published protocol: every fit counts"
+    assert choice.choose(curve, "logloss") == 12
     unconverged = _curve(top1, [other] * len(GRID))  # nothing converged: every fit is a candidate
-    assert sweep.choose(unconverged, "top1-1se") == 10
+    assert choice.choose(unconverged, "top1-1se") == 10
 
 
 def test_logloss_rule_and_ties_go_to_the_smaller_C():
     curve = _curve(_plateau_with_a_spike())
-    assert sweep.selection(curve, "logloss") | {"best": None} == {
+    assert choice.selection(curve, "logloss") | {"best": None} == {
         "select": "logloss", "metric": "log_loss", "excluded": 0, "rule": "argmin", "best": None,
         "index": 10, "C": GRID[10],
     }  # fmt: skip
     flat = _curve([0.9] * len(GRID))
-    assert sweep.choose(flat, "top1") == 0 and sweep.choose(flat, "top1-1se") == 0
+    assert choice.choose(flat, "top1") == 0 and choice.choose(flat, "top1-1se") == 0
     shuffled = [flat[k] for k in np.random.default_rng(0).permutation(len(GRID))]  # rows in any order
-    assert shuffled[sweep.choose(shuffled, "top1-1se")]["C"] == GRID[0]
+    assert shuffled[choice.choose(shuffled, "top1-1se")]["C"] == GRID[0]
 
 
 def test_a_perfect_validation_score_has_no_error_and_the_rule_is_argmax():
     top1 = [min(1.0, 0.6 + 0.05 * k) for k in range(len(GRID))]
-    chosen = sweep.selection(_curve(top1), "top1-1se")
+    chosen = choice.selection(_curve(top1), "top1-1se")
     assert chosen["se"] == 0 and chosen["index"] == top1.index(1.0)
 
 
@@ -111,6 +112,5 @@ def test_the_plot_marks_fits_that_are_not_fits_at_their_C(tmp_path):
     status = ["converged"] * 18 + ["C not resolved"] * 2 + ["warm start only"] * 5 + ["not converged"] * 4
     curve = _curve(_plateau_with_a_spike(), status)
     for select in ("top1-1se", "top1", "logloss", "balanced-1se"):
-        chosen = sweep.selection(curve, select)["C"]
-        path = report.plot_validation_curve(curve, chosen, select, tmp_path / f"{select}.png")
+        path = report.plot_validation_curve(curve, choice.selection(curve, select), tmp_path / f"{select}.png")
         assert path.stat().st_size > 10_000

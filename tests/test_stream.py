@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic import write_synthetic_cache
-from pipeline import sweep
 from pipeline.config import HeadConfig, parse_size
 from pipeline.errors import ConfigError
+from pipeline.heads import choice, protocol
 
 from conftest import REPO
 
@@ -21,8 +21,10 @@ from conftest import REPO
 _MEASURE = """
 import json, os, sys, tempfile
 import numpy as np
-from pipeline import cli, metrics, report
-from pipeline.heads import TorchLinearClassifier
+from pipeline import cli
+from pipeline.evaluate import metrics
+from pipeline.evaluate import report
+from pipeline.heads.estimators import TorchLinearClassifier
 rng = np.random.default_rng(0)
 X, y = rng.normal(size=(2048, 64)).astype(np.float32), rng.integers(0, 10, 2048)
 TorchLinearClassifier(solver="adam", epochs=2).fit(X, y)
@@ -31,7 +33,7 @@ with tempfile.TemporaryDirectory() as d:
     table = metrics.reliability(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]))
     report.plot_reliability(table, os.path.join(d, "r.png"))
     curve = [{"C": 1.0, "val_top1": 0.5, "val_balanced_accuracy": 0.5}]
-    report.plot_validation_curve(curve, 1.0, "top1", os.path.join(d, "v.png"))
+    report.plot_validation_curve(curve, {"select": "top1", "C": 1.0}, os.path.join(d, "v.png"))
 status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
 baseline = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as fh:  # restart the high-water mark (VmHWM) from here
@@ -71,13 +73,19 @@ def test_streamed_head_stays_under_the_budget_and_matches_the_in_memory_fit(big_
     assert measured["code"] == 0 and measured["grown_mb"] < budget_mb, measured
 
     streamed = json.loads((tmp_path / "streamed" / "result.json").read_text())
-    in_memory = sweep.run(HeadConfig(features=str(big_cache), head="torch", C=0.001, out=str(tmp_path / "memory"),
+    in_memory = protocol.run(HeadConfig(features=str(big_cache), head="torch", C=0.001, out=str(tmp_path / "memory"),
                                      progress=False, bootstrap=0))  # fmt: skip
     gap = abs(streamed["test"]["top1"] - in_memory["test"]["top1"]) * 100
     assert gap <= 0.5, (streamed["test"]["top1"], in_memory["test"]["top1"])
     chosen = [run["protocol"].pop("selection") for run in (streamed, in_memory)]
     assert chosen[0]["rule"] == chosen[1]["rule"] == "one-SE"  # scores differ a little between the solvers
-    assert streamed["protocol"] == in_memory["protocol"]
+    rows = [run["protocol"].pop("rows") for run in (streamed, in_memory)]
+    assert rows == ["streamed from the cache in blocks", "in memory"]
+    assert streamed["protocol"] == in_memory["protocol"], "one protocol for both fitters"
+    assert set(streamed) == set(in_memory) and set(streamed["final_fit"]) == set(in_memory["final_fit"])
+    assert streamed["final_fit"]["solver"] == "adam" and in_memory["final_fit"]["solver"] == "lbfgs"
+    # Convergence is measured for the streamed fit too (its full gradient after the last epoch), not assumed.
+    assert streamed["final_fit"]["n_iter"] == 4 and isinstance(streamed["final_fit"]["converged"], bool)
     assert streamed["test_set"] == in_memory["test_set"]
     assert (tmp_path / "streamed" / "head.npz").exists()
 
@@ -85,9 +93,9 @@ def test_streamed_head_stays_under_the_budget_and_matches_the_in_memory_fit(big_
 def test_streamed_sweep_selects_on_val(big_cache, tmp_path):
     cfg = HeadConfig(features=str(big_cache), head="torch", grid=(1e-4, 1e-2), max_memory="64MB", epochs=1,
                      out=str(tmp_path / "r"), progress=False, bootstrap=0, class_weight="balanced")  # fmt: skip
-    result = sweep.run(cfg)
+    result = protocol.run(cfg)
     assert len(result["curve"]) == 2 and result["chosen"]["C"] in (1e-4, 1e-2)
-    assert result["chosen"]["index"] == sweep.choose(result["curve"], "top1-1se"), "the rule of the in-memory heads"
+    assert result["chosen"]["index"] == choice.choose(result["curve"], "top1-1se"), "the rule of the in-memory heads"
     assert list(result["curve"][0]) == [
         "C", "val_top1", "val_top1_se", "val_balanced_accuracy", "val_balanced_accuracy_se", "val_log_loss", "n_iter",
         "converged", "status",
@@ -100,13 +108,13 @@ def test_scikit_learn_head_refuses_above_the_budget(synthetic_cache, tmp_path):
     cfg = HeadConfig(features=str(synthetic_cache), head="logreg", max_memory="10KB", out=str(tmp_path / "r"))
     with pytest.raises(ConfigError, match=r"the logreg head holds the whole cache in memory, about 0\.\d+ GB here, "
                        r"above --max-memory 10KB; use --head torch, which streams the cache"):  # fmt: skip
-        sweep.run(cfg)
+        protocol.run(cfg)
     tiny = HeadConfig(features=str(synthetic_cache), head="torch", max_memory="10KB", out=str(tmp_path / "r"))
     with pytest.raises(ConfigError, match=r"--max-memory 10KB does not cover the 45 weight matrices"):
-        sweep.run(tiny)
+        protocol.run(tiny)
     roomy = HeadConfig(features=str(synthetic_cache), head="logreg", max_memory="1GB", out=str(tmp_path / "r"),
                        grid=(1.0,), progress=False)  # fmt: skip
-    assert sweep.run(roomy)["test"]["top1"] > 0.5, "under the budget nothing changes"
+    assert protocol.run(roomy)["test"]["top1"] > 0.5, "under the budget nothing changes"
 
 
 @pytest.mark.parametrize("backend", ["threading", "dask"])
@@ -117,8 +125,8 @@ def test_joblib_backends_give_the_same_sweep(synthetic_cache, tmp_path, backend)
         client = distributed.Client(cluster)
     common = dict(features=str(synthetic_cache), head="logreg", grid=(0.01, 0.1, 1.0), progress=False, bootstrap=0)
     try:
-        default = sweep.run(HeadConfig(**common, out=str(tmp_path / "loky")))
-        other = sweep.run(HeadConfig(**common, out=str(tmp_path / backend), joblib_backend=backend))
+        default = protocol.run(HeadConfig(**common, out=str(tmp_path / "loky")))
+        other = protocol.run(HeadConfig(**common, out=str(tmp_path / backend), joblib_backend=backend))
     finally:
         if backend == "dask":
             client.close()
@@ -127,8 +135,6 @@ def test_joblib_backends_give_the_same_sweep(synthetic_cache, tmp_path, backend)
     assert other["test"]["top1"] == default["test"]["top1"]
 
 
-def test_unknown_joblib_backend(synthetic_cache, tmp_path):
-    cfg = HeadConfig(features=str(synthetic_cache), head="logreg", joblib_backend="spark", out=str(tmp_path / "r"),
-                     grid=(0.1, 1.0), progress=False)  # fmt: skip
-    with pytest.raises(ConfigError, match=r"unknown joblib backend 'spark'; choose one of: loky, threading"):
-        sweep.run(cfg)
+def test_unknown_joblib_backend_is_refused_by_the_config(synthetic_cache, tmp_path):
+    with pytest.raises(ConfigError, match=r"--joblib-backend 'spark' is not allowed; choose one of: loky, threading"):
+        HeadConfig(features=str(synthetic_cache), head="logreg", joblib_backend="spark", out=str(tmp_path / "r"))

@@ -11,9 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import backbone, cli, compare, study, sweep
+from pipeline import cli, study
 from pipeline.config import HeadConfig
 from pipeline.errors import CacheError, ConfigError, DataError
+from pipeline.evaluate import compare
+from pipeline.features import backbone
+from pipeline.heads import protocol
 
 from conftest import REPO, make_folder, write_cache
 
@@ -120,7 +123,7 @@ def test_study_file_errors(tmp_path):
         study.plan(write_study(tmp_path, **{"data = ": "folder = "}))
     with pytest.raises(ConfigError, match=r"unknown dataset 'CIFAR11'; choose one of: digits, CIFAR10, CIFAR100"):
         study.plan(write_study(tmp_path, extra_dataset='\n[[datasets]]\ndataset = "CIFAR11"\n'))
-    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet9'; choose one of: resnet18"):
+    with pytest.raises(ConfigError, match=r"--backbone 'resnet9' is not allowed; choose one of: resnet18"):
         study.plan(
             write_study(tmp_path, **{'backbone = "resnet18"\nweights = "none"\nseed = 1': 'backbone = "resnet9"'})
         )
@@ -151,7 +154,7 @@ def _two_runs(tmp_path, same_test: bool):
     runs = []
     for name, cache in (("a", a), ("b", b)):
         cfg = HeadConfig(features=str(cache), out=str(tmp_path / "runs" / name), grid=(0.1, 1.0), progress=False)
-        sweep.run(cfg, cell={"dataset": "toy", "backbone": name.upper(), "head": "logreg"})
+        protocol.run(cfg, cell={"dataset": "toy", "backbone": name.upper(), "head": "logreg"})
         runs.append(compare.load_run(tmp_path / "runs" / name))
     return runs
 

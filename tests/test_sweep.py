@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_classification
 
-from pipeline import cli, read_features, store, sweep
+from pipeline import cli, read_features, registry
+from pipeline.cache import schema
 from pipeline.config import HeadConfig
 from pipeline.errors import CacheError, ConfigError, DataError, MissingError
-from pipeline.heads import load_head
+from pipeline.heads import choice, fitting, protocol
+from pipeline.heads.probe import load_head
 from pipeline.splits import draw_shots
 
 from conftest import REPO, write_cache
@@ -31,7 +33,7 @@ def head_cfg(cache, tmp_path, **overrides) -> HeadConfig:
 @pytest.mark.parametrize("head", ["logreg", "torch"])
 def test_test_split_is_read_only_after_the_choice(synthetic_cache, tmp_path, monkeypatch, head):
     events = []
-    real_read, real_choose = sweep.read_features, sweep.choose
+    real_read, real_choose = fitting.read_features, choice.choose
 
     def read(path, splits, **kwargs):
         events.append(("read", tuple(splits)))
@@ -41,9 +43,9 @@ def test_test_split_is_read_only_after_the_choice(synthetic_cache, tmp_path, mon
         events.append(("choose", len(curve)))
         return real_choose(curve, metric)
 
-    monkeypatch.setattr(sweep, "read_features", read)
-    monkeypatch.setattr(sweep, "choose", choose)
-    result = sweep.run(head_cfg(synthetic_cache, tmp_path, head=head))
+    monkeypatch.setattr(fitting, "read_features", read)
+    monkeypatch.setattr(choice, "choose", choose)
+    result = protocol.run(head_cfg(synthetic_cache, tmp_path, head=head))
     assert events == [("read", ("train", "val")), ("choose", 5), ("read", ("test",))]
     selection = result["protocol"].pop("selection")
     assert selection["rule"] == "one-SE" and selection["C"] == result["chosen"]["C"]
@@ -55,32 +57,33 @@ def test_test_split_is_read_only_after_the_choice(synthetic_cache, tmp_path, mon
         "scored_on": "test",
         "test_read_after_choice": True,
         "few_shot": None,
+        "rows": "in memory",
     }
 
 
 def test_refit_uses_train_plus_val_at_the_chosen_C(synthetic_cache, tmp_path, monkeypatch):
     calls = []
-    real = sweep.fit_grid
+    real = fitting.fit_grid
 
     def spy(cfg, X, y, n_classes, Cs, **kwargs):
         calls.append((len(X), list(Cs)))
         return real(cfg, X, y, n_classes, Cs, **kwargs)
 
-    monkeypatch.setattr(sweep, "fit_grid", spy)
-    result = sweep.run(head_cfg(synthetic_cache, tmp_path, head="torch"))
+    monkeypatch.setattr(fitting, "fit_grid", spy)
+    result = protocol.run(head_cfg(synthetic_cache, tmp_path, head="torch"))
     assert calls[0] == (360, list(FAST_GRID))
     assert calls[1] == (480, [result["chosen"]["C"]])
     assert result["cache"]["rows"] == {"train": 360, "val": 120, "test": 120}
 
 
 def test_outputs(synthetic_cache, tmp_path):
-    result = sweep.run(head_cfg(synthetic_cache, tmp_path, head="torch", grid=None, bootstrap=200))
+    result = protocol.run(head_cfg(synthetic_cache, tmp_path, head="torch", grid=None, bootstrap=200))
     out = tmp_path / "run"
     for name in ("result.json", "curve.csv", "head.json", "head.npz", "validation_curve.png", "confusion_matrix.png",
                  "reliability.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "result.json").read_text())
-    assert saved["grid"] == list(sweep.DEFAULT_GRID) and len(saved["grid"]) == 45
+    assert saved["grid"] == list(registry.DEFAULT_GRID) and len(saved["grid"]) == 45
     assert saved["grid"][0] == pytest.approx(1e-6) and saved["grid"][-1] == pytest.approx(1e5)
     assert len(saved["curve"]) == 45 and len((out / "curve.csv").read_text().splitlines()) == 46
     assert saved["cache"]["fingerprint"] == read_features(synthetic_cache).fingerprint
@@ -103,7 +106,7 @@ def test_holdout_when_the_cache_has_no_val_split(tmp_path):
     X, y = make_classification(300, 10, n_informative=5, n_classes=3, random_state=1)
     split = np.repeat(np.array([0, 2], dtype=np.int8), [240, 60])
     cache = write_cache(tmp_path / "noval.h5", X, y, split)
-    result = sweep.run(head_cfg(cache, tmp_path, val_fraction=0.25, seed=7))
+    result = protocol.run(head_cfg(cache, tmp_path, val_fraction=0.25, seed=7))
     assert result["protocol"]["selected_on"].startswith("a stratified holdout of train (25%, seed 7")
     assert result["cache"]["rows"]["train"] == 240
 
@@ -114,11 +117,11 @@ def test_few_shot_draws_k_per_class_and_never_trains_on_val(synthetic_cache, tmp
     assert np.bincount(y[rows]).tolist() == [5, 3, 5, 5]
     assert not np.array_equal(rows, draw_shots(y, 5, seed=1))
     calls = []
-    real = sweep.fit_grid
+    real = fitting.fit_grid
     monkeypatch.setattr(
-        sweep, "fit_grid", lambda cfg, X, y, *a, **k: calls.append(np.bincount(y)) or real(cfg, X, y, *a, **k)
+        fitting, "fit_grid", lambda cfg, X, y, *a, **k: calls.append(np.bincount(y)) or real(cfg, X, y, *a, **k)
     )
-    result = sweep.run(head_cfg(synthetic_cache, tmp_path, head="torch", shots=4, repeats=3))
+    result = protocol.run(head_cfg(synthetic_cache, tmp_path, head="torch", shots=4, repeats=3))
     assert [c.tolist() for c in calls] == [[4, 4, 4, 4]] * 3, "K per class, no refit on val"
     assert result["protocol"]["trained_on"] == "4 images per class from train"
     test = result["test"]
@@ -133,31 +136,31 @@ def test_few_shot_draws_k_per_class_and_never_trains_on_val(synthetic_cache, tmp
 
 def test_no_cache(tmp_path):
     with pytest.raises(MissingError, match=r"no cache at .*missing\.h5; run `make features`"):
-        sweep.run(head_cfg(tmp_path / "missing.h5", tmp_path))
+        protocol.run(head_cfg(tmp_path / "missing.h5", tmp_path))
 
 
 def test_incomplete_cache_says_it_can_be_resumed(synthetic_cache, tmp_path):
-    partial = store.partial_path(tmp_path / "half.h5")
+    partial = schema.partial_path(tmp_path / "half.h5")
     synthetic_cache.rename(partial)
     with h5py.File(partial, "r+") as f:
         f.attrs["complete"], f.attrs["rows_done"] = False, 100
     with pytest.raises(CacheError, match=r"cache .*half\.h5 is incomplete \(100 of 600 rows .*\); rerun the same "
                        r"`pipeline features` command to resume it"):  # fmt: skip
-        sweep.run(head_cfg(tmp_path / "half.h5", tmp_path))
+        protocol.run(head_cfg(tmp_path / "half.h5", tmp_path))
 
 
 def test_unknown_schema_version(synthetic_cache, tmp_path):
     with h5py.File(synthetic_cache, "r+") as f:
         f.attrs["schema_version"] = 99
     with pytest.raises(CacheError, match=r"has schema version 99, this pipeline reads version 1; rebuild it"):
-        sweep.run(head_cfg(synthetic_cache, tmp_path))
+        protocol.run(head_cfg(synthetic_cache, tmp_path))
 
 
 def test_split_with_no_rows(tmp_path):
     X, y = make_classification(100, 5, n_informative=3, n_classes=2, random_state=0)
     cache = write_cache(tmp_path / "c.h5", X, y, np.zeros(100, dtype=np.int8))
     with pytest.raises(DataError, match=r"has no test rows; rebuild it with --test-fraction > 0"):
-        sweep.run(head_cfg(cache, tmp_path))
+        protocol.run(head_cfg(cache, tmp_path))
 
 
 def test_class_missing_from_train(tmp_path):
@@ -166,7 +169,7 @@ def test_class_missing_from_train(tmp_path):
     split = np.array([0] * 40 + [2] * 20, dtype=np.int8)
     cache = write_cache(tmp_path / "c.h5", X, y, split, classes=["cat", "dog", "bird"])
     with pytest.raises(DataError, match=r"class 'bird' has no train rows in .* but appears in test; add training"):
-        sweep.run(head_cfg(cache, tmp_path))
+        protocol.run(head_cfg(cache, tmp_path))
 
 
 def test_non_finite_features(synthetic_cache, tmp_path):
@@ -175,7 +178,7 @@ def test_non_finite_features(synthetic_cache, tmp_path):
         f["features"][7, 0] = np.inf
     with pytest.raises(DataError, match=r"has NaN or infinite features in 2 train rows \(e\.g\. 'row5', 'row7'\); "
                        r"rebuild it with `pipeline features --force --precision fp32`"):  # fmt: skip
-        sweep.run(head_cfg(synthetic_cache, tmp_path))
+        protocol.run(head_cfg(synthetic_cache, tmp_path))
 
 
 def test_bad_head_options(capsys, synthetic_cache):
@@ -208,8 +211,8 @@ def test_logreg_head_imports_no_torch(synthetic_cache, tmp_path):
 
 
 def test_both_heads_agree_on_the_sweep(synthetic_cache, tmp_path):
-    logreg = sweep.run(head_cfg(synthetic_cache, tmp_path, head="logreg", out=str(tmp_path / "a")))
-    torch_ = sweep.run(head_cfg(synthetic_cache, tmp_path, head="torch", out=str(tmp_path / "b")))
+    logreg = protocol.run(head_cfg(synthetic_cache, tmp_path, head="logreg", out=str(tmp_path / "a")))
+    torch_ = protocol.run(head_cfg(synthetic_cache, tmp_path, head="torch", out=str(tmp_path / "b")))
     for a, b in zip(logreg["curve"], torch_["curve"], strict=True):
         assert abs(a["val_top1"] - b["val_top1"]) <= 2 / 120  # at most two of 120 val rows differ
     assert abs(logreg["test"]["top1"] - torch_["test"]["top1"]) <= 2 / 120
@@ -227,7 +230,7 @@ def test_both_heads_choose_C_within_one_grid_step(tmp_path, seed):
     cache = write_cache(tmp_path / "shared.h5", X, y, split)
     chosen = {}
     for head in ("logreg", "torch"):
-        result = sweep.run(head_cfg(cache, tmp_path, head=head, grid=None, out=str(tmp_path / head), bootstrap=0))
+        result = protocol.run(head_cfg(cache, tmp_path, head=head, grid=None, out=str(tmp_path / head), bootstrap=0))
         assert result["config"]["select"] == "top1-1se"
         chosen[head] = result["chosen"]["index"]
     assert abs(chosen["logreg"] - chosen["torch"]) <= 1, chosen
@@ -237,12 +240,12 @@ def test_curve_marks_fits_that_are_not_fits_at_their_C(synthetic_cache, tmp_path
     """Torch: past some C the warm start is already within tol, so no step is taken (warm start only); any
     head: a fit stopped by max_iter is not converged, and one whose penalty gradient is below tol did not
     resolve its C. All are in curve.csv, and the default rule never chooses them."""
-    logreg_run = sweep.run(head_cfg(synthetic_cache, tmp_path, grid=None, out=str(tmp_path / "l")))
+    logreg_run = protocol.run(head_cfg(synthetic_cache, tmp_path, grid=None, out=str(tmp_path / "l")))
     status = [row["status"] for row in logreg_run["curve"]]
     first = status.index("C not resolved")
     assert set(status[:first]) == {"converged"} and set(status[first:]) == {"C not resolved"}, status
     assert logreg_run["chosen"]["index"] < first
-    torch_run = sweep.run(head_cfg(synthetic_cache, tmp_path, head="torch", grid=None, out=str(tmp_path / "t")))
+    torch_run = protocol.run(head_cfg(synthetic_cache, tmp_path, head="torch", grid=None, out=str(tmp_path / "t")))
     status = [row["status"] for row in torch_run["curve"]]
     assert "warm start only" in status and status[0] == "converged"
     assert abs(status.index("C not resolved" if "C not resolved" in status else "warm start only") - first) <= 2
@@ -255,18 +258,19 @@ def test_curve_marks_fits_that_are_not_fits_at_their_C(synthetic_cache, tmp_path
     assert header == (
         "C,val_top1,val_top1_se,val_balanced_accuracy,val_balanced_accuracy_se,val_log_loss,n_iter,converged,status"
     )
-    short = sweep.run(head_cfg(synthetic_cache, tmp_path, head="logreg", max_iter=3, out=str(tmp_path / "s")))
+    short = protocol.run(head_cfg(synthetic_cache, tmp_path, head="logreg", max_iter=3, out=str(tmp_path / "s")))
     assert {row["status"] for row in short["curve"]} == {"not converged"}
     assert "not converged" in (tmp_path / "s" / "curve.csv").read_text()
 
 
 def test_select_rules_on_a_real_curve(synthetic_cache, tmp_path):
     runs = {
-        s: sweep.run(head_cfg(synthetic_cache, tmp_path, select=s, out=str(tmp_path / s))) for s in sweep.SELECT_KEYS
+        s: protocol.run(head_cfg(synthetic_cache, tmp_path, select=s, out=str(tmp_path / s)))
+        for s in registry.SELECT_RULES
     }
     curve = runs["top1"]["curve"]
     for select, result in runs.items():
         assert result["curve"] == curve, "the rule changes the choice, not the fits"
-        assert result["chosen"]["index"] == sweep.choose(curve, select)
-        assert result["protocol"]["select_metric"] == sweep.SELECT_KEYS[select]
+        assert result["chosen"]["index"] == choice.choose(curve, select)
+        assert result["protocol"]["select_metric"] == registry.SELECT_RULES[select]
     assert runs["top1-1se"]["chosen"]["C"] <= runs["top1"]["chosen"]["C"], "never weaker regularisation than argmax"

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torchvision.datasets as tvd
 
-from pipeline import extract, read_features
-from pipeline.data import TORCHVISION_SPLITS, load_samples
+from pipeline import read_features
 from pipeline.errors import ConfigError, MissingError
+from pipeline.features import stage
+from pipeline.features.sources import load_samples
+from pipeline.registry import TORCHVISION_DATASETS as TORCHVISION_SPLITS
 
 from conftest import tiny
 from tvformats import WRITERS
@@ -56,7 +58,7 @@ def test_loads_with_official_splits(name, tmp_path, monkeypatch):
 def test_cifar10_through_the_cache(tmp_path, monkeypatch):
     WRITERS["CIFAR10"](tmp_path, monkeypatch)
     cfg = tiny(dataset="CIFAR10", root=str(tmp_path), out=str(tmp_path / "c10.h5"), val_fraction=0.25)
-    extract.run(cfg)
+    stage.run(cfg)
     fs = read_features(cfg.out)
     assert fs.classes == ["alpha", "beta", "gamma"]
     assert {k: len(v) for k, v in fs.splits.items()} == {"train": 15, "val": 5, "test": 4}

@@ -25,10 +25,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline import store
+from pipeline import fsutil
+from pipeline.cache import reader, schema
 from pipeline.config import FeaturesConfig
 from pipeline.devices import choose_device
 from pipeline.errors import CacheError
+from pipeline.features import extract, forward
 
 BLOCK_ROWS = 8192  # rows per copy when parts are assembled
 
@@ -78,10 +80,8 @@ def _read_progress(out: Path, size: int) -> int:
     return total
 
 
-def run_features(cfg: FeaturesConfig, report: Any) -> Any:
+def run(cfg: FeaturesConfig, report: Any) -> Any:
     """One rank's share of a `torchrun` extraction; rank 0 assembles the final cache."""
-    from pipeline import extract
-
     world = World.from_env()
     t0 = time.perf_counter()
     say = report if world.rank == 0 else (lambda message: None)
@@ -89,7 +89,7 @@ def run_features(cfg: FeaturesConfig, report: Any) -> Any:
     if device.type == "cpu":  # ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
     if cfg.workers is None:
-        cfg = dataclasses.replace(cfg, workers=max(0, extract.default_workers() // world.local_size - 1))
+        cfg = dataclasses.replace(cfg, workers=max(0, forward.default_workers() // world.local_size - 1))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=dt.timedelta(hours=24))  # waits span whole shards
     try:
@@ -102,9 +102,9 @@ def run_features(cfg: FeaturesConfig, report: Any) -> Any:
         part = part_path(out, world.rank, world.size)
         shard_fp = {**wanted, "shard": f"rows {start}:{stop} of {n}, rank {world.rank} of {world.size}"}
         quiet = dataclasses.replace(cfg, progress=False)
-        with store.locked(part):
+        with fsutil.locked(part):
             # Parts exist only until assembly, so any part here belongs to this (possibly --force) run: keep it.
-            done = store.stored_fingerprint(part) == shard_fp
+            done = reader.stored_fingerprint(part) == shard_fp
             _write_progress(out, world.rank, (stop - start) if done else 0)
             bar = tqdm(
                 total=n,
@@ -129,11 +129,11 @@ def run_features(cfg: FeaturesConfig, report: Any) -> Any:
                     on_batch(stop - start)
         dist.barrier()
         if world.rank == 0:
-            with store.locked(out):
+            with fsutil.locked(out):
                 path = assemble(out, world.size, samples, wanted, cfg, time.perf_counter() - t0)
             say(f"wrote {path} ({n} rows) from {world.size} parts in {time.perf_counter() - t0:.1f} s")
         dist.barrier()
-        skipped = [] if world.rank else store.summary(out)["skipped"]
+        skipped = [] if world.rank else reader.summary(out)["skipped"]
         return extract.FeaturesResult(str(out), "built", n, stop - start, time.perf_counter() - t0, skipped)
     finally:
         dist.destroy_process_group()
@@ -148,25 +148,23 @@ def _device(request: str, world: World) -> torch.device:
 
 def assemble(out: Path, size: int, samples: Any, wanted: dict[str, Any], cfg: FeaturesConfig, seconds: float) -> Path:
     """Copy the complete parts, in rank order (= canonical row order), into one cache; remove them."""
-    from pipeline.extract import open_writer
-
     parts = [part_path(out, r, size) for r in range(size)]
     missing = [str(p) for p in parts if not p.exists()]
     if missing:
         raise CacheError(f"cannot assemble {out}: parts {missing} are missing; rerun the same torchrun command")
-    with store.open_cache(parts[0]) as f:
+    with reader.open_cache(parts[0]) as f:
         dim = f["features"].shape[1]
         logits_dim = f["logits"].shape[1] if "logits" in f else None
-    store.partial_path(out).unlink(missing_ok=True)
-    writer = open_writer(out, cfg, samples, wanted, dim, logits_dim, distributed={"parts": size})
+    schema.partial_path(out).unlink(missing_ok=True)
+    writer = extract.open_writer(out, cfg, samples, wanted, dim, logits_dim, distributed={"parts": size})
     try:
         for part in parts:
-            with store.open_cache(part) as f:
+            with reader.open_cache(part) as f:
                 rows = f["features"].shape[0]
                 for a in range(0, rows, BLOCK_ROWS):
                     b = min(a + BLOCK_ROWS, rows)
-                    block = store.read_block(f["features"], a, b, np.float32)
-                    logits = store.read_block(f["logits"], a, b, np.float32) if logits_dim else None
+                    block = schema.read_block(f["features"], a, b, np.float32)
+                    logits = schema.read_block(f["logits"], a, b, np.float32) if logits_dim else None
                     writer.write(writer.rows_done, block, f["ok"][a:b], logits)
         path = writer.finish({"extract_seconds": seconds, "extract_rows": len(samples)})
     finally:

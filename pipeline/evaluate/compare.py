@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
-from pipeline import outputs, report
+from pipeline import outputs
 from pipeline.errors import CacheError, DataError, MissingError, PipelineError
+from pipeline.evaluate import report
 
 RESULT_SCHEMA = 1
 

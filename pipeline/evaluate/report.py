@@ -28,15 +28,17 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def plot_validation_curve(curve: list[dict[str, Any]], chosen_C: float, metric: str, path: str | Path) -> Path:
+def plot_validation_curve(curve: list[dict[str, Any]], selection: dict[str, Any], path: str | Path) -> Path:
     """Validation top-1 (with its binomial standard error), balanced accuracy and log-loss against C.
 
-    `metric` is the --select rule. Fits that did not converge are crossed out in red, warm-start-only
+    `selection` is what the --select rule decided (`pipeline.heads.choice.selection`): the rule, the chosen C
+    and, for the one-SE rules, the threshold. Fits that did not converge are crossed out in red, warm-start-only
     fits (the previous C's weights) are hollow grey circles and fits that did not resolve their C
     (the penalty's gradient below tol) hollow grey diamonds, so none reads as the optimum at its C;
     the one-SE rules also show their threshold.
     """
     plt = _pyplot()
+    metric, chosen_C = selection["select"], selection["C"]
     Cs = np.array([row["C"] for row in curve])
     top1 = np.array([row["val_top1"] for row in curve])
     fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -55,9 +57,7 @@ def plot_validation_curve(curve: list[dict[str, Any]], chosen_C: float, metric: 
         loss_ax.set_ylabel("val log-loss (grey)", color="0.4")
         target = loss_ax if key == "val_log_loss" else ax
     if metric.endswith("-1se") and all(f"{key}_se" in row for row in curve):
-        from pipeline.sweep import selection  # the rule itself, so the line is the threshold it used
-
-        ax.axhline(selection(curve, metric)["threshold"], color="tab:red", ls=":", lw=1, label="best − 1 SE")
+        ax.axhline(selection["threshold"], color="tab:red", ls=":", lw=1, label="best − 1 SE")
     best = next(row for row in curve if row["C"] == chosen_C)
     ax.axvline(chosen_C, color="0.6", ls="--", lw=1)
     target.plot([chosen_C], [best[key]], "r*", ms=14, label=f"chosen C = {chosen_C:.3g} ({metric})")

@@ -30,88 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SOLVERS = ("lbfgs", "adam", "sgd")
-_CHUNK_BYTES = 256 << 20  # bound on the (rows, K*O) activations held at once
-
-
-@dataclass
-class Solution:
-    """Per-setting weights (K, D, O), intercepts (K, O), and how the optimisation ended."""
-
-    coef: np.ndarray
-    intercept: np.ndarray
-    n_iter: np.ndarray  # (K,) iterations (lbfgs) or epochs (mini-batch)
-    converged: np.ndarray  # (K,) bool: max|grad| <= tol
-    grad_max: np.ndarray  # (K,) max |grad| at the end
-    loss: np.ndarray  # (K,) objective at the end
-    copied: np.ndarray  # (K,) bool: no step from the previous setting's solution (warm start only)
-
-
-class Problem:
-    """The data side of the objective: augmented X, targets, weights, penalties; loss and gradient."""
-
-    def __init__(
-        self,
-        X: torch.Tensor,
-        y: torch.Tensor,
-        n_classes: int,
-        sample_weight: torch.Tensor | None,
-        label_smoothing: float,
-    ) -> None:
-        n, d = X.shape
-        self.n, self.d = n, d
-        self.outputs = 1 if n_classes == 2 else n_classes
-        self.n_classes = n_classes
-        self.Xa = torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1)  # (N, D+1)
-        self.y = y
-        self.w = torch.ones(n, dtype=X.dtype, device=X.device) if sample_weight is None else sample_weight
-        self.w_sum = float(self.w.sum())
-        self.smoothing = label_smoothing
-
-    def rows_per_chunk(self, k: int) -> int:
-        return max(1, _CHUNK_BYTES // (4 * k * self.outputs + 1))
-
-    def loss_grad(
-        self, theta: torch.Tensor, lambdas: torch.Tensor, rows: torch.Tensor | None = None, scale: float | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Objective (K,) and gradient (D+1, K, O) at theta (D+1, K, O), over `rows` (default: all)."""
-        k, o = theta.shape[1], self.outputs
-        flat = theta.reshape(self.d + 1, k * o)
-        loss = torch.zeros(k, dtype=theta.dtype, device=theta.device)
-        grad = torch.zeros_like(flat)
-        index = torch.arange(self.n, device=theta.device) if rows is None else rows
-        scale = 1.0 / self.w_sum if scale is None else scale
-        step = self.rows_per_chunk(k)
-        for start in range(0, len(index), step):
-            chunk = index[start : start + step]
-            xa = self.Xa[chunk] if rows is not None or step < self.n else self.Xa  # (B, D+1)
-            z = (xa @ flat).view(-1, k, o)  # (B, K, O)
-            yb, wb = self.y[chunk], self.w[chunk] * scale
-            point_loss, dz = self._pointwise(z, yb)  # (B, K), (B, K, O)
-            loss += wb @ point_loss
-            dz *= wb[:, None, None]
-            grad.addmm_(xa.T, dz.view(-1, k * o))  # (D+1, K*O)
-        grad = grad.view(self.d + 1, k, o)
-        W = theta[:-1]
-        loss += 0.5 * lambdas * (W * W).sum(dim=(0, 2))
-        grad[:-1] += lambdas[None, :, None] * W
-        return loss, grad
-
-    def _pointwise(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row loss (B, K) and its derivative in the logits (B, K, O)."""
-        eps = self.smoothing
-        if self.outputs == 1:  # binomial: t in [0, 1], loss = softplus(z) - t z
-            t = (y.to(z.dtype) * (1 - eps) + eps / 2)[:, None, None]
-            loss = torch.nn.functional.softplus(z) - t * z
-            return loss[..., 0], torch.sigmoid(z) - t
-        log_p = torch.log_softmax(z, dim=2)
-        picked = log_p.gather(2, y[:, None, None].expand(-1, z.shape[1], 1))[..., 0]  # (B, K)
-        loss = -(1 - eps) * picked - (eps / self.n_classes) * log_p.sum(dim=2)
-        dz = log_p.exp_()
-        dz.scatter_add_(2, y[:, None, None].expand(-1, z.shape[1], 1), torch.full_like(dz[..., :1], -(1 - eps)))
-        if eps:
-            dz -= eps / self.n_classes
-        return loss, dz
+from pipeline.heads import minibatch
+from pipeline.heads.objective import Problem, Solution
+from pipeline.heads.options import DEFAULTS, SolverOptions, penalties
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -317,107 +238,48 @@ def path(
     return theta, n_iter, converged, grad_max, final_loss, copied
 
 
-def minibatch(
-    problem: Problem,
-    lambdas: torch.Tensor,
-    theta: torch.Tensor,
-    method: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    balanced_sampler: bool,
-    on_epoch: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Adam or SGD (momentum 0.9) with a cosine schedule over `epochs`, all settings at once."""
-    param = theta.clone().requires_grad_(False)
-    param.grad = torch.zeros_like(param)
-    opt = (
-        torch.optim.Adam([param], lr=lr)
-        if method == "adam"
-        else torch.optim.SGD([param], lr=lr, momentum=0.9, nesterov=True)
-    )
-    steps = epochs * math.ceil(problem.n / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    y_cpu = problem.y.cpu()
-    if balanced_sampler:  # every class equally likely, whatever its size
-        counts = torch.bincount(y_cpu, minlength=problem.n_classes).to(torch.float64)
-        draw_p = (1.0 / counts)[y_cpu]
-        draw_p /= draw_p.sum()
-    for epoch in range(epochs):
-        if balanced_sampler:
-            order = torch.multinomial(draw_p, problem.n, replacement=True, generator=gen)
-        else:
-            order = torch.randperm(problem.n, generator=gen)
-        order = order.to(problem.Xa.device)
-        for start in range(0, problem.n, batch_size):
-            rows = order[start : start + batch_size]
-            # An unbiased estimate of the full-data gradient: rescale the batch to the whole sum.
-            scale = len(order) / (len(rows) * problem.w_sum)
-            _, grad = problem.loss_grad(param, lambdas, rows=rows, scale=scale)
-            param.grad.copy_(grad)
-            opt.step()
-            schedule.step()
-        if on_epoch is not None:
-            on_epoch(epoch)
-    return param.detach()
-
-
 def solve(
     X: np.ndarray | torch.Tensor,
     y: np.ndarray,
-    Cs: np.ndarray,
+    Cs: np.ndarray | list[float],
     *,
     n_classes: int,
+    options: SolverOptions = DEFAULTS,
     sample_weight: np.ndarray | None = None,
-    label_smoothing: float = 0.0,
-    method: str = "lbfgs",
-    max_iter: int = 1000,
-    tol: float = 1e-4,
-    epochs: int = 30,
-    batch_size: int = 512,
-    lr: float | None = None,
-    seed: int = 0,
-    balanced_sampler: bool = False,
-    device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     init: tuple[np.ndarray, np.ndarray] | None = None,
     progress: Callable[[int], None] | None = None,
     block: int | None = None,
 ) -> Solution:
-    """Fit one linear classifier per value in `Cs` on the same data.
+    """Fit one linear classifier per value in `Cs` on the same rows in memory.
 
     L-BFGS walks the C values from the strongest penalty to the weakest in blocks of `block`
     settings trained together (default: all at once), each block warm-started from the previous
-    block's last solution and curvature. `block=1` is the sequential warm-started path.
+    block's last solution and curvature. `block=1` is the sequential warm-started path. The
+    mini-batch solvers train every setting at once (`pipeline.heads.minibatch`).
     """
+    device = options.device
     X_t = X.to(device=device, dtype=dtype) if torch.is_tensor(X) else torch.tensor(X, dtype=dtype, device=device)
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.long, device=device)
     sw = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=dtype, device=device)
-    problem = Problem(X_t, y_t, n_classes, sw, label_smoothing)
-    Cs = np.asarray(Cs, dtype=np.float64)
-    lambdas = torch.as_tensor(1.0 / (Cs * problem.w_sum), dtype=dtype, device=device)
+    problem = Problem(X_t, y_t, n_classes, sw, options.label_smoothing)
+    lambdas = torch.as_tensor(penalties(Cs, problem.w_sum), dtype=dtype, device=device)
     k, o = len(Cs), problem.outputs
     theta = torch.zeros(problem.d + 1, k, o, dtype=dtype, device=device)
     if init is not None:  # warm start: (K or 1, D, O) weights, (K or 1, O) intercepts
         coef, intercept = (torch.as_tensor(a, dtype=dtype, device=device) for a in init)
         theta[:-1] = coef.permute(1, 0, 2)
         theta[-1] = intercept
-    if method == "lbfgs":
+    if options.solver == "lbfgs":
         block = k if block is None else max(1, min(block, k))
-        theta, n_iter, converged, grad_max, loss, copied = path(problem, lambdas, theta, max_iter, tol, block, progress)
-    elif method in ("adam", "sgd"):
-        lr = lr if lr is not None else (1e-3 if method == "adam" else 0.1)
-        theta = minibatch(problem, lambdas, theta, method, epochs, batch_size, lr, seed, balanced_sampler)
-        loss_t, grad = problem.loss_grad(theta, lambdas)
-        grad_max = grad.abs().amax(dim=(0, 2)).cpu().numpy()
-        loss, n_iter, converged = loss_t.cpu().numpy(), np.full(k, epochs), grad_max <= tol
-        copied = np.zeros(k, dtype=bool)
-        if progress is not None:
-            progress(k)
-    else:
-        raise ValueError(f"unknown solver {method!r}; choose one of: {', '.join(SOLVERS)}")
-    coef = theta[:-1].permute(1, 0, 2).cpu().numpy()  # (K, D, O)
-    intercept = theta[-1].cpu().numpy()  # (K, O)
-    return Solution(coef, intercept, n_iter, converged, grad_max, loss, copied)
+        theta, n_iter, converged, grad_max, loss, copied = path(
+            problem, lambdas, theta, options.max_iter, options.tol, block, progress
+        )
+        return Solution.of(theta, n_iter, converged, grad_max, loss, copied)
+    batches = minibatch.memory_batches(problem, options.batch_size, options.seed, options.balanced_sampler)
+    steps = options.epochs * math.ceil(problem.n / options.batch_size)
+    theta = minibatch.train(batches, theta, lambdas, options, problem.n, problem.w_sum, steps)
+    solution = minibatch.measured(theta, [problem], lambdas, problem.w_sum, options)
+    if progress is not None:
+        progress(k)
+    return solution

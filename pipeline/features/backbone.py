@@ -24,19 +24,8 @@ import torchvision
 from torch import nn
 
 from pipeline.errors import ConfigError, MissingError, WeightsError
+from pipeline.registry import BACKBONES
 
-BACKBONES = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 LAYER = "avgpool (flattened input of fc)"
 

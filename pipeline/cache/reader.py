@@ -1,0 +1,206 @@
+"""Reading complete caches: `open_cache`, the arrays per split (`read_features`), what the head
+stage needs before reading any features (`cache_info`, a `CacheInfo`), and what `pipeline info`
+shows (`summary`). Every open goes through `schema.open_existing`, so what a file claims is checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline.cache.schema import (
+    json_attr,
+    open_existing,
+    partial_path,
+    read_block,
+    read_ids,
+    row_ranges,
+)
+from pipeline.errors import CacheError, MissingError
+from pipeline.splits import SPLITS
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split's rows: features, labels and sample ids."""
+
+    X: np.ndarray  # (n, D)
+    y: np.ndarray  # (n,) int64
+    ids: np.ndarray  # (n,) str
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """What `read_features` returns: per-split arrays plus everything the file says about itself."""
+
+    path: Path
+    classes: list[str]
+    splits: dict[str, Split]
+    fingerprint: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Split:
+        return self.splits[name]
+
+    @property
+    def dim(self) -> int:
+        return next(iter(self.splits.values())).X.shape[1]
+
+
+def _no_cache(path: Path) -> MissingError:
+    return MissingError(f"no cache at {path}; run `make features` (or `pipeline features --out {path}`) first")
+
+
+def open_cache(path: str | Path) -> h5py.File:
+    """Open a complete cache for reading, or say precisely why it cannot be read."""
+    path = Path(path)
+    if not path.exists():
+        partial = partial_path(path)
+        if partial.exists():
+            with open_existing(partial) as f:
+                done, n = int(f.attrs.get("rows_done", 0)), f["features"].shape[0]
+            raise CacheError(
+                f"cache {path} is incomplete ({done} of {n} rows in {partial}); "
+                "rerun the same `pipeline features` command to resume it"
+            )
+        raise _no_cache(path)
+    f = open_existing(path)
+    if not bool(f.attrs.get("complete")):
+        done, n = int(f.attrs.get("rows_done", 0)), f["features"].shape[0]
+        f.close()
+        raise CacheError(f"cache {path} is incomplete ({done} of {n} rows); rerun `pipeline features` to resume it")
+    return f
+
+
+def stored_fingerprint(path: str | Path) -> dict[str, Any] | None:
+    """The fingerprint of a complete cache at `path`, or None when there is none."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with open_existing(path) as f:
+        return json_attr(f, "fingerprint") if bool(f.attrs.get("complete")) else None
+
+
+def partial_state(path: str | Path) -> tuple[dict[str, Any], int, int] | None:
+    """(fingerprint, rows done, rows) of ``PATH.partial``, or None when there is none or it is unreadable."""
+    partial = partial_path(path)
+    if not partial.exists():
+        return None
+    try:
+        with open_existing(partial) as f:
+            return json_attr(f, "fingerprint"), int(f.attrs.get("rows_done", 0)), int(f["features"].shape[0])
+    except CacheError:
+        return None
+
+
+def stored_rows(path: str | Path) -> dict[str, np.ndarray]:
+    """Each row's identity as the cache recorded it: ids, labels, split, and file size, mtime, sha256
+    where recorded. Lets a rebuild say which files changed."""
+    with open_existing(Path(path)) as f:
+        rows = {"ids": read_ids(f["ids"]), "labels": f["labels"][...], "split": f["split"][...]}
+        for key in ("file_size", "file_mtime_ns", "file_sha256"):
+            if key in f:
+                rows[key] = f[key][...]
+        return rows
+
+
+def read_features(
+    path: str | Path, splits: tuple[str, ...] = SPLITS, dtype: Any = None, include_logits: bool = False
+) -> FeatureSet:
+    """Load a complete cache: arrays per split (skipped images left out) plus its metadata.
+
+    ``dtype`` converts features while reading (e.g. ``np.float32`` from float16 storage).
+    """
+    with open_cache(path) as f:
+        split_codes = f["split"][...]
+        ok = f["ok"][...]
+        out: dict[str, Split] = {}
+        for name, (a, b) in row_ranges(split_codes).items():
+            if name not in splits or a == b:
+                continue
+            X = read_block(f["logits" if include_logits else "features"], a, b, dtype)
+            y, ids = f["labels"][a:b], read_ids(f["ids"], a, b)
+            keep = ok[a:b]
+            if not keep.all():
+                X, y, ids = X[keep], y[keep], ids[keep]
+            out[name] = Split(X=X, y=y, ids=ids)
+        return FeatureSet(
+            path=Path(path),
+            classes=list(f["classes"].asstr()[...]),
+            splits=out,
+            fingerprint=json_attr(f, "fingerprint"),
+            config=json_attr(f, "config"),
+            skipped=[] if ok.all() else list(read_ids(f["ids"])[~ok]),
+            attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()},
+        )
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What the head stage knows about a cache before reading any features: its identity, shape and
+    row ranges, and the labels per split (readable rows only) with the class names."""
+
+    path: str
+    classes: list[str]
+    labels: dict[str, np.ndarray]  # per split, readable rows only
+    fingerprint: dict[str, Any]
+    config: dict[str, Any]
+    extract_seconds: float | None
+    dim: int
+    ranges: dict[str, tuple[int, int]]  # file rows of each split (readable or not)
+    rows: dict[str, int]  # readable rows per split
+
+
+def cache_info(path: str | Path) -> CacheInfo:
+    """The `CacheInfo` of a complete cache (reads labels and attributes, no features)."""
+    with open_cache(path) as f:
+        split_codes, ok, labels = f["split"][...], f["ok"][...], f["labels"][...]
+        return CacheInfo(
+            path=str(path),
+            classes=list(f["classes"].asstr()[...]),
+            labels={name: labels[(split_codes == code) & ok] for code, name in enumerate(SPLITS)},
+            fingerprint=json_attr(f, "fingerprint"),
+            config=json_attr(f, "config"),
+            extract_seconds=float(f.attrs["extract_seconds"]) if "extract_seconds" in f.attrs else None,
+            dim=int(f["features"].shape[1]),
+            ranges=row_ranges(split_codes),
+            rows={name: int((ok & (split_codes == code)).sum()) for code, name in enumerate(SPLITS)},
+        )
+
+
+def summary(path: str | Path) -> dict[str, Any]:
+    """What `pipeline info` shows; for a cache still being written, the partial file's state."""
+    path = Path(path)
+    if not path.exists() and partial_path(path).exists():
+        path = partial_path(path)
+    if not path.exists():
+        raise _no_cache(path)
+    with open_existing(path) as f:
+        split_codes = f["split"][...]
+        counts = np.bincount(split_codes, minlength=len(SPLITS))
+        ok = f["ok"][...]
+        return {
+            "path": str(path),
+            "bytes": path.stat().st_size,
+            "complete": bool(f.attrs.get("complete")),
+            "rows_done": int(f.attrs.get("rows_done", 0)),
+            "shape": tuple(f["features"].shape),
+            "dtype": str(f["features"].dtype),
+            "logits": tuple(f["logits"].shape) if "logits" in f else None,
+            "classes": list(f["classes"].asstr()[...]),
+            "splits": {name: int(n) for name, n in zip(SPLITS, counts, strict=True)},
+            "skipped": list(read_ids(f["ids"])[~ok]),
+            "fingerprint": json_attr(f, "fingerprint"),
+            "carved": json_attr(f, "carved"),
+            "versions": json_attr(f, "versions"),
+            "created": str(f.attrs.get("created", "")),
+            "source": str(f.attrs.get("source", "")),
+        }

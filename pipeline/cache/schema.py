@@ -1,0 +1,175 @@
+"""The cache file: one self-describing HDF5 file per (image set, backbone, weights, preprocessing,
+precision). No torch here, so the head stage can read caches without importing it.
+
+Datasets
+    features (N, D) float32|float16, chunked by rows, allocated up front (writes touch no metadata)
+    labels (N,) int64 · ids (N,) str · split (N,) int8 (attr ``names``) · classes (C,) str
+    ok (N,) bool (False for images skipped as unreadable) · logits (N, K) when asked for
+    row_crc (N,) uint32: CRC-32 of each stored row, re-read and checked before `complete` is set
+    file_size, file_mtime_ns (N,) int64 and file_sha256 (N,) with --verify-content: what each image
+    file was when it was read, so a rebuild can name the files that changed
+Attributes
+    schema_version · fingerprint (JSON; equal fingerprints mean equal features) · config (JSON)
+    versions (JSON) · created · complete · rows_done · carved (JSON) · source
+
+This module owns the layout: its constants, `validate` (the whole schema, checked once where a file
+is opened) and the low-level dataset reads every other module uses.
+
+A run writes ``NAME.partial`` and renames it to ``NAME`` only once every row has been read back
+against its CRC and the file fsynced; an interrupted run resumes at ``rows_done``. ``NAME.lock``
+keeps two runs from writing the same cache. `validate` checks the whole schema once, on open.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline.errors import CacheError
+from pipeline.splits import SPLITS
+
+SCHEMA_VERSION = 1
+
+
+CHUNK_BYTES = 4 << 20  # rows per chunk: ~4 MiB; read speed is flat from 1 to 64 MiB, writes a bit faster
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def partial_path(path: str | Path) -> Path:
+    return Path(f"{path}.partial")
+
+
+def json_attr(f: h5py.File, key: str) -> Any:
+    return json.loads(f.attrs[key]) if key in f.attrs else {}
+
+
+def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Every key whose value differs, as ``key: old -> new``."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def open_existing(path: Path, mode: str = "r") -> h5py.File:
+    """Open a cache file and check everything it claims (see `validate`), or say why it cannot be read."""
+    if path.is_dir():
+        raise CacheError(f"{path} is a folder, not a cache file; pass the .h5 file inside it or another path")
+    try:
+        # No chunk cache when reading: whole-chunk reads then go straight into the caller's array.
+        f = h5py.File(path, mode, rdcc_nbytes=0 if mode == "r" else 1 << 20)
+    except BlockingIOError:
+        raise CacheError(f"cache {path} is open for writing by another process; wait for it to finish") from None
+    except OSError as exc:
+        reason = str(exc).split("(")[-1].rstrip(")") if "(" in str(exc) else str(exc)
+        raise CacheError(
+            f"{path} is not a readable HDF5 cache ({reason}); delete it and rerun the features stage"
+        ) from None
+    try:
+        validate(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def malformed(path: Path, what: str) -> CacheError:
+    return CacheError(f"cache {path} is malformed: {what}; rebuild it with `pipeline features --force`")
+
+
+def validate(f: h5py.File, path: Path) -> None:
+    """Check the whole schema once, where a cache is opened: every dataset with its shape, dtype and
+    value range, and every JSON attribute. Readers after this can trust what the file says."""
+    version = f.attrs.get("schema_version")
+    if version is None or "features" not in f:
+        raise CacheError(
+            f"{path} is an HDF5 file but not a feature cache; point at a file written by `pipeline features`"
+        )
+    try:
+        version = int(np.asarray(version).item())
+    except (TypeError, ValueError):
+        raise malformed(path, f"schema_version {version!r} is not an integer") from None
+    if version != SCHEMA_VERSION:
+        raise CacheError(
+            f"cache {path} has schema version {version}, this pipeline reads version {SCHEMA_VERSION}; "
+            "rebuild it with `pipeline features --force`"
+        )
+    missing = [
+        k for k in ("features", "labels", "ids", "split", "classes", "ok") if not isinstance(f.get(k), h5py.Dataset)
+    ]
+    if missing:
+        raise malformed(path, f"dataset(s) {', '.join(missing)} missing")
+    features = f["features"]
+    if features.ndim != 2 or features.dtype.kind != "f" or features.shape[1] == 0:
+        raise malformed(path, f"features are {features.shape} {features.dtype}, expected (rows, dim) floats")
+    n = features.shape[0]
+    kinds = {"labels": "iu", "split": "iu", "ok": "b", "ids": "SOU"}
+    optional = {"file_size": "iu", "file_mtime_ns": "iu", "file_sha256": "SO", "row_crc": "u"}
+    for key, kind in [*kinds.items(), *((k, v) for k, v in optional.items() if k in f)]:
+        d = f[key]
+        if not isinstance(d, h5py.Dataset) or d.ndim != 1 or d.shape[0] != n or d.dtype.kind not in kind:
+            shape = getattr(d, "shape", "a group")
+            raise malformed(path, f"{key} is {shape} {getattr(d, 'dtype', '')}, expected {n} rows to match features")
+    classes = f["classes"]
+    if classes.ndim != 1 or h5py.check_string_dtype(classes.dtype) is None:
+        raise malformed(path, f"classes is {classes.shape} {classes.dtype}, expected a list of names")
+    if "logits" in f and (
+        not isinstance(f["logits"], h5py.Dataset) or f["logits"].ndim != 2 or f["logits"].shape[0] != n
+    ):
+        raise malformed(path, f"logits are {getattr(f['logits'], 'shape', 'a group')}, expected {n} rows")
+    labels, split = f["labels"][...], f["split"][...]
+    if n and (labels.min() < 0 or labels.max() >= len(classes)):
+        bad = int(np.flatnonzero((labels < 0) | (labels >= len(classes)))[0])
+        raise malformed(path, f"label {labels[bad]} at row {bad} is outside the {len(classes)} class names")
+    if n and (split.min() < 0 or split.max() >= len(SPLITS)):
+        bad = int(np.flatnonzero((split < 0) | (split >= len(SPLITS)))[0])
+        raise malformed(path, f"split code {split[bad]} at row {bad} is not one of 0, 1, 2 ({', '.join(SPLITS)})")
+    for key in ("fingerprint", "config", "carved", "versions"):
+        if key in f.attrs:
+            try:
+                value = json.loads(f.attrs[key])
+            except (TypeError, ValueError):
+                raise malformed(path, f"attribute {key} is not JSON") from None
+            if not isinstance(value, dict):
+                raise malformed(path, f"attribute {key} is {type(value).__name__}, expected a JSON object")
+    try:
+        done = int(np.asarray(f.attrs.get("rows_done", 0)).item())
+    except (TypeError, ValueError):
+        raise malformed(path, "rows_done is not an integer") from None
+    if not 0 <= done <= n:
+        raise malformed(path, f"rows_done {done} is outside 0..{n}")
+
+
+def row_ranges(split: np.ndarray) -> dict[str, tuple[int, int]]:
+    """Rows are sorted by split, so each split is one contiguous range."""
+    if np.any(np.diff(split) < 0):
+        raise CacheError("cache rows are not ordered by split; rebuild it with `pipeline features --force`")
+    return {
+        name: (int(np.searchsorted(split, code, "left")), int(np.searchsorted(split, code, "right")))
+        for code, name in enumerate(SPLITS)
+    }
+
+
+def read_ids(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Sample ids ``start:stop`` as a str array, from fixed-length (fast path) or variable-length storage."""
+    rows = np.s_[start:stop]
+    if dataset.dtype.kind == "S":
+        raw = dataset[rows]
+        try:
+            return raw.astype("U")  # plain ASCII: one C-level conversion
+        except UnicodeDecodeError:
+            return np.char.decode(raw, "utf-8")
+    return dataset.asstr()[rows]
+
+
+def read_block(dataset: h5py.Dataset, start: int, stop: int, dtype: Any = None) -> np.ndarray:
+    """Rows ``start:stop`` in one contiguous hyperslab read, straight into the result array."""
+    out = np.empty((stop - start, *dataset.shape[1:]), dtype=dtype or dataset.dtype)
+    if stop > start:
+        dataset.read_direct(out, np.s_[start:stop], np.s_[0 : stop - start])
+    return out

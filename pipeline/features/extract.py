@@ -1,0 +1,220 @@
+"""The expensive stage: every image through the frozen backbone once, rows into the cache file.
+
+DataLoader workers decode and preprocess; the main process moves each batch to the device,
+runs one forward pass and hands the rows to the writer, so memory stays flat in N. This module
+owns one process's run (`run_local`: current, resume or build); the forward loop is `forward`.
+The cache fingerprint is computed before any model is built: a current cache costs one directory scan.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import fsutil
+from pipeline.cache import reader, schema
+from pipeline.cache.writer import CacheWriter
+from pipeline.config import FeaturesConfig, to_dict
+from pipeline.devices import choose_device
+from pipeline.errors import BadImageError, CacheError, Interrupted
+from pipeline.features import backbone
+from pipeline.features.forward import RowSink, forward_rows
+from pipeline.features.samples import SampleList, describe_changes
+from pipeline.features.sources import load_samples
+
+Report = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def versions() -> dict[str, str]:
+    names = ("pipeline", "torch", "torchvision", "numpy", "h5py", "pillow")
+    return {n: importlib.metadata.version(n) for n in names}
+
+
+def fingerprint(cfg: FeaturesConfig, samples: SampleList, spec: backbone.BackboneSpec) -> dict[str, Any]:
+    """Everything that changes the stored numbers, and nothing that does not (paths, devices, versions)."""
+    return {
+        "schema": schema.SCHEMA_VERSION,
+        "backbone": spec.name,
+        "weights": spec.weights_id,
+        "layer": backbone.LAYER,
+        "preprocessing": spec.preprocessing,
+        "precision": cfg.precision,
+        "store_dtype": cfg.store_dtype,
+        "samples": f"sha256:{samples.digest()}",
+        "rows": len(samples),
+        "identity": "ids, labels, splits, file size and mtime" + (", sha256 of content" if cfg.verify_content else ""),
+        "logits": cfg.logits,
+        "decode": "torchvision.io on the device" if cfg.decode == "device" else "PIL in DataLoader workers",
+    }
+
+
+@dataclass(frozen=True)
+class FeaturesResult:
+    path: str
+    status: str  # "current", "built" or "resumed"
+    rows: int
+    computed: int
+    seconds: float
+    skipped: list[str]
+
+
+def prepare(cfg: FeaturesConfig, report: Report = _quiet) -> tuple[SampleList, backbone.BackboneSpec, dict[str, Any]]:
+    """The sample list, the backbone spec and the fingerprint they give: no model is built."""
+    samples = load_samples(
+        data=cfg.data,
+        dataset=cfg.dataset,
+        root=cfg.root,
+        download=cfg.download,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        split_seed=cfg.split_seed,
+        verify_content=cfg.verify_content,
+    )
+    spec = backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size)
+    sizes = ", ".join(f"{k} {v}" for k, v in samples.split_sizes().items())
+    report(f"data: {len(samples)} images, {len(samples.classes)} classes ({sizes}) from {samples.source}")
+    if spec.enum is None and spec.checkpoint is None:
+        report(
+            f"note: --weights none: random initialisation (seed {spec.seed}), so these features are not pretrained; "
+            "pretrained weights need a download (use --weights DEFAULT where there is internet)"
+        )
+    return samples, spec, fingerprint(cfg, samples, spec)
+
+
+def is_current(cfg: FeaturesConfig, wanted: dict[str, Any], samples: SampleList, report: Report = _quiet) -> bool:
+    """True when the cache at ``cfg.out_path`` already holds these features (and --force is off);
+    otherwise says why it will be (re)built, or refuses under ``--on-mismatch refuse``."""
+    out = cfg.out_path
+    existing = reader.stored_fingerprint(out)
+    pending = reader.partial_state(out)
+    if existing == wanted and not cfg.force:
+        if pending is not None and pending[0] == wanted:  # an interrupted --force rebuild of the same features
+            report(
+                f"cache {out} is complete and matches; an interrupted --force rebuild ({pending[1]} of {pending[2]} "
+                f"rows) waits in {schema.partial_path(out)}: rerun with --force to finish it, or delete that file"
+            )
+        else:
+            report(f"cache {out} is current ({wanted['rows']} rows); nothing to do (--force rebuilds)")
+        return True
+    if existing is not None and existing != wanted:
+        differences = "; ".join(schema.fingerprint_diff(existing, wanted))
+        if existing.get("samples") != wanted.get("samples"):
+            files = describe_changes(reader.stored_rows(out), samples)
+            differences += f" ({files})" if files else ""
+        if cfg.on_mismatch == "refuse":
+            raise CacheError(
+                f"cache {out} was built differently ({differences}); pass --on-mismatch rebuild or another --out"
+            )
+        report(f"cache {out} was built differently, rebuilding: {differences}")
+    elif existing is not None:
+        report(f"cache {out} is current; rebuilding because of --force")
+    return False
+
+
+def run_local(cfg: FeaturesConfig, report: Report = _quiet) -> FeaturesResult:
+    """Make the cache at ``cfg.out_path`` current in this process: nothing, a resume, or a (re)build."""
+    t0 = time.perf_counter()
+    samples, spec, wanted = prepare(cfg, report)
+    if cfg.out_path.is_dir():
+        raise CacheError(f"--out {cfg.out_path} is a folder; pass a file path such as {cfg.out_path / 'features.h5'}")
+    # A current cache needs no lock (so a read-only copy still says "current"); a build takes it and
+    # checks again, since another run may have finished it meanwhile.
+    if not cfg.force and reader.stored_fingerprint(cfg.out_path) == wanted:
+        is_current(cfg, wanted, samples, report)
+        return FeaturesResult(str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, [])
+    with fsutil.locked(cfg.out_path):
+        if is_current(cfg, wanted, samples, report):
+            return FeaturesResult(str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, [])
+        # --force keeps a partial file of the same features: it is the rebuild an earlier --force started.
+        return fill(cfg, samples, spec, wanted, report, t0)
+
+
+def open_writer(
+    out: Path,
+    cfg: FeaturesConfig,
+    samples: SampleList,
+    wanted: dict[str, Any],
+    dim: int,
+    logits_dim: int | None,
+    report: Report = _quiet,
+    **attrs: Any,
+) -> CacheWriter:
+    """A writer for ``OUT.partial`` whose attributes describe `samples` and `cfg` (resumes when it can)."""
+    return CacheWriter.open(
+        out,
+        fingerprint=wanted,
+        ids=samples.ids,
+        labels=samples.labels,
+        split=samples.split,
+        classes=samples.classes,
+        dim=dim,
+        store_dtype=cfg.store_dtype,
+        logits_dim=logits_dim,
+        attrs={"config": to_dict(cfg), "versions": versions(), "carved": samples.carved, "source": samples.source}
+        | attrs,
+        identity=samples.identity,
+        report=report,
+    )
+
+
+def fill(
+    cfg: FeaturesConfig,
+    samples: SampleList,
+    spec: backbone.BackboneSpec,
+    wanted: dict[str, Any],
+    report: Report,
+    t0: float,
+    out: Path | None = None,
+    device: torch.device | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> FeaturesResult:
+    """Extract every row not yet in ``OUT.partial`` (default: ``cfg.out_path``), then finish the file."""
+    out = cfg.out_path if out is None else out
+    device = choose_device(cfg.device) if device is None else device
+    model = backbone.build(spec, progress=cfg.progress)
+    if cfg.logits and model.classifier is None:
+        raise CacheError(f"--logits: checkpoint {spec.checkpoint} has no fc layer; drop --logits")
+    logits_dim = model.classifier.out_features if cfg.logits else None
+    writer = open_writer(out, cfg, samples, wanted, model.dim, logits_dim, report)
+    start = writer.rows_done
+    sink = RowSink(writer, model.dim, model.classifier.out_features if cfg.logits else None)
+    try:
+        bad = forward_rows(sink, start, samples, model, spec, cfg, device, report, on_batch=on_batch)
+        path = writer.finish({"extract_seconds": time.perf_counter() - t0, "extract_rows": len(samples) - start})
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted: {writer.rows_done} of {len(samples)} rows are saved in {schema.partial_path(out)}; "
+            "rerun the same command to resume"
+        ) from None
+    except BadImageError as exc:
+        raise BadImageError(
+            f"{exc}; fix or remove them, or rerun with --skip-bad-images to record and skip them "
+            f"({writer.rows_done} rows saved, the rerun resumes)"
+        ) from None
+    except fsutil.WriteError as exc:
+        error = fsutil.WriteError(
+            f"{exc} ({writer.rows_done} of {len(samples)} rows are saved; the same command resumes once it can write)"
+        )
+        error.hdf5_broken = getattr(exc, "hdf5_broken", False)
+        raise error from None
+    finally:
+        writer.close()
+    skipped = [samples.ids[row] for row in bad]
+    seconds = time.perf_counter() - t0
+    computed = len(samples) - start
+    size = path.stat().st_size / 1e6
+    report(
+        f"wrote {path} ({len(samples)} x {model.dim} {cfg.store_dtype}, {size:.1f} MB): "
+        f"{computed} images in {seconds:.1f} s" + (f", {len(skipped)} unreadable images skipped" if skipped else "")
+    )
+    return FeaturesResult(str(path), "resumed" if start else "built", len(samples), computed, seconds, skipped)

@@ -1,0 +1,88 @@
+"""Choosing C from a validation curve: one curve row per fit (`curve_row`, from float64
+log-probabilities) and the `--select` rules (`selection`), shared by every fitter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.evaluate import metrics
+from pipeline.heads.runs import Fit
+from pipeline.registry import SELECT_RULES
+
+
+def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
+    """Which C the rule `select` takes from a validation curve, and the numbers that decided it.
+
+    - `top1-1se` / `balanced-1se` (one-standard-error rule): among the fits that converged, find
+      the best score p and its standard error SE (`val_*_se` of that row: sqrt(p (1 - p) / n_val)
+      for top-1, sqrt(sum_c r_c (1 - r_c) / n_c) / K for balanced accuracy); take the smallest C
+      whose score is >= p - SE. A one- or two-image spike on the flat, weakly regularised end
+      cannot move the choice: every C it beats by less than its noise stays a candidate.
+    - `top1` / `balanced`: plain argmax over every fit (the published protocol).
+    - `logloss`: the converged fit with the lowest validation log-loss.
+
+    The `*-1se` and `logloss` rules look only at fits whose status is `converged` (see
+    `Fit.status`): a fit that did not converge, repeats the previous C's weights, or did not
+    resolve its C is scored and shown, but neither sets the best score nor is chosen (unless no fit
+    converged, and then every fit counts). Those are the points where the solvers stop on a flat
+    loss, so their scores differ between the heads, solver starts and BLAS threads by a few
+    images. Ties go to the smaller C (the stronger regularisation).
+    """
+    metric = SELECT_RULES[select]
+    values = np.array([row[f"val_{metric}"] for row in curve], dtype=np.float64)
+    Cs = np.array([row["C"] for row in curve], dtype=np.float64)
+    out: dict[str, Any] = {"select": select, "metric": metric}
+    if select in ("top1", "balanced"):
+        best = _smallest_C(Cs, values == values.max())
+        return out | {"rule": "argmax", "best": float(values[best]), "index": best, "C": float(Cs[best])}
+    eligible = np.array([row.get("status", "converged") == "converged" for row in curve])
+    out["excluded"] = int((~eligible).sum()) if eligible.any() else 0  # fits not converged at their C
+    eligible = eligible if eligible.any() else np.ones(len(curve), dtype=bool)
+    if select == "logloss":
+        lowest = values[eligible].min()
+        index = _smallest_C(Cs, eligible & (values == lowest))
+        return out | {"rule": "argmin", "best": float(lowest), "index": index, "C": float(Cs[index])}
+    best = int(np.flatnonzero(eligible)[np.argmax(values[eligible])])
+    se = float(curve[best][f"val_{metric}_se"])
+    threshold = values[best] - se
+    # A relative slack of 1e-12 keeps a score that equals the threshold up to rounding a candidate.
+    index = _smallest_C(Cs, eligible & (values >= threshold - 1e-12))
+    return out | {
+        "rule": "one-SE",
+        "best": float(values[best]),
+        "best_C": float(Cs[best]),
+        "se": se,
+        "threshold": float(threshold),
+        "index": index,
+        "C": float(Cs[index]),
+    }
+
+
+def _smallest_C(Cs: np.ndarray, candidates: np.ndarray) -> int:
+    """Index of the smallest C among the candidates: the strongest regularisation."""
+    rows = np.flatnonzero(candidates)
+    return int(rows[np.argmin(Cs[rows])])
+
+
+def choose(curve: list[dict[str, Any]], select: str) -> int:
+    """Index of the C the rule `select` chooses (see `selection`); shared by both heads and the streamed head."""
+    return selection(curve, select)["index"]
+
+
+def curve_row(fit: Fit, y: np.ndarray, log_proba: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """One row of the validation curve, from float64 log-probabilities (exact log-loss)."""
+    proba = np.exp(log_proba)
+    scores = metrics.evaluate(y, proba, classes, detail=False, log_proba=log_proba)
+    return {
+        "C": fit.C,
+        "val_top1": scores["top1"],
+        "val_top1_se": metrics.binomial_se(scores["top1"], len(y)),
+        "val_balanced_accuracy": scores["balanced_accuracy"],
+        "val_balanced_accuracy_se": metrics.balanced_accuracy_se(y, proba.argmax(axis=1)),
+        "val_log_loss": scores["log_loss"],
+        "n_iter": fit.n_iter,
+        "converged": fit.converged,
+        "status": fit.status,
+    }

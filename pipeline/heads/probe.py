@@ -1,0 +1,175 @@
+"""A fitted head as plain arrays (`LinearProbe`: preprocessing, weights, classes; numpy only) and its
+pickle-free files: ``head.json`` (what it is, where it came from) and ``head.npz`` (the arrays),
+tied by one run id and checked in full by `load_head`."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from pipeline.errors import CacheError, MissingError
+from pipeline.heads.estimators import Preprocessor, proba_from_decision
+from pipeline.registry import PREPROCESSING
+
+HEAD_SCHEMA = 1
+
+
+class LinearProbe(ClassifierMixin, BaseEstimator):
+    """A fitted head as arrays: preprocessing, then ``X @ coef_.T + intercept_``. Numpy only.
+
+    It is built fitted (there is nothing to learn), and keeps the estimator contract: its parameters
+    are stored as given, so `get_params`, `repr` and `clone` work; `coef_`, `intercept_`, `classes_`
+    and `n_features_in_` are read from them as float32 arrays."""
+
+    def __init__(self, preprocessor: Preprocessor, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray):
+        self.preprocessor = preprocessor
+        self.coef = coef
+        self.intercept = intercept
+        self.classes = classes
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return True
+
+    def fit(self, X: Any = None, y: Any = None) -> LinearProbe:
+        """Nothing to fit: a probe is made from trained weights (`pipeline head`, `load_head`)."""
+        return self
+
+    @property
+    def coef_(self) -> np.ndarray:
+        return np.asarray(self.coef, dtype=np.float32)
+
+    @property
+    def intercept_(self) -> np.ndarray:
+        return np.asarray(self.intercept, dtype=np.float32)
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return np.asarray(self.classes)
+
+    @property
+    def n_features_in_(self) -> int:
+        return int(self.coef_.shape[1])
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What head.json says about the run that trained it (set by `load_head`)."""
+        return self.__dict__.setdefault("_meta", {})
+
+    @classmethod
+    def from_estimator(cls, preprocessor: Preprocessor, estimator: Any) -> LinearProbe:
+        return cls(preprocessor, estimator.coef_, estimator.intercept_, estimator.classes_)
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        X = self.preprocessor.transform(X)
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[-1]} features, but this head expects {self.n_features_in_}")
+        scores = X @ self.coef_.T + self.intercept_
+        return scores.ravel() if scores.shape[1] == 1 else scores
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return proba_from_decision(self.decision_function(X))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        decision = self.decision_function(X)
+        index = (decision > 0).astype(int) if decision.ndim == 1 else decision.argmax(axis=1)
+        return self.classes_[index]
+
+
+def save_head(probe: LinearProbe, folder: str | Path, meta: dict[str, Any]) -> Path:
+    """``head.npz`` (arrays, no pickle) and ``head.json`` (classes, preprocessing, cache fingerprint);
+    both carry ``meta["run_id"]`` so a folder mixing two runs is refused on load."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"coef": probe.coef_, "intercept": probe.intercept_, "run_id": np.array(str(meta.get("run_id", "")))}
+    if probe.preprocessor.kind == "standardize":
+        arrays.update(mean=probe.preprocessor.mean_, scale=probe.preprocessor.scale_)
+    np.savez(folder / "head.npz", **arrays)
+    document = {
+        "schema": HEAD_SCHEMA,
+        "classes": [str(c) for c in probe.classes_],
+        "preprocessing": probe.preprocessor.kind,
+        "n_features": probe.n_features_in_,
+        **meta,
+    }
+    (folder / "head.json").write_text(json.dumps(document, indent=2))
+    return folder
+
+
+def _bad_head(folder: Path, what: str) -> CacheError:
+    return CacheError(f"head {folder} is malformed: {what}; retrain it with `pipeline head`")
+
+
+def _read_json(path: Path, folder: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise _bad_head(folder, f"{path.name} is not JSON") from None
+    if not isinstance(document, dict):
+        raise _bad_head(folder, f"{path.name} holds a {type(document).__name__}, expected an object")
+    return document
+
+
+def _head_arrays(arrays_path: Path, folder: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays of head.npz, each checked for presence, numeric dtype and the shape head.json implies."""
+    dim, n_classes = meta["n_features"], len(meta["classes"])
+    outputs = 1 if n_classes == 2 else n_classes
+    shapes = {"coef": (outputs, dim), "intercept": (outputs,)}
+    if meta["preprocessing"] == "standardize":
+        shapes.update(mean=(dim,), scale=(dim,))
+    try:
+        with np.load(arrays_path, allow_pickle=False) as archive:
+            found = {name: archive[name] for name in archive.files}
+    except ValueError:
+        raise _bad_head(
+            folder, "head.npz holds pickled data (or is no .npz archive); nothing pickled is loaded"
+        ) from None
+    except (OSError, zipfile.BadZipFile, EOFError):
+        raise _bad_head(folder, "head.npz is not a readable .npz archive") from None
+    for name, shape in shapes.items():
+        if name not in found:
+            raise _bad_head(folder, f"head.npz has no array {name!r}")
+        if found[name].dtype.kind not in "fiu" or found[name].shape != shape:
+            raise _bad_head(folder, f"{name} is {found[name].shape} {found[name].dtype}, expected {shape} floats")
+    return found
+
+
+def load_head(path: str | Path) -> LinearProbe:
+    """A saved head (its folder, or its head.json / head.npz) as a working estimator. Everything the
+    files claim is checked: JSON, keys, array shapes, and that head.json, head.npz and result.json
+    come from one run. Nothing is unpickled, so a head folder from anyone is safe to load."""
+    path = Path(path)
+    folder = path.parent if path.name in ("head.json", "head.npz") else path
+    meta_path, arrays_path = folder / "head.json", folder / "head.npz"
+    if not meta_path.is_file() or not arrays_path.is_file():
+        raise MissingError(f"no saved head in {folder} (expected head.json and head.npz); run `pipeline head` first")
+    meta = _read_json(meta_path, folder)
+    if meta.get("schema") != HEAD_SCHEMA:
+        raise CacheError(
+            f"head {folder} has schema {meta.get('schema')!r}, this pipeline reads {HEAD_SCHEMA}; retrain it with "
+            "`pipeline head`"
+        )
+    missing = [k for k in ("classes", "preprocessing", "n_features") if k not in meta]
+    if missing:
+        raise _bad_head(folder, f"head.json lacks {', '.join(missing)}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise _bad_head(folder, "classes in head.json must be a list of at least two names")
+    if meta["preprocessing"] not in PREPROCESSING or not isinstance(meta["n_features"], int) or meta["n_features"] < 1:
+        raise _bad_head(folder, "preprocessing or n_features in head.json has an unexpected value")
+    arrays = _head_arrays(arrays_path, folder, meta)
+    run_ids = {"head.json": meta.get("run_id") or None, "head.npz": str(arrays.get("run_id", "")) or None}
+    if (folder / "result.json").is_file():
+        run_ids["result.json"] = _read_json(folder / "result.json", folder).get("run_id") or None
+    if len(set(run_ids.values())) > 1:
+        raise _bad_head(folder, f"its files come from different runs ({run_ids})")
+    preprocessor = Preprocessor(meta["preprocessing"])
+    if preprocessor.kind == "standardize":
+        preprocessor.mean_, preprocessor.scale_ = arrays["mean"], arrays["scale"]
+    probe = LinearProbe(preprocessor, arrays["coef"], arrays["intercept"], np.array(classes))
+    probe.meta.update(meta)
+    return probe

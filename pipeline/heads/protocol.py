@@ -1,0 +1,134 @@
+"""The head protocol, once for every fitter: select C on validation, refit on train+val, read and
+score the test split once, write the results.
+
+Split hygiene is structural: test features are read from the file only after every choice is made,
+so nothing before the choice can see them; every result says which split chose, which trained the
+final head, and which scored it. The rows come from a `Source`: in memory (`fitting`) or streamed
+from the file in blocks (`stream`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import outputs
+from pipeline.cache.reader import CacheInfo, cache_info
+from pipeline.config import HeadConfig
+from pipeline.errors import DataError
+from pipeline.evaluate import metrics
+from pipeline.heads import choice, results
+from pipeline.heads.estimators import Preprocessor
+from pipeline.heads.fitting import MemorySource
+from pipeline.heads.options import SolverOptions
+from pipeline.heads.runs import Fit, FittedRun, Predictions, Timer
+from pipeline.registry import DEFAULT_GRID
+
+Report = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+class Source(Protocol):
+    """Where the protocol's rows live, and how a fit is made on them (`MemorySource`, `StreamSource`)."""
+
+    names: list[str]  # the classes the head learns: those with train rows
+    selected_on: str  # "val", or which holdout of train
+    options: SolverOptions | None  # the torch solver's options (None for scikit-learn)
+    streams: bool
+
+    def describe(self) -> str: ...
+    def __enter__(self) -> Source: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def sweep(
+        self, repeat: int, grid: list[float], tick: Callable[[int], None]
+    ) -> tuple[Preprocessor, list[Fit], list[dict[str, Any]]]: ...
+    def refit(self, C: float, init: Fit) -> tuple[Preprocessor, Fit]: ...
+    def test(self, final: Fit, prep: Preprocessor) -> Predictions: ...
+
+
+def _check_labels(path: Path, labels: dict[str, np.ndarray], classes: list[str]) -> None:
+    """Before any features are read: every split a run needs has rows; every class can be learned."""
+    if len(labels["train"]) == 0:
+        raise DataError(f"cache {path} has no train rows; rebuild it from data with a train split")
+    if len(labels["test"]) == 0:
+        raise DataError(
+            f"cache {path} has no test rows; rebuild it with --test-fraction > 0 (or a test split in the data)"
+        )
+    in_train = set(np.unique(labels["train"]).tolist())
+    for split in ("val", "test"):
+        missing = sorted(set(np.unique(labels[split]).tolist()) - in_train)
+        if missing:
+            names = ", ".join(repr(classes[c]) for c in missing[:5])
+            raise DataError(
+                f"class {names} has no train rows in {path} but appears in {split}; add training images for it "
+                "or drop it from the data"
+            )
+    if len(in_train) < 2:
+        raise DataError(f"cache {path} has one class in train; a classifier needs at least two")
+
+
+def run(cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train, select, refit and score a head on the cache ``cfg.features``; write ``cfg.out_path``.
+
+    `cell` labels the run (dataset, backbone, head) for `pipeline compare`. The output folder is
+    checked before any fit, locked for the whole run, and replaced in one step at the end.
+    """
+    outputs.check_results_folder(cfg.out_path, cfg.force)
+    with outputs.results_lock(cfg.out_path):
+        return _run(cfg, report_to, cell)
+
+
+def open_source(cfg: HeadConfig, info: CacheInfo, grid: list[float]) -> Source:
+    """Rows in memory, or streamed from the file when they would not fit --max-memory."""
+    if cfg.max_memory is not None:
+        from pipeline.heads import stream  # torch only when the rows may have to stream
+
+        if stream.needs_streaming(cfg, info, len(np.unique(info.labels["train"]))):
+            return stream.StreamSource(cfg, info, grid)
+    return MemorySource(cfg, info)
+
+
+def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dict[str, Any]:
+    timer = Timer()
+    path = Path(cfg.features)  # type: ignore[arg-type]
+    grid = sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
+    with timer("read"):
+        info = cache_info(path)
+        _check_labels(path, info.labels, info.classes)
+        source = open_source(cfg, info, grid)
+    repeats = cfg.repeats if cfg.shots else 1
+    runs: list[FittedRun] = []
+    with source, tqdm(total=len(grid) * repeats, unit="fit", desc="sweep", disable=not cfg.progress) as bar:
+        report_to(
+            f"head: {cfg.head} on {path} ({source.describe()}, {info.dim}-d, {len(source.names)} classes); "
+            f"{len(grid)} C values, select by {cfg.select} on {source.selected_on.split(' (')[0]}"
+        )
+        for r in range(repeats):
+            with timer("sweep"):
+                prep, fits, curve = source.sweep(r, grid, bar.update)
+                best = choice.choose(curve, cfg.select)
+            if cfg.shots:  # few-shot: val never enters training, so the sweep's fit is final
+                runs.append(FittedRun(curve, best, fits[best], prep, f"{cfg.shots} images per class from train"))
+                continue
+            with timer("refit"):
+                prep, final = source.refit(grid[best], init=fits[best])
+            runs.append(FittedRun(curve, best, final, prep, "train+val"))
+        # Every choice is made; only now are the test rows read, and scored once.
+        with timer("test"):
+            predictions = [source.test(run.final, run.prep) for run in runs]
+    with timer("test"):
+        scored = [metrics.evaluate(p.y, p.proba, source.names, log_proba=p.log_proba) for p in predictions]
+        if cfg.bootstrap and not cfg.shots:  # few-shot spread is the std over draws instead
+            first = predictions[0]
+            scored[0]["ci"] = metrics.bootstrap_ci(first.y, first.pred, len(source.names), cfg.bootstrap, cfg.seed)
+    solver = source.options.solver if source.options is not None else "lbfgs (scikit-learn)"
+    return results.finish(
+        cfg, info, grid, runs, scored, source.names, source.selected_on, solver, source.streams, timer,
+        predictions[0], cell,
+    )  # fmt: skip

@@ -1,0 +1,145 @@
+"""What a head run leaves behind: result.json (schema `RESULT_SCHEMA`), curve.csv, the head files,
+predictions and plots, written into a staging folder that replaces the results folder in one step."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import outputs
+from pipeline.cache.reader import CacheInfo
+from pipeline.config import HeadConfig, to_dict
+from pipeline.evaluate import report
+from pipeline.evaluate.compare import RESULT_SCHEMA
+from pipeline.heads import choice, probe
+from pipeline.heads.runs import FittedRun, Predictions, Timer
+from pipeline.registry import SELECT_RULES
+
+
+def _versions(head: str) -> dict[str, str]:
+    names = ["pipeline", "numpy", "scikit-learn", "h5py"] + (["torch"] if head == "torch" else [])
+    return {n: importlib.metadata.version(n) for n in names}
+
+
+def test_set_digest(ids: np.ndarray, y: np.ndarray) -> str:
+    """Identity of a test set (its ids and labels): paired comparisons need equal digests."""
+    h = hashlib.sha256(np.ascontiguousarray(y, dtype="<i8").tobytes())
+    for sample_id in ids:
+        h.update(str(sample_id).encode() + b"\0")
+    return f"sha256:{h.hexdigest()}"
+
+
+def finish(
+    cfg: HeadConfig,
+    info: CacheInfo,
+    grid: list[float],
+    runs: list[FittedRun],
+    scored: list[dict[str, Any]],
+    names: list[str],
+    selected_on: str,
+    solver: str,
+    streamed: bool,
+    timer: Timer,
+    test: Predictions,
+    cell: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Assemble result.json and write every output into a staging folder that replaces ``cfg.out_path``
+    only once complete; `test` holds the (first run's) test predictions."""
+    result = _result(cfg, info, grid, runs, scored, names, selected_on, solver, streamed)
+    result["test_set"] = test_set_digest(test.ids, test.y)
+    result["cell"] = cell or {}
+    result["run_id"] = uuid.uuid4().hex  # head.json and head.npz carry it too: `load_head` checks they match
+    with outputs.staged_folder(cfg.out_path) as staging:
+        with timer("write"):
+            _write(cfg, result, runs[0], info, names, staging)
+            np.savez(staging / "predictions.npz", ids=test.ids.astype(str), y_true=test.y, y_pred=test.pred)
+        result["timings"] = {k: round(v, 3) for k, v in timer.spans.items()}
+        (staging / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, selected_on, solver, streamed) -> dict:
+    first = runs[0]
+    curve, best, final = first.curve, first.best, first.final
+    test: dict[str, Any] = dict(scored[0])
+    if len(runs) > 1:  # few-shot repeats: mean and standard deviation over draws
+        keys = ["top1", "balanced_accuracy", "macro_f1", "log_loss", "ece"] + (["top5"] if test["top5"] else [])
+        test.update({k: float(np.mean([s[k] for s in scored])) for k in keys})
+        test["std"] = {k: float(np.std([s[k] for s in scored])) for k in keys}
+        test["repeats"] = [{k: s[k] for k in keys} for s in scored]
+    chosen_C = [run.C for run in runs]
+    return {
+        "schema": RESULT_SCHEMA,
+        "out": str(cfg.out_path),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": to_dict(cfg),
+        "cache": {
+            "path": info.path,
+            "fingerprint": info.fingerprint,
+            "data": info.config.get("dataset") or Path(str(info.config.get("data") or info.path)).stem,
+            "extract_seconds": info.extract_seconds,
+            "features_config": info.config,
+            "dim": info.dim,
+            "rows": {name: n for name, n in info.rows.items() if n},
+        },
+        "classes": names,
+        "protocol": {
+            "selected_on": selected_on,
+            "select_metric": SELECT_RULES[cfg.select],
+            "select": cfg.select,
+            "selection": choice.selection(curve, cfg.select),  # the rule's best score, SE, threshold, choice
+            "trained_on": first.trained_on,
+            "scored_on": "test",
+            "test_read_after_choice": True,
+            "few_shot": {"shots": cfg.shots, "repeats": len(runs)} if cfg.shots else None,
+            "rows": "streamed from the cache in blocks" if streamed else "in memory",
+        },
+        "grid": grid,
+        "curve": curve,
+        "curves": [run.curve for run in runs] if len(runs) > 1 else None,
+        "chosen": {"C": chosen_C if len(runs) > 1 else chosen_C[0], "index": best},
+        "val_at_choice": {
+            "top1": curve[best]["val_top1"],
+            "balanced_accuracy": curve[best]["val_balanced_accuracy"],
+            "log_loss": curve[best]["val_log_loss"],
+        },
+        "final_fit": {
+            "solver": solver,
+            "n_iter": final.n_iter,
+            "converged": final.converged,
+            "status": final.status,
+            "tol": cfg.tol,
+            "max_iter": cfg.max_iter,
+        },
+        "test": test,
+        "versions": _versions(cfg.head),
+    }
+
+
+def _write(cfg: HeadConfig, result: dict[str, Any], run: FittedRun, info: CacheInfo, names, out: Path) -> None:
+    report.write_csv(run.curve, out / "curve.csv")
+    head = probe.LinearProbe(run.prep, run.final.coef.T, run.final.intercept, np.array(names))
+    meta = {
+        "head": cfg.head,
+        "C": run.final.C,
+        "cache": str(cfg.features),
+        "cache_fingerprint": info.fingerprint,
+        "features_config": info.config,
+        "trained_on": result["protocol"]["trained_on"],
+        "config": dataclasses.asdict(cfg),
+        "run_id": result["run_id"],
+    }
+    probe.save_head(head, out, meta)
+    report.plot_validation_curve(run.curve, result["protocol"]["selection"], out / "validation_curve.png")
+    report.plot_confusion(result["test"]["confusion"], names, out / "confusion_matrix.png")
+    report.plot_reliability(result["test"]["reliability"], out / "reliability.png")
+    if result["test"].get("repeats"):
+        report.write_csv(result["test"]["repeats"], out / "fewshot.csv")

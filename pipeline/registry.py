@@ -1,0 +1,80 @@
+"""Every choice a user can make, in one place: what config validation accepts, what `--help` lists,
+what error messages offer, and what the tests enumerate. Plain data, no heavy imports, so the
+config and the command line read it without importing torch or scikit-learn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ConfigError
+
+# ----------------------------------------------------------------------------------- features
+
+BACKBONES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+)
+# Torchvision datasets: our split name -> constructor arguments of the official split. Sources
+# without a val (or test) split get one carved from train; ImageNet's official "val" is the
+# conventional test set.
+TORCHVISION_DATASETS: dict[str, dict[str, dict[str, Any]]] = {
+    "CIFAR10": {"train": {"train": True}, "test": {"train": False}},
+    "CIFAR100": {"train": {"train": True}, "test": {"train": False}},
+    "STL10": {"train": {"split": "train"}, "test": {"split": "test"}},
+    "Flowers102": {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
+    "OxfordIIITPet": {"train": {"split": "trainval"}, "test": {"split": "test"}},
+    "DTD": {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
+    "Food101": {"train": {"split": "train"}, "test": {"split": "test"}},
+    "FGVCAircraft": {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
+    "Caltech101": {"train": {}},
+    "SUN397": {"train": {}},
+    "ImageNet": {"train": {"split": "train"}, "test": {"split": "val"}},
+}
+DATASETS = ("digits", *TORCHVISION_DATASETS)  # digits: the offline demo (scikit-learn's digits as images)
+
+
+def canonical_dataset_name(name: str) -> str:
+    """The registered spelling of a dataset name given in any case."""
+    by_lower = {n.lower(): n for n in DATASETS}
+    if name.lower() not in by_lower:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return by_lower[name.lower()]
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+STORE_DTYPES = ("float32", "float16")
+DECODERS = ("cpu", "device")
+ON_MISMATCH = ("rebuild", "refuse")
+
+# -------------------------------------------------------------------------------------- heads
+
+HEADS = ("logreg", "torch")
+PREPROCESSING = ("standardize", "l2", "none")
+CLASS_WEIGHTS = ("none", "balanced")
+SOLVERS = ("lbfgs", "adam", "sgd")
+# `auto`: lbfgs when the rows fit in memory, adam when the head streams them from the file.
+HEAD_SOLVERS = ("auto", *SOLVERS)
+JOBLIB_BACKENDS = ("loky", "threading", "multiprocessing", "dask")
+# --select: the validation metric of each rule. `*-1se` take the strongest regularisation within one
+# standard error of the best score, `top1` and `balanced` the plain argmax (the published protocol),
+# `logloss` the lowest validation log-loss; see `pipeline.heads.choice.selection`.
+SELECT_RULES = {
+    "top1-1se": "top1",
+    "balanced-1se": "balanced_accuracy",
+    "top1": "top1",
+    "balanced": "balanced_accuracy",
+    "logloss": "log_loss",
+}
+# The published linear-probe protocol's grid: 45 values log-spaced from 1e-6 to 1e5.
+DEFAULT_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
+DEFAULT_GRID_TEXT = "45 log-spaced from 1e-6 to 1e5"

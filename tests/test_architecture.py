@@ -1,0 +1,114 @@
+"""The package's structure, checked from its source: no import cycles (at top level or inside a
+function), stages that import only downwards, module docstrings, file sizes, and registries that
+every choice list comes from."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from pipeline import registry
+from pipeline.config import FeaturesConfig, HeadConfig
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(name: str) -> set[str]:
+    """Every pipeline module `name` imports, anywhere in the file (top level, functions, TYPE_CHECKING).
+    `from pipeline.x import y` counts as importing `pipeline.x.y` when that is a module, else `pipeline.x`."""
+    tree = ast.parse(MODULES[name].read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("pipeline")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in MODULES else node.module)
+    return {m for m in found if m in MODULES and m != name}
+
+
+GRAPH = {name: _imports(name) for name in MODULES}
+
+
+def _cycles() -> list[list[str]]:
+    """Every cycle found by a depth-first search (each reported once, from its first module)."""
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(GRAPH[node]):
+            if state.get(nxt) == "open":
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = "done"
+
+    for name in sorted(GRAPH):
+        if name not in state:
+            visit(name, [name])
+    return cycles
+
+
+def test_no_module_imports_a_module_that_imports_it():
+    assert _cycles() == []
+
+
+def test_the_cycle_check_finds_a_cycle(monkeypatch):
+    monkeypatch.setitem(GRAPH, "pipeline.cache.schema", GRAPH["pipeline.cache.schema"] | {"pipeline.cache.reader"})
+    assert ["pipeline.cache.reader", "pipeline.cache.schema", "pipeline.cache.reader"] in _cycles()
+
+
+# Which stage may import which: the data flows features -> cache -> heads -> evaluate, and the
+# shared modules (config, registry, errors, fsutil, outputs, devices, splits) sit below them all.
+ALLOWED = {
+    "pipeline.cache": set(),
+    "pipeline.features": {"pipeline.cache"},
+    "pipeline.evaluate": set(),
+    "pipeline.heads": {"pipeline.cache", "pipeline.evaluate"},
+}
+
+
+@pytest.mark.parametrize("stage", sorted(ALLOWED))
+def test_stages_import_only_downwards(stage):
+    stages = set(ALLOWED)
+    for name in (m for m in GRAPH if m.startswith(stage + ".") or m == stage):
+        for imported in GRAPH[name]:
+            other = next((s for s in stages if imported == s or imported.startswith(s + ".")), None)
+            assert other in (None, stage, *ALLOWED[stage]), f"{name} imports {imported}"
+
+
+def test_every_module_says_what_it_owns_and_stays_small():
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        if name != "pipeline.__main__":
+            assert ast.get_docstring(tree), f"{path} has no module docstring"
+        lines = len(path.read_text().splitlines())
+        assert lines <= 360, f"{path} has {lines} lines; split it by concern"
+
+
+def test_choice_lists_come_from_the_registry():
+    fields = {
+        f.name: f.metadata.get("choices")
+        for cls in (FeaturesConfig, HeadConfig)
+        for f in cls.__dataclass_fields__.values()
+    }
+    assert fields["backbone"] == registry.BACKBONES
+    assert fields["head"] == registry.HEADS
+    assert fields["solver"] == registry.HEAD_SOLVERS and set(registry.SOLVERS) < set(fields["solver"])
+    assert fields["preprocess"] == registry.PREPROCESSING
+    assert fields["joblib_backend"] == registry.JOBLIB_BACKENDS
+    assert fields["select"] == tuple(registry.SELECT_RULES)
+    assert fields["precision"] == registry.PRECISIONS and fields["store_dtype"] == registry.STORE_DTYPES
+    assert len(registry.DEFAULT_GRID) == 45 and registry.DEFAULT_GRID[0] == 1e-6
+    assert registry.DEFAULT_GRID_TEXT in HeadConfig.__dataclass_fields__["grid"].metadata["help"]
