@@ -9,7 +9,7 @@ STUDY ?= configs/demo-study.toml
 PIPELINE ?= $(PY) -m pipeline
 
 .DEFAULT_GOAL := help
-.PHONY: help install features head study info test bench lint format clean
+.PHONY: help install features head study info test test-fast bench lint format clean
 
 ## List the targets with what they do
 help:
@@ -37,9 +37,13 @@ study:
 info:
 	$(PIPELINE) info --config $(CONFIG)
 
-## Run the offline test suite (CPU, a few minutes)
+## Run the whole offline test suite (CPU, about 7 minutes on 2 cores)
 test:
 	$(PY) -m pytest -q
+
+## Run the fast tests only (not marked slow), on every core: under a minute on 2 cores
+test-fast:
+	$(PY) -m pytest -q -m "not slow" -n auto
 
 ## Measure the speed claims side by side (ratios with targets) -> benchmarks/out/bench.json
 bench:

@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"caches": {}}
     for name, path in caches.items():
         info = cache_reader.cache_info(path)
-        entry: dict[str, Any] = {"path": str(path), "rows": {k: v for k, v in info["rows"].items() if v}}
+        entry: dict[str, Any] = {"path": str(path), "rows": {k: v for k, v in info.rows.items() if v}}
         for head in HEADS:
             entry[head] = run_rules(path, head)
             choices = ", ".join(f"{NAMES[r]} C={entry[head][r]['C']:.3g} test {entry[head][r]['test_top1']:.2%}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -120,3 +121,26 @@ def synthetic_cache(tmp_path: Path) -> Path:
     X, y = make_classification(600, 20, n_informative=8, n_classes=4, class_sep=1.0, random_state=0)
     split = np.repeat(np.array([0, 1, 2], dtype=np.int8), [360, 120, 120])
     return write_cache(tmp_path / "synthetic.h5", X, y, split)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 600 KiB tmpfs; skipped where this process may not mount."""
+    point = tmp_path / "small"
+    point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(point)], capture_output=True)
+    if done.returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    yield point
+    subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def faults_cache(tmp_path_factory) -> Path:
+    from pipeline.features import stage
+
+    tmp = tmp_path_factory.mktemp("faults")
+    root = make_folder(tmp / "img", classes=("cat", "dog", "owl"), per_class=8)
+    out = tmp / "c.h5"
+    stage.run(tiny(data=str(root), out=str(out), test_fraction=0.25))
+    return out

@@ -190,6 +190,7 @@ def test_info_describes_the_cache(capsys, folder, tmp_path):
         assert needle in text, needle
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_features_and_make_head_run_the_offline_demo(tmp_path):
     """The README's `make features && make head`, with this interpreter, in a scratch working directory."""

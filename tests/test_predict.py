@@ -41,6 +41,7 @@ def _rows(path):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_predict_matches_the_head_on_cached_features(trained):
     tmp, data = trained
     out = tmp / "pred.csv"
@@ -57,6 +58,7 @@ def test_predict_matches_the_head_on_cached_features(trained):
     assert [r["prediction"] for r in rows] == list(head.classes_[cached[order].argmax(1)])
 
 
+@pytest.mark.slow
 def test_export_loads_without_the_package_and_agrees_with_predict(trained):
     tmp, data = trained
     exported = tmp / "classifier.pt2"

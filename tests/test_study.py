@@ -8,17 +8,14 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from pipeline import cli, study
-from pipeline.config import HeadConfig
-from pipeline.errors import CacheError, ConfigError, DataError
+from pipeline.errors import ConfigError
 from pipeline.evaluate import compare
 from pipeline.features import backbone
-from pipeline.heads import protocol
 
-from conftest import REPO, make_folder, write_cache
+from conftest import REPO, make_folder
 
 STUDY = """
 [study]
@@ -76,6 +73,7 @@ def write_study(tmp_path, extra_dataset: str = "", **replace) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch):
     path = write_study(tmp_path)
     first = study.run(path, progress=False)
@@ -106,6 +104,7 @@ def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch)
     assert "| shapes | r18-a | logreg | all |" in text and "## Few-shot" in text
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_reported_and_the_rest_go_on(tmp_path, capsys):
     path = write_study(tmp_path, extra_dataset=f'\n[[datasets]]\nname = "gone"\ndata = "{tmp_path / "missing"}"\n')
     summary = study.run(path, progress=False)
@@ -131,66 +130,7 @@ def test_study_file_errors(tmp_path):
         study.plan(write_study(tmp_path, **{"shots = [1, 2]": "shots = [0]"}))
 
 
-def test_mcnemar_and_paired_bootstrap_by_hand():
-    # 10 rows only A gets right, 2 only B gets right, 88 both right:
-    # p = 2 * P(X <= 2), X ~ Binomial(12, 1/2) = 2 * (1 + 12 + 66) / 4096
-    a = np.array([True] * 10 + [False] * 2 + [True] * 88)
-    b = np.array([False] * 10 + [True] * 2 + [True] * 88)
-    assert compare.mcnemar(a, b) == (10, 2, pytest.approx(2 * 79 / 4096))
-    diff, lo, hi = compare.paired_bootstrap(a, b, resamples=2000, seed=0)
-    assert diff == pytest.approx(0.08) and 0 < lo < 0.08 < hi
-    assert compare.mcnemar(a, a)[2] == 1.0
-
-
-def _two_runs(tmp_path, same_test: bool):
-    from sklearn.datasets import make_classification
-
-    X, y = make_classification(400, 12, n_informative=6, n_classes=3, random_state=0)
-    split = np.repeat(np.array([0, 1, 2], dtype=np.int8), [240, 80, 80])
-    other = split if same_test else np.repeat(np.array([0, 1, 2], dtype=np.int8), [200, 80, 120])
-    a = write_cache(tmp_path / "a.h5", X, y, split, fingerprint={"backbone": "A"})
-    b = write_cache(tmp_path / "b.h5", X + np.random.default_rng(1).normal(0, 6.0, X.shape), y, other,
-                    fingerprint={"backbone": "B"})  # fmt: skip
-    runs = []
-    for name, cache in (("a", a), ("b", b)):
-        cfg = HeadConfig(features=str(cache), out=str(tmp_path / "runs" / name), grid=(0.1, 1.0), progress=False)
-        protocol.run(cfg, cell={"dataset": "toy", "backbone": name.upper(), "head": "logreg"})
-        runs.append(compare.load_run(tmp_path / "runs" / name))
-    return runs
-
-
-def test_paired_comparison_says_who_wins_only_when_significant(tmp_path):
-    a, b = _two_runs(tmp_path, same_test=True)
-    result = compare.pair(a, b)
-    _, ya, pa = a.predictions()
-    _, yb, pb = b.predictions()
-    assert result["a_only_right"] == int(((pa == ya) & (pb != yb)).sum())
-    assert result["significant"] and result["p_value"] < 0.05
-    assert result["statement"].startswith("A beats B on toy (logreg): ")
-    [auto] = compare.comparisons([a, b])
-    assert auto["statement"] == result["statement"]
-
-
-def test_runs_on_different_test_sets_are_not_paired(tmp_path, capsys):
-    a, b = _two_runs(tmp_path, same_test=False)
-    with pytest.raises(
-        DataError, match=r"cannot pair .*a and .*b: they were scored on different test sets \(80 vs 120"
-    ):
-        compare.pair(a, b)
-    assert compare.comparisons([a, b]) == []
-    assert cli.main(["compare", "--pair", str(a.folder), str(b.folder)]) == 2
-    assert "scored on different test sets" in capsys.readouterr().err
-
-
-def test_compare_errors(tmp_path):
-    with pytest.raises(Exception, match=r"no result\.json under .*; run `pipeline head` or a study first"):
-        compare.gather([tmp_path])
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "result.json").write_text(json.dumps({"schema": 0}))
-    with pytest.raises(CacheError, match=r"result .*old/result\.json has schema 0, this pipeline reads 1; rerun"):
-        compare.gather([tmp_path])
-
-
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_study_runs_the_offline_demo(tmp_path):
     make = ["make", "-s", "-f", str(REPO / "Makefile"), f"PY={sys.executable}"]

@@ -55,6 +55,7 @@ def test_loads_with_official_splits(name, tmp_path, monkeypatch):
     assert sorted(ours) == sorted(theirs)
 
 
+@pytest.mark.slow
 def test_cifar10_through_the_cache(tmp_path, monkeypatch):
     WRITERS["CIFAR10"](tmp_path, monkeypatch)
     cfg = tiny(dataset="CIFAR10", root=str(tmp_path), out=str(tmp_path / "c10.h5"), val_fraction=0.25)

@@ -19,7 +19,13 @@ def _seeded_torchvision(name: str, seed: int) -> torch.nn.Module:
         return torchvision.models.get_model(name, weights=None).eval()
 
 
-@pytest.mark.parametrize("name", registry.BACKBONES)
+# Every backbone is checked in `make test`; the fast subset keeps the smallest of each kind.
+FAST_BACKBONES = ("resnet18", "resnet34")
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in FAST_BACKBONES else pytest.param(n, marks=pytest.mark.slow) for n in registry.BACKBONES]
+)
 def test_features_are_the_pooled_input_of_fc(name):
     model = backbone.build(backbone.describe(name, "none", seed=3, image_size=32))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -111,7 +117,9 @@ def test_bad_checkpoints(tmp_path):
         backbone.describe("resnet18", str(tmp_path / "gone.pth"))
 
 
-@pytest.mark.parametrize("prefix", ["backbone.", "model.", "encoder.", "module."])
+@pytest.mark.parametrize(
+    "prefix", ["backbone.", *(pytest.param(p, marks=pytest.mark.slow) for p in ("model.", "encoder.", "module."))]
+)
 def test_a_prefixed_checkpoint_loads_like_the_unprefixed_one(tmp_path, prefix):
     state = _seeded_torchvision("resnet18", seed=4).state_dict()
     torch.save(state, tmp_path / "plain.pth")

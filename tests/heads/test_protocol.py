@@ -76,6 +76,7 @@ def test_refit_uses_train_plus_val_at_the_chosen_C(synthetic_cache, tmp_path, mo
     assert result["cache"]["rows"] == {"train": 360, "val": 120, "test": 120}
 
 
+@pytest.mark.slow
 def test_outputs(synthetic_cache, tmp_path):
     result = protocol.run(head_cfg(synthetic_cache, tmp_path, head="torch", grid=None, bootstrap=200))
     out = tmp_path / "run"
@@ -111,6 +112,7 @@ def test_holdout_when_the_cache_has_no_val_split(tmp_path):
     assert result["cache"]["rows"]["train"] == 240
 
 
+@pytest.mark.slow
 def test_few_shot_draws_k_per_class_and_never_trains_on_val(synthetic_cache, tmp_path, monkeypatch):
     y = np.repeat(np.arange(4), [10, 3, 7, 12])
     rows = draw_shots(y, 5, seed=0)
@@ -197,6 +199,7 @@ def test_bad_head_options(capsys, synthetic_cache):
     assert err.count("\n") == 1 and "run `make features`" in err
 
 
+@pytest.mark.slow
 def test_logreg_head_imports_no_torch(synthetic_cache, tmp_path):
     code = (
         "import sys; from pipeline import cli; "
@@ -221,6 +224,7 @@ def test_both_heads_agree_on_the_sweep(synthetic_cache, tmp_path):
 # ------------------------------------------------------------------------------- choosing C
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_both_heads_choose_C_within_one_grid_step(tmp_path, seed):
     """The default (one-SE) rule on the full 45-value grid: the heads' curves differ by an image here and there,
@@ -236,6 +240,7 @@ def test_both_heads_choose_C_within_one_grid_step(tmp_path, seed):
     assert abs(chosen["logreg"] - chosen["torch"]) <= 1, chosen
 
 
+@pytest.mark.slow
 def test_curve_marks_fits_that_are_not_fits_at_their_C(synthetic_cache, tmp_path):
     """Torch: past some C the warm start is already within tol, so no step is taken (warm start only); any
     head: a fit stopped by max_iter is not converged, and one whose penalty gradient is below tol did not
@@ -263,6 +268,7 @@ def test_curve_marks_fits_that_are_not_fits_at_their_C(synthetic_cache, tmp_path
     assert "not converged" in (tmp_path / "s" / "curve.csv").read_text()
 
 
+@pytest.mark.slow
 def test_select_rules_on_a_real_curve(synthetic_cache, tmp_path):
     runs = {
         s: protocol.run(head_cfg(synthetic_cache, tmp_path, select=s, out=str(tmp_path / s)))

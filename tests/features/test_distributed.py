@@ -77,6 +77,7 @@ def test_shards_are_contiguous_and_cover_every_row():
         assert all(a[1] == b[0] for a, b in itertools.pairwise(shards))
 
 
+@pytest.mark.slow
 def test_two_ranks_match_a_single_process(tmp_path):
     data = make_folder(tmp_path / "img", classes=("a", "b", "c"), per_class=5)
     out = tmp_path / "dist.h5"
@@ -109,6 +110,7 @@ def _part_rows(path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_a_killed_rank_leaves_its_rows_and_the_rerun_resumes_every_shard(tmp_path):
     data = make_folder(tmp_path / "img", classes=("a", "b"), per_class=10)
     out = tmp_path / "dist.h5"

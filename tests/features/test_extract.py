@@ -24,6 +24,7 @@ from pipeline.errors import BadImageError, CacheError, DeviceError, Interrupted
 from pipeline.features import backbone, stage
 
 from conftest import REPO, SLOW_WRITES, make_folder, tiny, write_image
+from faultkit import rows_done
 
 
 def _messages():
@@ -31,6 +32,7 @@ def _messages():
     return said, said.append
 
 
+@pytest.mark.slow
 def test_cached_features_equal_a_direct_forward_of_the_torchvision_model(tmp_path, offline_hub):
     """Same weights file, same preprocessing, fp32: row by row in stored order within 1e-5."""
     with torch.random.fork_rng(devices=[]):
@@ -87,6 +89,7 @@ def test_current_cache_is_not_recomputed(folder, tmp_path, monkeypatch):
     assert any("is current (10 rows); nothing to do" in m for m in said)
 
 
+@pytest.mark.slow
 def test_changed_fingerprint_rebuilds_and_lists_every_difference(folder, tmp_path):
     cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"))
     stage.run(cfg)
@@ -111,6 +114,7 @@ def test_force_rebuilds_a_current_cache(folder, tmp_path):
     assert stage.run(tiny(data=str(folder), out=cfg.out, force=True)).status == "built"
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_rows_and_the_rerun_resumes_to_the_same_features(folder, tmp_path, monkeypatch):
     reference = tiny(data=str(folder), out=str(tmp_path / "ref.h5"), batch_size=2)
     stage.run(reference)
@@ -141,14 +145,7 @@ def test_interrupt_keeps_rows_and_the_rerun_resumes_to_the_same_features(folder,
 _SLOW_RUN = SLOW_WRITES + "from pipeline import cli\nsys.exit(cli.main(sys.argv[1:]))\n"
 
 
-def _rows_done(partial: Path) -> int:
-    try:
-        with h5py.File(partial, "r", locking=False) as f:
-            return int(f.attrs["rows_done"])
-    except (OSError, KeyError):
-        return 0
-
-
+@pytest.mark.slow
 def test_kill_9_then_rerun_resumes_to_the_same_features(tmp_path):
     root = make_folder(tmp_path / "img", per_class=8)
     flags = ["--data", str(root), "--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
@@ -158,11 +155,11 @@ def test_kill_9_then_rerun_resumes_to_the_same_features(tmp_path):
     job = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, "features", *flags, "--out", str(out)], env=env)
     partial = schema.partial_path(out)
     deadline = time.monotonic() + 60
-    while _rows_done(partial) < 4 and time.monotonic() < deadline and job.poll() is None:
+    while rows_done(partial) < 4 and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.05)
     job.send_signal(signal.SIGKILL)
     job.wait()
-    done = _rows_done(partial)
+    done = rows_done(partial)
     assert 4 <= done < 16 and not out.exists()
 
     said, report = _messages()
@@ -207,7 +204,7 @@ def test_bad_images_stop_the_run_with_their_paths_and_keep_earlier_rows(tmp_path
         r"fix or remove them, or rerun with --skip-bad-images .*\(1 rows saved, the rerun resumes\)",
     ):
         stage.run(cfg)
-    assert _rows_done(schema.partial_path(cfg.out)) == 1 and not Path(cfg.out).exists()
+    assert rows_done(schema.partial_path(cfg.out)) == 1 and not Path(cfg.out).exists()
 
 
 def test_skip_bad_images_records_them(tmp_path):
@@ -240,6 +237,7 @@ def test_odd_image_modes_simply_work(tmp_path):
     np.testing.assert_allclose(train.X[row["cat/g16.png"]], train.X[row["cat/gray.png"]], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_workers_and_reduced_precision_agree_with_the_plain_run(folder, tmp_path):
     plain = tiny(data=str(folder), out=str(tmp_path / "a.h5"))
     stage.run(plain)
@@ -289,6 +287,7 @@ def _mixed_folder(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_decode_on_device_matches_cpu_decoding(tmp_path):
     root = _mixed_folder(tmp_path / "img")
     common = dict(data=str(root), image_size=48, val_fraction=0.0, test_fraction=0.0)

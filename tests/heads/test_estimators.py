@@ -13,7 +13,6 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from pipeline.errors import CacheError, MissingError
-from pipeline.evaluate import metrics
 from pipeline.heads.estimators import Preprocessor, TorchLinearClassifier
 from pipeline.heads.probe import LinearProbe, load_head, save_head
 
@@ -74,6 +73,7 @@ def test_clone_gridsearch_and_pipeline_accept_the_torch_head():
     assert search.score(X, y) > 0.6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["adam", "sgd"])
 def test_minibatch_solvers_approach_the_lbfgs_optimum_reproducibly(solver):
     X, y = _data(4)
@@ -86,6 +86,7 @@ def test_minibatch_solvers_approach_the_lbfgs_optimum_reproducibly(solver):
     assert exact.loss_ <= a.loss_ < exact.loss_ * 1.01, "the same objective, nearly minimised"
 
 
+@pytest.mark.slow
 def test_balanced_sampler_favours_rare_classes():
     X, y = _data(3, weights=[0.8, 0.15, 0.05], seed=1)
     kwargs = dict(C=1.0, solver="adam", epochs=20, batch_size=64, lr=0.01)
@@ -139,36 +140,7 @@ def test_load_head_errors(tmp_path):
         load_head(tmp_path / "old")
 
 
-def test_metrics_by_hand():
-    y = np.array([0, 0, 1, 2])
-    proba = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.5, 0.2, 0.3]])
-    assert metrics.top_k_accuracy(y, proba, 1) == 0.5
-    assert metrics.top_k_accuracy(y, proba, 2) == 1.0  # row 2's label is its second choice
-    rel = metrics.reliability(y, proba, bins=10)
-    # confidences 0.9 (right), 0.7 (wrong), 0.8 (right), 0.5 (wrong): |1-.9|+|0-.7|+|1-.8|+|0-.5| over 4
-    assert rel["ece"] == pytest.approx((0.1 + 0.7 + 0.2 + 0.5) / 4)
-    scores = metrics.evaluate(y, proba, ["a", "b", "c"])
-    assert scores["top1"] == 0.5 and scores["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0) / 3)
-    assert scores["confusion"] == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
-
-
-def test_bootstrap_intervals_match_a_plain_loop():
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, 4, 300)
-    pred = np.where(rng.random(300) < 0.7, y, rng.integers(0, 4, 300))
-    ci = metrics.bootstrap_ci(y, pred, 4, resamples=200, seed=5)
-    again = np.random.default_rng(5)
-    top1, balanced = [], []
-    for _ in range(200):
-        idx = again.integers(0, 300, 300)
-        top1.append((pred[idx] == y[idx]).mean())
-        recalls = [(pred[idx][y[idx] == c] == c).mean() for c in range(4) if (y[idx] == c).any()]
-        balanced.append(np.mean(recalls))
-    np.testing.assert_allclose(ci["top1"], np.percentile(top1, [2.5, 97.5]))
-    np.testing.assert_allclose(ci["balanced_accuracy"], np.percentile(balanced, [2.5, 97.5]))
-    assert ci["top1"][0] < (pred == y).mean() < ci["top1"][1]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [1, 4, 45])
 def test_path_blocks_reach_scikit_learns_solutions(block):
     """Warm-started blocks (1 = sequential path, 45 = every C at once) all meet the same optimum."""

@@ -58,6 +58,7 @@ def test_sizes():
         parse_size("lots")
 
 
+@pytest.mark.slow
 def test_streamed_head_stays_under_the_budget_and_matches_the_in_memory_fit(big_cache, tmp_path):
     budget_mb = 48
     assert big_cache.stat().st_size > 2.5 * budget_mb * 1e6
@@ -90,6 +91,7 @@ def test_streamed_head_stays_under_the_budget_and_matches_the_in_memory_fit(big_
     assert (tmp_path / "streamed" / "head.npz").exists()
 
 
+@pytest.mark.slow
 def test_streamed_sweep_selects_on_val(big_cache, tmp_path):
     cfg = HeadConfig(features=str(big_cache), head="torch", grid=(1e-4, 1e-2), max_memory="64MB", epochs=1,
                      out=str(tmp_path / "r"), progress=False, bootstrap=0, class_weight="balanced")  # fmt: skip
