@@ -7,9 +7,12 @@ PY ?= $(VENV)/bin/python
 CONFIG ?= configs/demo.toml
 STUDY ?= configs/demo-study.toml
 PIPELINE ?= $(PY) -m pipeline
+VENV_MIN ?= .venv-min
+PY_MIN ?= $(VENV_MIN)/bin/python
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help install features head study info test test-fast bench lint format clean
+.PHONY: help install features head study info test test-fast test-min bench lint format clean
 
 ## List the targets with what they do
 help:
@@ -44,6 +47,17 @@ test:
 ## Run the fast tests only (not marked slow), on every core: under a minute on 2 cores
 test-fast:
 	$(PY) -m pytest -q -m "not slow" -n auto
+
+## Fast tests on the declared lower bounds: a fresh VENV_MIN with exactly those versions (CI runs it)
+test-min:
+	rm -rf $(VENV_MIN)
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(PYTHON) tools/min_requirements.py > $(VENV_MIN)/requirements-min.txt
+	cat $(VENV_MIN)/requirements-min.txt
+	$(PY_MIN) -m pip install --only-binary :all: $(TORCH_PINS) -r $(VENV_MIN)/requirements-min.txt pytest pytest-xdist
+	$(PY_MIN) -m pip install --no-deps -e .
+	$(PY_MIN) -m pip check
+	$(PY_MIN) -m pytest -q -m "not slow" -n auto
 
 ## Measure the speed claims side by side (ratios with targets) -> benchmarks/out/bench.json
 bench:

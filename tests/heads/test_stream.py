@@ -140,3 +140,36 @@ def test_joblib_backends_give_the_same_sweep(synthetic_cache, tmp_path, backend)
 def test_unknown_joblib_backend_is_refused_by_the_config(synthetic_cache, tmp_path):
     with pytest.raises(ConfigError, match=r"--joblib-backend 'spark' is not allowed; choose one of: loky, threading"):
         HeadConfig(features=str(synthetic_cache), head="logreg", joblib_backend="spark", out=str(tmp_path / "r"))
+
+
+def test_streamed_and_in_memory_heads_share_one_protocol_on_a_small_cache(synthetic_cache, tmp_path):
+    """The same select/refit/test code for both fitters: the same result fields, and at the same C with
+    enough epochs the same test top-1 within a point; the streamed fit's convergence is measured."""
+    common = dict(features=str(synthetic_cache), head="torch", C=1.0, progress=False, bootstrap=0)
+    streamed = protocol.run(HeadConfig(**common, out=str(tmp_path / "s"), max_memory="100KB", epochs=200, lr=0.01))
+    in_memory = protocol.run(HeadConfig(**common, out=str(tmp_path / "m")))
+    assert streamed["protocol"].pop("rows") == "streamed from the cache in blocks"
+    assert in_memory["protocol"].pop("rows") == "in memory"
+    for run in (streamed, in_memory):
+        run["protocol"].pop("selection")
+    assert streamed["protocol"] == in_memory["protocol"]
+    assert set(streamed) == set(in_memory) and set(streamed["final_fit"]) == set(in_memory["final_fit"])
+    assert list(streamed["curve"][0]) == list(in_memory["curve"][0])
+    assert abs(streamed["test"]["top1"] - in_memory["test"]["top1"]) <= 0.01
+    fit = streamed["final_fit"]
+    assert fit["solver"] == "adam" and fit["n_iter"] == 200 and fit["status"] in ("converged", "not converged")
+
+
+@pytest.mark.parametrize(
+    ("flags", "pattern"),
+    [
+        ({"solver": "lbfgs"}, r"--solver lbfgs \(it needs every row for each step; use adam or sgd\) is not supported"),
+        ({"balanced_sampler": True}, r"--balanced-sampler is not supported when the head streams the cache"),
+        ({"shots": 2}, r"--shots is not supported when the head streams the cache \(about 0\.\d+ GB here"),
+    ],
+)
+def test_what_streaming_cannot_do_is_refused_in_one_line(synthetic_cache, tmp_path, flags, pattern):
+    cfg = HeadConfig(features=str(synthetic_cache), head="torch", max_memory="100KB", out=str(tmp_path / "r"), **flags)
+    with pytest.raises(ConfigError, match=pattern):
+        protocol.run(cfg)
+    assert not (tmp_path / "r").exists()
