@@ -132,8 +132,8 @@ def _check_device(device: str) -> None:
 def _check_positive(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{_flag(name)} {value} must be positive")
+        if value is not None and not 0 < value < float("inf"):  # NaN fails too
+            raise ConfigError(f"--{_flag(name)} {value} must be a positive, finite number")
 
 
 def _base_type(hint: Any) -> Any:
@@ -161,11 +161,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         elif kind is tuple:
             kwargs.update(nargs="+", type=float, metavar="X")
         else:
+            # Choices are listed in the help and checked by the config (one line, exit 2), not by argparse.
             choices = f.metadata["choices"]
-            if choices and len(choices) > 6:  # a long list: named in the help; checked by the config's own message
-                kwargs.update(type=kind, metavar="NAME", help=f"{kwargs['help']}; one of: {', '.join(choices)}")
-            else:
-                kwargs.update(type=kind, choices=choices)
+            kwargs["type"] = kind
+            if choices:
+                kwargs.update(metavar="|".join(choices) if len(choices) <= 6 else "NAME")
+                if len(choices) > 6:
+                    kwargs["help"] = f"{f.metadata['help']}; one of: {', '.join(choices)} (default: {f.default})"
         parser.add_argument(f"--{_flag(f.name)}", dest=f.name, **kwargs)
 
 

@@ -112,3 +112,17 @@ def test_choice_lists_come_from_the_registry():
     assert fields["precision"] == registry.PRECISIONS and fields["store_dtype"] == registry.STORE_DTYPES
     assert len(registry.DEFAULT_GRID) == 45 and registry.DEFAULT_GRID[0] == 1e-6
     assert registry.DEFAULT_GRID_TEXT in HeadConfig.__dataclass_fields__["grid"].metadata["help"]
+
+
+SHARED = ("config", "registry", "errors", "fsutil", "outputs", "devices", "splits")
+
+
+def test_shared_modules_import_no_stage():
+    """The modules every stage uses sit below them all; the one exception is config's use of the plain
+    `SolverOptions` dataclass, so that the solver's defaults are declared once."""
+    for short in SHARED:
+        name = f"pipeline.{short}"
+        stages = {m for m in GRAPH[name] if any(m.startswith(s) for s in ALLOWED)}
+        allowed = {"pipeline.heads.options"} if short == "config" else set()
+        assert stages <= allowed, f"{name} imports {stages - allowed}"
+        assert GRAPH.get("pipeline.heads.options", set()) <= {"pipeline.registry", "pipeline.errors"}

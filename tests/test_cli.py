@@ -133,8 +133,11 @@ def test_bad_options(capsys, folder, tmp_path):
         "gpu",
     )
     assert_user_error(capsys, r"no cache at .*nothing\.h5; run `make features`", "info", str(tmp_path / "nothing.h5"))
-    with pytest.raises(SystemExit) as exit_info:  # argparse's own errors also exit with 2
-        cli.main(["features", "--precision", "fp8"])
+    assert_user_error(  # a choice is checked by the config, in one line, not by argparse's usage screen
+        capsys, r"--precision 'fp8' is not allowed; choose one of: fp32, bf16, fp16", "features", "--precision", "fp8"
+    )
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own errors (a missing value) also exit with 2
+        cli.main(["features", "--precision"])
     assert exit_info.value.code == 2
 
 
@@ -210,3 +213,18 @@ def test_make_features_and_make_head_run_the_offline_demo(tmp_path):
     assert top1 > 0.9, "random resnet18 features still separate the digits"
     for name in ("result.json", "curve.csv", "head.json", "head.npz", "validation_curve.png", "confusion_matrix.png"):
         assert (tmp_path / "results" / "digits-logreg" / name).exists(), name
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--joblib-backend", "spark"], r"--joblib-backend 'spark' is not allowed; choose one of: loky, threading"),
+        (["--solver", "newton"], r"--solver 'newton' is not allowed; choose one of: auto, lbfgs, adam, sgd"),
+        (["--select", "best"], r"--select 'best' is not allowed; choose one of: top1-1se"),
+        (["--preprocess", "zscore"], r"--preprocess 'zscore' is not allowed; choose one of: standardize, l2, none"),
+        (["--tol", "nan"], r"--tol nan must be a positive, finite number"),
+        (["--lr", "inf"], r"--lr inf must be a positive, finite number"),
+    ],
+)
+def test_a_bad_choice_or_number_is_one_line_from_the_registry(capsys, argv, pattern):
+    assert_user_error(capsys, pattern, "head", "--features", "cache/none.h5", *argv)

@@ -49,7 +49,7 @@ def plot_validation_curve(curve: list[dict[str, Any]], selection: dict[str, Any]
     if len(set(Cs)) == 1:  # a fixed C: give the log axis some width (before a twin axis autoscales it)
         ax.set_xlim(Cs[0] / 10, Cs[0] * 10)
     _mark_status(ax, curve, Cs, top1)
-    key = "val_log_loss" if metric == "logloss" else "val_balanced_accuracy" if "balanced" in metric else "val_top1"
+    key = f"val_{selection.get('metric', 'top1')}"  # the rule's validation metric (registry.SELECT_RULES)
     target = ax
     if all("val_log_loss" in row for row in curve):
         loss_ax = ax.twinx()
@@ -72,7 +72,7 @@ def plot_validation_curve(curve: list[dict[str, Any]], selection: dict[str, Any]
 
 
 def _mark_status(ax: Any, curve: list[dict[str, Any]], Cs: np.ndarray, top1: np.ndarray) -> None:
-    """Mark the fits whose scores are not those of the optimum at their C (see `sweep.Fit.status`)."""
+    """Mark the fits whose scores are not those of the optimum at their C (see `pipeline.heads.runs.Fit.status`)."""
     status = np.array([row.get("status", "converged") for row in curve])
     styles = {
         "not converged": dict(marker="x", color="tab:red", ms=8, mew=1.5, label="not converged (max_iter)"),

@@ -1,7 +1,7 @@
 """Linear heads with the scikit-learn estimator contract, preprocessing, and pickle-free saving.
 
 - `TorchLinearClassifier`: nn.Linear-equivalent weights trained with cross-entropy + L2 by the
-  batched torch solver (`pipeline.solver`); torch is imported only when it is fitted.
+  batched torch solver (`pipeline.heads.solver`); torch is imported only when it is fitted.
 - `make_logreg`: scikit-learn's `LogisticRegression` (lbfgs, multinomial) configured alike.
 - `Preprocessor`: standardise or L2-normalise rows; fitted on the training rows only.
 - `LinearProbe`: a fitted head (preprocessing + weights) as plain arrays; what `save_head`
@@ -13,6 +13,7 @@ mean cross-entropy is an L2 penalty lambda * ||W||^2 / 2 with lambda = 1 / (C * 
 
 from __future__ import annotations
 
+import re
 from numbers import Integral, Real
 from typing import Any
 
@@ -138,14 +139,20 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         self.device = device
         self.random_state = random_state
 
-    def options(self) -> SolverOptions:
+    def options(self, **overrides: Any) -> SolverOptions:
         """These parameters as the solver's options."""
-        return SolverOptions.from_config(self, seed=self.random_state)
+        return SolverOptions.from_config(self, **({"seed": self.random_state} | overrides))
 
     def fit(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> TorchLinearClassifier:
+        from pipeline.devices import choose_device
         from pipeline.heads import solver as torch_solver  # torch only when a torch head is trained
 
         self._validate_params()
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
+            raise ValueError(
+                f"The 'device' parameter of TorchLinearClassifier must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'. "
+                f"Got {self.device!r} instead."
+            )
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
@@ -164,7 +171,7 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
             codes,
             [self.C],
             n_classes=len(self.classes_),
-            options=self.options(),
+            options=self.options(device=str(choose_device(self.device))),
             sample_weight=weights,
             dtype=_torch_dtype(X.dtype),
         )

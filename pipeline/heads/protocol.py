@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline import outputs
 from pipeline.cache.reader import CacheInfo, cache_info
 from pipeline.config import HeadConfig
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import metrics
 from pipeline.heads import choice, results
 from pipeline.heads.estimators import Preprocessor
@@ -84,13 +84,43 @@ def run(cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None
         return _run(cfg, report_to, cell)
 
 
+def in_memory_bytes(info: CacheInfo, n_classes: int) -> int:
+    """What the in-memory head holds at its peak: train+val as float32 three times (raw, preprocessed,
+    the train+val concatenation of the refit), test twice, and the test probabilities."""
+    rows = info.rows
+    trainval = rows["train"] + rows["val"]
+    return 4 * info.dim * (3 * trainval + 2 * rows["test"]) + 4 * rows["test"] * n_classes
+
+
+def needs_streaming(cfg: HeadConfig, info: CacheInfo, n_classes: int) -> bool:
+    """True when the in-memory head would hold more than --max-memory; then refuses what streaming
+    does not offer, each with one line."""
+    budget, need = cfg.max_memory_bytes, in_memory_bytes(info, n_classes)
+    if budget is None or need <= budget:
+        return False
+    over = f"about {need / 1e9:.2f} GB here, above --max-memory {cfg.max_memory}"
+    if cfg.head != "torch":
+        raise ConfigError(
+            f"the {cfg.head} head holds the whole cache in memory, {over}; use --head torch, which streams the "
+            "cache from disk within the budget"
+        )
+    refused = {
+        "--shots": cfg.shots,
+        "--solver lbfgs (it needs every row for each step; use adam or sgd)": cfg.solver == "lbfgs",
+        "--balanced-sampler": cfg.balanced_sampler,
+    }
+    for flag, given in refused.items():
+        if given:
+            raise ConfigError(f"{flag} is not supported when the head streams the cache ({over}); raise --max-memory")
+    return True
+
+
 def open_source(cfg: HeadConfig, info: CacheInfo, grid: list[float]) -> Source:
     """Rows in memory, or streamed from the file when they would not fit --max-memory."""
-    if cfg.max_memory is not None:
-        from pipeline.heads import stream  # torch only when the rows may have to stream
+    if needs_streaming(cfg, info, len(np.unique(info.labels["train"]))):
+        from pipeline.heads import stream  # torch only when the rows stream
 
-        if stream.needs_streaming(cfg, info, len(np.unique(info.labels["train"]))):
-            return stream.StreamSource(cfg, info, grid)
+        return stream.StreamSource(cfg, info, grid)
     return MemorySource(cfg, info)
 
 
@@ -104,7 +134,9 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
         source = open_source(cfg, info, grid)
     repeats = cfg.repeats if cfg.shots else 1
     runs: list[FittedRun] = []
-    with source, tqdm(total=len(grid) * repeats, unit="fit", desc="sweep", disable=not cfg.progress) as bar:
+    # A streamed source shows its own bar (epochs over the file); in memory one tick per fit.
+    fits_bar = tqdm(total=len(grid) * repeats, unit="fit", desc="sweep", disable=not cfg.progress or source.streams)
+    with source, fits_bar as bar:
         report_to(
             f"head: {cfg.head} on {path} ({source.describe()}, {info.dim}-d, {len(source.names)} classes); "
             f"{len(grid)} C values, select by {cfg.select} on {source.selected_on.split(' (')[0]}"

@@ -37,14 +37,6 @@ from pipeline.splits import stratified_holdout
 ADAM_STATE = 4  # parameter, gradient, two moments
 
 
-def in_memory_bytes(info: CacheInfo, n_classes: int) -> int:
-    """What the in-memory head holds at its peak: train+val as float32 three times (raw, preprocessed,
-    the train+val concatenation of the refit), test twice, and the test probabilities."""
-    rows = info.rows
-    trainval = rows["train"] + rows["val"]
-    return 4 * info.dim * (3 * trainval + 2 * rows["test"]) + 4 * rows["test"] * n_classes
-
-
 class Blocks:
     """Contiguous row blocks of one split (optionally masked) read from the cache as float32."""
 
@@ -78,6 +70,12 @@ class Blocks:
                     "`pipeline features --force --precision fp32`"
                 )
             yield X, self.labels[a - self.start : b - self.start][mask]
+
+    def steps(self, batch_size: int) -> int:
+        """Optimiser steps in one pass: each block's kept rows in batches of `batch_size`."""
+        starts = np.arange(0, self.stop - self.start, self.rows)
+        kept = np.add.reduceat(self.mask.astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
+        return int(np.ceil(kept / batch_size).sum())
 
     @property
     def n_blocks(self) -> int:
@@ -124,29 +122,6 @@ def _keep_block_buffers_returnable() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
-def needs_streaming(cfg: HeadConfig, info: CacheInfo, n_classes: int) -> bool:
-    """True when the in-memory head would hold more than --max-memory; then refuses what streaming
-    does not offer, each with one line."""
-    budget, need = cfg.max_memory_bytes, in_memory_bytes(info, n_classes)
-    if budget is None or need <= budget:
-        return False
-    over = f"about {need / 1e9:.2f} GB here, above --max-memory {cfg.max_memory}"
-    if cfg.head != "torch":
-        raise ConfigError(
-            f"the {cfg.head} head holds the whole cache in memory, {over}; use --head torch, which streams the "
-            "cache from disk within the budget"
-        )
-    refused = {
-        "--shots": cfg.shots,
-        "--solver lbfgs (it needs every row for each step; use adam or sgd)": cfg.solver == "lbfgs",
-        "--balanced-sampler": cfg.balanced_sampler,
-    }
-    for flag, given in refused.items():
-        if given:
-            raise ConfigError(f"{flag} is not supported when the head streams the cache ({over}); raise --max-memory")
-    return True
-
-
 def fit_stream(
     options: SolverOptions,
     parts: list[Blocks],
@@ -155,6 +130,7 @@ def fit_stream(
     n_classes: int,
     class_weight: str,
     bar: Any,
+    init: Fit | None = None,
 ) -> list[Fit]:
     """K settings at once over shuffled blocks, then one more pass for the full gradient: a fit per C."""
     device = choose_device(options.device)
@@ -185,7 +161,10 @@ def fit_stream(
                 yield problem, order[a : a + options.batch_size]
 
     theta = torch.zeros(dim + 1, len(Cs), outputs, device=device)
-    steps = options.epochs * (math.ceil(n / options.batch_size) + sum(b.n_blocks for b in parts))
+    if init is not None:  # warm start from the sweep's fit, as in memory
+        theta[:-1] = torch.as_tensor(init.coef, dtype=torch.float32, device=device)[:, None]
+        theta[-1] = torch.as_tensor(init.intercept, dtype=torch.float32, device=device)
+    steps = options.epochs * sum(b.steps(options.batch_size) for b in parts)  # exact: the schedule ends at 0
     theta = minibatch.train(epoch, theta, lambdas, options, n, w_total, steps, on_epoch=lambda _: bar.update(1))
     solution = minibatch.measured(theta, problems(shuffle=False), lambdas, w_total, options)
     return Fit.from_solution(Cs, solution, w_total, options.tol)
@@ -228,7 +207,6 @@ class StreamSource:
         # row-masked copy and minibatch temporaries (4 block-sized float32 arrays in all); the rest
         # covers labels, validation and test probabilities, metrics and the written outputs.
         self.rows = max(256, (budget // 4 - state) // (4 * dim * 4))
-        self.bar = tqdm(total=2 * cfg.epochs, unit="epoch", desc="stream", disable=not cfg.progress)
 
     def __enter__(self) -> StreamSource:
         cfg, info = self.cfg, self.info
@@ -248,11 +226,11 @@ class StreamSource:
             self.val = self._blocks(ta, tb, held)
             self.selected_on = f"a stratified holdout of train ({cfg.val_fraction:.0%}, seed {cfg.seed}; no val split)"
             self.both = [self._blocks(ta, tb, None)]
-        self.bar.__enter__()
+        self.bar = tqdm(total=2 * cfg.epochs, unit="epoch", desc="stream", disable=not cfg.progress)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
+        self.bar.close()
         self.f.close()
 
     def _blocks(self, start: int, stop: int, keep: np.ndarray | None) -> Blocks:
@@ -276,7 +254,9 @@ class StreamSource:
 
     def refit(self, C: float, init: Fit) -> tuple[Preprocessor, Fit]:
         prep = fit_preprocessor(self.cfg.preprocess, self.both)
-        (final,) = fit_stream(self.options, self.both, prep, [C], len(self.names), self.cfg.class_weight, self.bar)
+        (final,) = fit_stream(
+            self.options, self.both, prep, [C], len(self.names), self.cfg.class_weight, self.bar, init=init
+        )
         return prep, final
 
     def test(self, final: Fit, prep: Preprocessor) -> Predictions:

@@ -195,6 +195,7 @@ def test_the_solution_is_a_stationary_point_of_nn_linear_and_cross_entropy(smoot
         ({"epochs": 0}, r"The 'epochs' parameter of TorchLinearClassifier must be an int in the range \[1, inf\)"),
         ({"label_smoothing": 1.0}, r"The 'label_smoothing' parameter of TorchLinearClassifier must be a float in"),
         ({"class_weight": "even"}, r"The 'class_weight' parameter of TorchLinearClassifier must be"),
+        ({"device": "tpu"}, r"The 'device' parameter of TorchLinearClassifier must be 'auto', 'cpu', 'cuda'"),
     ],
 )
 def test_torch_head_checks_every_parameter_before_fitting(params, message):
