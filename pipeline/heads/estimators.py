@@ -86,7 +86,23 @@ def balanced_weights(y: np.ndarray, class_weight: Any) -> np.ndarray | None:
     return per_class[np.searchsorted(classes, y)]
 
 
-class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
+class LinearDecision:
+    """Probabilities and classes from `decision_function` (logits, or one binomial logit) and `classes_`:
+    what every linear head here shares."""
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return proba_from_decision(self.decision_function(X))
+
+    def predict_log_proba(self, X: np.ndarray) -> np.ndarray:
+        return log_proba_from_decision(self.decision_function(X))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        decision = self.decision_function(X)
+        index = (decision > 0).astype(int) if decision.ndim == 1 else decision.argmax(axis=1)
+        return self.classes_[index]
+
+
+class TorchLinearClassifier(LinearDecision, ClassifierMixin, BaseEstimator):
     """Multinomial (binomial for two classes) logistic regression trained in torch.
 
     Parameters mirror `LogisticRegression` where they overlap (`C`, `tol`, `max_iter`,
@@ -198,17 +214,6 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         scores = X @ self.coef_.T + self.intercept_
         return scores.ravel() if scores.shape[1] == 1 else scores
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return proba_from_decision(self.decision_function(X))
-
-    def predict_log_proba(self, X: np.ndarray) -> np.ndarray:
-        return log_proba_from_decision(self.decision_function(X))
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        decision = self.decision_function(X)
-        index = (decision > 0).astype(int) if decision.ndim == 1 else decision.argmax(axis=1)
-        return self.classes_[index]
 
 
 def _torch_dtype(dtype: np.dtype) -> Any:

@@ -13,13 +13,13 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from pipeline.errors import CacheError, MissingError
-from pipeline.heads.estimators import Preprocessor, proba_from_decision
+from pipeline.heads.estimators import LinearDecision, Preprocessor
 from pipeline.registry import PREPROCESSING
 
 HEAD_SCHEMA = 1
 
 
-class LinearProbe(ClassifierMixin, BaseEstimator):
+class LinearProbe(LinearDecision, ClassifierMixin, BaseEstimator):
     """A fitted head as arrays: preprocessing, then ``X @ coef_.T + intercept_``. Numpy only.
 
     It is built fitted (there is nothing to learn), and keeps the estimator contract: its parameters
@@ -70,14 +70,6 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             raise ValueError(f"X has {X.shape[-1]} features, but this head expects {self.n_features_in_}")
         scores = X @ self.coef_.T + self.intercept_
         return scores.ravel() if scores.shape[1] == 1 else scores
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return proba_from_decision(self.decision_function(X))
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        decision = self.decision_function(X)
-        index = (decision > 0).astype(int) if decision.ndim == 1 else decision.argmax(axis=1)
-        return self.classes_[index]
 
 
 def save_head(probe: LinearProbe, folder: str | Path, meta: dict[str, Any]) -> Path:
