@@ -4,6 +4,7 @@ protocol's rows (train, val or a holdout, few-shot draws, test read last) held a
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -181,9 +182,13 @@ class MemorySource:
         (final,) = fit_grid(self.cfg, prep.transform(X_all), y_all, len(self.names), [C], init=init)
         return prep, final
 
+    @functools.cached_property
+    def _test(self) -> Split:
+        """The test rows, read once, on the first `test` call: after every choice."""
+        test = read_features(self.path, splits=("test",), dtype=np.float32)["test"]
+        check_finite(self.path, "test", test)
+        return test
+
     def test(self, final: Fit, prep: Preprocessor) -> Predictions:
-        if not hasattr(self, "_test"):  # read once, after every choice
-            self._test = read_features(self.path, splits=("test",), dtype=np.float32)["test"]
-            check_finite(self.path, "test", self._test)
         test = self._test
         return Predictions(test.ids, self.encode(test.y), final.log_proba(prep.transform(test.X)))

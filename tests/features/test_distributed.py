@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
@@ -22,6 +21,7 @@ from pipeline.features import stage
 from pipeline.features.distributed import World, part_path
 
 from conftest import REPO, make_folder, tiny
+from faultkit import rows_done
 
 FLAGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "2", "--no-progress"]
 FLAGS += ["--val-fraction", "0.25"]
@@ -102,14 +102,6 @@ def test_two_ranks_match_a_single_process(tmp_path):
     assert again.returncode == 0 and "is current (15 rows); nothing to do" in stderr
 
 
-def _part_rows(path: Path) -> int:
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            return int(f.attrs["rows_done"])
-    except (OSError, KeyError):
-        return 0
-
-
 @pytest.mark.slow
 def test_a_killed_rank_leaves_its_rows_and_the_rerun_resumes_every_shard(tmp_path):
     data = make_folder(tmp_path / "img", classes=("a", "b"), per_class=10)
@@ -117,12 +109,12 @@ def test_a_killed_rank_leaves_its_rows_and_the_rerun_resumes_every_shard(tmp_pat
     job = torchrun(tmp_path, ["features", "--data", str(data), "--out", str(out), *FLAGS], delay=0.4)
     partials = [schema.partial_path(part_path(out, r, 2)) for r in range(2)]
     deadline = time.monotonic() + 120
-    while min(_part_rows(p) for p in partials) < 4 and time.monotonic() < deadline and job.poll() is None:
+    while min(rows_done(p) for p in partials) < 4 and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.05)
     os.kill(int((tmp_path / "log" / "pid-1").read_text()), signal.SIGKILL)  # rank 1 dies
     job.communicate(timeout=120)
     assert job.returncode != 0 and not out.exists()
-    kept = [_part_rows(p) for p in partials]
+    kept = [rows_done(p) for p in partials]
     assert all(rows >= 4 for rows in kept) and sum(kept) < 20
 
     for f in (tmp_path / "log").glob("rows-*"):
