@@ -231,10 +231,20 @@ class HeadConfig:
     """Everything that decides how a head is trained on a cache, selected and scored."""
 
     features: str | None = option(None, "the cache file written by `pipeline features`")
-    head: str = option("logreg", "torch (nn.Linear + cross-entropy) or logreg (scikit-learn)", registry.HEADS)
+    head: str = option(
+        "logreg",
+        "logreg (scikit-learn) or torch (nn.Linear + cross-entropy), trained with C; knn (cosine, weighted votes, "
+        "k chosen on val) or ncm (nearest class mean by cosine)",
+        registry.HEADS,
+    )
     out: str | None = option(None, "results folder (default: results/<cache>-<head>)")
     C: float | None = option(None, "train at this C only, no sweep (scikit-learn's C)")
-    grid: tuple[float, ...] | None = option(None, f"C values to sweep (default: {registry.DEFAULT_GRID_TEXT})")
+    grid: tuple[float, ...] | None = option(
+        None,
+        f"C values to sweep (default: {registry.DEFAULT_GRID_TEXT}); for knn, the k values "
+        f"(default: {' '.join(map(str, registry.DEFAULT_K_GRID))})",
+    )
+    temperature: float = option(0.07, "knn: votes weigh exp(cosine / T); ncm: logits are cosine / T (DINO's T = 0.07)")
     select: str = option(
         "top1-1se",
         "rule that chooses C on validation: top1-1se / balanced-1se take the strongest regularisation whose score is "
@@ -242,7 +252,12 @@ class HeadConfig:
         "the lowest log-loss",
         tuple(registry.SELECT_RULES),
     )
-    preprocess: str = option("standardize", "fitted on training rows only", registry.PREPROCESSING)
+    preprocess: str = option(
+        "auto",
+        "fitted on training rows only (auto: standardize for logreg and torch, l2 for knn and ncm; center-l2 "
+        "subtracts the training mean first)",
+        registry.HEAD_PREPROCESSING,
+    )
     class_weight: str = option("none", "'balanced' weighs classes by n / (classes * n_c)", registry.CLASS_WEIGHTS)
     val_fraction: float = option(0.1, "stratified holdout from train when the cache has no val split")
     seed: int = option(0, "seed of the holdout, few-shot draws, mini-batch order and bootstrap")
@@ -281,9 +296,7 @@ class HeadConfig:
         _check_choices(self)
         if self.features is None:
             raise ConfigError("no cache given; pass --features cache/NAME.h5 (run `make features` first)")
-        for value in ([self.C] if self.C is not None else []) + list(self.grid or ()):
-            if not value > 0 or value == float("inf"):
-                raise ConfigError(f"C value {value} is not allowed; C must be a positive, finite number")
+        self._check_head_settings()
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction {self.val_fraction} is out of range; expected a fraction in (0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -295,6 +308,41 @@ class HeadConfig:
             raise ConfigError(f"--bootstrap {self.bootstrap} is negative; pass 0 for no intervals")
         _ = self.max_memory_bytes  # parsed once, here: a bad size fails before any work
         _check_device(self.device)
+
+    def _check_head_settings(self) -> None:
+        """C for the linear heads, k for knn, nothing for ncm; cosine heads on unit rows, unweighted."""
+        if self.head in registry.LINEAR_HEADS:
+            for value in ([self.C] if self.C is not None else []) + list(self.grid or ()):
+                if not value > 0 or value == float("inf"):
+                    raise ConfigError(f"C value {value} is not allowed; C must be a positive, finite number")
+            return
+        if self.C is not None:
+            raise ConfigError(f"--C is a setting of the linear heads; the {self.head} head has no C (drop --C)")
+        if self.head == "ncm" and self.grid:
+            raise ConfigError("--grid is not used by the ncm head, which has nothing to choose (drop --grid)")
+        for k in self.grid or ():
+            if not (k >= 1 and float(k).is_integer()):
+                raise ConfigError(
+                    f"k value {k} is not allowed; the knn head's --grid takes whole numbers of neighbours >= 1"
+                )
+        _check_positive(self, "temperature")
+        if self.preprocess not in ("auto", *registry.COSINE_PREPROCESSING):
+            raise ConfigError(
+                f"--preprocess {self.preprocess} does not suit the {self.head} head, which compares unit rows by "
+                f"cosine; choose one of: {', '.join(registry.COSINE_PREPROCESSING)}"
+            )
+        if self.class_weight != "none":
+            raise ConfigError(
+                f"--class-weight {self.class_weight} applies to the linear heads; the {self.head} head is not trained "
+                "with a loss to weigh (drop --class-weight)"
+            )
+
+    @property
+    def preprocessing(self) -> str:
+        """--preprocess with `auto` resolved for this head."""
+        if self.preprocess != "auto":
+            return self.preprocess
+        return "standardize" if self.head in registry.LINEAR_HEADS else "l2"
 
     @functools.cached_property
     def max_memory_bytes(self) -> int | None:

@@ -22,10 +22,11 @@ from pipeline import outputs
 from pipeline.config import FeaturesConfig
 from pipeline.errors import BadImageError, CacheError, ConfigError, MissingError, WeightsError
 from pipeline.features import backbone
-from pipeline.heads.probe import LinearProbe, load_head
+from pipeline.heads.neighbours import CosineKNN
+from pipeline.heads.probe import Head, load_head
 
 
-def _settings(head: LinearProbe, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _settings(head: Head, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     fingerprint, settings = head.meta.get("cache_fingerprint"), head.meta.get("features_config")
     if not fingerprint or not settings:
         raise CacheError(
@@ -35,7 +36,7 @@ def _settings(head: LinearProbe, folder: Path) -> tuple[dict[str, Any], dict[str
     return fingerprint, settings
 
 
-def rebuild_spec(head: LinearProbe, folder: Path, weights: str | None = None) -> backbone.BackboneSpec:
+def rebuild_spec(head: Head, folder: Path, weights: str | None = None) -> backbone.BackboneSpec:
     """The head's backbone and preprocessing, verified against its cache fingerprint."""
     fingerprint, settings = _settings(head, folder)
     spec = backbone.describe(
@@ -114,10 +115,13 @@ def predict(
     return {"out": str(out), "classified": int(ok.sum()), "unreadable": bad, "proba": proba, "ids": samples.ids}
 
 
-def export_module(model: Any, spec: backbone.BackboneSpec, head: LinearProbe) -> Any:
+def export_module(model: Any, spec: backbone.BackboneSpec, head: Head) -> Any:
     """The exported module: uint8 crops (B, 3, S, S) -> class probabilities (B, C)."""
     import torch
     from torch import nn
+
+    knn = isinstance(head, CosineKNN)
+    prep = head.preprocessor_ if knn else head.preprocessor
 
     class Classifier(nn.Module):
         def __init__(self) -> None:
@@ -126,12 +130,16 @@ def export_module(model: Any, spec: backbone.BackboneSpec, head: LinearProbe) ->
             t = spec.transform
             self.register_buffer("mean", torch.tensor(t.mean).reshape(1, 3, 1, 1).clone())
             self.register_buffer("std", torch.tensor(t.std).reshape(1, 3, 1, 1).clone())
-            prep = head.preprocessor
             dim = head.n_features_in_
             self.kind = prep.kind
             f_mean = prep.mean_ if prep.mean_ is not None else np.zeros(dim, np.float32)
             f_scale = prep.scale_ if prep.scale_ is not None else np.ones(dim, np.float32)
-            arrays = {"f_mean": f_mean, "f_scale": f_scale, "coef": head.coef_, "intercept": head.intercept_}
+            arrays = {"f_mean": f_mean, "f_scale": f_scale}
+            if knn:  # the bank, and its classes one-hot: votes are a product, no scatter
+                self.k, self.temperature = min(int(head.n_neighbors), len(head.bank_)), float(head.temperature)
+                arrays |= {"bank": head.bank_, "bank_onehot": np.eye(len(head.classes_))[head.bank_labels_]}
+            else:
+                arrays |= {"coef": head.coef_, "intercept": head.intercept_}
             for name, array in arrays.items():  # own contiguous copies: torch.export saves them whole
                 self.register_buffer(name, torch.tensor(np.ascontiguousarray(array, dtype=np.float32)))
 
@@ -140,13 +148,25 @@ def export_module(model: Any, spec: backbone.BackboneSpec, head: LinearProbe) ->
             f = self.body(x)  # (B, D)
             if self.kind == "standardize":
                 f = (f - self.f_mean) / self.f_scale
-            elif self.kind == "l2":
+            elif self.kind in ("l2", "center-l2"):
+                f = f - self.f_mean  # zero for l2
                 f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            if knn:
+                return self.votes(f)
             z = f @ self.coef.T + self.intercept  # (B, C) or (B, 1)
             if z.shape[1] == 1:
                 p = torch.sigmoid(z)
                 return torch.cat([1 - p, p], dim=1)
             return torch.softmax(z, dim=1)
+
+        def votes(self, f: torch.Tensor) -> torch.Tensor:
+            """`pipeline.heads.neighbours.vote_log_proba`, in torch."""
+            sims, rows = torch.topk(f @ self.bank.T, self.k, dim=1)  # (B, k)
+            weights = torch.exp((sims - 1.0) / self.temperature)
+            votes = torch.einsum("bk,bkc->bc", weights, self.bank_onehot[rows])
+            share = votes / votes.sum(dim=1, keepdim=True).clamp_min(1e-30)
+            n_classes, smoothing = self.bank_onehot.shape[1], 1.0 / (self.k + 1)
+            return (1 - smoothing) * share + smoothing / n_classes
 
     return Classifier().eval()
 
@@ -186,7 +206,7 @@ def export(
         "std": list(t.std),
         "backbone": spec.name,
         "weights": spec.weights_id,
-        "head": {k: head.meta.get(k) for k in ("head", "C", "trained_on", "cache")},
+        "head": {k: head.meta[k] for k in ("head", "C", "k", "temperature", "trained_on", "cache") if k in head.meta},
         "usage": "p = torch.export.load(path).module()(images_uint8)",
     }
     outputs.replace_file(

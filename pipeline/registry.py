@@ -58,8 +58,17 @@ ON_MISMATCH = ("rebuild", "refuse")
 
 # -------------------------------------------------------------------------------------- heads
 
-HEADS = ("logreg", "torch")
-PREPROCESSING = ("standardize", "l2", "none")
+HEADS = ("logreg", "torch", "knn", "ncm")
+LINEAR_HEADS = ("logreg", "torch")  # trained with C: the others compare cosine similarities
+# What each head's sweep varies: the curve's first column. ncm has no setting to choose: its one
+# row is at its softmax temperature.
+HEAD_SETTINGS = {"logreg": "C", "torch": "C", "knn": "k", "ncm": "temperature"}
+DEFAULT_K_GRID = (1, 3, 5, 10, 20, 50, 100, 200)
+# `auto`: standardize for the linear heads, l2 for knn and ncm; `center-l2` subtracts the training
+# mean before the L2 normalisation (SimpleShot's CL2N).
+PREPROCESSING = ("standardize", "l2", "center-l2", "none")
+HEAD_PREPROCESSING = ("auto", *PREPROCESSING)
+COSINE_PREPROCESSING = ("l2", "center-l2")
 CLASS_WEIGHTS = ("none", "balanced")
 SOLVERS = ("lbfgs", "adam", "sgd")
 # `auto`: lbfgs when the rows fit in memory, adam when the head streams them from the file.

@@ -54,6 +54,19 @@ def _check_keys(values: dict[str, Any], allowed: list[str], where: str) -> None:
             raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(allowed)}")
 
 
+def _defaults_for(head: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The [head] defaults that apply to `head`: a C grid, C and class weights set there are the linear
+    heads' (and so is a preprocessing other than l2 / center-l2); a [[heads]] entry sets its own."""
+    from pipeline import registry
+
+    if head in registry.LINEAR_HEADS:
+        return defaults
+    linear_only = {"grid", "C", "class_weight"}
+    if defaults.get("preprocess") not in (None, "auto", *registry.COSINE_PREPROCESSING):
+        linear_only.add("preprocess")
+    return {key: value for key, value in defaults.items() if key.replace("-", "_") not in linear_only}
+
+
 def plan(path: str | Path) -> Plan:
     """Read and validate the whole study before anything runs."""
     from pipeline import registry
@@ -99,7 +112,8 @@ def plan(path: str | Path) -> Plan:
     for k, hd in enumerate(_entries(document, "heads", source)):
         where = f"{source} [[heads]] #{k + 1}"
         _check_keys(hd, ["name", *head_fields], where)
-        values = {**head_defaults, **{key: v for key, v in hd.items() if key != "name"}}
+        head = hd.get("head", head_defaults.get("head", "logreg"))
+        values = {**_defaults_for(head, head_defaults), **{key: v for key, v in hd.items() if key != "name"}}
         resolve(HeadConfig, {**values, "features": "check.h5"}, {}, source=where)  # validate now
         heads.append((hd.get("name") or values.get("head", "logreg"), values))
     fewshot = document.get("fewshot")
@@ -147,7 +161,8 @@ def run(path: str | Path, report: Report = lambda message: None, progress: bool 
             (summary["reused"] if done.status == "current" else summary["computed"]).append(str(fcfg.out_path))
             jobs = [(head_label, values, None) for head_label, values in p.heads]
             if p.fewshot:
-                values = {**p.head_defaults, "head": p.fewshot["head"], "repeats": p.fewshot["repeats"]}
+                values = {**_defaults_for(p.fewshot["head"], p.head_defaults)}
+                values |= {"head": p.fewshot["head"], "repeats": p.fewshot["repeats"]}
                 jobs += [(f"{p.fewshot['head']}-{k}shot", {**values, "shots": k}, k) for k in p.fewshot["shots"]]
             for head_label, values, shots in jobs:
                 folder = "fewshot" if shots else ""

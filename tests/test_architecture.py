@@ -106,7 +106,9 @@ def test_choice_lists_come_from_the_registry():
     assert fields["backbone"] == registry.BACKBONES
     assert fields["head"] == registry.HEADS
     assert fields["solver"] == registry.HEAD_SOLVERS and set(registry.SOLVERS) < set(fields["solver"])
-    assert fields["preprocess"] == registry.PREPROCESSING
+    assert fields["preprocess"] == registry.HEAD_PREPROCESSING and set(registry.PREPROCESSING) < set(
+        fields["preprocess"]
+    )
     assert fields["joblib_backend"] == registry.JOBLIB_BACKENDS
     assert fields["select"] == tuple(registry.SELECT_RULES)
     assert fields["precision"] == registry.PRECISIONS and fields["store_dtype"] == registry.STORE_DTYPES

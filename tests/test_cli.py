@@ -221,7 +221,10 @@ def test_make_features_and_make_head_run_the_offline_demo(tmp_path):
         (["--joblib-backend", "spark"], r"--joblib-backend 'spark' is not allowed; choose one of: loky, threading"),
         (["--solver", "newton"], r"--solver 'newton' is not allowed; choose one of: auto, lbfgs, adam, sgd"),
         (["--select", "best"], r"--select 'best' is not allowed; choose one of: top1-1se"),
-        (["--preprocess", "zscore"], r"--preprocess 'zscore' is not allowed; choose one of: standardize, l2, none"),
+        (
+            ["--preprocess", "zscore"],
+            r"--preprocess 'zscore' is not allowed; choose one of: auto, standardize, l2, center-l2, none",
+        ),
         (["--tol", "nan"], r"--tol nan must be a positive, finite number"),
         (["--lr", "inf"], r"--lr inf must be a positive, finite number"),
     ],

@@ -33,7 +33,13 @@ def trained(tmp_path_factory):
     protocol.run(
         HeadConfig(features=cfg.out, out=str(tmp / "head"), grid=(0.1, 1.0, 10.0), progress=False, bootstrap=0)
     )
+    cosine = dict(features=cfg.out, progress=False, bootstrap=0)
+    protocol.run(HeadConfig(head="knn", grid=(3, 5), out=str(tmp / "knn"), **cosine))  # type: ignore[arg-type]
+    protocol.run(HeadConfig(head="ncm", preprocess="center-l2", out=str(tmp / "ncm"), **cosine))  # type: ignore[arg-type]
     return tmp, data
+
+
+HEADS = ["head", "knn", "ncm"]  # the logreg head, and the cosine heads (ncm centred) of the same cache
 
 
 def _rows(path):
@@ -42,15 +48,16 @@ def _rows(path):
 
 
 @pytest.mark.slow
-def test_predict_matches_the_head_on_cached_features(trained):
+@pytest.mark.parametrize("folder", HEADS)
+def test_predict_matches_the_head_on_cached_features(trained, folder):
     tmp, data = trained
-    out = tmp / "pred.csv"
-    result = predict.predict(tmp / "head", data / "test", out, top_k=3)
+    out = tmp / f"pred-{folder}.csv"
+    result = predict.predict(tmp / folder, data / "test", out, top_k=3)
     rows = _rows(out)
     assert [r["path"] for r in rows] == [f"{c}/test{n:02d}.png" for c in ("cat", "dog", "owl") for n in range(6)]
     assert list(rows[0]) == ["path", "prediction", "probability", "class_2", "probability_2", "class_3",
                              "probability_3", "error"]  # fmt: skip
-    head, fs = load_head(tmp / "head"), read_features(tmp / "c.h5")
+    head, fs = load_head(tmp / folder), read_features(tmp / "c.h5")
     cached = head.predict_proba(fs["test"].X)  # the same images, through the cache
     by_id = {f"{i.split('/', 1)[1]}": k for k, i in enumerate(fs["test"].ids)}
     order = [by_id[i] for i in result["ids"]]
@@ -59,11 +66,12 @@ def test_predict_matches_the_head_on_cached_features(trained):
 
 
 @pytest.mark.slow
-def test_export_loads_without_the_package_and_agrees_with_predict(trained):
+@pytest.mark.parametrize("folder", HEADS)
+def test_export_loads_without_the_package_and_agrees_with_predict(trained, folder):
     tmp, data = trained
-    exported = tmp / "classifier.pt2"
-    assert cli.main(["export", "--head", str(tmp / "head"), "--out", str(exported)]) == 0
-    result = predict.predict(tmp / "head", data / "test", tmp / "pred.csv")
+    exported = tmp / f"classifier-{folder}.pt2"
+    assert cli.main(["export", "--head", str(tmp / folder), "--out", str(exported)]) == 0
+    result = predict.predict(tmp / folder, data / "test", tmp / f"pred-{folder}.csv", force=True)
     code = f"""
 import sys, json, numpy as np, torch
 sys.modules["pipeline"] = None  # any import of this package would fail here

@@ -56,6 +56,13 @@ head = "logreg"
 [[heads]]
 head = "torch"
 
+[[heads]]
+head = "knn"
+grid = [1, 3, 5]
+
+[[heads]]
+head = "ncm"
+
 [fewshot]
 head = "logreg"
 shots = [1, 2]
@@ -78,7 +85,7 @@ def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch)
     path = write_study(tmp_path)
     first = study.run(path, progress=False)
     assert len(first["computed"]) == 2 and first["reused"] == [] and first["failed"] == []
-    assert len(first["runs"]) == 2 * (2 + 2)  # 2 caches x (2 heads + 2 few-shot runs)
+    assert len(first["runs"]) == 2 * (4 + 2)  # 2 caches x (4 heads + 2 few-shot runs)
     builds = []
     real = backbone.build
     monkeypatch.setattr(backbone, "build", lambda *a, **k: builds.append(a) or real(*a, **k))
@@ -92,7 +99,7 @@ def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch)
     report = tmp_path / "results" / "tiny" / "report.md"
     assert report.exists() and (tmp_path / "results" / "tiny" / "report-bars.png").exists()
     rows = compare.summary_rows(compare.gather([tmp_path / "results" / "tiny"]))
-    assert len(rows) == 8
+    assert len(rows) == 12
     for row in rows:
         result = json.loads((tmp_path / row["folder"].split(str(tmp_path) + "/")[-1] / "result.json").read_text())
         assert row["test_top1"] == result["test"]["top1"]
@@ -102,6 +109,9 @@ def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch)
     assert (tmp_path / "results" / "tiny" / "report-fewshot.png").exists()
     text = report.read_text()
     assert "| shapes | r18-a | logreg | all |" in text and "## Few-shot" in text
+    assert "| shapes | r18-a | knn | all |" in text and "| k = " in text and "| temperature = 0.07 |" in text
+    # The cosine heads are compared with the linear heads on the same test rows (paired tests).
+    assert "knn" in text.split("## Paired comparisons")[1] and "ncm" in text.split("## Paired comparisons")[1]
 
 
 @pytest.mark.slow
@@ -110,7 +120,7 @@ def test_a_failing_cell_is_reported_and_the_rest_go_on(tmp_path, capsys):
     summary = study.run(path, progress=False)
     assert {f["cell"] for f in summary["failed"]} == {"gone / r18-a: features", "gone / r18-b: features"}
     assert all("does not exist" in f["error"] for f in summary["failed"])
-    assert len(summary["runs"]) == 8, "the good cells all ran"
+    assert len(summary["runs"]) == 12, "the good cells all ran"
     assert cli.main(["study", path, "--no-progress"]) == 2
     assert "error: 2 cell(s) failed: gone / r18-a: features; gone / r18-b: features" in capsys.readouterr().err
 

@@ -186,7 +186,8 @@ def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
         test, t = r.result["test"], r.result.get("timings", {})
         ci = test.get("ci", {})
         top1_ci, bal_ci = ci.get("top1", [None, None]), ci.get("balanced_accuracy", [None, None])
-        chosen = r.result["chosen"]["C"]
+        param = r.result["chosen"].get("param", "C")
+        chosen = r.result["chosen"][param]
         rows.append(
             {
                 "dataset": r.dataset,
@@ -200,7 +201,8 @@ def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
                 "test_balanced_accuracy": test["balanced_accuracy"],
                 "balanced_lo": bal_ci[0],
                 "balanced_hi": bal_ci[1],
-                "chosen_C": chosen if not isinstance(chosen, list) else float(np.median(chosen)),
+                "setting": param,
+                "chosen": chosen if not isinstance(chosen, list) else float(np.median(chosen)),
                 "cache_seconds": r.result["cache"].get("extract_seconds"),
                 "head_seconds": round(sum(t.values()), 3),
                 "folder": str(r.folder),
@@ -245,7 +247,7 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
         "",
         f"{len(rows)} runs. Test accuracy in %, with 95% bootstrap intervals (± std over draws for few-shot).",
         "",
-        "| dataset | backbone | head | shots | test top-1 | balanced accuracy | C | cache s | head s |",
+        "| dataset | backbone | head | shots | test top-1 | balanced accuracy | chosen | cache s | head s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -253,7 +255,8 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
         lines.append(
             f"| {r['dataset']} | {r['backbone']} | {r['head']} | {r['shots']} | "
             f"{_pct(r['test_top1'], r['top1_lo'], r['top1_hi'], r['top1_std'])} | "
-            f"{_pct(r['test_balanced_accuracy'], r['balanced_lo'], r['balanced_hi'])} | {r['chosen_C']:.3g} | "
+            f"{_pct(r['test_balanced_accuracy'], r['balanced_lo'], r['balanced_hi'])} | "
+            f"{r['setting']} = {r['chosen']:.3g} | "
             f"{cache_s} | {r['head_seconds']:.1f} |"
         )
     lines += ["", "## Paired comparisons (same test rows)", ""]

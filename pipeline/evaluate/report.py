@@ -38,8 +38,9 @@ def plot_validation_curve(curve: list[dict[str, Any]], selection: dict[str, Any]
     the one-SE rules also show their threshold.
     """
     plt = _pyplot()
-    metric, chosen_C = selection["select"], selection["C"]
-    Cs = np.array([row["C"] for row in curve])
+    metric, param = selection["select"], selection.get("param", "C")
+    chosen_C, name = selection[param], {"C": "C", "k": "k", "temperature": "T"}.get(param, param)
+    Cs = np.array([row[param] for row in curve], dtype=float)
     top1 = np.array([row["val_top1"] for row in curve])
     fig, ax = plt.subplots(figsize=(6.4, 4))
     se = [row.get("val_top1_se", 0.0) for row in curve]
@@ -58,10 +59,11 @@ def plot_validation_curve(curve: list[dict[str, Any]], selection: dict[str, Any]
         target = loss_ax if key == "val_log_loss" else ax
     if metric.endswith("-1se") and all(f"{key}_se" in row for row in curve):
         ax.axhline(selection["threshold"], color="tab:red", ls=":", lw=1, label="best − 1 SE")
-    best = next(row for row in curve if row["C"] == chosen_C)
+    best = curve[selection["index"]]
     ax.axvline(chosen_C, color="0.6", ls="--", lw=1)
-    target.plot([chosen_C], [best[key]], "r*", ms=14, label=f"chosen C = {chosen_C:.3g} ({metric})")
-    ax.set(xlabel="C (inverse regularisation strength)", ylabel="accuracy", title="Validation curve")
+    target.plot([chosen_C], [best[key]], "r*", ms=14, label=f"chosen {name} = {chosen_C:.3g} ({metric})")
+    xlabel = {"C": "C (inverse regularisation strength)", "k": "k (neighbours)"}.get(param, f"{param} (fixed)")
+    ax.set(xlabel=xlabel, ylabel="accuracy", title="Validation curve")
     ax.grid(alpha=0.3)
     handles = [h for a in {ax, target} for h in a.get_legend_handles_labels()[0]]
     ax.legend(handles=handles, loc="best", fontsize=7)
@@ -151,17 +153,21 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     protocol = result["protocol"]
     chosen = result["chosen"]
-    Cs = chosen["C"] if isinstance(chosen["C"], list) else [chosen["C"]]
+    param = chosen.get("param", "C")
+    Cs = chosen[param] if isinstance(chosen[param], list) else [chosen[param]]
     lines = [
         f"run        {result['out']}",
         f"cache      {result['cache']['path']} ({result['cache']['fingerprint'].get('backbone', '?')}, "
         f"{result['cache']['dim']}-d, {len(result['classes'])} classes)",
-        f"head       {result['config']['head']}; C = {', '.join(f'{c:.3g}' for c in Cs)} chosen on "
+        f"head       {result['config']['head']}; {param} = {', '.join(f'{c:.3g}' for c in Cs)} chosen on "
         f"{protocol['selected_on']} by {protocol.get('select', protocol['select_metric'])} "
         f"from {len(result['grid'])} values; "
         f"trained on {protocol['trained_on']}; scored once on {protocol['scored_on']}",
         "",
-        f"{'metric':<19}{'val (chosen C)':>16}   {'test' + (' [95% CI]' if ci else '') + (' ± std' if std else '')}",
+        f"{'metric':<19}{f'val (chosen {param})':>16}   "
+        + "test"
+        + (" [95% CI]" if ci else "")
+        + (" ± std" if std else ""),
     ]
     for label, key in rows:
         test_text = _fmt(test.get(key), ci.get(key))

@@ -1,5 +1,7 @@
-"""Choosing C from a validation curve: one curve row per fit (`curve_row`, from float64
-log-probabilities) and the `--select` rules (`selection`), shared by every fitter."""
+"""Choosing a head's setting (C; k for knn) from a validation curve: one curve row per fit
+(`curve_row`, from float64 log-probabilities) and the `--select` rules (`selection`), shared by
+every fitter. The curve's first column is the setting; the strongest regularisation is the
+smallest C, or the largest k (more neighbours vote), whatever the order of the rows."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
     - `top1-1se` / `balanced-1se` (one-standard-error rule): among the fits that converged, find
       the best score p and its standard error SE (`val_*_se` of that row: sqrt(p (1 - p) / n_val)
       for top-1, sqrt(sum_c r_c (1 - r_c) / n_c) / K for balanced accuracy); take the smallest C
-      whose score is >= p - SE. A one- or two-image spike on the flat, weakly regularised end
+      (the largest k) whose score is >= p - SE. A one- or two-image spike on the flat, weakly regularised end
       cannot move the choice: every C it beats by less than its noise stays a candidate.
     - `top1` / `balanced`: plain argmax over every fit (the published protocol).
     - `logloss`: the converged fit with the lowest validation log-loss.
@@ -28,42 +30,53 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
     resolve its C is scored and shown, but neither sets the best score nor is chosen (unless no fit
     converged, and then every fit counts). Those are the points where the solvers stop on a flat
     loss, so their scores differ between the heads, solver starts and BLAS threads by a few
-    images. Ties go to the smaller C (the stronger regularisation).
+    images. Ties go to the stronger regularisation (smaller C, larger k).
     """
-    metric = SELECT_RULES[select]
+    metric, param = SELECT_RULES[select], setting(curve)
     values = np.array([row[f"val_{metric}"] for row in curve], dtype=np.float64)
-    Cs = np.array([row["C"] for row in curve], dtype=np.float64)
-    out: dict[str, Any] = {"select": select, "metric": metric}
+    settings = [np.asarray(row[param]).item() for row in curve]  # plain Python numbers, for JSON
+    out: dict[str, Any] = {"select": select, "metric": metric, "param": param}
+
+    def first(candidates: np.ndarray) -> int:  # the strongest regularisation among the candidates
+        rows = np.flatnonzero(candidates)
+        return int(rows[np.argmin([-settings[r] if param == "k" else settings[r] for r in rows])])
+
+    def chosen(index: int) -> dict[str, Any]:
+        return {"index": index, param: settings[index], "value": settings[index]}
+
     if select in ("top1", "balanced"):
-        best = _smallest_C(Cs, values == values.max())
-        return out | {"rule": "argmax", "best": float(values[best]), "index": best, "C": float(Cs[best])}
-    eligible = np.array([row.get("status", "converged") == "converged" for row in curve])
+        best = first(values == values.max())
+        return out | {"rule": "argmax", "best": float(values[best])} | chosen(best)
+    eligible = np.array([row.get("status", "converged") in FITTED for row in curve])
     out["excluded"] = int((~eligible).sum()) if eligible.any() else 0  # fits not converged at their C
     eligible = eligible if eligible.any() else np.ones(len(curve), dtype=bool)
     if select == "logloss":
         lowest = values[eligible].min()
-        index = _smallest_C(Cs, eligible & (values == lowest))
-        return out | {"rule": "argmin", "best": float(lowest), "index": index, "C": float(Cs[index])}
+        return out | {"rule": "argmin", "best": float(lowest)} | chosen(first(eligible & (values == lowest)))
     best = int(np.flatnonzero(eligible)[np.argmax(values[eligible])])
     se = float(curve[best][f"val_{metric}_se"])
     threshold = values[best] - se
     # A relative slack of 1e-12 keeps a score that equals the threshold up to rounding a candidate.
-    index = _smallest_C(Cs, eligible & (values >= threshold - 1e-12))
-    return out | {
-        "rule": "one-SE",
-        "best": float(values[best]),
-        "best_C": float(Cs[best]),
-        "se": se,
-        "threshold": float(threshold),
-        "index": index,
-        "C": float(Cs[index]),
-    }
+    index = first(eligible & (values >= threshold - 1e-12))
+    return (
+        out
+        | {
+            "rule": "one-SE",
+            "best": float(values[best]),
+            f"best_{param}": settings[best],
+            "se": se,
+            "threshold": float(threshold),
+        }
+        | chosen(index)
+    )
 
 
-def _smallest_C(Cs: np.ndarray, candidates: np.ndarray) -> int:
-    """Index of the smallest C among the candidates: the strongest regularisation."""
-    rows = np.flatnonzero(candidates)
-    return int(rows[np.argmin(Cs[rows])])
+FITTED = ("converged", "exact")  # statuses whose weights are the optimum at their setting
+
+
+def setting(curve: list[dict[str, Any]]) -> str:
+    """The name of the curve's setting: its first column (C, k or temperature)."""
+    return next(iter(curve[0]))
 
 
 def choose(curve: list[dict[str, Any]], select: str) -> int:
@@ -76,7 +89,7 @@ def curve_row(fit: Fit, y: np.ndarray, log_proba: np.ndarray, classes: list[str]
     proba = np.exp(log_proba)
     scores = metrics.evaluate(y, proba, classes, detail=False, log_proba=log_proba)
     return {
-        "C": fit.C,
+        fit.param: fit.value,
         "val_top1": scores["top1"],
         "val_top1_se": metrics.binomial_se(scores["top1"], len(y)),
         "val_balanced_accuracy": scores["balanced_accuracy"],

@@ -48,7 +48,8 @@ def proba_from_decision(decision: np.ndarray) -> np.ndarray:
 
 
 class Preprocessor:
-    """`standardize` (mean/std of the rows it is fitted on), `l2` (unit rows) or `none`."""
+    """`standardize` (mean/std of the rows it is fitted on), `l2` (unit rows), `center-l2` (minus the
+    mean of the rows it is fitted on, then unit rows) or `none`."""
 
     def __init__(self, kind: str = "standardize") -> None:
         if kind not in PREPROCESSING:
@@ -62,13 +63,17 @@ class Preprocessor:
             self.mean_ = X.mean(axis=0, dtype=np.float64).astype(np.float32)
             std = X.std(axis=0, dtype=np.float64)
             self.scale_ = np.where(std > 1e-12, std, 1.0).astype(np.float32)  # constant columns stay put
+        elif self.kind == "center-l2":
+            self.mean_ = X.mean(axis=0, dtype=np.float64).astype(np.float32)
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float32)
         if self.kind == "standardize":
             return (X - self.mean_) / self.scale_
-        if self.kind == "l2":
+        if self.kind == "center-l2":
+            X = X - self.mean_
+        if self.kind in ("l2", "center-l2"):
             norms = np.linalg.norm(X, axis=1, keepdims=True)
             return X / np.where(norms > 0, norms, 1.0)
         return X
@@ -84,6 +89,14 @@ def balanced_weights(y: np.ndarray, class_weight: Any) -> np.ndarray | None:
     classes = np.unique(y)
     per_class = compute_class_weight(class_weight, classes=classes, y=y)
     return per_class[np.searchsorted(classes, y)]
+
+
+class Described:
+    """`meta`: what head.json says about the run that trained a loaded head (set by `load_head`)."""
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.__dict__.setdefault("_meta", {})
 
 
 class LinearDecision:

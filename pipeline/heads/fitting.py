@@ -32,7 +32,16 @@ def fit_grid(
     tick: Callable[[int], None] = lambda n: None,
     init: Fit | None = None,
 ) -> list[Fit]:
-    """One fit per C on the same rows: batched in torch, or parallel scikit-learn fits."""
+    """One fit per C on the same rows: batched in torch, or parallel scikit-learn fits; per k (the
+    knn head: one shared bank) or the class means (ncm)."""
+    if cfg.head in ("knn", "ncm"):
+        from pipeline.heads import neighbours
+
+        tick(len(Cs))
+        if cfg.head == "ncm":
+            return [neighbours.fit_ncm(X, y, n_classes, cfg.temperature)]
+        budget = cfg.max_memory_bytes or neighbours.DEFAULT_BUDGET
+        return neighbours.fit_knn(X, y, n_classes, Cs, cfg.temperature, budget)
     class_weight = None if cfg.class_weight == "none" else cfg.class_weight
     weights = balanced_weights(y, class_weight)
     w_sum = float(len(y) if weights is None else weights.sum())
@@ -113,6 +122,15 @@ def joblib_backend(name: str | None) -> Iterator[None]:
             client.close()
 
 
+def log_proba_all(fits: list, X: np.ndarray) -> list[np.ndarray]:
+    """Each fit's log-probabilities on X; the knn fits of a grid share one neighbour search."""
+    from pipeline.heads import neighbours
+
+    if fits and isinstance(fits[0], neighbours.KNNFit):
+        return neighbours.log_proba_grid(fits, X)
+    return [fit.log_proba(X) for fit in fits]
+
+
 def check_finite(path: Path | str, name: str, split: Split) -> None:
     bad = ~np.isfinite(split.X).all(axis=1)
     if bad.any():
@@ -168,17 +186,20 @@ class MemorySource:
         """Fits of every C on train (or this repeat's few-shot draw), and their validation curve."""
         cfg = self.cfg
         rows = draw_shots(self.y_train, cfg.shots, cfg.seed + repeat) if cfg.shots else np.arange(len(self.y_train))
-        prep = Preprocessor(cfg.preprocess).fit(self.train.X[rows])
+        prep = Preprocessor(cfg.preprocessing).fit(self.train.X[rows])
         fits = fit_grid(cfg, prep.transform(self.train.X[rows]), self.y_train[rows], len(self.names), grid, tick=tick)
-        X_val = prep.transform(self.val.X)
-        curve = [choice.curve_row(fit, self.y_val, fit.log_proba(X_val), self.names) for fit in fits]
-        return prep, fits, curve
+        log_probas = log_proba_all(fits, prep.transform(self.val.X))
+        return (
+            prep,
+            fits,
+            [choice.curve_row(fit, self.y_val, lp, self.names) for fit, lp in zip(fits, log_probas, strict=True)],
+        )
 
     def refit(self, C: float, init: Fit) -> tuple[Preprocessor, Fit]:
         """The chosen C on train+val, preprocessing refitted on those rows."""
         X_all = np.concatenate([self.train.X, self.val.X])
         y_all = np.concatenate([self.y_train, self.y_val])
-        prep = Preprocessor(self.cfg.preprocess).fit(X_all)
+        prep = Preprocessor(self.cfg.preprocessing).fit(X_all)
         (final,) = fit_grid(self.cfg, prep.transform(X_all), y_all, len(self.names), [C], init=init)
         return prep, final
 

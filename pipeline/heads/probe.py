@@ -1,6 +1,6 @@
-"""A fitted head as plain arrays (`LinearProbe`: preprocessing, weights, classes; numpy only) and its
-pickle-free files: ``head.json`` (what it is, where it came from) and ``head.npz`` (the arrays),
-tied by one run id and checked in full by `load_head`."""
+"""A fitted head as plain arrays (`LinearProbe`: preprocessing, weights, classes, numpy only; or a
+`CosineKNN` with its bank of rows) and its pickle-free files: ``head.json`` (what it is, where it
+came from) and ``head.npz`` (the arrays), tied by one run id and checked in full by `load_head`."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from pipeline.errors import CacheError, MissingError
-from pipeline.heads.estimators import LinearDecision, Preprocessor
+from pipeline.heads.estimators import Described, LinearDecision, Preprocessor
+from pipeline.heads.neighbours import CosineKNN, KNNFit
+from pipeline.heads.runs import Fit
 from pipeline.registry import PREPROCESSING
 
 HEAD_SCHEMA = 1
 
 
-class LinearProbe(LinearDecision, ClassifierMixin, BaseEstimator):
+class LinearProbe(Described, LinearDecision, ClassifierMixin, BaseEstimator):
     """A fitted head as arrays: preprocessing, then ``X @ coef_.T + intercept_``. Numpy only.
 
     It is built fitted (there is nothing to learn), and keeps the estimator contract: its parameters
@@ -55,11 +57,6 @@ class LinearProbe(LinearDecision, ClassifierMixin, BaseEstimator):
     def n_features_in_(self) -> int:
         return int(self.coef_.shape[1])
 
-    @property
-    def meta(self) -> dict[str, Any]:
-        """What head.json says about the run that trained it (set by `load_head`)."""
-        return self.__dict__.setdefault("_meta", {})
-
     @classmethod
     def from_estimator(cls, preprocessor: Preprocessor, estimator: Any) -> LinearProbe:
         return cls(preprocessor, estimator.coef_, estimator.intercept_, estimator.classes_)
@@ -72,19 +69,41 @@ class LinearProbe(LinearDecision, ClassifierMixin, BaseEstimator):
         return scores.ravel() if scores.shape[1] == 1 else scores
 
 
-def save_head(probe: LinearProbe, folder: str | Path, meta: dict[str, Any]) -> Path:
+Head = LinearProbe | CosineKNN
+
+
+def from_fit(fit: Fit | KNNFit, preprocessor: Preprocessor, classes: np.ndarray) -> Head:
+    """A protocol's final fit as a working estimator: a `LinearProbe`, or a `CosineKNN` on its bank."""
+    if isinstance(fit, KNNFit):
+        return CosineKNN.from_bank(preprocessor, fit.bank, fit.labels, classes, fit.value, fit.temperature)
+    return LinearProbe(preprocessor, fit.coef.T, fit.intercept, classes)
+
+
+def _preprocessor_arrays(prep: Preprocessor) -> dict[str, np.ndarray]:
+    return {"standardize": {"mean": prep.mean_, "scale": prep.scale_}, "center-l2": {"mean": prep.mean_}}.get(
+        prep.kind, {}
+    )
+
+
+def save_head(probe: Head, folder: str | Path, meta: dict[str, Any]) -> Path:
     """``head.npz`` (arrays, no pickle) and ``head.json`` (classes, preprocessing, cache fingerprint);
     both carry ``meta["run_id"]`` so a folder mixing two runs is refused on load."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"coef": probe.coef_, "intercept": probe.intercept_, "run_id": np.array(str(meta.get("run_id", "")))}
-    if probe.preprocessor.kind == "standardize":
-        arrays.update(mean=probe.preprocessor.mean_, scale=probe.preprocessor.scale_)
+    prep = probe.preprocessor if isinstance(probe, LinearProbe) else probe.preprocessor_
+    arrays = {"run_id": np.array(str(meta.get("run_id", "")))} | _preprocessor_arrays(prep)
+    if isinstance(probe, CosineKNN):
+        arrays.update(bank=probe.bank_, bank_labels=probe.bank_labels_)
+        model = {"model": "knn", "k": int(probe.n_neighbors), "temperature": float(probe.temperature)}
+    else:
+        arrays.update(coef=probe.coef_, intercept=probe.intercept_)
+        model = {"model": "linear"}
     np.savez(folder / "head.npz", **arrays)
     document = {
         "schema": HEAD_SCHEMA,
+        **model,
         "classes": [str(c) for c in probe.classes_],
-        "preprocessing": probe.preprocessor.kind,
+        "preprocessing": prep.kind,
         "n_features": probe.n_features_in_,
         **meta,
     }
@@ -110,9 +129,10 @@ def _head_arrays(arrays_path: Path, folder: Path, meta: dict[str, Any]) -> dict[
     """The arrays of head.npz, each checked for presence, numeric dtype and the shape head.json implies."""
     dim, n_classes = meta["n_features"], len(meta["classes"])
     outputs = 1 if n_classes == 2 else n_classes
-    shapes = {"coef": (outputs, dim), "intercept": (outputs,)}
-    if meta["preprocessing"] == "standardize":
-        shapes.update(mean=(dim,), scale=(dim,))
+    shapes: dict[str, tuple[int | None, ...]] = {"coef": (outputs, dim), "intercept": (outputs,)}
+    if meta["model"] == "knn":  # the bank has any number of rows (None), the same in both arrays
+        shapes = {"bank": (None, dim), "bank_labels": (None,)}
+    shapes |= {name: (dim,) for name in _preprocessor_arrays(Preprocessor(meta["preprocessing"]))}
     try:
         with np.load(arrays_path, allow_pickle=False) as archive:
             found = {name: archive[name] for name in archive.files}
@@ -125,12 +145,24 @@ def _head_arrays(arrays_path: Path, folder: Path, meta: dict[str, Any]) -> dict[
     for name, shape in shapes.items():
         if name not in found:
             raise _bad_head(folder, f"head.npz has no array {name!r}")
-        if found[name].dtype.kind not in "fiu" or found[name].shape != shape:
-            raise _bad_head(folder, f"{name} is {found[name].shape} {found[name].dtype}, expected {shape} floats")
+        array = found[name]
+        fits = array.ndim == len(shape) and all(
+            want in (None, got) for want, got in zip(shape, array.shape, strict=True)
+        )
+        if array.dtype.kind not in "fiu" or not fits:
+            raise _bad_head(folder, f"{name} is {array.shape} {array.dtype}, expected {shape} numbers")
+    if meta["model"] == "knn":
+        labels = found["bank_labels"]
+        if (
+            len(labels) != len(found["bank"])
+            or labels.dtype.kind not in "iu"
+            or not np.all((labels >= 0) & (labels < n_classes))
+        ):
+            raise _bad_head(folder, f"bank_labels must be one class index in 0..{n_classes - 1} per bank row")
     return found
 
 
-def load_head(path: str | Path) -> LinearProbe:
+def load_head(path: str | Path) -> Head:
     """A saved head (its folder, or its head.json / head.npz) as a working estimator. Everything the
     files claim is checked: JSON, keys, array shapes, and that head.json, head.npz and result.json
     come from one run. Nothing is unpickled, so a head folder from anyone is safe to load."""
@@ -153,6 +185,16 @@ def load_head(path: str | Path) -> LinearProbe:
         raise _bad_head(folder, "classes in head.json must be a list of at least two names")
     if meta["preprocessing"] not in PREPROCESSING or not isinstance(meta["n_features"], int) or meta["n_features"] < 1:
         raise _bad_head(folder, "preprocessing or n_features in head.json has an unexpected value")
+    meta.setdefault("model", "linear")
+    if meta["model"] not in ("linear", "knn"):
+        raise _bad_head(folder, f"model {meta['model']!r} in head.json is neither 'linear' nor 'knn'")
+    if meta["model"] == "knn" and not (
+        _number(meta.get("k"), integer=True)
+        and meta["k"] >= 1
+        and _number(meta.get("temperature"))
+        and meta["temperature"] > 0
+    ):
+        raise _bad_head(folder, "a knn head needs k (a whole number >= 1) and temperature (> 0) in head.json")
     arrays = _head_arrays(arrays_path, folder, meta)
     run_ids = {"head.json": meta.get("run_id") or None, "head.npz": str(arrays.get("run_id", "")) or None}
     if (folder / "result.json").is_file():
@@ -160,8 +202,25 @@ def load_head(path: str | Path) -> LinearProbe:
     if len(set(run_ids.values())) > 1:
         raise _bad_head(folder, f"its files come from different runs ({run_ids})")
     preprocessor = Preprocessor(meta["preprocessing"])
-    if preprocessor.kind == "standardize":
-        preprocessor.mean_, preprocessor.scale_ = arrays["mean"], arrays["scale"]
-    probe = LinearProbe(preprocessor, arrays["coef"], arrays["intercept"], np.array(classes))
+    preprocessor.mean_, preprocessor.scale_ = arrays.get("mean"), arrays.get("scale")
+    if meta["model"] == "knn":
+        bank = np.asarray(arrays["bank"], dtype=np.float32)
+        probe: Head = CosineKNN.from_bank(
+            preprocessor,
+            bank,
+            arrays["bank_labels"].astype(np.int64),
+            np.array(classes),
+            meta["k"],
+            meta["temperature"],
+        )
+    else:
+        probe = LinearProbe(preprocessor, arrays["coef"], arrays["intercept"], np.array(classes))
     probe.meta.update(meta)
     return probe
+
+
+def _number(value: Any, integer: bool = False) -> bool:
+    """A JSON number (not a bool), a whole one when `integer`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        return False
+    return not integer or float(value).is_integer()

@@ -25,7 +25,7 @@ from pipeline.heads.estimators import Preprocessor
 from pipeline.heads.fitting import MemorySource
 from pipeline.heads.options import SolverOptions
 from pipeline.heads.runs import Fit, FittedRun, Predictions, Timer
-from pipeline.registry import DEFAULT_GRID
+from pipeline.registry import DEFAULT_GRID, DEFAULT_K_GRID, HEAD_SETTINGS
 
 Report = Callable[[str], None]
 
@@ -124,10 +124,23 @@ def open_source(cfg: HeadConfig, info: CacheInfo, grid: list[float]) -> Source:
     return MemorySource(cfg, info)
 
 
+SOLVED_BY = {"logreg": "lbfgs (scikit-learn)", "knn": "exact (neighbour search)", "ncm": "exact (class means)"}
+
+
+def head_grid(cfg: HeadConfig) -> list[float]:
+    """The settings the sweep tries, from the strongest regularisation to the weakest: C ascending,
+    k descending; ncm has one, its temperature."""
+    if cfg.head == "ncm":
+        return [cfg.temperature]
+    if cfg.head == "knn":
+        return sorted({int(k) for k in cfg.grid or DEFAULT_K_GRID}, reverse=True)
+    return sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
+
+
 def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dict[str, Any]:
     timer = Timer()
     path = Path(cfg.features)  # type: ignore[arg-type]
-    grid = sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
+    grid = head_grid(cfg)
     with timer("read"):
         info = cache_info(path)
         _check_labels(path, info.labels, info.classes)
@@ -139,7 +152,8 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
     with source, fits_bar as bar:
         report_to(
             f"head: {cfg.head} on {path} ({source.describe()}, {info.dim}-d, {len(source.names)} classes); "
-            f"{len(grid)} C values, select by {cfg.select} on {source.selected_on.split(' (')[0]}"
+            f"{len(grid)} {HEAD_SETTINGS[cfg.head]} values, select by {cfg.select} on "
+            f"{source.selected_on.split(' (')[0]}"
         )
         for r in range(repeats):
             with timer("sweep"):
@@ -159,7 +173,7 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
         if cfg.bootstrap and not cfg.shots:  # few-shot spread is the std over draws instead
             first = predictions[0]
             scored[0]["ci"] = metrics.bootstrap_ci(first.y, first.pred, len(source.names), cfg.bootstrap, cfg.seed)
-    solver = source.options.solver if source.options is not None else "lbfgs (scikit-learn)"
+    solver = source.options.solver if source.options is not None else SOLVED_BY[cfg.head]
     return results.finish(
         cfg, info, grid, runs, scored, source.names, source.selected_on, solver, source.streams, timer,
         predictions[0], cell,

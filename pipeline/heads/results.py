@@ -75,7 +75,7 @@ def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, se
         test.update({k: float(np.mean([s[k] for s in scored])) for k in keys})
         test["std"] = {k: float(np.std([s[k] for s in scored])) for k in keys}
         test["repeats"] = [{k: s[k] for k in keys} for s in scored]
-    chosen_C = [run.C for run in runs]
+    param, chosen = runs[0].final.param, [run.value for run in runs]
     return {
         "schema": RESULT_SCHEMA,
         "out": str(cfg.out_path),
@@ -105,7 +105,9 @@ def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, se
         "grid": grid,
         "curve": curve,
         "curves": [run.curve for run in runs] if len(runs) > 1 else None,
-        "chosen": {"C": chosen_C if len(runs) > 1 else chosen_C[0], "index": best},
+        # The chosen setting under its name (C, k or temperature) and as `value`; a list over few-shot draws.
+        "chosen": {"param": param, param: chosen if len(runs) > 1 else chosen[0], "index": best}
+        | {"value": chosen if len(runs) > 1 else chosen[0]},
         "val_at_choice": {
             "top1": curve[best]["val_top1"],
             "balanced_accuracy": curve[best]["val_balanced_accuracy"],
@@ -126,10 +128,10 @@ def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, se
 
 def _write(cfg: HeadConfig, result: dict[str, Any], run: FittedRun, info: CacheInfo, names, out: Path) -> None:
     report.write_csv(run.curve, out / "curve.csv")
-    head = probe.LinearProbe(run.prep, run.final.coef.T, run.final.intercept, np.array(names))
+    head = probe.from_fit(run.final, run.prep, np.array(names))
     meta = {
         "head": cfg.head,
-        "C": run.final.C,
+        run.final.param: run.final.value,
         "cache": str(cfg.features),
         "cache_fingerprint": info.fingerprint,
         "features_config": info.config,

@@ -33,7 +33,7 @@ class Fit:
     rule whatever the penalty: the fit did not resolve its C (see `status`).
     """
 
-    C: float
+    value: float  # the setting it was fitted at: C (linear heads), T (ncm)
     coef: np.ndarray
     intercept: np.ndarray
     n_iter: int
@@ -41,6 +41,8 @@ class Fit:
     warm_start_only: bool = False
     penalty_gradient: float = float("inf")
     tol: float = 0.0
+    exact: bool = False  # closed form (ncm): nothing to converge
+    param: str = "C"  # the name of `value`: the curve's first column
 
     @classmethod
     def from_solution(cls, Cs: list[float], sol: Solution, weight_sum: float, tol: float) -> list[Fit]:
@@ -60,8 +62,11 @@ class Fit:
         - `C not resolved`: converged, but the penalty's gradient is below tol, so this point passes the
           stopping rule for any larger C too: where the solver stopped on a loss that is flat to within tol,
           which differs between solvers, starts and BLAS threads, not the optimum at this C;
-        - `converged`: the optimum at this C, to within tol.
+        - `converged`: the optimum at this C, to within tol;
+        - `exact`: computed in closed form (the ncm and knn heads).
         """
+        if self.exact:
+            return "exact"
         if not self.converged:
             return "not converged"
         if self.warm_start_only:
@@ -96,8 +101,9 @@ class FittedRun:
     trained_on: str
 
     @property
-    def C(self) -> float:
-        return float(self.curve[self.best]["C"])
+    def value(self) -> float:
+        """The chosen setting (C, k or T)."""
+        return self.final.value
 
 
 @dataclass(frozen=True)

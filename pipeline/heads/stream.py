@@ -83,9 +83,9 @@ class Blocks:
 
 
 def fit_preprocessor(kind: str, parts: list[Blocks]) -> Preprocessor:
-    """Standardisation statistics accumulated block by block (float64 sums)."""
+    """Standardisation (or centring) statistics accumulated block by block (float64 sums)."""
     prep = Preprocessor(kind)
-    if kind != "standardize":
+    if kind not in ("standardize", "center-l2"):
         return prep
     total, sums, squares = 0, 0.0, 0.0
     for blocks in parts:
@@ -96,6 +96,9 @@ def fit_preprocessor(kind: str, parts: list[Blocks]) -> Preprocessor:
                 sums = sums + part.sum(axis=0)
                 squares = squares + np.square(part).sum(axis=0)
     mean = sums / total
+    if kind == "center-l2":
+        prep.mean_ = mean.astype(np.float32)
+        return prep
     std = np.sqrt(np.maximum(squares / total - mean**2, 0))
     prep.mean_, prep.scale_ = mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32)
     return prep
@@ -243,7 +246,7 @@ class StreamSource:
         )
 
     def sweep(self, repeat: int, grid: list[float], tick: Callable[[int], None]):
-        prep = fit_preprocessor(self.cfg.preprocess, [self.train])
+        prep = fit_preprocessor(self.cfg.preprocessing, [self.train])
         fits = fit_stream(self.options, [self.train], prep, grid, len(self.names), self.cfg.class_weight, self.bar)
         logits, y_val = _logits(self.val, prep, fits)
         curve = [
@@ -253,7 +256,7 @@ class StreamSource:
         return prep, fits, curve
 
     def refit(self, C: float, init: Fit) -> tuple[Preprocessor, Fit]:
-        prep = fit_preprocessor(self.cfg.preprocess, self.both)
+        prep = fit_preprocessor(self.cfg.preprocessing, self.both)
         (final,) = fit_stream(
             self.options, self.both, prep, [C], len(self.names), self.cfg.class_weight, self.bar, init=init
         )

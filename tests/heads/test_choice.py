@@ -87,7 +87,7 @@ def test_logloss_rule_and_ties_go_to_the_smaller_C():
     curve = _curve(_plateau_with_a_spike())
     assert choice.selection(curve, "logloss") | {"best": None} == {
         "select": "logloss", "metric": "log_loss", "excluded": 0, "rule": "argmin", "best": None,
-        "index": 10, "C": GRID[10],
+        "index": 10, "C": GRID[10], "param": "C", "value": GRID[10],
     }  # fmt: skip
     flat = _curve([0.9] * len(GRID))
     assert choice.choose(flat, "top1") == 0 and choice.choose(flat, "top1-1se") == 0

@@ -52,7 +52,7 @@ def test_binomial_logit_and_underflow_beyond_float32():
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # one row, predicted wrong
 def test_the_validation_curve_takes_its_log_loss_from_logits():
-    fit = runs.Fit(C=1.0, coef=_multinomial_logits(), intercept=np.zeros(3), n_iter=3, converged=True)  # (1, 3)
+    fit = runs.Fit(value=1.0, coef=_multinomial_logits(), intercept=np.zeros(3), n_iter=3, converged=True)  # (1, 3)
     X = np.ones((1, 1), dtype=np.float32)
     row = choice.curve_row(fit, np.array([0]), fit.log_proba(X), ["a", "b", "c"])
     assert row["val_log_loss"] == pytest.approx(TRUE, rel=0, abs=1e-9)

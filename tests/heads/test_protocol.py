@@ -30,8 +30,8 @@ def head_cfg(cache, tmp_path, **overrides) -> HeadConfig:
     return HeadConfig(**settings)
 
 
-@pytest.mark.parametrize("head", ["logreg", "torch"])
-def test_test_split_is_read_only_after_the_choice(synthetic_cache, tmp_path, monkeypatch, head):
+@pytest.mark.parametrize(("head", "grid"), [("logreg", FAST_GRID), ("torch", FAST_GRID), ("knn", (1, 3, 5, 10, 20))])
+def test_test_split_is_read_only_after_the_choice(synthetic_cache, tmp_path, monkeypatch, head, grid):
     events = []
     real_read, real_choose = fitting.read_features, choice.choose
 
@@ -45,10 +45,11 @@ def test_test_split_is_read_only_after_the_choice(synthetic_cache, tmp_path, mon
 
     monkeypatch.setattr(fitting, "read_features", read)
     monkeypatch.setattr(choice, "choose", choose)
-    result = protocol.run(head_cfg(synthetic_cache, tmp_path, head=head))
+    result = protocol.run(head_cfg(synthetic_cache, tmp_path, head=head, grid=grid))
     assert events == [("read", ("train", "val")), ("choose", 5), ("read", ("test",))]
     selection = result["protocol"].pop("selection")
-    assert selection["rule"] == "one-SE" and selection["C"] == result["chosen"]["C"]
+    param = "k" if head == "knn" else "C"
+    assert selection["rule"] == "one-SE" and selection[param] == result["chosen"][param] == result["chosen"]["value"]
     assert result["protocol"] | {"few_shot": None} == {
         "selected_on": "val",
         "select_metric": "top1",

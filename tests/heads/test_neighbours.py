@@ -1,0 +1,177 @@
+"""The cosine heads: kNN (weighted votes, k chosen on val) and the nearest class mean."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from pipeline.config import HeadConfig
+from pipeline.errors import CacheError, ConfigError
+from pipeline.heads import neighbours, protocol
+from pipeline.heads.neighbours import CosineKNN, NearestClassMean
+from pipeline.heads.probe import load_head
+
+from conftest import write_cache
+
+
+def _two_clusters_and_a_mislabelled_neighbour(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Class 0 around e1, class 1 around e2 (cosine far apart), and one row at e1 exactly labelled 1."""
+    e1, e2 = np.eye(8)[0], np.eye(8)[1]
+    X = np.vstack([e1 + rng.normal(0, 0.1, (20, 8)), e2 + rng.normal(0, 0.1, (20, 8)), e1[None]])
+    y = np.array([0] * 20 + [1] * 20 + [1])
+    return X.astype(np.float32), y
+
+
+def test_knn_one_mislabelled_neighbour_fools_k1_and_not_k5():
+    rng = np.random.default_rng(0)
+    X, y = _two_clusters_and_a_mislabelled_neighbour(rng)
+    queries = (np.eye(8)[0] + rng.normal(0, 0.001, (10, 8))).astype(np.float32)  # all of class 0
+    assert (CosineKNN(n_neighbors=1).fit(X, y).predict(queries) == 1).all(), "its nearest row is the mislabelled one"
+    assert (CosineKNN(n_neighbors=5).fit(X, y).predict(queries) == 0).all(), "four of five neighbours are class 0"
+
+
+def test_knn_chooses_k_on_val_and_keeps_the_bank_as_the_head(tmp_path):
+    rng = np.random.default_rng(1)
+    X, y = _two_clusters_and_a_mislabelled_neighbour(rng)
+    val = np.eye(8)[0] + rng.normal(0, 0.001, (10, 8))
+    test = np.vstack([np.eye(8)[0] + rng.normal(0, 0.02, (10, 8)), np.eye(8)[1] + rng.normal(0, 0.02, (10, 8))])
+    split = np.repeat(np.array([0, 1, 2], dtype=np.int8), [len(X), 10, 20])
+    cache = write_cache(tmp_path / "knn.h5", np.vstack([X, val, test]), np.r_[y, [0] * 10, [0] * 10 + [1] * 10], split)
+    cfg = HeadConfig(features=str(cache), head="knn", grid=(1, 5), select="top1", out=str(tmp_path / "run"),
+                     progress=False, bootstrap=0)  # fmt: skip
+    result = protocol.run(cfg)
+    assert [row["k"] for row in result["curve"]] == [5, 1], "strongest regularisation (most neighbours) first"
+    assert [row["val_top1"] for row in result["curve"]] == [1.0, 0.0]
+    assert result["chosen"] == {"param": "k", "k": 5, "value": 5, "index": 0}
+    assert result["final_fit"]["status"] == "exact" and result["test"]["top1"] == 1.0
+    head = load_head(tmp_path / "run")
+    assert isinstance(head, CosineKNN) and head.n_neighbors == 5
+    assert head.bank_.shape == (len(X) + 10, 8), "the refit's bank: train+val"
+    assert (head.predict(test) == np.array(result["classes"])[[0] * 10 + [1] * 10]).all()
+
+
+def test_knn_probabilities_are_smoothed_votes():
+    X = np.eye(3, dtype=np.float32)
+    knn = CosineKNN(n_neighbors=1, temperature=0.1).fit(X, ["a", "b", "c"])
+    p = knn.predict_proba(np.array([[1.0, 0.1, 0.0]], dtype=np.float32))
+    assert np.allclose(p, [[0.5 + 0.5 / 3, 0.5 / 3, 0.5 / 3]]), "one vote, mixed with 1/(k+1) of uniform"
+    two = CosineKNN(n_neighbors=2, temperature=0.1).fit(X, ["a", "b", "c"])
+    s = np.array([1.0, 0.1]) / np.linalg.norm([1.0, 0.1, 0.0])  # cosine to a and b
+    w = np.exp(s / 0.1)
+    votes = np.array([w[0], w[1], 0.0]) / w.sum()
+    expected = (2 / 3) * votes + (1 / 3) / 3
+    assert np.allclose(two.predict_proba(np.array([[1.0, 0.1, 0.0]], dtype=np.float32)), expected[None])
+
+
+@pytest.mark.parametrize("budget", [4 * 7, 4 * 50 * 7, 2**30])
+def test_neighbour_search_in_blocks_equals_numpy(budget):
+    rng = np.random.default_rng(2)
+    bank, Q = rng.normal(size=(50, 6)).astype(np.float32), rng.normal(size=(23, 6)).astype(np.float32)
+    sims, rows = neighbours.top_neighbours(Q, bank, 7, budget)
+    S = Q @ bank.T
+    expected = np.argsort(-S, axis=1, kind="stable")[:, :7]
+    assert (rows == expected).all() and np.allclose(sims, np.take_along_axis(S, expected, axis=1), atol=1e-6)
+    assert neighbours.top_neighbours(Q, bank, 80, budget)[1].shape == (23, 50), "k above the bank: every row"
+
+
+def test_neighbour_search_without_torch_gives_the_same_rows(monkeypatch):
+    import builtins
+
+    rng = np.random.default_rng(3)
+    bank, Q = rng.normal(size=(40, 5)).astype(np.float32), rng.normal(size=(9, 5)).astype(np.float32)
+    with_torch = neighbours.top_neighbours(Q, bank, 6)
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch":
+            raise ImportError("no torch here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    without = neighbours.top_neighbours(Q, bank, 6)
+    assert (without[1] == with_torch[1]).all() and np.allclose(without[0], with_torch[0], atol=1e-6)
+
+
+def test_ncm_equals_a_hand_computation():
+    rng = np.random.default_rng(4)
+    X, y = rng.normal(size=(30, 5)), np.repeat([0, 1, 2], 10)
+    Q = rng.normal(size=(7, 5))
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    means = np.stack([unit[y == c].mean(0) for c in range(3)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    cos = (Q / np.linalg.norm(Q, axis=1, keepdims=True)) @ means.T
+    logits = cos / 0.5
+    expected = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    ncm = NearestClassMean(temperature=0.5).fit(X, y)
+    assert np.allclose(ncm.predict_proba(Q), expected, atol=1e-6)
+    assert (ncm.predict(Q) == cos.argmax(1)).all()
+
+
+def test_ncm_two_classes_is_one_logit_and_centring_subtracts_the_training_mean():
+    rng = np.random.default_rng(5)
+    X, y = rng.normal(size=(20, 4)) + 3.0, np.repeat([0, 1], 10)
+    ncm = NearestClassMean(preprocess="center-l2").fit(X, y)
+    assert ncm.coef_.shape == (1, 4)
+    Z = X - X.mean(0)
+    unit = Z / np.linalg.norm(Z, axis=1, keepdims=True)
+    means = np.stack([unit[y == c].mean(0) for c in (0, 1)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    assert (ncm.predict(X) == (unit @ means.T).argmax(1)).all()
+
+
+def test_ncm_head_through_the_protocol(synthetic_cache, tmp_path):
+    cfg = HeadConfig(features=str(synthetic_cache), head="ncm", out=str(tmp_path / "run"), progress=False, bootstrap=0)
+    result = protocol.run(cfg)
+    assert result["curve"][0]["temperature"] == 0.07 and result["chosen"]["param"] == "temperature"
+    assert result["final_fit"]["solver"] == "exact (class means)"
+    head = load_head(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "head.json").read_text())["model"] == "linear"
+    from pipeline import read_features
+
+    test = read_features(synthetic_cache)["test"]
+    assert np.isclose((head.predict(test.X) == np.array(result["classes"])[test.y]).mean(), result["test"]["top1"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"head": "knn", "C": 1.0}, r"--C is a setting of the linear heads; the knn head has no C"),
+        ({"head": "knn", "grid": (2.5,)}, r"k value 2.5 is not allowed; the knn head's --grid takes whole numbers"),
+        ({"head": "knn", "grid": (0.0,)}, r"k value 0.0 is not allowed"),
+        ({"head": "ncm", "grid": (1.0,)}, r"--grid is not used by the ncm head"),
+        (
+            {"head": "ncm", "preprocess": "standardize"},
+            r"--preprocess standardize does not suit the ncm head.*l2, center-l2",
+        ),
+        ({"head": "knn", "class_weight": "balanced"}, r"--class-weight balanced applies to the linear heads"),
+        ({"head": "knn", "temperature": 0.0}, r"--temperature 0.0 must be a positive, finite number"),
+    ],
+)
+def test_cosine_head_settings_are_checked_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        HeadConfig(features="cache.h5", **overrides)
+
+
+def test_a_tampered_knn_head_is_refused(synthetic_cache, tmp_path):
+    cfg = HeadConfig(features=str(synthetic_cache), head="knn", grid=(3,), out=str(tmp_path / "run"), progress=False,
+                     bootstrap=0)  # fmt: skip
+    protocol.run(cfg)
+    folder = tmp_path / "run"
+    with np.load(folder / "head.npz") as archive:
+        arrays = dict(archive)
+    np.savez(folder / "head.npz", **(arrays | {"bank_labels": arrays["bank_labels"] + 10}))
+    with pytest.raises(CacheError, match=r"bank_labels must be one class index in 0\.\.3 per bank row"):
+        load_head(folder)
+    meta = json.loads((folder / "head.json").read_text())
+    np.savez(folder / "head.npz", **arrays)
+    (folder / "head.json").write_text(json.dumps(meta | {"k": 0}))
+    with pytest.raises(CacheError, match=r"a knn head needs k \(a whole number >= 1\)"):
+        load_head(folder)
+
+
+@parametrize_with_checks([CosineKNN(n_neighbors=3), NearestClassMean()])
+def test_scikit_learn_estimator_contract(estimator, check):
+    check(estimator)
