@@ -258,6 +258,12 @@ class HeadConfig:
         "subtracts the training mean first)",
         registry.HEAD_PREPROCESSING,
     )
+    calibrate: str = option(
+        "none",
+        "temperature: after the choice, fit one softmax temperature on val (held-out rows) by log-loss and apply it "
+        "to the final head; top-1 unchanged",
+        registry.CALIBRATIONS,
+    )
     class_weight: str = option("none", "'balanced' weighs classes by n / (classes * n_c)", registry.CLASS_WEIGHTS)
     val_fraction: float = option(0.1, "stratified holdout from train when the cache has no val split")
     seed: int = option(0, "seed of the holdout, few-shot draws, mini-batch order and bootstrap")

@@ -137,6 +137,7 @@ def export_module(model: Any, spec: backbone.BackboneSpec, head: Head) -> Any:
             arrays = {"f_mean": f_mean, "f_scale": f_scale}
             if knn:  # the bank, and its classes one-hot: votes are a product, no scatter
                 self.k, self.temperature = min(int(head.n_neighbors), len(head.bank_)), float(head.temperature)
+                self.calibration = float(head.calibration)
                 arrays |= {"bank": head.bank_, "bank_onehot": np.eye(len(head.classes_))[head.bank_labels_]}
             else:
                 arrays |= {"coef": head.coef_, "intercept": head.intercept_}
@@ -166,7 +167,10 @@ def export_module(model: Any, spec: backbone.BackboneSpec, head: Head) -> Any:
             votes = torch.einsum("bk,bkc->bc", weights, self.bank_onehot[rows])
             share = votes / votes.sum(dim=1, keepdim=True).clamp_min(1e-30)
             n_classes, smoothing = self.bank_onehot.shape[1], 1.0 / (self.k + 1)
-            return (1 - smoothing) * share + smoothing / n_classes
+            proba = (1 - smoothing) * share + smoothing / n_classes
+            if self.calibration != 1.0:  # temperature scaling of the votes' log-probabilities
+                proba = torch.softmax(torch.log(proba) / self.calibration, dim=1)
+            return proba
 
     return Classifier().eval()
 

@@ -70,6 +70,7 @@ PREPROCESSING = ("standardize", "l2", "center-l2", "none")
 HEAD_PREPROCESSING = ("auto", *PREPROCESSING)
 COSINE_PREPROCESSING = ("l2", "center-l2")
 CLASS_WEIGHTS = ("none", "balanced")
+CALIBRATIONS = ("none", "temperature")  # temperature: one T fitted on val by NLL (pipeline.heads.calibration)
 SOLVERS = ("lbfgs", "adam", "sgd")
 # `auto`: lbfgs when the rows fit in memory, adam when the head streams them from the file.
 HEAD_SOLVERS = ("auto", *SOLVERS)

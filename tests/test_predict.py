@@ -34,12 +34,13 @@ def trained(tmp_path_factory):
         HeadConfig(features=cfg.out, out=str(tmp / "head"), grid=(0.1, 1.0, 10.0), progress=False, bootstrap=0)
     )
     cosine = dict(features=cfg.out, progress=False, bootstrap=0)
-    protocol.run(HeadConfig(head="knn", grid=(3, 5), out=str(tmp / "knn"), **cosine))  # type: ignore[arg-type]
+    knn = HeadConfig(head="knn", grid=(3, 5), calibrate="temperature", out=str(tmp / "knn"), **cosine)  # type: ignore[arg-type]
+    protocol.run(knn)
     protocol.run(HeadConfig(head="ncm", preprocess="center-l2", out=str(tmp / "ncm"), **cosine))  # type: ignore[arg-type]
     return tmp, data
 
 
-HEADS = ["head", "knn", "ncm"]  # the logreg head, and the cosine heads (ncm centred) of the same cache
+HEADS = ["head", "knn", "ncm"]  # the logreg head, and the cosine heads (knn calibrated, ncm centred) of one cache
 
 
 def _rows(path):

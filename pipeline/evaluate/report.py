@@ -111,7 +111,8 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | P
     return Path(path)
 
 
-def plot_reliability(table: dict[str, Any], path: str | Path) -> Path:
+def plot_reliability(table: dict[str, Any], path: str | Path, before: dict[str, Any] | None = None) -> Path:
+    """Accuracy against confidence on test; with `before` (temperature scaling), the uncalibrated one too."""
     plt = _pyplot()
     edges = np.asarray(table["edges"])
     centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
@@ -123,8 +124,16 @@ def plot_reliability(table: dict[str, Any], path: str | Path) -> Path:
     for x, a, n in zip(centers[shown], accuracy[shown], counts[shown], strict=True):
         ax.text(x, min(a + 0.02, 0.97), str(n), ha="center", fontsize=6)
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    title = f"Reliability (test), ECE = {table['ece']:.3f}"
+    if before is not None:
+        held = np.asarray(before["count"]) > 0
+        ax.plot(
+            np.asarray(before["confidence"])[held], np.asarray(before["accuracy"])[held], "o-", color="tab:red",
+            ms=3, lw=1, label=f"before temperature scaling (ECE {before['ece']:.3f})",
+        )  # fmt: skip
+        title = f"Reliability (test), ECE {before['ece']:.3f} -> {table['ece']:.3f}"
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy")
-    ax.set_title(f"Reliability (test), ECE = {table['ece']:.3f}")
+    ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -174,6 +183,14 @@ def format_table(result: dict[str, Any]) -> str:
         if key in std:
             test_text += f" ± {std[key]:.4f}"
         lines.append(f"{label:<19}{_fmt(val.get(key)):>16}   {test_text}")
+    calibration = result.get("calibration")
+    if isinstance(calibration, dict):
+        before, after = calibration["test_before"], calibration["test_after"]
+        lines += [
+            "",
+            f"calibrated T = {calibration['temperature']:.3g} (fitted on {calibration['fitted_on']}): test log-loss "
+            f"{before['log_loss']:.4f} -> {after['log_loss']:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f}",
+        ]
     t = result["timings"]
     lines += ["", "time       " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())]
     return "\n".join(lines)

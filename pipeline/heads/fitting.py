@@ -203,6 +203,10 @@ class MemorySource:
         (final,) = fit_grid(self.cfg, prep.transform(X_all), y_all, len(self.names), [C], init=init)
         return prep, final
 
+    def validate(self, fit: Fit, prep: Preprocessor) -> tuple[np.ndarray, np.ndarray]:
+        """Classes and log-probabilities of the validation rows (never trained on by `fit`)."""
+        return self.y_val, log_proba_all([fit], prep.transform(self.val.X))[0]
+
     @functools.cached_property
     def _test(self) -> Split:
         """The test rows, read once, on the first `test` call: after every choice."""

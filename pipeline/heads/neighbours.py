@@ -22,7 +22,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from pipeline.heads.estimators import Described, LinearDecision, Preprocessor
+from pipeline.heads.estimators import Described, LinearDecision, Preprocessor, log_proba_from_decision
 from pipeline.heads.runs import Fit
 from pipeline.registry import COSINE_PREPROCESSING
 
@@ -172,15 +172,23 @@ class NearestClassMean(LinearDecision, _CosineHead):
 class CosineKNN(Described, _CosineHead):
     """Weighted kNN by cosine: the `n_neighbors` most similar training rows vote with exp(s / `temperature`).
 
-    `max_memory` bounds the similarities held at once (bytes), by answering the queries in blocks."""
+    `max_memory` bounds the similarities held at once (bytes), by answering the queries in blocks;
+    `calibration` is a temperature that divides the votes' log-probabilities before a softmax
+    (`pipeline.heads.calibration`; 1: none)."""
 
     def __init__(
-        self, n_neighbors: int = 20, temperature: float = 0.07, preprocess: str = "l2", max_memory: int = DEFAULT_BUDGET
+        self,
+        n_neighbors: int = 20,
+        temperature: float = 0.07,
+        preprocess: str = "l2",
+        max_memory: int = DEFAULT_BUDGET,
+        calibration: float = 1.0,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.temperature = temperature
         self.preprocess = preprocess
         self.max_memory = max_memory
+        self.calibration = calibration
 
     def fit(self, X: Any, y: Any) -> CosineKNN:
         if not (isinstance(self.n_neighbors, (int, np.integer)) and self.n_neighbors >= 1):
@@ -203,7 +211,8 @@ class CosineKNN(Described, _CosineHead):
         Z = self._transform(X)
         fit = KNNFit(int(self.n_neighbors), self.bank_, self.bank_labels_, len(self.classes_), self.temperature,
                      int(self.max_memory))  # fmt: skip
-        return fit.log_proba(Z)
+        log_proba = fit.log_proba(Z)
+        return log_proba if self.calibration == 1.0 else log_proba_from_decision(log_proba / self.calibration)
 
     def predict(self, X: Any) -> np.ndarray:
         index = self.predict_log_proba(X).argmax(axis=1)

@@ -72,11 +72,13 @@ class LinearProbe(Described, LinearDecision, ClassifierMixin, BaseEstimator):
 Head = LinearProbe | CosineKNN
 
 
-def from_fit(fit: Fit | KNNFit, preprocessor: Preprocessor, classes: np.ndarray) -> Head:
-    """A protocol's final fit as a working estimator: a `LinearProbe`, or a `CosineKNN` on its bank."""
+def from_fit(fit: Fit | KNNFit, preprocessor: Preprocessor, classes: np.ndarray, calibration: float = 1.0) -> Head:
+    """A protocol's final fit as a working estimator: a `LinearProbe` (its logits divided by the
+    calibration temperature: weights and intercept over T), or a `CosineKNN` on its bank."""
     if isinstance(fit, KNNFit):
-        return CosineKNN.from_bank(preprocessor, fit.bank, fit.labels, classes, fit.value, fit.temperature)
-    return LinearProbe(preprocessor, fit.coef.T, fit.intercept, classes)
+        head = CosineKNN.from_bank(preprocessor, fit.bank, fit.labels, classes, fit.value, fit.temperature)
+        return head.set_params(calibration=calibration)
+    return LinearProbe(preprocessor, fit.coef.T / calibration, fit.intercept / calibration, classes)
 
 
 def _preprocessor_arrays(prep: Preprocessor) -> dict[str, np.ndarray]:
@@ -95,6 +97,7 @@ def save_head(probe: Head, folder: str | Path, meta: dict[str, Any]) -> Path:
     if isinstance(probe, CosineKNN):
         arrays.update(bank=probe.bank_, bank_labels=probe.bank_labels_)
         model = {"model": "knn", "k": int(probe.n_neighbors), "temperature": float(probe.temperature)}
+        model["calibration_temperature"] = float(probe.calibration)
     else:
         arrays.update(coef=probe.coef_, intercept=probe.intercept_)
         model = {"model": "linear"}
@@ -188,13 +191,14 @@ def load_head(path: str | Path) -> Head:
     meta.setdefault("model", "linear")
     if meta["model"] not in ("linear", "knn"):
         raise _bad_head(folder, f"model {meta['model']!r} in head.json is neither 'linear' nor 'knn'")
+    knn_settings = [meta.get("temperature"), meta.get("calibration_temperature", 1.0)]
     if meta["model"] == "knn" and not (
-        _number(meta.get("k"), integer=True)
-        and meta["k"] >= 1
-        and _number(meta.get("temperature"))
-        and meta["temperature"] > 0
+        _number(meta.get("k"), integer=True) and meta["k"] >= 1 and all(_number(t) and t > 0 for t in knn_settings)
     ):
-        raise _bad_head(folder, "a knn head needs k (a whole number >= 1) and temperature (> 0) in head.json")
+        raise _bad_head(
+            folder,
+            "a knn head needs k (a whole number >= 1), temperature and calibration_temperature (> 0) in head.json",
+        )
     arrays = _head_arrays(arrays_path, folder, meta)
     run_ids = {"head.json": meta.get("run_id") or None, "head.npz": str(arrays.get("run_id", "")) or None}
     if (folder / "result.json").is_file():
@@ -212,7 +216,7 @@ def load_head(path: str | Path) -> Head:
             np.array(classes),
             meta["k"],
             meta["temperature"],
-        )
+        ).set_params(calibration=meta.get("calibration_temperature", 1.0))
     else:
         probe = LinearProbe(preprocessor, arrays["coef"], arrays["intercept"], np.array(classes))
     probe.meta.update(meta)

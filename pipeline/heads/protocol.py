@@ -20,7 +20,7 @@ from pipeline.cache.reader import CacheInfo, cache_info
 from pipeline.config import HeadConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import metrics
-from pipeline.heads import choice, results
+from pipeline.heads import calibration, choice, results
 from pipeline.heads.estimators import Preprocessor
 from pipeline.heads.fitting import MemorySource
 from pipeline.heads.options import SolverOptions
@@ -49,6 +49,7 @@ class Source(Protocol):
         self, repeat: int, grid: list[float], tick: Callable[[int], None]
     ) -> tuple[Preprocessor, list[Fit], list[dict[str, Any]]]: ...
     def refit(self, C: float, init: Fit) -> tuple[Preprocessor, Fit]: ...
+    def validate(self, fit: Fit, prep: Preprocessor) -> tuple[np.ndarray, np.ndarray]: ...
     def test(self, final: Fit, prep: Preprocessor) -> Predictions: ...
 
 
@@ -137,6 +138,23 @@ def head_grid(cfg: HeadConfig) -> list[float]:
     return sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
 
 
+def _calibrate(cfg: HeadConfig, source: Source, fit: Any, prep: Preprocessor) -> tuple[float, dict | None]:
+    """--calibrate temperature: T fitted by log-loss on the validation rows (or the holdout) scored by
+    the chosen setting's sweep fit, which never trained on them; (1, None) without calibration."""
+    if cfg.calibrate == "none":
+        return 1.0, None
+    y, log_proba = source.validate(fit, prep)
+    T = calibration.fit_temperature(y, log_proba)
+    val = {
+        "log_loss": [calibration.nll(y, log_proba, 1.0), calibration.nll(y, log_proba, T)],
+        "ece": [metrics.reliability(y, np.exp(lp))["ece"] for lp in (log_proba, calibration.apply(log_proba, T))],
+    }
+    return T, {"method": "temperature", "temperature": T, "fitted_on": source.selected_on.split(" (")[0]} | {
+        "val_before": {k: v[0] for k, v in val.items()},
+        "val_after": {k: v[1] for k, v in val.items()},
+    }
+
+
 def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dict[str, Any]:
     timer = Timer()
     path = Path(cfg.features)  # type: ignore[arg-type]
@@ -159,17 +177,26 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
             with timer("sweep"):
                 prep, fits, curve = source.sweep(r, grid, bar.update)
                 best = choice.choose(curve, cfg.select)
+                calibrated = _calibrate(cfg, source, fits[best], prep)
             if cfg.shots:  # few-shot: val never enters training, so the sweep's fit is final
-                runs.append(FittedRun(curve, best, fits[best], prep, f"{cfg.shots} images per class from train"))
+                trained_on = f"{cfg.shots} images per class from train"
+                runs.append(FittedRun(curve, best, fits[best], prep, trained_on, *calibrated))
                 continue
             with timer("refit"):
                 prep, final = source.refit(grid[best], init=fits[best])
-            runs.append(FittedRun(curve, best, final, prep, "train+val"))
+            runs.append(FittedRun(curve, best, final, prep, "train+val", *calibrated))
         # Every choice is made; only now are the test rows read, and scored once.
         with timer("test"):
-            predictions = [source.test(run.final, run.prep) for run in runs]
+            raw = [source.test(run.final, run.prep) for run in runs]
     with timer("test"):
+        predictions = [p.scaled(run.temperature) for p, run in zip(raw, runs, strict=True)]
         scored = [metrics.evaluate(p.y, p.proba, source.names, log_proba=p.log_proba) for p in predictions]
+        for run, p, s in zip(runs, raw, scored, strict=True):
+            if run.calibration is not None:  # the test scores before temperature scaling
+                before = metrics.evaluate(p.y, p.proba, source.names, log_proba=p.log_proba)
+                run.calibration["test_before"] = {k: before[k] for k in ("log_loss", "ece")}
+                run.calibration["reliability_before"] = before["reliability"]
+                run.calibration["test_after"] = {k: s[k] for k in ("log_loss", "ece")}
         if cfg.bootstrap and not cfg.shots:  # few-shot spread is the std over draws instead
             first = predictions[0]
             scored[0]["ci"] = metrics.bootstrap_ci(first.y, first.pred, len(source.names), cfg.bootstrap, cfg.seed)

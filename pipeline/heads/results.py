@@ -122,13 +122,22 @@ def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, se
             "max_iter": cfg.max_iter,
         },
         "test": test,
+        "calibration": _calibration(runs),
         "versions": _versions(cfg.head),
     }
 
 
+def _calibration(runs: list[FittedRun]) -> dict[str, Any] | list[dict[str, Any]] | None:
+    """How each run's temperature was fitted and what it changed (None without --calibrate)."""
+    if runs[0].calibration is None:
+        return None
+    records = [{k: v for k, v in run.calibration.items() if k != "reliability_before"} for run in runs]  # type: ignore[union-attr]
+    return records[0] if len(records) == 1 else records
+
+
 def _write(cfg: HeadConfig, result: dict[str, Any], run: FittedRun, info: CacheInfo, names, out: Path) -> None:
     report.write_csv(run.curve, out / "curve.csv")
-    head = probe.from_fit(run.final, run.prep, np.array(names))
+    head = probe.from_fit(run.final, run.prep, np.array(names), run.temperature)
     meta = {
         "head": cfg.head,
         run.final.param: run.final.value,
@@ -138,10 +147,12 @@ def _write(cfg: HeadConfig, result: dict[str, Any], run: FittedRun, info: CacheI
         "trained_on": result["protocol"]["trained_on"],
         "config": dataclasses.asdict(cfg),
         "run_id": result["run_id"],
+        "calibration": {"method": "temperature", "temperature": run.temperature} if run.calibration else None,
     }
     probe.save_head(head, out, meta)
     report.plot_validation_curve(run.curve, result["protocol"]["selection"], out / "validation_curve.png")
     report.plot_confusion(result["test"]["confusion"], names, out / "confusion_matrix.png")
-    report.plot_reliability(result["test"]["reliability"], out / "reliability.png")
+    before = run.calibration["reliability_before"] if run.calibration else None
+    report.plot_reliability(result["test"]["reliability"], out / "reliability.png", before=before)
     if result["test"].get("repeats"):
         report.write_csv(result["test"]["repeats"], out / "fewshot.csv")

@@ -99,6 +99,8 @@ class FittedRun:
     final: Fit
     prep: Preprocessor
     trained_on: str
+    temperature: float = 1.0  # --calibrate temperature: fitted on val; 1 is none
+    calibration: dict[str, Any] | None = None  # how T was fitted, and the scores before and after
 
     @property
     def value(self) -> float:
@@ -117,6 +119,12 @@ class Predictions:
     @property
     def proba(self) -> np.ndarray:
         return np.exp(self.log_proba)
+
+    def scaled(self, temperature: float) -> Predictions:
+        """These predictions after temperature scaling (themselves at T = 1)."""
+        if temperature == 1.0:
+            return self
+        return Predictions(self.ids, self.y, log_proba_from_decision(self.log_proba / temperature))
 
     @property
     def pred(self) -> np.ndarray:

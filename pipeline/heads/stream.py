@@ -255,6 +255,10 @@ class StreamSource:
         ]
         return prep, fits, curve
 
+    def validate(self, fit: Fit, prep: Preprocessor) -> tuple[np.ndarray, np.ndarray]:
+        logits, y_val = _logits(self.val, prep, [fit])
+        return y_val, log_proba_from_decision(_squeeze(logits[:, 0]))
+
     def refit(self, C: float, init: Fit) -> tuple[Preprocessor, Fit]:
         prep = fit_preprocessor(self.cfg.preprocessing, self.both)
         (final,) = fit_stream(

@@ -94,9 +94,13 @@ def test_streamed_head_stays_under_the_budget_and_matches_the_in_memory_fit(big_
 @pytest.mark.slow
 def test_streamed_sweep_selects_on_val(big_cache, tmp_path):
     cfg = HeadConfig(features=str(big_cache), head="torch", grid=(1e-4, 1e-2), max_memory="64MB", epochs=1,
-                     out=str(tmp_path / "r"), progress=False, bootstrap=0, class_weight="balanced")  # fmt: skip
+                     out=str(tmp_path / "r"), progress=False, bootstrap=0, class_weight="balanced",
+                     calibrate="temperature")  # fmt: skip
     result = protocol.run(cfg)
     assert len(result["curve"]) == 2 and result["chosen"]["C"] in (1e-4, 1e-2)
+    calibrated = result["calibration"]  # fitted on the holdout's streamed blocks
+    assert calibrated["fitted_on"] == "a stratified holdout of train"
+    assert calibrated["val_after"]["log_loss"] <= calibrated["val_before"]["log_loss"]
     assert result["chosen"]["index"] == choice.choose(result["curve"], "top1-1se"), "the rule of the in-memory heads"
     assert list(result["curve"][0]) == [
         "C", "val_top1", "val_top1_se", "val_balanced_accuracy", "val_balanced_accuracy_se", "val_log_loss", "n_iter",
