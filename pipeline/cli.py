@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline import __version__
-from pipeline.config import FeaturesConfig, HeadConfig, add_arguments, load_table, resolve
+from pipeline.config import FeaturesConfig, HeadConfig
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.settings import add_arguments, load_table, resolve
 
 
 def _say(message: str) -> None:

@@ -7,25 +7,14 @@ every flag can also be written in the config file under the stage's table (``[fe
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import re
-import tomllib
-import types
-import typing
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from pipeline import registry
-from pipeline.errors import ConfigError, MissingError
+from pipeline.errors import ConfigError
 from pipeline.heads.options import DEFAULTS
-
-
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field that also describes its command-line flag."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+from pipeline.settings import check_choices, check_device, check_positive, flag, option, parse_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +58,7 @@ class FeaturesConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_choices(self)
         if self.data is None and self.dataset is None:
             raise ConfigError("no images given; pass --data FOLDER_OR_CSV or --dataset NAME (try --dataset digits)")
         if self.data is not None and self.dataset is not None:
@@ -79,8 +68,8 @@ class FeaturesConfig:
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ConfigError(f"--{_flag(name)} {value} is out of range; expected a fraction in [0, 1)")
-        _check_positive(self, "batch_size", "image_size")
+                raise ConfigError(f"--{flag(name)} {value} is out of range; expected a fraction in [0, 1)")
+        check_positive(self, "batch_size", "image_size")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(
                 f"--image-size {self.image_size} is too small for a ResNet; pass 16 or more (224 is usual)"
@@ -92,7 +81,7 @@ class FeaturesConfig:
             )
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers {self.workers} is negative; pass 0 (load in this process) or more")
-        _check_device(self.device)
+        check_device(self.device)
 
     @property
     def out_path(self) -> Path:
@@ -100,130 +89,6 @@ class FeaturesConfig:
             return Path(self.out)
         source = self.dataset or Path(self.data.rstrip("/")).stem  # type: ignore[union-attr]
         return Path("cache") / f"{source.lower()}-{self.backbone}.h5"
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _check_choices(config: Any) -> None:
-    for f in dataclasses.fields(config):
-        choices = f.metadata.get("choices")
-        value = getattr(config, f.name)
-        if choices and value is not None and value not in choices:
-            raise ConfigError(f"--{_flag(f.name)} {value!r} is not allowed; choose one of: {', '.join(choices)}")
-
-
-def parse_size(text: str) -> int:
-    """'4GB', '512 MiB', '1.5G', '1000000' -> bytes (decimal and binary units both accepted)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise ConfigError(f"--max-memory {text!r} is not a size; write it like 4GB, 512MB or 1.5GiB")
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
-
-
-def _check_device(device: str) -> None:
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
-        raise ConfigError(f"--device {device!r} is not a device; choose auto, cpu, cuda, cuda:N or mps")
-
-
-def _check_positive(config: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and not 0 < value < float("inf"):  # NaN fails too
-            raise ConfigError(f"--{_flag(name)} {value} must be a positive, finite number")
-
-
-def _base_type(hint: Any) -> Any:
-    """`int | None` -> int; `tuple[float, ...]` -> tuple; plain types unchanged."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _base_type(inner)
-    return typing.get_origin(hint) or hint
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field; flags not given stay absent so the file and defaults apply."""
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        kind = _base_type(hints[f.name])
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {f.default})"}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif kind is tuple:
-            kwargs.update(nargs="+", type=float, metavar="X")
-        else:
-            # Choices are listed in the help and checked by the config (one line, exit 2), not by argparse.
-            choices = f.metadata["choices"]
-            kwargs["type"] = kind
-            if choices:
-                kwargs.update(metavar="|".join(choices) if len(choices) <= 6 else "NAME")
-                if len(choices) > 6:
-                    kwargs["help"] = f"{f.metadata['help']}; one of: {', '.join(choices)} (default: {f.default})"
-        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, **kwargs)
-
-
-def load_document(path: str | Path) -> dict[str, Any]:
-    """A whole TOML file, or a one-line error saying why it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingError(f"config file {path} does not exist; pass a TOML file such as configs/demo.toml")
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix the syntax") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text; pass a TOML file such as configs/demo.toml") from None
-
-
-def load_table(path: str | Path, table: str) -> dict[str, Any]:
-    """The ``[table]`` of a TOML config file (empty when the file has no such table)."""
-    document = load_document(path)
-    section = document.get(table, {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"config file {path}: '{table}' must be a table ([{table}]), got {type(section).__name__}")
-    return section
-
-
-def resolve(cls: type, file_values: Mapping[str, Any], flags: Mapping[str, Any], source: str = "config") -> Any:
-    """Build ``cls`` from defaults, then the file's values, then the flags given on the command line."""
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values: dict[str, Any] = {}
-    for key, value in file_values.items():
-        name = key.replace("-", "_")
-        if name not in hints:
-            raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {', '.join(names)}")
-        values[name] = _coerce(name, value, hints[name], source)
-    values.update(flags)
-    return cls(**values)
-
-
-def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
-    kind = _base_type(hint)
-    optional = type(None) in typing.get_args(hint)
-    if optional and value == "none" and kind is not str:
-        return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is tuple and isinstance(value, list) and all(isinstance(v, int | float) for v in value):
-        return tuple(float(v) for v in value)
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{source}: {name} = {value!r} should be {kind.__name__}; fix the value in the file")
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +129,19 @@ class HeadConfig:
         "to the final head; top-1 unchanged",
         registry.CALIBRATIONS,
     )
+    logit_adjust: str | None = option(
+        None,
+        "post-hoc logit adjustment: subtract TAU * log(train class prior) from the logits; a number, or auto "
+        "(TAU chosen on val by the --select metric)",
+    )
+    imbalance_ratio: float | None = option(
+        None,
+        "long-tailed training: keep int(n_max * R^(-i/(K-1))) train images of the i-th class (CIFAR-LT), val "
+        "and test untouched",
+    )
+    imbalance_order: str = option(
+        "seeded", "--imbalance-ratio: class order by --seed, or by frequency", registry.IMBALANCE_ORDERS
+    )
     class_weight: str = option("none", "'balanced' weighs classes by n / (classes * n_c)", registry.CLASS_WEIGHTS)
     val_fraction: float = option(0.1, "stratified holdout from train when the cache has no val split")
     seed: int = option(0, "seed of the holdout, few-shot draws, mini-batch order and bootstrap")
@@ -299,21 +177,26 @@ class HeadConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_choices(self)
         if self.features is None:
             raise ConfigError("no cache given; pass --features cache/NAME.h5 (run `make features` first)")
         self._check_head_settings()
+        _ = self.logit_adjust_tau  # checked here
+        if self.imbalance_ratio is not None and not 1.0 <= self.imbalance_ratio < float("inf"):
+            raise ConfigError(f"--imbalance-ratio {self.imbalance_ratio} must be a finite number >= 1 (1: balanced)")
+        if self.imbalance_ratio is not None and self.shots:
+            raise ConfigError("--imbalance-ratio and --shots both choose the training rows; pass only one")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction {self.val_fraction} is out of range; expected a fraction in (0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing {self.label_smoothing} is out of range; expected [0, 1)")
-        _check_positive(self, "shots", "repeats", "sweep_block", "max_iter", "tol", "epochs", "batch_size", "lr")
+        check_positive(self, "shots", "repeats", "sweep_block", "max_iter", "tol", "epochs", "batch_size", "lr")
         if self.jobs is not None and self.jobs < 1 and self.jobs != -1:
             raise ConfigError(f"--jobs {self.jobs} is not allowed; pass a positive number, or -1 for one per core")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap {self.bootstrap} is negative; pass 0 for no intervals")
         _ = self.max_memory_bytes  # parsed once, here: a bad size fails before any work
-        _check_device(self.device)
+        check_device(self.device)
 
     def _check_head_settings(self) -> None:
         """C for the linear heads, k for knn, nothing for ncm; cosine heads on unit rows, unweighted."""
@@ -331,7 +214,7 @@ class HeadConfig:
                 raise ConfigError(
                     f"k value {k} is not allowed; the knn head's --grid takes whole numbers of neighbours >= 1"
                 )
-        _check_positive(self, "temperature")
+        check_positive(self, "temperature")
         if self.preprocess not in ("auto", *registry.COSINE_PREPROCESSING):
             raise ConfigError(
                 f"--preprocess {self.preprocess} does not suit the {self.head} head, which compares unit rows by "
@@ -342,6 +225,19 @@ class HeadConfig:
                 f"--class-weight {self.class_weight} applies to the linear heads; the {self.head} head is not trained "
                 "with a loss to weigh (drop --class-weight)"
             )
+
+    @property
+    def logit_adjust_tau(self) -> float | str | None:
+        """--logit-adjust as a number, `auto`, or None."""
+        if self.logit_adjust is None or self.logit_adjust == "auto":
+            return self.logit_adjust
+        try:
+            tau = float(self.logit_adjust)
+        except (TypeError, ValueError):
+            tau = float("nan")
+        if not 0.0 <= tau < float("inf"):
+            raise ConfigError(f"--logit-adjust {self.logit_adjust!r} is not allowed; pass a number >= 0 or auto")
+        return tau
 
     @property
     def preprocessing(self) -> str:

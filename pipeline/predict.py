@@ -138,6 +138,8 @@ def export_module(model: Any, spec: backbone.BackboneSpec, head: Head) -> Any:
             if knn:  # the bank, and its classes one-hot: votes are a product, no scatter
                 self.k, self.temperature = min(int(head.n_neighbors), len(head.bank_)), float(head.temperature)
                 self.calibration = float(head.calibration)
+                offsets = np.zeros(len(head.classes_)) if head.offsets is None else np.asarray(head.offsets)
+                arrays["offsets"] = offsets
                 arrays |= {"bank": head.bank_, "bank_onehot": np.eye(len(head.classes_))[head.bank_labels_]}
             else:
                 arrays |= {"coef": head.coef_, "intercept": head.intercept_}
@@ -168,8 +170,8 @@ def export_module(model: Any, spec: backbone.BackboneSpec, head: Head) -> Any:
             share = votes / votes.sum(dim=1, keepdim=True).clamp_min(1e-30)
             n_classes, smoothing = self.bank_onehot.shape[1], 1.0 / (self.k + 1)
             proba = (1 - smoothing) * share + smoothing / n_classes
-            if self.calibration != 1.0:  # temperature scaling of the votes' log-probabilities
-                proba = torch.softmax(torch.log(proba) / self.calibration, dim=1)
+            # The post-hoc adjustment: logit adjustment offsets, then the temperature.
+            return torch.softmax((torch.log(proba) + self.offsets) / self.calibration, dim=1)
             return proba
 
     return Classifier().eval()

@@ -70,7 +70,13 @@ PREPROCESSING = ("standardize", "l2", "center-l2", "none")
 HEAD_PREPROCESSING = ("auto", *PREPROCESSING)
 COSINE_PREPROCESSING = ("l2", "center-l2")
 CLASS_WEIGHTS = ("none", "balanced")
-CALIBRATIONS = ("none", "temperature")  # temperature: one T fitted on val by NLL (pipeline.heads.calibration)
+CALIBRATIONS = ("none", "temperature")  # temperature: one T fitted on val by NLL (pipeline.heads.posthoc)
+# --logit-adjust auto: the TAU values tried on val (Menon et al. use 1).
+LOGIT_ADJUST_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+# --imbalance-ratio: which class keeps the most rows: a seeded order, or the most frequent first.
+IMBALANCE_ORDERS = ("seeded", "frequency")
+# Frequency groups of the test metrics, by train images per class: many > 100, few < 20, medium between.
+FREQUENCY_GROUPS = {"many": (101, None), "medium": (20, 100), "few": (0, 19)}
 SOLVERS = ("lbfgs", "adam", "sgd")
 # `auto`: lbfgs when the rows fit in memory, adam when the head streams them from the file.
 HEAD_SOLVERS = ("auto", *SOLVERS)

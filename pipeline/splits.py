@@ -23,3 +23,19 @@ def draw_shots(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, 4])
     picked = [rng.permutation(np.flatnonzero(labels == c))[:shots] for c in np.unique(labels)]
     return np.sort(np.concatenate(picked))
+
+
+def long_tail(labels: np.ndarray, ratio: float, seed: int, order: str = "seeded") -> np.ndarray:
+    """Sorted row indices of a long-tailed subset (CIFAR-LT): the class at place i of the order keeps
+    int(n_max * ratio ** (-i / (K - 1))) of its rows (at least one, at most all it has), drawn with
+    `seed`; n_max is the largest class's count. `order`: `seeded` (a permutation of the classes by
+    `seed`) or `frequency` (the most frequent first, ties by class)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    rng = np.random.default_rng([seed, 5])
+    ranked = rng.permutation(len(classes)) if order == "seeded" else np.argsort(-counts, kind="stable")
+    n_max, last = int(counts.max()), max(len(classes) - 1, 1)
+    picked = []
+    for place, c in enumerate(ranked):
+        keep = min(max(int(n_max * ratio ** (-place / last)), 1), int(counts[c]))
+        picked.append(rng.permutation(np.flatnonzero(labels == classes[c]))[:keep])
+    return np.sort(np.concatenate(picked))

@@ -16,8 +16,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.config import FeaturesConfig, HeadConfig, load_document, resolve
+from pipeline.config import FeaturesConfig, HeadConfig
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.settings import load_document, resolve
 
 TABLES = ("study", "features", "head", "datasets", "backbones", "heads", "fewshot")
 STUDY_KEYS = ("name", "results", "cache")

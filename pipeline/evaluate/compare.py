@@ -19,6 +19,7 @@ from scipy.stats import binomtest
 from pipeline import outputs
 from pipeline.errors import CacheError, DataError, MissingError, PipelineError
 from pipeline.evaluate import report
+from pipeline.registry import FREQUENCY_GROUPS
 
 RESULT_SCHEMA = 1
 
@@ -155,6 +156,7 @@ def pair(a: Run, b: Run, alpha: float = 0.05) -> dict[str, Any]:
         "dataset": a.dataset,
         "a": a.name,
         "b": b.name,
+        "groups": _paired_groups(a, b, ya, ca, cb, alpha),
         "diff_top1": diff,
         "ci": [lo, hi],
         "a_only_right": b_only,
@@ -163,6 +165,33 @@ def pair(a: Run, b: Run, alpha: float = 0.05) -> dict[str, Any]:
         "significant": significant,
         "statement": statement,
     }
+
+
+def group_classes(run: Run) -> dict[str, list[int]]:
+    """Encoded classes of each frequency group, from the run's train counts ({} for older results)."""
+    counts = run.result.get("protocol", {}).get("train_counts")
+    if not counts:
+        return {}
+    n = np.array([counts.get(name, 0) for name in run.result["classes"]])
+    return {
+        group: np.flatnonzero((n >= low) & (n <= (np.inf if high is None else high))).tolist()
+        for group, (low, high) in FREQUENCY_GROUPS.items()
+    }
+
+
+def _paired_groups(a: Run, b: Run, y: np.ndarray, ca: np.ndarray, cb: np.ndarray, alpha: float) -> dict[str, Any]:
+    """The paired test within each frequency group the two runs share (the same classes in it)."""
+    ga, gb = group_classes(a), group_classes(b)
+    out = {}
+    for group, classes in ga.items():
+        rows = np.isin(y, classes)
+        if not classes or classes != gb.get(group) or not rows.any():
+            continue
+        *_, p = mcnemar(ca[rows], cb[rows])
+        diff = float(ca[rows].mean() - cb[rows].mean())
+        out[group] = {"classes": len(classes), "n": int(rows.sum()), "diff_top1": diff, "p_value": p,
+                      "significant": p < alpha}  # fmt: skip
+    return out
 
 
 def comparisons(runs: list[Run], alpha: float = 0.05) -> list[dict[str, Any]]:
@@ -201,6 +230,9 @@ def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
                 "test_balanced_accuracy": test["balanced_accuracy"],
                 "balanced_lo": bal_ci[0],
                 "balanced_hi": bal_ci[1],
+                **{
+                    f"{group}_top1": (test.get("groups") or {}).get(group, {}).get("top1") for group in FREQUENCY_GROUPS
+                },
                 "setting": param,
                 "chosen": chosen if not isinstance(chosen, list) else float(np.median(chosen)),
                 "cache_seconds": r.result["cache"].get("extract_seconds"),
@@ -264,6 +296,21 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
         lines.append("No two runs share a test set and differ in exactly one of backbone or head.")
     for p in pairs:
         lines.append(f"- {'**' if p['significant'] else ''}{p['statement']}{'**' if p['significant'] else ''}")
+        if len(p["groups"]) > 1:  # a long tail: the paired test within each frequency group too
+            lines.append("  - by group (A-B, McNemar p): " + "; ".join(
+                f"{'**' if g['significant'] else ''}{name} {g['diff_top1'] * 100:+.1f} points, p = {g['p_value']:.3g}"
+                f"{'**' if g['significant'] else ''}" for name, g in p["groups"].items()
+            ))  # fmt: skip
+    grouped = [r for r in rows if r["medium_top1"] is not None or r["few_top1"] is not None]
+    if grouped:
+        lines += ["", "## Top-1 (%) by class frequency (train images: many > 100, medium 20-100, few < 20)", ""]
+        lines += ["| dataset | backbone | head | many | medium | few |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"| {r['dataset']} | {r['backbone']} | {r['head']} | "
+            + " | ".join("-" if r[f"{g}_top1"] is None else f"{r[f'{g}_top1'] * 100:.1f}" for g in FREQUENCY_GROUPS)
+            + " |"
+            for r in grouped
+        ]
     if few:
         shots = sorted({r["shots"] for r in few}, key=lambda s: (s == "all", s if s != "all" else 0))
         lines += ["", "## Few-shot: test top-1 (%) against images per class, mean ± std over draws", ""]

@@ -17,6 +17,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from pipeline.registry import FREQUENCY_GROUPS
+
 
 def top_k_accuracy(y: np.ndarray, proba: np.ndarray, k: int) -> float:
     """Fraction of rows whose label is among the k highest scores (ties broken by order)."""
@@ -104,6 +106,20 @@ def bootstrap_ci(
         "top1": np.percentile(top1, [tail, 100 - tail]).tolist(),
         "balanced_accuracy": np.percentile(balanced, [tail, 100 - tail]).tolist(),
     }
+
+
+def frequency_groups(y: np.ndarray, pred: np.ndarray, train_counts: np.ndarray) -> dict[str, Any]:
+    """Top-1 within each frequency group of classes (`registry.FREQUENCY_GROUPS`: many > 100 train
+    images, medium 20-100, few < 20), with how many classes and test rows each holds; a group
+    without classes has top1 None."""
+    counts = np.asarray(train_counts)
+    out = {}
+    for name, (low, high) in FREQUENCY_GROUPS.items():
+        classes = np.flatnonzero((counts >= low) & (counts <= (high if high is not None else np.inf)))
+        rows = np.isin(y, classes)
+        top1 = float((pred[rows] == y[rows]).mean()) if rows.any() else None
+        out[name] = {"classes": len(classes), "n": int(rows.sum()), "top1": top1}
+    return out
 
 
 def evaluate(

@@ -112,7 +112,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | P
 
 
 def plot_reliability(table: dict[str, Any], path: str | Path, before: dict[str, Any] | None = None) -> Path:
-    """Accuracy against confidence on test; with `before` (temperature scaling), the uncalibrated one too."""
+    """Accuracy against confidence on test; with `before` (the table before a post-hoc adjustment) that too."""
     plt = _pyplot()
     edges = np.asarray(table["edges"])
     centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
@@ -129,7 +129,7 @@ def plot_reliability(table: dict[str, Any], path: str | Path, before: dict[str, 
         held = np.asarray(before["count"]) > 0
         ax.plot(
             np.asarray(before["confidence"])[held], np.asarray(before["accuracy"])[held], "o-", color="tab:red",
-            ms=3, lw=1, label=f"before temperature scaling (ECE {before['ece']:.3f})",
+            ms=3, lw=1, label=f"before the post-hoc adjustment (ECE {before['ece']:.3f})",
         )  # fmt: skip
         title = f"Reliability (test), ECE {before['ece']:.3f} -> {table['ece']:.3f}"
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy")
@@ -183,13 +183,19 @@ def format_table(result: dict[str, Any]) -> str:
         if key in std:
             test_text += f" ± {std[key]:.4f}"
         lines.append(f"{label:<19}{_fmt(val.get(key)):>16}   {test_text}")
-    calibration = result.get("calibration")
-    if isinstance(calibration, dict):
-        before, after = calibration["test_before"], calibration["test_after"]
+    groups = test.get("groups")
+    if groups:
+        shown = [f"{name} {_fmt(g['top1'])} ({g['classes']} classes)" for name, g in groups.items() if g["classes"]]
+        lines.append(f"{'top-1 by group':<19}{'':>16}   " + ", ".join(shown) + " (train images: >100, 20-100, <20)")
+    adjusted = result.get("posthoc")
+    if isinstance(adjusted, dict):
+        before, after = adjusted["test_before"], adjusted["test_after"]
+        done = [f"logit adjustment TAU = {adjusted['logit_adjust']['tau']:g}"] if "logit_adjust" in adjusted else []
+        done += [f"temperature T = {adjusted['calibration']['temperature']:.3g}"] if "calibration" in adjusted else []
         lines += [
             "",
-            f"calibrated T = {calibration['temperature']:.3g} (fitted on {calibration['fitted_on']}): test log-loss "
-            f"{before['log_loss']:.4f} -> {after['log_loss']:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f}",
+            f"post-hoc   {', '.join(done)} (fitted on {adjusted['fitted_on']}); test before -> after: "
+            + ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in before),
         ]
     t = result["timings"]
     lines += ["", "time       " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())]

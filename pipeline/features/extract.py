@@ -20,13 +20,14 @@ import torch
 from pipeline import fsutil
 from pipeline.cache import reader, schema
 from pipeline.cache.writer import CacheWriter
-from pipeline.config import FeaturesConfig, to_dict
+from pipeline.config import FeaturesConfig
 from pipeline.devices import choose_device
 from pipeline.errors import BadImageError, CacheError, Interrupted
 from pipeline.features import backbone
 from pipeline.features.forward import RowSink, forward_rows
 from pipeline.features.samples import SampleList, describe_changes
 from pipeline.features.sources import load_samples
+from pipeline.settings import to_dict
 
 Report = Callable[[str], None]
 

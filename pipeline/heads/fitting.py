@@ -20,7 +20,7 @@ from pipeline.heads.estimators import Preprocessor, balanced_weights, make_logre
 from pipeline.heads.options import SolverOptions
 from pipeline.heads.runs import Fit, Predictions, resolution
 from pipeline.registry import JOBLIB_BACKENDS
-from pipeline.splits import draw_shots, stratified_holdout
+from pipeline.splits import draw_shots, long_tail, stratified_holdout
 
 
 def fit_grid(
@@ -164,10 +164,15 @@ class MemorySource:
             val = Split(train.X[held], train.y[held], train.ids[held])
             train = Split(train.X[~held], train.y[~held], train.ids[~held])
             self.selected_on = f"a stratified holdout of train ({cfg.val_fraction:.0%}, seed {cfg.seed}; no val split)"
+        if cfg.imbalance_ratio is not None:  # long-tailed training rows; val (or the holdout) untouched
+            keep = long_tail(train.y, cfg.imbalance_ratio, cfg.seed, cfg.imbalance_order)
+            train = Split(train.X[keep], train.y[keep], train.ids[keep])
         self.present = np.unique(train.y)  # the head's classes: those it can learn
         self.names = [info.classes[c] for c in self.present]
         self.train, self.val = train, val
         self.y_train, self.y_val = self.encode(train.y), self.encode(val.y)
+        self.sweep_counts = np.bincount(self.y_train, minlength=len(self.names))
+        self.val_counts = np.bincount(self.y_val, minlength=len(self.names))
         self.options = SolverOptions.for_head(cfg, streaming=False) if cfg.head == "torch" else None
 
     def encode(self, y: np.ndarray) -> np.ndarray:
@@ -186,6 +191,7 @@ class MemorySource:
         """Fits of every C on train (or this repeat's few-shot draw), and their validation curve."""
         cfg = self.cfg
         rows = draw_shots(self.y_train, cfg.shots, cfg.seed + repeat) if cfg.shots else np.arange(len(self.y_train))
+        self.sweep_counts = np.bincount(self.y_train[rows], minlength=len(self.names))
         prep = Preprocessor(cfg.preprocessing).fit(self.train.X[rows])
         fits = fit_grid(cfg, prep.transform(self.train.X[rows]), self.y_train[rows], len(self.names), grid, tick=tick)
         log_probas = log_proba_all(fits, prep.transform(self.val.X))

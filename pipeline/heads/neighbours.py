@@ -173,8 +173,8 @@ class CosineKNN(Described, _CosineHead):
     """Weighted kNN by cosine: the `n_neighbors` most similar training rows vote with exp(s / `temperature`).
 
     `max_memory` bounds the similarities held at once (bytes), by answering the queries in blocks;
-    `calibration` is a temperature that divides the votes' log-probabilities before a softmax
-    (`pipeline.heads.calibration`; 1: none)."""
+    `offsets` (per class, or None) are added to the votes' log-probabilities and `calibration`
+    divides them before a softmax (`pipeline.heads.posthoc`: logit adjustment, temperature)."""
 
     def __init__(
         self,
@@ -183,12 +183,14 @@ class CosineKNN(Described, _CosineHead):
         preprocess: str = "l2",
         max_memory: int = DEFAULT_BUDGET,
         calibration: float = 1.0,
+        offsets: np.ndarray | None = None,
     ) -> None:
         self.n_neighbors = n_neighbors
         self.temperature = temperature
         self.preprocess = preprocess
         self.max_memory = max_memory
         self.calibration = calibration
+        self.offsets = offsets
 
     def fit(self, X: Any, y: Any) -> CosineKNN:
         if not (isinstance(self.n_neighbors, (int, np.integer)) and self.n_neighbors >= 1):
@@ -212,7 +214,10 @@ class CosineKNN(Described, _CosineHead):
         fit = KNNFit(int(self.n_neighbors), self.bank_, self.bank_labels_, len(self.classes_), self.temperature,
                      int(self.max_memory))  # fmt: skip
         log_proba = fit.log_proba(Z)
-        return log_proba if self.calibration == 1.0 else log_proba_from_decision(log_proba / self.calibration)
+        if self.calibration == 1.0 and self.offsets is None:
+            return log_proba
+        offsets = 0.0 if self.offsets is None else np.asarray(self.offsets, dtype=np.float64)
+        return log_proba_from_decision((log_proba + offsets) / self.calibration)
 
     def predict(self, X: Any) -> np.ndarray:
         index = self.predict_log_proba(X).argmax(axis=1)

@@ -15,6 +15,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from pipeline.errors import CacheError, MissingError
 from pipeline.heads.estimators import Described, LinearDecision, Preprocessor
 from pipeline.heads.neighbours import CosineKNN, KNNFit
+from pipeline.heads.posthoc import Adjustment
 from pipeline.heads.runs import Fit
 from pipeline.registry import PREPROCESSING
 
@@ -72,13 +73,14 @@ class LinearProbe(Described, LinearDecision, ClassifierMixin, BaseEstimator):
 Head = LinearProbe | CosineKNN
 
 
-def from_fit(fit: Fit | KNNFit, preprocessor: Preprocessor, classes: np.ndarray, calibration: float = 1.0) -> Head:
-    """A protocol's final fit as a working estimator: a `LinearProbe` (its logits divided by the
-    calibration temperature: weights and intercept over T), or a `CosineKNN` on its bank."""
+def from_fit(fit: Fit | KNNFit, preprocessor: Preprocessor, classes: np.ndarray, adjustment: Adjustment) -> Head:
+    """A protocol's final fit as a working estimator, its post-hoc adjustment inside: a `LinearProbe`
+    (offsets and temperature in its weights and intercept), or a `CosineKNN` on its bank."""
     if isinstance(fit, KNNFit):
         head = CosineKNN.from_bank(preprocessor, fit.bank, fit.labels, classes, fit.value, fit.temperature)
-        return head.set_params(calibration=calibration)
-    return LinearProbe(preprocessor, fit.coef.T / calibration, fit.intercept / calibration, classes)
+        return head.set_params(calibration=adjustment.temperature, offsets=adjustment.offsets)
+    coef, intercept = adjustment.linear(fit.coef, fit.intercept)
+    return LinearProbe(preprocessor, coef.T, intercept, classes)
 
 
 def _preprocessor_arrays(prep: Preprocessor) -> dict[str, np.ndarray]:
@@ -96,6 +98,8 @@ def save_head(probe: Head, folder: str | Path, meta: dict[str, Any]) -> Path:
     arrays = {"run_id": np.array(str(meta.get("run_id", "")))} | _preprocessor_arrays(prep)
     if isinstance(probe, CosineKNN):
         arrays.update(bank=probe.bank_, bank_labels=probe.bank_labels_)
+        if probe.offsets is not None:
+            arrays.update(offsets=np.asarray(probe.offsets, dtype=np.float64))
         model = {"model": "knn", "k": int(probe.n_neighbors), "temperature": float(probe.temperature)}
         model["calibration_temperature"] = float(probe.calibration)
     else:
@@ -216,7 +220,7 @@ def load_head(path: str | Path) -> Head:
             np.array(classes),
             meta["k"],
             meta["temperature"],
-        ).set_params(calibration=meta.get("calibration_temperature", 1.0))
+        ).set_params(calibration=meta.get("calibration_temperature", 1.0), offsets=arrays.get("offsets"))
     else:
         probe = LinearProbe(preprocessor, arrays["coef"], arrays["intercept"], np.array(classes))
     probe.meta.update(meta)

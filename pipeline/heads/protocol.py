@@ -20,7 +20,7 @@ from pipeline.cache.reader import CacheInfo, cache_info
 from pipeline.config import HeadConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import metrics
-from pipeline.heads import calibration, choice, results
+from pipeline.heads import choice, posthoc, results
 from pipeline.heads.estimators import Preprocessor
 from pipeline.heads.fitting import MemorySource
 from pipeline.heads.options import SolverOptions
@@ -50,6 +50,10 @@ class Source(Protocol):
     ) -> tuple[Preprocessor, list[Fit], list[dict[str, Any]]]: ...
     def refit(self, C: float, init: Fit) -> tuple[Preprocessor, Fit]: ...
     def validate(self, fit: Fit, prep: Preprocessor) -> tuple[np.ndarray, np.ndarray]: ...
+
+    sweep_counts: np.ndarray  # per class: the rows the last sweep trained on
+    val_counts: np.ndarray  # per class: the validation rows (or holdout)
+
     def test(self, final: Fit, prep: Preprocessor) -> Predictions: ...
 
 
@@ -109,6 +113,7 @@ def needs_streaming(cfg: HeadConfig, info: CacheInfo, n_classes: int) -> bool:
         "--shots": cfg.shots,
         "--solver lbfgs (it needs every row for each step; use adam or sgd)": cfg.solver == "lbfgs",
         "--balanced-sampler": cfg.balanced_sampler,
+        "--imbalance-ratio": cfg.imbalance_ratio is not None,
     }
     for flag, given in refused.items():
         if given:
@@ -138,21 +143,29 @@ def head_grid(cfg: HeadConfig) -> list[float]:
     return sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
 
 
-def _calibrate(cfg: HeadConfig, source: Source, fit: Any, prep: Preprocessor) -> tuple[float, dict | None]:
-    """--calibrate temperature: T fitted by log-loss on the validation rows (or the holdout) scored by
-    the chosen setting's sweep fit, which never trained on them; (1, None) without calibration."""
-    if cfg.calibrate == "none":
-        return 1.0, None
+def _adjust(cfg: HeadConfig, source: Source, fit: Any, prep: Preprocessor) -> posthoc.Adjustment:
+    """--logit-adjust and --calibrate, fitted on the validation rows (or the holdout) as scored by the
+    chosen setting's sweep fit, which never trained on them; the identity when neither is asked for."""
+    if cfg.logit_adjust_tau is None and cfg.calibrate == "none":
+        return posthoc.Adjustment()
     y, log_proba = source.validate(fit, prep)
-    T = calibration.fit_temperature(y, log_proba)
-    val = {
-        "log_loss": [calibration.nll(y, log_proba, 1.0), calibration.nll(y, log_proba, T)],
-        "ece": [metrics.reliability(y, np.exp(lp))["ece"] for lp in (log_proba, calibration.apply(log_proba, T))],
-    }
-    return T, {"method": "temperature", "temperature": T, "fitted_on": source.selected_on.split(" (")[0]} | {
-        "val_before": {k: v[0] for k, v in val.items()},
-        "val_after": {k: v[1] for k, v in val.items()},
-    }
+    refit = not (cfg.shots or cfg.imbalance_ratio)  # the final head trains on train+val
+    final_counts = source.sweep_counts + source.val_counts if refit else source.sweep_counts
+    train_prior, final_prior = posthoc.log_prior(source.sweep_counts), posthoc.log_prior(final_counts)
+    adjustment = posthoc.fit(cfg, y, log_proba, train_prior, final_prior, source.names)
+    adjustment.record["fitted_on"] = source.selected_on.split(" (")[0]
+    return adjustment
+
+
+def _score_adjusted(runs: list[FittedRun], raw: list[Predictions], scored: list[dict], names: list[str]) -> None:
+    """Record the test scores before and after each run's post-hoc adjustment."""
+    keys = ("top1", "balanced_accuracy", "log_loss", "ece")
+    for run, p, after in zip(runs, raw, scored, strict=True):
+        if run.adjustment.record:
+            before = metrics.evaluate(p.y, p.proba, names, log_proba=p.log_proba)
+            run.adjustment.record["test_before"] = {k: before[k] for k in keys}
+            run.adjustment.record["test_after"] = {k: after[k] for k in keys}
+            run.adjustment.record["reliability_before"] = before["reliability"]
 
 
 def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dict[str, Any]:
@@ -177,26 +190,26 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
             with timer("sweep"):
                 prep, fits, curve = source.sweep(r, grid, bar.update)
                 best = choice.choose(curve, cfg.select)
-                calibrated = _calibrate(cfg, source, fits[best], prep)
-            if cfg.shots:  # few-shot: val never enters training, so the sweep's fit is final
-                trained_on = f"{cfg.shots} images per class from train"
-                runs.append(FittedRun(curve, best, fits[best], prep, trained_on, *calibrated))
+                adjustment = _adjust(cfg, source, fits[best], prep)
+            if cfg.shots or cfg.imbalance_ratio:  # val never enters training: the sweep's fit is final
+                trained_on = (
+                    f"{cfg.shots} images per class from train" if cfg.shots
+                    else f"train, long-tailed (imbalance ratio {cfg.imbalance_ratio:g})"
+                )  # fmt: skip
+                runs.append(FittedRun(curve, best, fits[best], prep, trained_on, adjustment, source.sweep_counts))
                 continue
             with timer("refit"):
                 prep, final = source.refit(grid[best], init=fits[best])
-            runs.append(FittedRun(curve, best, final, prep, "train+val", *calibrated))
+            runs.append(FittedRun(curve, best, final, prep, "train+val", adjustment, source.sweep_counts))
         # Every choice is made; only now are the test rows read, and scored once.
         with timer("test"):
             raw = [source.test(run.final, run.prep) for run in runs]
     with timer("test"):
-        predictions = [p.scaled(run.temperature) for p, run in zip(raw, runs, strict=True)]
+        predictions = [p.adjusted(run.adjustment) for p, run in zip(raw, runs, strict=True)]
         scored = [metrics.evaluate(p.y, p.proba, source.names, log_proba=p.log_proba) for p in predictions]
-        for run, p, s in zip(runs, raw, scored, strict=True):
-            if run.calibration is not None:  # the test scores before temperature scaling
-                before = metrics.evaluate(p.y, p.proba, source.names, log_proba=p.log_proba)
-                run.calibration["test_before"] = {k: before[k] for k in ("log_loss", "ece")}
-                run.calibration["reliability_before"] = before["reliability"]
-                run.calibration["test_after"] = {k: s[k] for k in ("log_loss", "ece")}
+        _score_adjusted(runs, raw, scored, source.names)
+        for run, p, s in zip(runs, predictions, scored, strict=True):
+            s["groups"] = metrics.frequency_groups(p.y, p.pred, run.train_counts)
         if cfg.bootstrap and not cfg.shots:  # few-shot spread is the std over draws instead
             first = predictions[0]
             scored[0]["ci"] = metrics.bootstrap_ci(first.y, first.pred, len(source.names), cfg.bootstrap, cfg.seed)

@@ -16,12 +16,13 @@ import numpy as np
 
 from pipeline import outputs
 from pipeline.cache.reader import CacheInfo
-from pipeline.config import HeadConfig, to_dict
+from pipeline.config import HeadConfig
 from pipeline.evaluate import report
 from pipeline.evaluate.compare import RESULT_SCHEMA
 from pipeline.heads import choice, probe
 from pipeline.heads.runs import FittedRun, Predictions, Timer
 from pipeline.registry import SELECT_RULES
+from pipeline.settings import to_dict
 
 
 def _versions(head: str) -> dict[str, str]:
@@ -99,6 +100,10 @@ def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, se
             "trained_on": first.trained_on,
             "scored_on": "test",
             "test_read_after_choice": True,
+            "train_counts": dict(zip(names, first.train_counts.tolist(), strict=True)),  # type: ignore[union-attr]
+            "imbalance": (
+                {"ratio": cfg.imbalance_ratio, "order": cfg.imbalance_order} if cfg.imbalance_ratio else None
+            ),
             "few_shot": {"shots": cfg.shots, "repeats": len(runs)} if cfg.shots else None,
             "rows": "streamed from the cache in blocks" if streamed else "in memory",
         },
@@ -122,22 +127,23 @@ def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, se
             "max_iter": cfg.max_iter,
         },
         "test": test,
-        "calibration": _calibration(runs),
+        "posthoc": _posthoc(runs),
         "versions": _versions(cfg.head),
     }
 
 
-def _calibration(runs: list[FittedRun]) -> dict[str, Any] | list[dict[str, Any]] | None:
-    """How each run's temperature was fitted and what it changed (None without --calibrate)."""
-    if runs[0].calibration is None:
+def _posthoc(runs: list[FittedRun]) -> dict[str, Any] | list[dict[str, Any]] | None:
+    """How each run's logit adjustment and temperature were fitted, and the test scores before and
+    after them (None without --logit-adjust or --calibrate)."""
+    if not runs[0].adjustment.record:
         return None
-    records = [{k: v for k, v in run.calibration.items() if k != "reliability_before"} for run in runs]  # type: ignore[union-attr]
+    records = [{k: v for k, v in run.adjustment.record.items() if k != "reliability_before"} for run in runs]
     return records[0] if len(records) == 1 else records
 
 
 def _write(cfg: HeadConfig, result: dict[str, Any], run: FittedRun, info: CacheInfo, names, out: Path) -> None:
     report.write_csv(run.curve, out / "curve.csv")
-    head = probe.from_fit(run.final, run.prep, np.array(names), run.temperature)
+    head = probe.from_fit(run.final, run.prep, np.array(names), run.adjustment)
     meta = {
         "head": cfg.head,
         run.final.param: run.final.value,
@@ -147,12 +153,21 @@ def _write(cfg: HeadConfig, result: dict[str, Any], run: FittedRun, info: CacheI
         "trained_on": result["protocol"]["trained_on"],
         "config": dataclasses.asdict(cfg),
         "run_id": result["run_id"],
-        "calibration": {"method": "temperature", "temperature": run.temperature} if run.calibration else None,
+        "posthoc": _saved_adjustment(run),
     }
     probe.save_head(head, out, meta)
     report.plot_validation_curve(run.curve, result["protocol"]["selection"], out / "validation_curve.png")
     report.plot_confusion(result["test"]["confusion"], names, out / "confusion_matrix.png")
-    before = run.calibration["reliability_before"] if run.calibration else None
+    before = run.adjustment.record.get("reliability_before")
     report.plot_reliability(result["test"]["reliability"], out / "reliability.png", before=before)
     if result["test"].get("repeats"):
         report.write_csv(result["test"]["repeats"], out / "fewshot.csv")
+
+
+def _saved_adjustment(run: FittedRun) -> dict[str, Any] | None:
+    """What head.json says about the post-hoc adjustment inside the saved head."""
+    record = run.adjustment.record
+    if not record:
+        return None
+    tau = record.get("logit_adjust", {}).get("tau", 0.0)
+    return {"logit_adjust_tau": tau, "temperature": run.adjustment.temperature}

@@ -3,6 +3,7 @@ protocol (`FittedRun`), the scored test rows (`Predictions`), and the wall-time 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.heads.estimators import Preprocessor, log_proba_from_decision
+from pipeline.heads.posthoc import Adjustment
 
 if TYPE_CHECKING:  # torch is imported only when a torch head is trained
     from pipeline.heads.objective import Solution
@@ -99,8 +101,8 @@ class FittedRun:
     final: Fit
     prep: Preprocessor
     trained_on: str
-    temperature: float = 1.0  # --calibrate temperature: fitted on val; 1 is none
-    calibration: dict[str, Any] | None = None  # how T was fitted, and the scores before and after
+    adjustment: Adjustment = dataclasses.field(default_factory=Adjustment)  # --logit-adjust, --calibrate
+    train_counts: np.ndarray | None = None  # per class: the train rows of the sweep (its frequency groups)
 
     @property
     def value(self) -> float:
@@ -120,11 +122,9 @@ class Predictions:
     def proba(self) -> np.ndarray:
         return np.exp(self.log_proba)
 
-    def scaled(self, temperature: float) -> Predictions:
-        """These predictions after temperature scaling (themselves at T = 1)."""
-        if temperature == 1.0:
-            return self
-        return Predictions(self.ids, self.y, log_proba_from_decision(self.log_proba / temperature))
+    def adjusted(self, adjustment: Adjustment) -> Predictions:
+        """These predictions after a post-hoc adjustment (logit adjustment, temperature)."""
+        return Predictions(self.ids, self.y, adjustment(self.log_proba))
 
     @property
     def pred(self) -> np.ndarray:

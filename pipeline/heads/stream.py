@@ -216,6 +216,7 @@ class StreamSource:
         self.f = open_cache(info.path)
         self.encoded = np.searchsorted(self.present, self.f["labels"][...])
         (ta, tb), (va, vb) = info.ranges["train"], info.ranges["val"]
+        train_labels, val_labels = info.labels["train"], info.labels["val"]
         if vb > va:
             self.train = self._blocks(ta, tb, None)
             self.val = self._blocks(va, vb, None)
@@ -223,12 +224,17 @@ class StreamSource:
             self.both = [self.train, self.val]
         else:  # a stratified holdout of train, exactly as in memory (the same rows, the same seed)
             readable = np.flatnonzero(self.f["ok"][ta:tb])  # labels["train"] holds exactly these rows, in order
+            holdout = stratified_holdout(train_labels, cfg.val_fraction, cfg.seed, salt=3)
             held = np.zeros(tb - ta, dtype=bool)
-            held[readable[stratified_holdout(info.labels["train"], cfg.val_fraction, cfg.seed, salt=3)]] = True
+            held[readable[holdout]] = True
             self.train = self._blocks(ta, tb, ~held)
             self.val = self._blocks(ta, tb, held)
             self.selected_on = f"a stratified holdout of train ({cfg.val_fraction:.0%}, seed {cfg.seed}; no val split)"
             self.both = [self._blocks(ta, tb, None)]
+            train_labels, val_labels = train_labels[~holdout], train_labels[holdout]
+        K = len(self.names)
+        self.sweep_counts = np.bincount(np.searchsorted(self.present, train_labels), minlength=K)
+        self.val_counts = np.bincount(np.searchsorted(self.present, val_labels), minlength=K)
         self.bar = tqdm(total=2 * cfg.epochs, unit="epoch", desc="stream", disable=not cfg.progress)
         return self
 

@@ -77,3 +77,37 @@ def test_compare_errors(tmp_path):
     (tmp_path / "old" / "result.json").write_text(json.dumps({"schema": 0}))
     with pytest.raises(CacheError, match=r"result .*old/result\.json has schema 0, this pipeline reads 1; rerun"):
         compare.gather([tmp_path])
+
+
+def test_long_tailed_runs_are_compared_within_each_frequency_group(tmp_path):
+    rng = np.random.default_rng(2)
+    means = rng.normal(0, 1.0, (10, 16))
+    X, y, split = [], [], []
+    for code, n in enumerate((200, 40, 100)):
+        labels = np.repeat(np.arange(10), n)
+        X.append(means[labels] + rng.normal(0, 1.0, (len(labels), 16)))
+        y.append(labels)
+        split.append(np.full(len(labels), code, dtype=np.int8))
+    cache = write_cache(tmp_path / "lt.h5", np.vstack(X), np.concatenate(y), np.concatenate(split))
+    for head, extra in (("plain", {}), ("adjusted", {"logit_adjust": "1"})):
+        cfg = HeadConfig(features=str(cache), out=str(tmp_path / "runs" / head), grid=(0.1,), imbalance_ratio=100.0,
+                         imbalance_order="frequency", progress=False, bootstrap=0, **extra)  # fmt: skip
+        protocol.run(cfg, cell={"dataset": "lt", "backbone": "g", "head": head})
+    runs = compare.gather([tmp_path / "runs"])
+    # int(200 * 100 ** (-i / 9)): 200, 119, 71, 43, 25, 15, 9, 5, 3, 2 train images
+    assert compare.group_classes(runs[0]) == {"many": [0, 1], "medium": [2, 3, 4], "few": [5, 6, 7, 8, 9]}
+    [paired] = compare.comparisons(runs)
+    few = paired["groups"]["few"]
+    _, y_test, pred_a = runs[0].predictions()
+    rows = np.isin(y_test, [5, 6, 7, 8, 9])
+    _, _, pred_b = runs[1].predictions()
+    assert few["n"] == rows.sum() == 500
+    assert few["diff_top1"] == pytest.approx(
+        (pred_a[rows] == y_test[rows]).mean() - (pred_b[rows] == y_test[rows]).mean()
+    )
+    rows_table = compare.summary_rows(runs)
+    assert {r["head"]: r["few_top1"] for r in rows_table}["adjusted"] > {r["head"]: r["few_top1"] for r in rows_table}[
+        "plain"
+    ]
+    text = compare.markdown(rows_table, [paired], [], [])
+    assert "## Top-1 (%) by class frequency" in text and "  - by group (A-B, McNemar p): " in text

@@ -50,6 +50,7 @@ def test_test_split_is_read_only_after_the_choice(synthetic_cache, tmp_path, mon
     selection = result["protocol"].pop("selection")
     param = "k" if head == "knn" else "C"
     assert selection["rule"] == "one-SE" and selection[param] == result["chosen"][param] == result["chosen"]["value"]
+    assert result["protocol"].pop("train_counts") == {"c0": 91, "c1": 98, "c2": 82, "c3": 89}, "per class, in train"
     assert result["protocol"] | {"few_shot": None} == {
         "selected_on": "val",
         "select_metric": "top1",
@@ -59,6 +60,7 @@ def test_test_split_is_read_only_after_the_choice(synthetic_cache, tmp_path, mon
         "test_read_after_choice": True,
         "few_shot": None,
         "rows": "in memory",
+        "imbalance": None,
     }
 
 

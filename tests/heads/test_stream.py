@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic import write_synthetic_cache
-from pipeline.config import HeadConfig, parse_size
+from pipeline.config import HeadConfig
 from pipeline.errors import ConfigError
 from pipeline.heads import choice, protocol
+from pipeline.settings import parse_size
 
 from conftest import REPO
 
@@ -170,6 +171,7 @@ def test_streamed_and_in_memory_heads_share_one_protocol_on_a_small_cache(synthe
         ({"solver": "lbfgs"}, r"--solver lbfgs \(it needs every row for each step; use adam or sgd\) is not supported"),
         ({"balanced_sampler": True}, r"--balanced-sampler is not supported when the head streams the cache"),
         ({"shots": 2}, r"--shots is not supported when the head streams the cache \(about 0\.\d+ GB here"),
+        ({"imbalance_ratio": 10.0}, r"--imbalance-ratio is not supported when the head streams the cache"),
     ],
 )
 def test_what_streaming_cannot_do_is_refused_in_one_line(synthetic_cache, tmp_path, flags, pattern):

@@ -1,0 +1,146 @@
+"""How a stage's frozen config dataclass is declared (`option`: default, help, choices), read
+(defaults < TOML file < command-line flags: `resolve`, `load_table`, `add_arguments`) and checked
+(`check_choices`, `check_positive`, `parse_size`). The configs themselves live in `pipeline.config`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, MissingError
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field that also describes its command-line flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def check_choices(config: Any) -> None:
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"--{flag(f.name)} {value!r} is not allowed; choose one of: {', '.join(choices)}")
+
+
+def parse_size(text: str) -> int:
+    """'4GB', '512 MiB', '1.5G', '1000000' -> bytes (decimal and binary units both accepted)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--max-memory {text!r} is not a size; write it like 4GB, 512MB or 1.5GiB")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
+
+
+def check_device(device: str) -> None:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise ConfigError(f"--device {device!r} is not a device; choose auto, cpu, cuda, cuda:N or mps")
+
+
+def check_positive(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not 0 < value < float("inf"):  # NaN fails too
+            raise ConfigError(f"--{flag(name)} {value} must be a positive, finite number")
+
+
+def _base_type(hint: Any) -> Any:
+    """`int | None` -> int; `tuple[float, ...]` -> tuple; plain types unchanged."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _base_type(inner)
+    return typing.get_origin(hint) or hint
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field; flags not given stay absent so the file and defaults apply."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = _base_type(hints[f.name])
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {f.default})"}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            kwargs.update(nargs="+", type=float, metavar="X")
+        else:
+            # Choices are listed in the help and checked by the config (one line, exit 2), not by argparse.
+            choices = f.metadata["choices"]
+            kwargs["type"] = kind
+            if choices:
+                kwargs.update(metavar="|".join(choices) if len(choices) <= 6 else "NAME")
+                if len(choices) > 6:
+                    kwargs["help"] = f"{f.metadata['help']}; one of: {', '.join(choices)} (default: {f.default})"
+        parser.add_argument(f"--{flag(f.name)}", dest=f.name, **kwargs)
+
+
+def load_document(path: str | Path) -> dict[str, Any]:
+    """A whole TOML file, or a one-line error saying why it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingError(f"config file {path} does not exist; pass a TOML file such as configs/demo.toml")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; pass a TOML file such as configs/demo.toml") from None
+
+
+def load_table(path: str | Path, table: str) -> dict[str, Any]:
+    """The ``[table]`` of a TOML config file (empty when the file has no such table)."""
+    document = load_document(path)
+    section = document.get(table, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: '{table}' must be a table ([{table}]), got {type(section).__name__}")
+    return section
+
+
+def resolve(cls: type, file_values: Mapping[str, Any], flags: Mapping[str, Any], source: str = "config") -> Any:
+    """Build ``cls`` from defaults, then the file's values, then the flags given on the command line."""
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for key, value in file_values.items():
+        name = key.replace("-", "_")
+        if name not in hints:
+            raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {', '.join(names)}")
+        values[name] = _coerce(name, value, hints[name], source)
+    values.update(flags)
+    return cls(**values)
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    kind = _base_type(hint)
+    optional = type(None) in typing.get_args(hint)
+    if optional and value == "none" and kind is not str:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is tuple and isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+        return tuple(float(v) for v in value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: {name} = {value!r} should be {kind.__name__}; fix the value in the file")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
