@@ -8,6 +8,9 @@
    head's own 45-value sweep.
 3. reading a 50,000 x 2,048 feature matrix from the cache versus np.load of the same array.
 4. `pipeline head` on the demo cache, each head.
+5. the knn head's neighbour search: a 50,000 x 2,048 bank answering 10,000 queries (k = 20) within
+   its memory budget, versus scikit-learn's brute-force cosine `KNeighborsClassifier` on the same
+   rows (and the two agree on the neighbours).
 
 Prints a table with each ratio and its target, and writes benchmarks/out/bench.json.
 """
@@ -206,11 +209,41 @@ def bench_reads() -> None:
     row("read_features speed / np.load speed", min(numpy) / min(full), "ratio")
 
 
+def bench_knn(budget_mb: int = 256) -> None:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from pipeline import read_features
+    from pipeline.heads.neighbours import CosineKNN
+
+    cache = OUT / "cifar100-like.h5"
+    if not cache.exists():
+        write_synthetic_cache(cache)
+    fs = read_features(cache, dtype=np.float32)
+    bank, labels = fs["train"].X, fs["train"].y
+    queries = fs["test"].X[:10_000]
+    print(f"knn: {bank.shape} bank, {queries.shape[0]} queries, k = 20, {budget_mb} MB of similarities at a time")
+    ours = CosineKNN(n_neighbors=20, max_memory=budget_mb * 2**20).fit(bank, labels)
+    start = time.perf_counter()
+    pred = ours.predict(queries)
+    seconds = time.perf_counter() - start
+    row("knn head: 10,000 queries against a 50,000 x 2,048 bank", seconds, "s", "seconds", seconds < 60)
+    theirs = KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute", n_jobs=-1).fit(bank, labels)
+    start = time.perf_counter()
+    _, rows = theirs.kneighbors(queries[:2_000])
+    sk_seconds = (time.perf_counter() - start) * 5  # 2,000 queries, scaled to 10,000
+    row("scikit-learn brute cosine kNN, same queries (from 2,000)", sk_seconds, "s")
+    row("knn head speed / scikit-learn speed", sk_seconds / seconds, "ratio", ">= 1", sk_seconds / seconds >= 1)
+    mine = np.sort(ours.kneighbors_rows(queries[:2_000]), axis=1)
+    agree = float((mine == np.sort(rows, axis=1)).all(axis=1).mean())
+    row("queries whose 20 neighbours equal scikit-learn's", agree, "fraction", ">= 0.99", agree >= 0.99,
+        top1=float((pred == fs["test"].y[:10_000]).mean()))  # fmt: skip
+
+
 def bench_demo_heads() -> None:
     print("demo: `pipeline head --config configs/demo.toml` wall time (a fresh process each)", flush=True)
     subprocess.run([sys.executable, "-m", "pipeline", "features", "--config", "configs/demo.toml", "--no-progress"],
                    check=True, capture_output=True)  # fmt: skip
-    for head in ("logreg", "torch"):
+    for head in ("logreg", "torch", "knn", "ncm"):
         start = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "pipeline", "head", "--config", "configs/demo.toml", "--head", head,
@@ -222,14 +255,14 @@ def bench_demo_heads() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=["extraction", "memory", "sweep", "reads", "demo"])
+    parser.add_argument("--only", nargs="+", choices=["extraction", "memory", "sweep", "reads", "knn", "demo"])
     parser.add_argument("--images", type=int, default=1000, help="images for the extraction benchmark")
     parser.add_argument("--memory-images", type=int, default=250, help="N of the memory benchmark (4N too)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-sklearn-sweep", action="store_true", help="skip the (slow) scikit-learn 45-value sweep")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    chosen = set(args.only or ["extraction", "memory", "sweep", "reads", "demo"])
+    chosen = set(args.only or ["extraction", "memory", "sweep", "reads", "knn", "demo"])
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
@@ -243,6 +276,8 @@ def main() -> int:
         bench_sweep(not args.no_sklearn_sweep)
     if "reads" in chosen:
         bench_reads()
+    if "knn" in chosen:
+        bench_knn()
     if "demo" in chosen:
         bench_demo_heads()
     import importlib.metadata as md

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare",
         help="one table (Markdown + CSV) from many head results, with paired tests and plots",
-        description="Gather result.json files into one comparison with 95%% intervals and paired tests.",
+        description="Gather result.json files into one comparison with 95% intervals and paired tests.",
     )
     compare.add_argument("paths", nargs="*", default=["results"], help="result folders, searched recursively")
     compare.add_argument("--out", default="results/report.md", help="the Markdown report (CSV and PNGs beside it)")

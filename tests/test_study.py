@@ -154,3 +154,21 @@ def test_make_study_runs_the_offline_demo(tmp_path):
         assert (out / name).exists(), name
     assert "2 caches computed, 0 reused, 14 head runs, 0 failed" in done.stderr
     assert "resnet34-random" in (out / "report.md").read_text()
+
+
+def test_the_long_tail_study_file_is_valid_and_mixes_heads_safely(tmp_path):
+    plan = study.plan(REPO / "configs" / "long-tail.toml")
+    labels = [label for label, _ in plan.heads]
+    assert labels == [f"R{r}-{m}" for r in (1, 10, 100) for m in ("none", "class-weight", "sampler", "logit-adjust")]
+    values = dict(plan.heads)
+    assert values["R100-sampler"]["balanced_sampler"] is True and values["R10-logit-adjust"]["logit_adjust"] == "auto"
+    # [head] defaults that only suit the linear heads are left out of a cosine head's cell.
+    path = tmp_path / "mixed.toml"
+    path.write_text(
+        '[head]\ngrid = [0.1, 1.0]\nclass_weight = "balanced"\npreprocess = "standardize"\n'
+        '[[datasets]]\ndataset = "digits"\n[[backbones]]\nbackbone = "resnet18"\nweights = "none"\n'
+        '[[heads]]\nhead = "logreg"\n[[heads]]\nhead = "knn"\n[[heads]]\nhead = "ncm"\n'
+    )
+    heads = dict(study.plan(path).heads)
+    assert heads["logreg"]["grid"] == [0.1, 1.0] and heads["logreg"]["class_weight"] == "balanced"
+    assert not {"grid", "class_weight", "preprocess"} & set(heads["knn"]) and "grid" not in heads["ncm"]

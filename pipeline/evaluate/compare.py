@@ -195,11 +195,14 @@ def _paired_groups(a: Run, b: Run, y: np.ndarray, ca: np.ndarray, cb: np.ndarray
 
 
 def comparisons(runs: list[Run], alpha: float = 0.05) -> list[dict[str, Any]]:
-    """Every pair of full (not few-shot) runs on the same test rows that differ in backbone or head only."""
+    """Every pair of full (not few-shot) runs on the same test rows that differ in backbone or head only,
+    and were trained on the same rows (not long-tailed at different ratios)."""
     full = [r for r in runs if r.shots is None]
     out = []
     for a, b in combinations(full, 2):
         if a.result.get("test_set") != b.result.get("test_set") or a.dataset != b.dataset:
+            continue
+        if a.result["protocol"].get("imbalance") != b.result["protocol"].get("imbalance"):
             continue
         if (a.backbone != b.backbone) + (a.head != b.head) == 1:
             out.append(pair(a, b, alpha))

@@ -219,6 +219,10 @@ class CosineKNN(Described, _CosineHead):
         offsets = 0.0 if self.offsets is None else np.asarray(self.offsets, dtype=np.float64)
         return log_proba_from_decision((log_proba + offsets) / self.calibration)
 
+    def kneighbors_rows(self, X: Any) -> np.ndarray:
+        """(n, k) bank rows of each query's k most similar rows, most similar first."""
+        return top_neighbours(self._transform(X), self.bank_, int(self.n_neighbors), int(self.max_memory))[1]
+
     def predict(self, X: Any) -> np.ndarray:
         index = self.predict_log_proba(X).argmax(axis=1)
         return self.classes_[index]

@@ -93,7 +93,12 @@ def test_long_tailed_runs_are_compared_within_each_frequency_group(tmp_path):
         cfg = HeadConfig(features=str(cache), out=str(tmp_path / "runs" / head), grid=(0.1,), imbalance_ratio=100.0,
                          imbalance_order="frequency", progress=False, bootstrap=0, **extra)  # fmt: skip
         protocol.run(cfg, cell={"dataset": "lt", "backbone": "g", "head": head})
-    runs = compare.gather([tmp_path / "runs"])
+    balanced = HeadConfig(features=str(cache), out=str(tmp_path / "runs" / "balanced"), grid=(0.1,), progress=False,
+                          bootstrap=0)  # fmt: skip
+    protocol.run(balanced, cell={"dataset": "lt", "backbone": "g", "head": "all-rows"})
+    everything = compare.gather([tmp_path / "runs"])
+    assert len(compare.comparisons(everything)) == 1, "runs trained on other rows (no long tail) are not paired"
+    runs = [r for r in everything if r.head != "all-rows"]
     # int(200 * 100 ** (-i / 9)): 200, 119, 71, 43, 25, 15, 9, 5, 3, 2 train images
     assert compare.group_classes(runs[0]) == {"many": [0, 1], "medium": [2, 3, 4], "few": [5, 6, 7, 8, 9]}
     [paired] = compare.comparisons(runs)

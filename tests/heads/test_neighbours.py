@@ -77,6 +77,17 @@ def test_neighbour_search_in_blocks_equals_numpy(budget):
     assert neighbours.top_neighbours(Q, bank, 80, budget)[1].shape == (23, 50), "k above the bank: every row"
 
 
+def test_kneighbors_rows_are_the_search_on_preprocessed_rows():
+    rng = np.random.default_rng(6)
+    X, Q = rng.normal(size=(30, 4)), rng.normal(size=(5, 4))
+    knn = CosineKNN(n_neighbors=4, preprocess="center-l2").fit(X, np.arange(30) % 3)
+    Z = X - X.mean(0)
+    Z /= np.linalg.norm(Z, axis=1, keepdims=True)
+    q = Q - X.mean(0)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    assert (knn.kneighbors_rows(Q) == np.argsort(-(q @ Z.T), axis=1)[:, :4]).all()
+
+
 def test_neighbour_search_without_torch_gives_the_same_rows(monkeypatch):
     import builtins
 
