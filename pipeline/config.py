@@ -46,7 +46,8 @@ class FeaturesConfig:
     workers: int | None = option(None, "DataLoader worker processes (default: one per core, at most 8)")
     decode: str = option(
         "cpu",
-        "cpu: PIL in the DataLoader workers; device: workers read bytes, torchvision.io decodes",
+        "cpu: PIL in the DataLoader workers, JPEGs decoded reduced (DCT scaling) to at least twice the resize on the "
+        "short side; exact: PIL, every image in full; device: workers read bytes, torchvision.io decodes in full",
         registry.DECODERS,
     )
     compile: bool = option(False, "torch.compile the backbone (pays off on long GPU runs)")

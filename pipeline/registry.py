@@ -53,7 +53,9 @@ def canonical_dataset_name(name: str) -> str:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 STORE_DTYPES = ("float32", "float16")
-DECODERS = ("cpu", "device")
+# cpu: PIL in the workers, JPEGs reduced by DCT scaling to >= 2x the resize; exact: PIL, full size;
+# device: torchvision.io (nvjpeg on CUDA), full size.
+DECODERS = ("cpu", "exact", "device")
 ON_MISMATCH = ("rebuild", "refuse")
 
 # -------------------------------------------------------------------------------------- heads

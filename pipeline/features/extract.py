@@ -41,6 +41,15 @@ def versions() -> dict[str, str]:
     return {n: importlib.metadata.version(n) for n in names}
 
 
+# How the pixels were decoded changes them: part of the fingerprint. `exact` keeps the wording of caches
+# from before reduced decoding, so they stay current under --decode exact.
+DECODE_FINGERPRINT = {
+    "cpu": "PIL in DataLoader workers; JPEG reduced by DCT scaling to a short side >= {side} px",
+    "exact": "PIL in DataLoader workers",
+    "device": "torchvision.io on the device",
+}
+
+
 def fingerprint(cfg: FeaturesConfig, samples: SampleList, spec: backbone.BackboneSpec) -> dict[str, Any]:
     """Everything that changes the stored numbers, and nothing that does not (paths, devices, versions)."""
     return {
@@ -55,7 +64,7 @@ def fingerprint(cfg: FeaturesConfig, samples: SampleList, spec: backbone.Backbon
         "rows": len(samples),
         "identity": "ids, labels, splits, file size and mtime" + (", sha256 of content" if cfg.verify_content else ""),
         "logits": cfg.logits,
-        "decode": "torchvision.io on the device" if cfg.decode == "device" else "PIL in DataLoader workers",
+        "decode": DECODE_FINGERPRINT[cfg.decode].format(side=2 * spec.transform.resize_size[0]),
     }
 
 

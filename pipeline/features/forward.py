@@ -38,10 +38,13 @@ class ImageDataset:
     as an error string so the extraction loop decides: stop with the path, or record and skip it.
     """
 
-    def __init__(self, samples: SampleList, transform: Callable[[Image.Image], Any], start: int = 0) -> None:
+    def __init__(
+        self, samples: SampleList, transform: Callable[[Image.Image], Any], start: int = 0, min_short_side: int = 0
+    ) -> None:
         self.samples = samples
         self.transform = transform
         self.start = start
+        self.min_short_side = min_short_side  # JPEGs decoded reduced, short side >= this (0: in full)
 
     def __len__(self) -> int:
         return len(self.samples) - self.start
@@ -49,7 +52,7 @@ class ImageDataset:
     def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
         row = self.start + i
         try:
-            image = self.samples.read(row)
+            image = self.samples.read(row, self.min_short_side)
         except BadImageError as exc:
             return row, None, str(exc)
         return row, self.transform(image), None
@@ -207,6 +210,11 @@ def embed(
     return sink.features, errors
 
 
+def reduced_decode_side(cfg: FeaturesConfig, spec: backbone.BackboneSpec) -> int:
+    """`--decode cpu`: JPEGs decoded reduced to twice the resize target on the short side (0: in full)."""
+    return 2 * spec.transform.resize_size[0] if cfg.decode == "cpu" else 0
+
+
 def forward_rows(
     sink: RowSink | MemorySink,
     start_row: int,
@@ -228,7 +236,9 @@ def forward_rows(
     model = model.to(device, memory_format=torch.channels_last)
     forward = torch.compile(model) if cfg.compile else model
     on_device = cfg.decode == "device"
-    dataset = (EncodedDataset if on_device else ImageDataset)(samples, spec.transform, start=start_row)
+    dataset = (EncodedDataset if on_device else ImageDataset)(
+        samples, spec.transform, start=start_row, min_short_side=reduced_decode_side(cfg, spec)
+    )
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,

@@ -32,10 +32,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Decode a whole image file as RGB, raising BadImageError (with the path) when it cannot."""
+def draft_scale(size: tuple[int, int], min_short_side: int) -> int:
+    """The largest JPEG DCT scale (1, 2, 4 or 8) that leaves the short side at least `min_short_side`."""
+    short = min(size)
+    return max((s for s in (1, 2, 4, 8) if -(-short // s) >= min_short_side), default=1)
+
+
+def load_image(path: str | os.PathLike[str], min_short_side: int | None = None) -> Image.Image:
+    """Decode an image file as RGB, raising BadImageError (with the path) when it cannot.
+
+    With `min_short_side`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8, libjpeg's
+    scaled IDCT through PIL's `draft`) whose short side is still at least that many pixels; the
+    resize that follows then starts from fewer pixels. Other formats decode in full."""
     try:
         with Image.open(path) as image:
+            if min_short_side and image.format == "JPEG":
+                scale = draft_scale(image.size, min_short_side)
+                if scale > 1:
+                    w, h = image.size
+                    image.draft(image.mode, (-(-w // scale), -(-h // scale)))
             image.load()  # decode now, so truncated files fail here and not in a transform
             return to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:

@@ -42,7 +42,11 @@ class SampleList:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def read(self, row: int) -> Image.Image:
+    def read(self, row: int, min_short_side: int | None = None) -> Image.Image:
+        """The image of `row`; files are decoded reduced to `min_short_side` where the format allows
+        (see `images.load_image`)."""
+        if min_short_side and self.reader is load_image:
+            return load_image(self.items[row], min_short_side)
         return self.reader(self.items[row])
 
     def subset(self, start: int, stop: int) -> SampleList:
