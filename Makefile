@@ -12,7 +12,7 @@ PY_MIN ?= $(VENV_MIN)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help install features head study info test test-fast test-min bench lint format clean
+.PHONY: help install features head study info test test-fast test-min bench bench-gpu lint format clean
 
 ## List the targets with what they do
 help:
@@ -62,6 +62,10 @@ test-min:
 ## Measure the speed claims side by side (ratios with targets) -> benchmarks/out/bench.json
 bench:
 	$(PY) -m benchmarks.run
+
+## The GPU numbers (forward precisions, decode on the device, utilisation, head sweep) -> benchmarks/out/gpu.json; needs CUDA
+bench-gpu:
+	$(PY) -m benchmarks.gpu
 
 ## Lint: ruff check and ruff format --check
 lint:

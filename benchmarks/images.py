@@ -10,6 +10,10 @@ from PIL import Image
 
 
 def photo_like(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:
+    if width * height > 1_000_000:  # large photos: the scene at a quarter, upscaled, then full-size noise
+        scene = photo_like(rng, width // 4, height // 4).resize((width, height), Image.Resampling.BICUBIC)
+        pixels = np.asarray(scene, dtype=np.int16) + rng.integers(-6, 7, (height, width, 3), dtype=np.int16)
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     image = np.empty((height, width, 3), dtype=np.float32)
     for c in range(3):  # a smooth background per channel
@@ -23,8 +27,10 @@ def photo_like(rng: np.random.Generator, width: int = 500, height: int = 375) ->
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
 
-def write_photo_folder(root: str | Path, n: int, classes: int = 10, seed: int = 0) -> Path:
-    """``ROOT/class_k/img_nnnnn.jpg``, n images in all; kept when already there."""
+def write_photo_folder(
+    root: str | Path, n: int, classes: int = 10, seed: int = 0, size: tuple[int, int] = (500, 375)
+) -> Path:
+    """``ROOT/class_k/img_nnnnn.jpg``, n images of `size` in all, quality 90; kept when already there."""
     root = Path(root)
     done = root / f".complete-{n}"
     if done.exists():
@@ -33,6 +39,6 @@ def write_photo_folder(root: str | Path, n: int, classes: int = 10, seed: int = 
     for i in range(n):
         folder = root / f"class_{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
-        photo_like(rng).save(folder / f"img_{i:05d}.jpg", quality=90)
+        photo_like(rng, *size).save(folder / f"img_{i:05d}.jpg", quality=90)
     done.touch()
     return root

@@ -10,8 +10,9 @@ between the two heads' choices per cache.
 The fits are saved to benchmarks/out/rules-tol<tol>.npz, so a rerun only re-scores the rules
 (`--refit` fits again).
 
-The argmax, one-SE and log-loss rows re-derive `python -m benchmarks.selection`'s (whose refits
-warm-start from the sweep, so they can differ by a test image); the other rows are variants a
+Only the C values some rule chooses are refitted. The argmax, one-SE and log-loss rows re-derive
+`python -m benchmarks.selection`'s (whose refits warm-start from the sweep, so they can differ by a
+test image); the other rows are variants a
 user might propose: the SE of the paired difference to the best fit, a one-SE region that must
 be contiguous with the best, half an SE, and the argmax of a curve smoothed over 5 grid points.
 """
@@ -36,25 +37,26 @@ Run = dict[str, np.ndarray]
 
 
 def curves(path: str, head: str, tol: float, max_iter: int) -> Run:
-    """(C, n_val) correctness and val log-loss of the sweep fits; test top-1 of a refit at each C."""
+    """(C, n_val) correctness and val log-loss of the sweep fits; test top-1 of a refit at each C that
+    some rule chooses (NaN at the others)."""
     fs = reader.read_features(path, dtype=np.float32)
     train, val, test = fs["train"], fs["val"], fs["test"]
     k = int(max(train.y.max(), val.y.max(), test.y.max())) + 1
     cfg = HeadConfig(features=path, head=head, progress=False, tol=tol, max_iter=max_iter)
-    prep = Preprocessor(cfg.preprocess).fit(train.X)
+    prep = Preprocessor(cfg.preprocessing).fit(train.X)
     fits = fitting.fit_grid(cfg, prep.transform(train.X), train.y, k, list(DEFAULT_GRID))
     Z = prep.transform(val.X)
     correct = np.array([fit.decision(Z).argmax(1) == val.y for fit in fits])
     log_loss = np.array([-fit.log_proba(Z)[np.arange(len(val.y)), val.y].mean() for fit in fits])
     converged = np.array([fit.status == "converged" for fit in fits])
     X_all, y_all = np.concatenate([train.X, val.X]), np.concatenate([train.y, val.y])
-    prep_all = Preprocessor(cfg.preprocess).fit(X_all)
+    prep_all = Preprocessor(cfg.preprocessing).fit(X_all)
     Z_all, Z_test = prep_all.transform(X_all), prep_all.transform(test.X)
-    top1 = [
-        float((fitting.fit_grid(cfg, Z_all, y_all, k, [C])[0].decision(Z_test).argmax(1) == test.y).mean())
-        for C in DEFAULT_GRID
-    ]
-    return {"correct": correct, "log_loss": log_loss, "converged": converged, "test": np.array(top1)}
+    run = {"correct": correct, "log_loss": log_loss, "converged": converged, "test": np.full(len(DEFAULT_GRID), np.nan)}
+    for i in sorted({rule(run) for rule in RULES.values()}):
+        fit = fitting.fit_grid(cfg, Z_all, y_all, k, [DEFAULT_GRID[i]])[0]
+        run["test"][i] = float((fit.decision(Z_test).argmax(1) == test.y).mean())
+    return run
 
 
 def _eligible(run: Run) -> np.ndarray:

@@ -1,0 +1,47 @@
+"""The GPU benchmark's CPU-side logic: it refuses without CUDA, samples utilisation, and each
+measurement runs (tiny) on the CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import gpu
+from benchmarks.images import write_photo_folder
+
+from conftest import REPO
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_gpu_refuses_without_cuda_in_one_line():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error: make bench-gpu measures a CUDA GPU")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_utilisation_is_sampled_while_the_block_runs():
+    values = iter([50.0, None, 70.0, 90.0] + [100.0] * 100)
+    with gpu.sampled(lambda: next(values), every=0.01) as samples:
+        import time
+
+        time.sleep(0.1)
+    assert samples[:3] == [50.0, 70.0, 90.0], "unreadable samples (None) are dropped"
+    s = gpu.summary([10.0, 20.0, 30.0, 40.0])
+    assert s == {"samples": 4, "mean": 25.0, "p10": 10.0, "p90": 40.0}
+    assert gpu.summary([])["mean"] is None
+
+
+@pytest.mark.slow
+def test_each_measurement_runs_on_the_cpu(tmp_path, synthetic_cache, monkeypatch):
+    monkeypatch.setattr(gpu, "OUT", tmp_path)
+    assert gpu.forward_rate("resnet18", "bf16", False, "cpu", batch=2, size=32, batches=1) > 0
+    photos = write_photo_folder(tmp_path / "photos", 4, classes=2)
+    for decode in ("cpu", "device"):  # torchvision.io decodes on the CPU here, as on the GPU there
+        measured = gpu.features_rate(photos, 4, decode, "cpu", lambda: 42.0, batch=2)
+        assert measured["images_per_s"] > 0 and measured["utilisation"]["samples"] >= 1
+    sweep = gpu.sweep_seconds(synthetic_cache, "cpu")
+    assert sweep["seconds"] > 0 and 0 <= sweep["test_top1"] <= 1
