@@ -165,7 +165,7 @@ def export_module(model: Any, spec: backbone.BackboneSpec, head: Head) -> Any:
         def votes(self, f: torch.Tensor) -> torch.Tensor:
             """`pipeline.heads.neighbours.vote_log_proba`, in torch."""
             sims, rows = torch.topk(f @ self.bank.T, self.k, dim=1)  # (B, k)
-            weights = torch.exp((sims - 1.0) / self.temperature)
+            weights = torch.exp((sims - sims[:, :1]) / self.temperature)  # over the row's largest: no underflow
             votes = torch.einsum("bk,bkc->bc", weights, self.bank_onehot[rows])
             share = votes / votes.sum(dim=1, keepdim=True).clamp_min(1e-30)
             n_classes, smoothing = self.bank_onehot.shape[1], 1.0 / (self.k + 1)
@@ -200,7 +200,8 @@ def export(
     program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: batch}})
     t = spec.transform
     meta = {
-        "format": "pipeline linear-probe classifier, torch.export program",
+        "format": f"pipeline {'kNN' if isinstance(head, CosineKNN) else 'linear-probe'} classifier, "
+        "torch.export program",
         "input": f"uint8 tensor (B, 3, {size}, {size}): RGB image resized (shorter side {t.resize_size[0]}, "
         f"{t.interpolation.value}, antialias) and centre-cropped to {size}",
         "output": "float32 (B, C) class probabilities, columns in the order of `classes`",
@@ -212,7 +213,11 @@ def export(
         "std": list(t.std),
         "backbone": spec.name,
         "weights": spec.weights_id,
-        "head": {k: head.meta[k] for k in ("head", "C", "k", "temperature", "trained_on", "cache") if k in head.meta},
+        "head": {
+            k: head.meta[k]
+            for k in ("head", "C", "k", "temperature", "posthoc", "trained_on", "cache")
+            if k in head.meta
+        },
         "usage": "p = torch.export.load(path).module()(images_uint8)",
     }
     outputs.replace_file(

@@ -73,13 +73,26 @@ def load_run(folder: str | Path) -> Run:
             result=result,
             dataset=cell.get("dataset") or cache.get("data") or Path(cache["path"]).stem,
             backbone=cell.get("backbone") or f"{cache['fingerprint'].get('backbone', '?')} {weights}",
-            head=cell.get("head") or result["config"]["head"],
+            head=cell.get("head") or head_label(result["config"]),
             shots=result["config"].get("shots"),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise CacheError(
             f"result {path} lacks {exc} or has it in another shape; rerun `pipeline head` for it"
         ) from None
+
+
+def head_label(config: dict[str, Any]) -> str:
+    """The head's name with what else changed its training or outputs: a long tail, logit adjustment,
+    temperature scaling (so two runs of one head that differ in them are told apart)."""
+    parts = [str(config["head"])]
+    if config.get("imbalance_ratio"):
+        parts.append(f"long tail R={config['imbalance_ratio']:g}")
+    if config.get("logit_adjust") is not None:
+        parts.append(f"logit adjust {config['logit_adjust']}")
+    if config.get("calibrate", "none") != "none":
+        parts.append(f"calibrated ({config['calibrate']})")
+    return " + ".join(parts)
 
 
 def gather(paths: list[str | Path], skipped: list[str] | None = None) -> list[Run]:

@@ -191,7 +191,10 @@ def format_table(result: dict[str, Any]) -> str:
     if isinstance(adjusted, dict):
         before, after = adjusted["test_before"], adjusted["test_after"]
         done = [f"logit adjustment TAU = {adjusted['logit_adjust']['tau']:g}"] if "logit_adjust" in adjusted else []
-        done += [f"temperature T = {adjusted['calibration']['temperature']:.3g}"] if "calibration" in adjusted else []
+        calibration = adjusted.get("calibration")
+        if calibration:
+            done.append(f"temperature T = {calibration['temperature']:.3g}" if calibration.get("fitted", True)
+                        else "temperature not fitted (no minimum on val)")  # fmt: skip
         lines += [
             "",
             f"post-hoc   {', '.join(done)} (fitted on {adjusted['fitted_on']}); test before -> after: "

@@ -15,6 +15,7 @@ log-loss. The argmax is the vote's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -79,12 +80,13 @@ def top_neighbours(
 def vote_log_proba(sims: np.ndarray, labels: np.ndarray, k: int, n_classes: int, temperature: float) -> np.ndarray:
     """float64 log-probabilities (n, K) from the first k neighbours' similarities and labels."""
     n, k = len(sims), min(k, sims.shape[1])
-    weights = np.exp((sims[:, :k].astype(np.float64) - 1.0) / temperature)  # exp(s / T), scaled by exp(-1 / T)
+    s = sims[:, :k].astype(np.float64)
+    weights = np.exp((s - s[:, :1]) / temperature)  # exp(s / T) over its row's largest: no underflow to 0
     flat = (np.arange(n)[:, None] * n_classes + labels[:, :k]).ravel()
     votes = np.bincount(flat, weights=weights.ravel(), minlength=n * n_classes).reshape(n, n_classes)
     total = votes.sum(axis=1, keepdims=True)
     share = votes / np.where(total > 0, total, 1.0)
-    share[total[:, 0] == 0] = 1.0 / n_classes  # every weight underflowed: no vote at all
+    share[total[:, 0] == 0] = 1.0 / n_classes  # no neighbour at all (an empty bank)
     smoothing = 1.0 / (k + 1)
     return np.log((1 - smoothing) * share + smoothing / n_classes)
 
@@ -122,6 +124,11 @@ def log_proba_grid(fits: list[KNNFit], X: np.ndarray) -> list[np.ndarray]:
     return [vote_log_proba(sims, labels, f.value, f.n_classes, f.temperature) for f in fits]
 
 
+def _real(value: Any) -> bool:
+    """A real number (numpy scalars too), not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
 class _CosineHead(ClassifierMixin, BaseEstimator):
     """What both heads share: the preprocessing (`l2` or `center-l2`, fitted on the training rows)."""
 
@@ -131,7 +138,7 @@ class _CosineHead(ClassifierMixin, BaseEstimator):
                 f"The 'preprocess' parameter of {type(self).__name__} must be one of {COSINE_PREPROCESSING}. "
                 f"Got {self.preprocess!r} instead."
             )
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+        if not (_real(self.temperature) and 0 < self.temperature < np.inf):
             raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
@@ -193,8 +200,10 @@ class CosineKNN(Described, _CosineHead):
         self.offsets = offsets
 
     def fit(self, X: Any, y: Any) -> CosineKNN:
-        if not (isinstance(self.n_neighbors, (int, np.integer)) and self.n_neighbors >= 1):
+        if isinstance(self.n_neighbors, bool) or not (isinstance(self.n_neighbors, Integral) and self.n_neighbors >= 1):
             raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}")
+        if not (_real(self.calibration) and 0 < self.calibration < np.inf):
+            raise ValueError(f"calibration must be a positive temperature, got {self.calibration!r}")
         Z, codes = self._prepare(X, y)
         self.bank_, self.bank_labels_ = np.ascontiguousarray(Z), codes.astype(np.int64)
         return self

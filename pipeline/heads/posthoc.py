@@ -26,6 +26,10 @@ from pipeline.heads.estimators import log_proba_from_decision
 from pipeline.registry import LOGIT_ADJUST_GRID, SELECT_RULES
 
 BOUNDS = (-7.0, 7.0)  # log T: T from about 1e-3 to 1e3
+NOT_FITTED = (
+    "not fitted: every held-out row is predicted right (or the best T lies at the edge of 1e-3..1e3), so the "
+    "log-loss has no minimum to find; T = 1 kept"
+)
 
 
 def apply(log_proba: np.ndarray, temperature: float, offsets: np.ndarray | float = 0.0) -> np.ndarray:
@@ -38,14 +42,22 @@ def nll(y: np.ndarray, log_proba: np.ndarray, temperature: float) -> float:
     return float(-apply(log_proba, temperature)[np.arange(len(y)), y].mean())
 
 
-def fit_temperature(y: np.ndarray, log_proba: np.ndarray) -> float:
-    """The T that minimises the NLL of (y, log_proba). The NLL is convex in 1/T, so a bounded search
-    over log T finds its one minimum (a boundary when the rows are all right or all wrong)."""
+def fit_temperature(y: np.ndarray, log_proba: np.ndarray) -> float | None:
+    """The T that minimises the NLL of (y, log_proba), or None when the NLL has no minimum to find.
+
+    The NLL is convex in 1/T, so a bounded search over log T finds its one minimum. When every row
+    is predicted right, the NLL falls toward 0 as T -> 0 and any T found is arbitrary (where the
+    loss rounds to 0); when the minimum lands on a bound of the search, it is not a minimum either.
+    Both return None: the head stays uncalibrated rather than confidently wrong on new rows."""
     y, log_proba = np.asarray(y), np.asarray(log_proba, dtype=np.float64)
+    if len(y) == 0 or (log_proba.argmax(axis=1) == y).all():
+        return None
     found = minimize_scalar(
         lambda log_t: nll(y, log_proba, float(np.exp(log_t))), bounds=BOUNDS, method="bounded",
         options={"xatol": 1e-6},
     )  # fmt: skip
+    if min(found.x - BOUNDS[0], BOUNDS[1] - found.x) < 1e-3:
+        return None
     return float(np.exp(found.x))
 
 
@@ -105,12 +117,16 @@ def fit(
         adjustment.offsets = -tau * final_prior
     if cfg.calibrate == "temperature":
         T = fit_temperature(y, log_proba)
+        if T is None:
+            adjustment.record["calibration"] = {"method": "temperature", "temperature": 1.0, "fitted": False,
+                                                "reason": NOT_FITTED}  # fmt: skip
+            return adjustment
         val = {
             "log_loss": [nll(y, log_proba, 1.0), nll(y, log_proba, T)],
             "ece": [metrics.reliability(y, np.exp(lp))["ece"] for lp in (log_proba, apply(log_proba, T))],
         }
         adjustment.temperature = T
-        adjustment.record["calibration"] = {"method": "temperature", "temperature": T} | {
+        adjustment.record["calibration"] = {"method": "temperature", "temperature": T, "fitted": True} | {
             "val_before": {k: v[0] for k, v in val.items()},
             "val_after": {k: v[1] for k, v in val.items()},
         }

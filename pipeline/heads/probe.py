@@ -5,6 +5,7 @@ came from) and ``head.npz`` (the arrays), tied by one run id and checked in full
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from pipeline.heads.estimators import Described, LinearDecision, Preprocessor
 from pipeline.heads.neighbours import CosineKNN, KNNFit
 from pipeline.heads.posthoc import Adjustment
 from pipeline.heads.runs import Fit
-from pipeline.registry import PREPROCESSING
+from pipeline.registry import COSINE_PREPROCESSING, PREPROCESSING
 
 HEAD_SCHEMA = 1
 
@@ -149,6 +150,8 @@ def _head_arrays(arrays_path: Path, folder: Path, meta: dict[str, Any]) -> dict[
         ) from None
     except (OSError, zipfile.BadZipFile, EOFError):
         raise _bad_head(folder, "head.npz is not a readable .npz archive") from None
+    if meta["model"] == "knn" and "offsets" in found:
+        shapes["offsets"] = (n_classes,)
     for name, shape in shapes.items():
         if name not in found:
             raise _bad_head(folder, f"head.npz has no array {name!r}")
@@ -158,6 +161,14 @@ def _head_arrays(arrays_path: Path, folder: Path, meta: dict[str, Any]) -> dict[
         )
         if array.dtype.kind not in "fiu" or not fits:
             raise _bad_head(folder, f"{name} is {array.shape} {array.dtype}, expected {shape} numbers")
+        if not np.isfinite(array).all():
+            raise _bad_head(folder, f"{name} holds NaN or infinite values")
+    if meta["model"] == "knn":
+        norms = np.linalg.norm(found["bank"].astype(np.float64), axis=1)
+        if len(norms) == 0 or not np.all((np.abs(norms - 1) < 1e-3) | (norms == 0)):
+            raise _bad_head(folder, "its bank must hold at least one row, each of unit length (L2-normalised)")
+        if meta["k"] > len(norms):
+            raise _bad_head(folder, f"k = {meta['k']} exceeds its bank of {len(norms)} rows")
     if meta["model"] == "knn":
         labels = found["bank_labels"]
         if (
@@ -195,6 +206,8 @@ def load_head(path: str | Path) -> Head:
     meta.setdefault("model", "linear")
     if meta["model"] not in ("linear", "knn"):
         raise _bad_head(folder, f"model {meta['model']!r} in head.json is neither 'linear' nor 'knn'")
+    if meta["model"] == "knn" and meta["preprocessing"] not in COSINE_PREPROCESSING:
+        raise _bad_head(folder, f"a knn head compares unit rows, but its preprocessing is {meta['preprocessing']!r}")
     knn_settings = [meta.get("temperature"), meta.get("calibration_temperature", 1.0)]
     if meta["model"] == "knn" and not (
         _number(meta.get("k"), integer=True) and meta["k"] >= 1 and all(_number(t) and t > 0 for t in knn_settings)
@@ -229,6 +242,10 @@ def load_head(path: str | Path) -> Head:
 
 def _number(value: Any, integer: bool = False) -> bool:
     """A JSON number (not a bool), a whole one when `integer`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return not integer or float(value).is_integer()
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        return False
+    return math.isfinite(number) and (not integer or number.is_integer())

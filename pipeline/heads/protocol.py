@@ -143,6 +143,17 @@ def head_grid(cfg: HeadConfig) -> list[float]:
     return sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
 
 
+def _cap_k(grid: list[float], source: Source, cfg: HeadConfig, report_to: Report) -> list[float]:
+    """k values above the sweep's bank (its training rows) all mean "every row": one setting, the bank
+    size, so the k that is chosen is the k that was scored on val (and the refit's bigger bank keeps it)."""
+    counts = source.sweep_counts if not cfg.shots else np.minimum(source.sweep_counts, cfg.shots)
+    bank = int(counts.sum())
+    capped = sorted({min(int(k), bank) for k in grid}, reverse=True)
+    if capped != grid:
+        report_to(f"note: k above the {bank} training rows means all of them; k grid {' '.join(map(str, capped))}")
+    return capped
+
+
 def _adjust(cfg: HeadConfig, source: Source, fit: Any, prep: Preprocessor) -> posthoc.Adjustment:
     """--logit-adjust and --calibrate, fitted on the validation rows (or the holdout) as scored by the
     chosen setting's sweep fit, which never trained on them; the identity when neither is asked for."""
@@ -176,6 +187,8 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
         info = cache_info(path)
         _check_labels(path, info.labels, info.classes)
         source = open_source(cfg, info, grid)
+    if cfg.head == "knn":
+        grid = _cap_k(grid, source, cfg, report_to)
     repeats = cfg.repeats if cfg.shots else 1
     runs: list[FittedRun] = []
     # A streamed source shows its own bar (epochs over the file); in memory one tick per fit.

@@ -116,3 +116,9 @@ def test_long_tailed_runs_are_compared_within_each_frequency_group(tmp_path):
     ]
     text = compare.markdown(rows_table, [paired], [], [])
     assert "## Top-1 (%) by class frequency" in text and "  - by group (A-B, McNemar p): " in text
+
+
+def test_runs_of_one_head_that_differ_in_post_hoc_settings_are_told_apart():
+    assert compare.head_label({"head": "knn"}) == "knn"
+    config = {"head": "logreg", "imbalance_ratio": 10.0, "logit_adjust": "auto", "calibrate": "temperature"}
+    assert compare.head_label(config) == "logreg + long tail R=10 + logit adjust auto + calibrated (temperature)"

@@ -186,3 +186,66 @@ def test_a_tampered_knn_head_is_refused(synthetic_cache, tmp_path):
 @parametrize_with_checks([CosineKNN(n_neighbors=3), NearestClassMean()])
 def test_scikit_learn_estimator_contract(estimator, check):
     check(estimator)
+
+
+def test_k_above_the_training_rows_means_all_of_them_and_is_scored_as_such(tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    X, y = rng.normal(size=(60, 5)), np.repeat([0, 1, 2], 20)
+    split = np.repeat(np.array([0, 1, 2], dtype=np.int8), [18, 21, 21])
+    cache = write_cache(tmp_path / "small.h5", X, np.r_[y[::3][:18], y[:21], y[:21]], split)
+    said = []
+    cfg = HeadConfig(features=str(cache), head="knn", grid=(3.0, 18.0, 36.0, 1e20), out=str(tmp_path / "run"),
+                     progress=False, bootstrap=0)  # fmt: skip
+    result = protocol.run(cfg, report_to=said.append)
+    assert [row["k"] for row in result["curve"]] == [18, 3], "36 and 1e20 mean all 18 train rows: one setting"
+    assert any("k above the 18 training rows means all of them; k grid 18 3" in line for line in said)
+    head = load_head(tmp_path / "run")
+    assert head.n_neighbors == result["chosen"]["k"] <= 18, "the saved k is the k scored on val"
+
+
+def test_a_tiny_temperature_does_not_underflow_the_votes():
+    rng = np.random.default_rng(8)
+    X, y, Q = rng.normal(size=(40, 6)), np.arange(40) % 4, rng.normal(size=(25, 6))
+    tiny = CosineKNN(n_neighbors=5, temperature=1e-300).fit(X, y)
+    nearest = CosineKNN(n_neighbors=1).fit(X, y)
+    assert (tiny.predict(Q) == nearest.predict(Q)).all(), "T -> 0: the nearest row's vote alone"
+    assert np.isfinite(tiny.predict_proba(Q)).all()
+
+
+def test_estimator_parameters_are_checked():
+    X, y = np.eye(4), [0, 1, 0, 1]
+    CosineKNN(n_neighbors=2, temperature=np.float32(0.1)).fit(X, y)  # numpy scalars are numbers too
+    with pytest.raises(ValueError, match=r"n_neighbors must be a positive integer, got True"):
+        CosineKNN(n_neighbors=True).fit(X, y)
+    with pytest.raises(ValueError, match=r"calibration must be a positive temperature, got 0"):
+        CosineKNN(calibration=0).fit(X, y)
+    with pytest.raises(ValueError, match=r"temperature must be a positive number, got nan"):
+        NearestClassMean(temperature=float("nan")).fit(X, y)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a, m: a | {"bank": np.full_like(a["bank"], np.nan)}, r"bank holds NaN or infinite values"),
+        (lambda a, m: a | {"bank": a["bank"][:0], "bank_labels": a["bank_labels"][:0]}, r"at least one row"),
+        (lambda a, m: a | {"bank": a["bank"] * 1e30}, r"each of unit length"),
+        (lambda a, m: a | {"offsets": np.zeros(5)}, r"offsets is \(5,\) float64, expected \(4,\) numbers"),
+        (lambda a, m: a | {"offsets": np.array([0.0, np.nan, 0.0, 0.0])}, r"offsets holds NaN"),
+        (lambda a, m: (a, m | {"preprocessing": "none"}), r"a knn head compares unit rows"),
+        (lambda a, m: (a, m | {"k": 10**30}), r"k = 10{30} exceeds its bank of 480 rows"),
+        (lambda a, m: (a, m | {"k": 10**400}), r"a knn head needs k \(a whole number >= 1\)"),
+    ],
+)
+def test_a_knn_head_with_bad_values_is_refused(synthetic_cache, tmp_path, change, message):
+    folder = tmp_path / "run"
+    protocol.run(HeadConfig(features=str(synthetic_cache), head="knn", grid=(3,), out=str(folder), progress=False,
+                            bootstrap=0))  # fmt: skip
+    with np.load(folder / "head.npz") as archive:
+        arrays = dict(archive)
+    meta = json.loads((folder / "head.json").read_text())
+    changed = change(arrays, meta)
+    arrays, meta = changed if isinstance(changed, tuple) else (changed, meta)
+    np.savez(folder / "head.npz", **arrays)
+    (folder / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match=message):
+        load_head(folder)

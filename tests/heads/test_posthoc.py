@@ -157,3 +157,22 @@ def test_auto_logit_adjustment_chooses_tau_on_val(tmp_path):
 def test_long_tail_settings_are_checked_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):
         HeadConfig(features="c.h5", **overrides)
+
+
+def test_temperature_is_not_fitted_when_the_log_loss_has_no_minimum(synthetic_cache, tmp_path):
+    right = log_proba_from_decision(np.array([[5.0, 0.0], [0.0, 4.0], [3.0, 1.0]]))
+    assert posthoc.fit_temperature(np.array([0, 1, 0]), right) is None, "all right: the loss falls toward T -> 0"
+    # Through the protocol: a cache whose val rows are all predicted right keeps T = 1, and says so.
+    rng = np.random.default_rng(3)
+    X = np.repeat(np.eye(3) * 10, 40, axis=0) + rng.normal(0, 0.1, (120, 3))
+    y = np.repeat([0, 1, 2], 40)
+    split = np.tile(np.array([0, 0, 1, 2], dtype=np.int8), 30)
+    from conftest import write_cache
+
+    cache = write_cache(tmp_path / "easy.h5", X, y, split)
+    result = protocol.run(HeadConfig(features=str(cache), head="ncm", calibrate="temperature", out=str(tmp_path / "r"),
+                                     progress=False, bootstrap=0))  # fmt: skip
+    calibration = result["posthoc"]["calibration"]
+    assert calibration["fitted"] is False and calibration["temperature"] == 1.0
+    assert calibration["reason"].startswith("not fitted: every held-out row is predicted right")
+    assert result["posthoc"]["test_after"] == result["posthoc"]["test_before"]
