@@ -8,6 +8,8 @@
 2. the torch head's whole 45-value sweep (select on val, refit, test) versus one scikit-learn
    LogisticRegression fit at the chosen C, on a CIFAR-100-shaped cache; and versus the logreg
    head's own 45-value sweep.
+   The matrix: the torch head's whole protocol against the logreg head's on synthetic caches of
+   N in {2k, 15k, 50k} train rows x D in {512, 2048} x K in {10, 100} classes (time, top-1 gap).
 3. reading a 50,000 x 2,048 feature matrix from the cache versus np.load of the same array.
 4. `pipeline head` on the demo cache, each head.
 5. the knn head's neighbour search: a 50,000 x 2,048 bank answering 10,000 queries (k = 20) within
@@ -165,7 +167,7 @@ def bench_sweep(sklearn_sweep: bool) -> None:
     held = stratified_holdout(train.y, cfg.val_fraction, cfg.seed, salt=3)
     X_all = np.concatenate([train.X[~held], train.X[held]])
     y_all = np.concatenate([train.y[~held], train.y[held]])
-    prep = Preprocessor(cfg.preprocess).fit(X_all)
+    prep = Preprocessor(cfg.preprocessing).fit(X_all)
     X_fit, X_test = prep.transform(X_all), prep.transform(test.X)
     start = time.perf_counter()
     model = LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(X_fit, y_all)
@@ -190,6 +192,34 @@ def bench_sweep(sklearn_sweep: bool) -> None:
             chosen_C=logreg["chosen"]["C"],
         )
         row("torch sweep / scikit-learn sweep", ours / theirs, "ratio")
+
+
+MATRIX = [(n, d, k) for n in (2_000, 15_000, 50_000) for d in (512, 2048) for k in (10, 100)]
+
+
+def bench_matrix(cells: list[tuple[int, int, int]] = MATRIX) -> None:
+    """The torch head's protocol (45-value sweep, refit, test) against the logreg head's on synthetic
+    caches of N train rows (+ N/5 test), D dimensions and K classes; time ratio and top-1 gap."""
+    from pipeline.config import HeadConfig
+    from pipeline.heads import protocol
+
+    print("sweep matrix: torch head vs logreg head, whole protocol (45 C, refit, test), N x D x K", flush=True)
+    for n, d, k in cells:
+        cache = OUT / f"matrix-{n}-{d}-{k}.h5"
+        if not cache.exists():
+            write_synthetic_cache(cache, n_train=n, n_test=n // 5, dim=d, classes=k, latent=min(128, d // 4))
+        seconds, top1 = {}, {}
+        for head in ("torch", "logreg"):
+            cfg = HeadConfig(features=str(cache), head=head, out=str(OUT / f"matrix-{head}"), progress=False,
+                             bootstrap=0, force=True)  # fmt: skip
+            result = protocol.run(cfg)
+            t = result["timings"]
+            seconds[head], top1[head] = t["sweep"] + t["refit"] + t["test"], result["test"]["top1"]
+        ratio, gap = seconds["logreg"] / seconds["torch"], abs(top1["torch"] - top1["logreg"]) * 100
+        label = f"N={n:,} D={d} K={k}"
+        row(f"{label}: torch / logreg seconds", seconds["torch"], "s", logreg_seconds=seconds["logreg"])
+        row(f"{label}: torch speed-up over logreg", ratio, "ratio", "> 1", ratio > 1)
+        row(f"{label}: test top-1 gap", gap, "points", "<= 0.3", gap <= 0.3, top1=top1)
 
 
 def bench_reads() -> None:
@@ -274,14 +304,15 @@ def bench_demo_heads() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=["extraction", "memory", "sweep", "reads", "knn", "demo"])
+    parts = ["extraction", "memory", "sweep", "matrix", "reads", "knn", "demo"]
+    parser.add_argument("--only", nargs="+", choices=parts)
     parser.add_argument("--images", type=int, default=1000, help="images for the extraction benchmark")
     parser.add_argument("--memory-images", type=int, default=250, help="N of the memory benchmark (4N too)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-sklearn-sweep", action="store_true", help="skip the (slow) scikit-learn 45-value sweep")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    chosen = set(args.only or ["extraction", "memory", "sweep", "reads", "knn", "demo"])
+    chosen = set(args.only or parts)
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
@@ -293,6 +324,8 @@ def main() -> int:
         bench_memory(args.memory_images)
     if "sweep" in chosen:
         bench_sweep(not args.no_sklearn_sweep)
+    if "matrix" in chosen:
+        bench_matrix()
     if "reads" in chosen:
         bench_reads()
     if "knn" in chosen:
