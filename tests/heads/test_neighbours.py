@@ -249,3 +249,20 @@ def test_a_knn_head_with_bad_values_is_refused(synthetic_cache, tmp_path, change
     (folder / "head.json").write_text(json.dumps(meta))
     with pytest.raises(CacheError, match=message):
         load_head(folder)
+
+
+@pytest.mark.parametrize("head", ["knn", "ncm"])
+def test_cosine_heads_in_few_shot_runs_and_from_the_command_line(synthetic_cache, tmp_path, head):
+    from pipeline import cli
+
+    args = ["head", "--features", str(synthetic_cache), "--head", head, "--shots", "3", "--repeats", "2",
+            "--out", str(tmp_path / "few"), "--no-progress", "--bootstrap", "0"]  # fmt: skip
+    if head == "knn":
+        args += ["--grid", "1", "3", "5"]
+    assert cli.main(args) == 0
+    result = json.loads((tmp_path / "few" / "result.json").read_text())
+    assert result["protocol"]["few_shot"] == {"shots": 3, "repeats": 2}
+    assert result["protocol"]["trained_on"] == "3 images per class from train"
+    assert len(result["test"]["repeats"]) == 2
+    if head == "knn":  # the bank of a 3-shot draw of 4 classes has 12 rows: k up to 12
+        assert all(row["k"] <= 12 for row in result["curve"]) and load_head(tmp_path / "few").bank_.shape[0] == 12
