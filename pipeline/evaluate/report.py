@@ -59,7 +59,7 @@ def plot_validation_curve(curve: list[dict[str, Any]], selection: dict[str, Any]
         target = loss_ax if key == "val_log_loss" else ax
     if metric.endswith("-1se") and all(f"{key}_se" in row for row in curve):
         ax.axhline(selection["threshold"], color="tab:red", ls=":", lw=1, label="best − 1 SE")
-    best = curve[selection["index"]]
+    best = curve[selection["index"]] if "index" in selection else next(r for r in curve if r[param] == chosen_C)
     ax.axvline(chosen_C, color="0.6", ls="--", lw=1)
     target.plot([chosen_C], [best[key]], "r*", ms=14, label=f"chosen {name} = {chosen_C:.3g} ({metric})")
     xlabel = {"C": "C (inverse regularisation strength)", "k": "k (neighbours)"}.get(param, f"{param} (fixed)")

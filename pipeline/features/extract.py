@@ -44,7 +44,7 @@ def versions() -> dict[str, str]:
 # How the pixels were decoded changes them: part of the fingerprint. `exact` keeps the wording of caches
 # from before reduced decoding, so they stay current under --decode exact.
 DECODE_FINGERPRINT = {
-    "cpu": "PIL in DataLoader workers; JPEG reduced by DCT scaling to a short side >= {side} px",
+    "cpu": "PIL in DataLoader workers; JPEG reduced by DCT scaling to a short side >= twice the resize",
     "exact": "PIL in DataLoader workers",
     "device": "torchvision.io on the device",
 }
@@ -64,7 +64,7 @@ def fingerprint(cfg: FeaturesConfig, samples: SampleList, spec: backbone.Backbon
         "rows": len(samples),
         "identity": "ids, labels, splits, file size and mtime" + (", sha256 of content" if cfg.verify_content else ""),
         "logits": cfg.logits,
-        "decode": DECODE_FINGERPRINT[cfg.decode].format(side=2 * spec.transform.resize_size[0]),
+        "decode": DECODE_FINGERPRINT[cfg.decode],
     }
 
 

@@ -18,7 +18,7 @@ from pipeline import outputs
 from pipeline.cache.reader import CacheInfo
 from pipeline.config import HeadConfig
 from pipeline.evaluate import report
-from pipeline.evaluate.compare import RESULT_SCHEMA
+from pipeline.evaluate.gather import RESULT_SCHEMA
 from pipeline.heads import choice, probe
 from pipeline.heads.runs import FittedRun, Predictions, Timer
 from pipeline.registry import SELECT_RULES

@@ -49,8 +49,8 @@ def test_reduced_decoding_changes_the_fingerprint_and_keeps_the_features(tmp_pat
         stage.run(cfg)
         runs[mode] = read_features(cfg.out)
     assert runs["cpu"].fingerprint["decode"] == (
-        "PIL in DataLoader workers; JPEG reduced by DCT scaling to a short side >= 146 px"
-    )  # resize 73 at crop 64: 960 px decoded at 1/4 (240 px; 1/8 would be 120)
+        "PIL in DataLoader workers; JPEG reduced by DCT scaling to a short side >= twice the resize"
+    )  # resize 73 at crop 64: 960 px decoded at 1/4 (240 px >= 146; 1/8 would be 120)
     assert runs["exact"].fingerprint["decode"] == extract.DECODE_FINGERPRINT["exact"] == "PIL in DataLoader workers"
     a, b = runs["cpu"].splits, runs["exact"].splits
     X, Y = np.vstack([a[s].X for s in sorted(a)]), np.vstack([b[s].X for s in sorted(b)])

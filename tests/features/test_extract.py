@@ -21,7 +21,7 @@ from pipeline.cache import reader as cache_reader
 from pipeline.cache import schema
 from pipeline.cache import writer as cache_writer
 from pipeline.errors import BadImageError, CacheError, DeviceError, Interrupted
-from pipeline.features import backbone, stage
+from pipeline.features import backbone, extract, stage
 
 from conftest import REPO, SLOW_WRITES, make_folder, tiny, write_image
 from faultkit import rows_done
@@ -294,7 +294,7 @@ def test_decode_on_device_matches_cpu_decoding(tmp_path):
     stage.run(tiny(out=str(tmp_path / "cpu.h5"), **common))
     stage.run(tiny(out=str(tmp_path / "dev.h5"), decode="device", workers=2, **common))
     cpu, dev = read_features(tmp_path / "cpu.h5"), read_features(tmp_path / "dev.h5")
-    assert cpu.fingerprint["decode"] == "PIL in DataLoader workers"
+    assert cpu.fingerprint["decode"] == extract.DECODE_FINGERPRINT["cpu"]
     assert dev.fingerprint["decode"] == "torchvision.io on the device"
     np.testing.assert_array_equal(cpu["train"].ids, dev["train"].ids)
     # Two decoders and two resize implementations: close, not identical.

@@ -99,8 +99,8 @@ def test_streamed_sweep_selects_on_val(big_cache, tmp_path):
                      calibrate="temperature")  # fmt: skip
     result = protocol.run(cfg)
     assert len(result["curve"]) == 2 and result["chosen"]["C"] in (1e-4, 1e-2)
-    calibrated = result["calibration"]  # fitted on the holdout's streamed blocks
-    assert calibrated["fitted_on"] == "a stratified holdout of train"
+    assert result["posthoc"]["fitted_on"] == "a stratified holdout of train"  # on the holdout's streamed blocks
+    calibrated = result["posthoc"]["calibration"]
     assert calibrated["val_after"]["log_loss"] <= calibrated["val_before"]["log_loss"]
     assert result["chosen"]["index"] == choice.choose(result["curve"], "top1-1se"), "the rule of the in-memory heads"
     assert list(result["curve"][0]) == [

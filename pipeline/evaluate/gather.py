@@ -1,0 +1,107 @@
+"""Reading head results for comparison: one result folder as a `Run` (result.json checked against
+`RESULT_SCHEMA`, predictions.npz read on demand), labelled by dataset, backbone and head; `gather`
+collects every result under some folders."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import CacheError, MissingError, PipelineError
+
+RESULT_SCHEMA = 1
+
+
+@dataclass
+class Run:
+    """One head result folder (result.json + predictions.npz)."""
+
+    folder: Path
+    result: dict[str, Any]
+    dataset: str
+    backbone: str
+    head: str
+    shots: int | None
+    _pred: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset} / {self.backbone} / {self.head}"
+
+    def predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, y_true, y_pred) on the test split."""
+        if self._pred is None:
+            path = self.folder / "predictions.npz"
+            if not path.is_file():
+                raise MissingError(f"{path} is missing; rerun `pipeline head` for {self.folder} to write it")
+            with np.load(path, allow_pickle=False) as z:
+                self._pred = (z["ids"], z["y_true"], z["y_pred"])
+        return self._pred
+
+
+def load_run(folder: str | Path) -> Run:
+    folder = Path(folder)
+    path = folder / "result.json" if folder.is_dir() else folder
+    if not path.is_file():
+        raise MissingError(f"no result.json in {folder}; pass folders written by `pipeline head`")
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise CacheError(f"result {path} is unreadable ({type(exc).__name__}); rerun `pipeline head` for it") from None
+    if not isinstance(result, dict) or result.get("schema") != RESULT_SCHEMA:
+        schema = result.get("schema") if isinstance(result, dict) else None
+        raise CacheError(
+            f"result {path} has schema {schema!r}, this pipeline reads {RESULT_SCHEMA}; rerun `pipeline head` for it"
+        )
+    try:
+        cell, cache = result.get("cell") or {}, result["cache"]
+        weights = str(cache["fingerprint"].get("weights", "?")).split(" (")[0]
+        return Run(
+            folder=path.parent,
+            result=result,
+            dataset=cell.get("dataset") or cache.get("data") or Path(cache["path"]).stem,
+            backbone=cell.get("backbone") or f"{cache['fingerprint'].get('backbone', '?')} {weights}",
+            head=cell.get("head") or head_label(result["config"]),
+            shots=result["config"].get("shots"),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CacheError(
+            f"result {path} lacks {exc} or has it in another shape; rerun `pipeline head` for it"
+        ) from None
+
+
+def head_label(config: dict[str, Any]) -> str:
+    """The head's name with what else changed its training or outputs: a long tail, logit adjustment,
+    temperature scaling (so two runs of one head that differ in them are told apart)."""
+    parts = [str(config["head"])]
+    if config.get("imbalance_ratio"):
+        parts.append(f"long tail R={config['imbalance_ratio']:g}")
+    if config.get("logit_adjust") is not None:
+        parts.append(f"logit adjust {config['logit_adjust']}")
+    if config.get("calibrate", "none") != "none":
+        parts.append(f"calibrated ({config['calibrate']})")
+    return " + ".join(parts)
+
+
+def gather(paths: list[str | Path], skipped: list[str] | None = None) -> list[Run]:
+    """Every result under the given folders (searched recursively) or result.json files. An unreadable
+    result is left out and its reason appended to `skipped`: one bad file does not stop a report."""
+    runs = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise MissingError(f"{p} does not exist; pass result folders written by `pipeline head`")
+        files = [p] if p.is_file() else sorted(p.rglob("result.json"))
+        for f in files:
+            try:
+                runs.append(load_run(f))
+            except PipelineError as exc:
+                if skipped is None:
+                    raise
+                skipped.append(str(exc))
+    if not runs:
+        raise MissingError(f"no result.json under {', '.join(map(str, paths))}; run `pipeline head` or a study first")
+    return sorted(runs, key=lambda r: (r.dataset, r.backbone, r.shots is not None, r.shots or 0, r.head))
