@@ -6,6 +6,7 @@ between the two heads' choices per cache.
 
     python -m benchmarks.rules               # about five minutes on a 2-core CPU; builds the caches if needed
     python -m benchmarks.rules --tol 1e-6    # the same at a tighter solver tolerance (slower)
+    python -m benchmarks.rules --seed 1      # four new caches of the same kinds: held out from any choice
 
 The fits are saved to benchmarks/out/rules-tol<tol>.npz, so a rerun only re-scores the rules
 (`--refit` fits again).
@@ -116,9 +117,9 @@ RULES: dict[str, Callable[[Run], int]] = {
 }
 
 
-def all_runs(tol: float, max_iter: int, refit: bool) -> tuple[list[str], dict[tuple[str, str], Run]]:
+def all_runs(tol: float, max_iter: int, refit: bool, seed: int = 0) -> tuple[list[str], dict[tuple[str, str], Run]]:
     """Every (cache, head) run at this tolerance, from benchmarks/out when saved there before."""
-    saved = Path(f"benchmarks/out/rules-tol{tol:g}-iter{max_iter}.npz")
+    saved = Path(f"benchmarks/out/rules-tol{tol:g}-iter{max_iter}" + (f"-seed{seed}" if seed else "") + ".npz")
     if saved.exists() and not refit:
         with np.load(saved) as data:
             keys = list(dict.fromkeys(tuple(name.split("/")[:2]) for name in data.files))  # saved order
@@ -126,7 +127,7 @@ def all_runs(tol: float, max_iter: int, refit: bool) -> tuple[list[str], dict[tu
                 (c, h): {f: data[f"{c}/{h}/{f}"] for f in ("correct", "log_loss", "converged", "test")} for c, h in keys
             }
         return list(dict.fromkeys(c for c, _ in keys)), runs
-    caches = build_caches()
+    caches = build_caches(seed)
     runs = {(name, head): curves(str(path), head, tol, max_iter) for name, path in caches.items() for head in HEADS}
     np.savez(saved, **{f"{c}/{h}/{f}": v for (c, h), run in runs.items() for f, v in run.items()})
     return list(caches), runs
@@ -137,8 +138,9 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=HeadConfig.tol)
     parser.add_argument("--max-iter", type=int, default=HeadConfig.max_iter)
     parser.add_argument("--refit", action="store_true", help="fit again even when saved fits exist")
+    parser.add_argument("--seed", type=int, default=0, help="> 0: four new caches of the same kinds (held out)")
     args = parser.parse_args()
-    caches, runs = all_runs(args.tol, args.max_iter, args.refit)
+    caches, runs = all_runs(args.tol, args.max_iter, args.refit, args.seed)
     print("| rule | mean test top-1 | grid steps between the heads (" + ", ".join(caches) + ") |")
     print("|---|---|---|")
     for label, rule in RULES.items():

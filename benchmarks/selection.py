@@ -130,19 +130,21 @@ def write_patches(root: Path, per_class: int = 125, size: int = 48, seed: int = 
     return root
 
 
-def extract_folder(root: Path, out: Path) -> Path:
+def extract_folder(root: Path, out: Path, seed: int = 0) -> Path:
     cfg = FeaturesConfig(
-        data=str(root), backbone="resnet18", weights="none", image_size=48, batch_size=128, out=str(out), progress=False
-    )
+        data=str(root), backbone="resnet18", weights="none", seed=seed, image_size=48, batch_size=128, out=str(out),
+        progress=False,
+    )  # fmt: skip
     stage.run(cfg)
     return out
 
 
-def demo_cache() -> Path:
-    """The demo's own cache, exactly as `make features` writes it (configs/demo.toml)."""
-    out = Path("cache/digits-resnet18.h5")
+def demo_cache(seed: int = 0) -> Path:
+    """The demo's own cache, exactly as `make features` writes it (configs/demo.toml); another random
+    backbone for `seed` > 0."""
+    out = Path("cache/digits-resnet18.h5") if seed == 0 else OUT / f"selection-digits-resnet18-seed{seed}.h5"
     cfg = FeaturesConfig(
-        dataset="digits", root="cache/datasets", backbone="resnet18", weights="none", seed=0, image_size=64,
+        dataset="digits", root="cache/datasets", backbone="resnet18", weights="none", seed=seed, image_size=64,
         batch_size=128, out=str(out), progress=False,
     )  # fmt: skip
     stage.run(cfg)
@@ -253,14 +255,20 @@ def run_rules(cache: Path, head: str) -> dict[str, Any]:
     }
 
 
-def build_caches() -> dict[str, Path]:
-    images = OUT / "images"
-    g = Gaussians()
+def build_caches(seed: int = 0) -> dict[str, Path]:
+    """The four caches. `seed` > 0 draws four new ones of the same kinds (other images, another random
+    backbone, other Gaussian means): caches to test a rule on that it was not chosen on."""
+    tag = "" if seed == 0 else f"-seed{seed}"
+    images = OUT / f"images{tag}"
     return {
-        "digits": demo_cache(),
-        "shapes": extract_folder(write_shapes(images / "shapes"), OUT / "selection-shapes-resnet18.h5"),
-        "patches": extract_folder(write_patches(images / "patches"), OUT / "selection-patches-resnet18.h5"),
-        "gaussian": gaussian_cache(OUT / "selection-gaussian.h5", g),
+        "digits": demo_cache(seed),
+        "shapes": extract_folder(
+            write_shapes(images / "shapes", seed=seed), OUT / f"selection-shapes-resnet18{tag}.h5", seed
+        ),
+        "patches": extract_folder(
+            write_patches(images / "patches", seed=seed), OUT / f"selection-patches-resnet18{tag}.h5", seed
+        ),
+        "gaussian": gaussian_cache(OUT / f"selection-gaussian{tag}.h5", Gaussians(seed=seed)),
     }
 
 
