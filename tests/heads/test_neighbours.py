@@ -234,6 +234,7 @@ def test_estimator_parameters_are_checked():
         (lambda a, m: (a, m | {"preprocessing": "none"}), r"a knn head compares unit rows"),
         (lambda a, m: (a, m | {"k": 10**30}), r"k = 10{30} exceeds its bank of 480 rows"),
         (lambda a, m: (a, m | {"k": 10**400}), r"a knn head needs k \(a whole number >= 1\)"),
+        (lambda a, m: (a, m | {"model": "forest"}), r"model 'forest' in head.json is neither 'linear' nor 'knn'"),
     ],
 )
 def test_a_knn_head_with_bad_values_is_refused(synthetic_cache, tmp_path, change, message):
