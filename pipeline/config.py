@@ -228,6 +228,12 @@ class HeadConfig:
             )
 
     @property
+    def refits_on_val(self) -> bool:
+        """Whether the final head is refitted on train+val: not for few-shot or long-tailed runs, whose
+        training rows are chosen (val never enters their training)."""
+        return not (self.shots or self.imbalance_ratio)
+
+    @property
     def logit_adjust_tau(self) -> float | str | None:
         """--logit-adjust as a number, `auto`, or None."""
         if self.logit_adjust is None or self.logit_adjust == "auto":

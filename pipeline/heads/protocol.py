@@ -160,8 +160,7 @@ def _adjust(cfg: HeadConfig, source: Source, fit: Any, prep: Preprocessor) -> po
     if cfg.logit_adjust_tau is None and cfg.calibrate == "none":
         return posthoc.Adjustment()
     y, log_proba = source.validate(fit, prep)
-    refit = not (cfg.shots or cfg.imbalance_ratio)  # the final head trains on train+val
-    final_counts = source.sweep_counts + source.val_counts if refit else source.sweep_counts
+    final_counts = source.sweep_counts + source.val_counts if cfg.refits_on_val else source.sweep_counts
     train_prior, final_prior = posthoc.log_prior(source.sweep_counts), posthoc.log_prior(final_counts)
     adjustment = posthoc.fit(cfg, y, log_proba, train_prior, final_prior, source.names)
     adjustment.record["fitted_on"] = source.selected_on.split(" (")[0]
@@ -204,7 +203,7 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
                 prep, fits, curve = source.sweep(r, grid, bar.update)
                 best = choice.choose(curve, cfg.select)
                 adjustment = _adjust(cfg, source, fits[best], prep)
-            if cfg.shots or cfg.imbalance_ratio:  # val never enters training: the sweep's fit is final
+            if not cfg.refits_on_val:  # val never enters training: the sweep's fit is final
                 trained_on = (
                     f"{cfg.shots} images per class from train" if cfg.shots
                     else f"train, long-tailed (imbalance ratio {cfg.imbalance_ratio:g})"
