@@ -114,7 +114,8 @@ class HeadConfig:
     select: str = option(
         "top1-1se",
         "rule that chooses C on validation: top1-1se / balanced-1se take the strongest regularisation whose score is "
-        "within one standard error of the best; top1 / balanced the plain argmax (the published protocol); logloss "
+        "within one standard error of the best; top1-0.5se / balanced-0.5se the strongest reached from the best "
+        "through scores within half an SE; top1 / balanced the plain argmax (the published protocol); logloss "
         "the lowest log-loss",
         tuple(registry.SELECT_RULES),
     )

@@ -84,11 +84,14 @@ SOLVERS = ("lbfgs", "adam", "sgd")
 HEAD_SOLVERS = ("auto", *SOLVERS)
 JOBLIB_BACKENDS = ("loky", "threading", "multiprocessing", "dask")
 # --select: the validation metric of each rule. `*-1se` take the strongest regularisation within one
-# standard error of the best score, `top1` and `balanced` the plain argmax (the published protocol),
-# `logloss` the lowest validation log-loss; see `pipeline.heads.choice.selection`.
+# standard error of the best score; `*-0.5se` the strongest regularisation reached from the best
+# through settings all within half a standard error of it; `top1` and `balanced` the plain argmax
+# (the published protocol); `logloss` the lowest validation log-loss; see `pipeline.heads.choice`.
 SELECT_RULES = {
     "top1-1se": "top1",
     "balanced-1se": "balanced_accuracy",
+    "top1-0.5se": "top1",
+    "balanced-0.5se": "balanced_accuracy",
     "top1": "top1",
     "balanced": "balanced_accuracy",
     "logloss": "log_loss",

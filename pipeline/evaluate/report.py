@@ -57,8 +57,9 @@ def plot_validation_curve(curve: list[dict[str, Any]], selection: dict[str, Any]
         loss_ax.plot(Cs, [row["val_log_loss"] for row in curve], "-", color="0.55", lw=1)
         loss_ax.set_ylabel("val log-loss (grey)", color="0.4")
         target = loss_ax if key == "val_log_loss" else ax
-    if metric.endswith("-1se") and all(f"{key}_se" in row for row in curve):
-        ax.axhline(selection["threshold"], color="tab:red", ls=":", lw=1, label="best − 1 SE")
+    if "threshold" in selection and all(f"{key}_se" in row for row in curve):
+        band = "best − 1 SE" if metric.endswith("-1se") else "best − SE/2 (contiguous)"
+        ax.axhline(selection["threshold"], color="tab:red", ls=":", lw=1, label=band)
     best = curve[selection["index"]] if "index" in selection else next(r for r in curve if r[param] == chosen_C)
     ax.axvline(chosen_C, color="0.6", ls="--", lw=1)
     target.plot([chosen_C], [best[key]], "r*", ms=14, label=f"chosen {name} = {chosen_C:.3g} ({metric})")

@@ -22,6 +22,10 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
       for top-1, sqrt(sum_c r_c (1 - r_c) / n_c) / K for balanced accuracy); take the smallest C
       (the largest k) whose score is >= p - SE. A one- or two-image spike on the flat, weakly regularised end
       cannot move the choice: every C it beats by less than its noise stays a candidate.
+    - `top1-0.5se` / `balanced-0.5se` (half an SE, contiguous): from the best fit, walk toward
+      stronger regularisation while each next fit converged and scores >= p - SE / 2; take the last.
+      A far, flat stretch of the curve that happens to score within the band (the weakly fitted
+      end at C = 1e-6, where the unpenalised intercept can outweigh the weights) is never reached.
     - `top1` / `balanced`: plain argmax over every fit (the published protocol).
     - `logloss`: the converged fit with the lowest validation log-loss.
 
@@ -53,15 +57,17 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
     if select == "logloss":
         lowest = values[eligible].min()
         return out | {"rule": "argmin", "best": float(lowest)} | chosen(first(eligible & (values == lowest)))
-    best = int(np.flatnonzero(eligible)[np.argmax(values[eligible])])
+    best = first(eligible & (values == values[eligible].max()))  # of tied bests, the strongest regularisation
+    width = 0.5 if select.endswith("-0.5se") else 1.0
     se = float(curve[best][f"val_{metric}_se"])
-    threshold = values[best] - se
+    threshold = values[best] - width * se
     # A relative slack of 1e-12 keeps a score that equals the threshold up to rounding a candidate.
-    index = first(eligible & (values >= threshold - 1e-12))
+    inside = eligible & (values >= threshold - 1e-12)
+    index = first(inside) if width == 1.0 else _walk(settings, inside, best, param)
     return (
         out
         | {
-            "rule": "one-SE",
+            "rule": "one-SE" if width == 1.0 else "half-SE, contiguous",
             "best": float(values[best]),
             f"best_{param}": settings[best],
             "se": se,
@@ -69,6 +75,17 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
         }
         | chosen(index)
     )
+
+
+def _walk(settings: list[Any], inside: np.ndarray, best: int, param: str) -> int:
+    """From `best`, through the rows ordered from weak to strong regularisation, the last row before
+    the first one outside the band."""
+    strength = [-s if param == "k" else s for s in settings]  # ascending: strongest first
+    order = [int(i) for i in np.argsort(strength, kind="stable")]
+    at = order.index(best)
+    while at > 0 and inside[order[at - 1]]:
+        at -= 1
+    return order[at]
 
 
 FITTED = ("converged", "exact")  # statuses whose weights are the optimum at their setting

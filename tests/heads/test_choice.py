@@ -54,7 +54,7 @@ def test_argmax_takes_a_one_image_spike_and_the_one_se_rule_does_not():
 
 def test_the_default_rule_is_the_one_se_rule():
     assert HeadConfig(features="x.h5").select == "top1-1se"
-    choices = "top1-1se, balanced-1se, top1, balanced, logloss"
+    choices = "top1-1se, balanced-1se, top1-0.5se, balanced-0.5se, top1, balanced, logloss"
     with pytest.raises(ConfigError, match=rf"--select 'best' is not allowed; choose one of: {choices}"):
         HeadConfig(features="x.h5", select="best")
 
@@ -114,3 +114,35 @@ def test_the_plot_marks_fits_that_are_not_fits_at_their_C(tmp_path):
     for select in ("top1-1se", "top1", "logloss", "balanced-1se"):
         path = report.plot_validation_curve(curve, choice.selection(curve, select), tmp_path / f"{select}.png")
         assert path.stat().st_size > 10_000
+
+
+def test_the_contiguous_half_se_rule_never_jumps_to_a_far_flat_stretch():
+    # High at the weakly fitted far end (C = 1e-3 .. 1e-2.5, where the intercept can outweigh tiny weights),
+    # a dip, then a rise to the best at the 20th C.
+    top1 = [0.78] * 3 + [0.5] * 5 + [min(0.8, 0.6 + 0.02 * k) for k in range(len(GRID) - 8)]
+    curve = _curve(top1)
+    best = int(np.argmax(top1))
+    assert choice.choose(curve, "top1-1se") == 0, "one SE: the far stretch is inside the band"
+    chosen = choice.selection(curve, "top1-0.5se")
+    assert chosen["rule"] == "half-SE, contiguous" and chosen["threshold"] == pytest.approx(0.8 - chosen["se"] / 2)
+    index = chosen["index"]
+    assert 8 <= index <= best and top1[index] >= chosen["threshold"], "on the rise to the best, inside the band"
+    assert top1[index - 1] < chosen["threshold"], "the next stronger setting is outside the band"
+
+
+def test_the_contiguous_rule_equals_an_independent_walk_on_random_curves():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top1 = list(np.round(rng.uniform(0.3, 0.9, len(GRID)) * N_VAL) / N_VAL)
+        status = list(rng.choice(["converged", "converged", "not converged"], len(GRID)))
+        curve = _curve(top1, status)
+        shuffled = [curve[k] for k in rng.permutation(len(GRID))]  # rows in any order
+        got = shuffled[choice.choose(shuffled, "top1-0.5se")]["C"]
+        ok = np.array([s == "converged" for s in status])
+        acc = np.array(top1)
+        best = int(np.flatnonzero(ok)[np.argmax(acc[ok])])
+        band = acc[best] - 0.5 * metrics.binomial_se(acc[best], N_VAL)
+        i = best
+        while i > 0 and ok[i - 1] and acc[i - 1] >= band - 1e-12:
+            i -= 1
+        assert got == GRID[i]
