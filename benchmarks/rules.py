@@ -108,11 +108,11 @@ def smoothed_argmax(run: Run, half_width: int = 2) -> int:
 
 RULES: dict[str, Callable[[Run], int]] = {
     "argmax (top1)": argmax,
-    "one-SE, binomial (top1-1se, the default)": one_se,
+    "one-SE, binomial (top1-1se)": one_se,
     "log-loss (logloss)": lowest_log_loss,
     "one-SE, paired difference": lambda r: one_se(r, paired=True),
     "one-SE, contiguous with the best": lambda r: one_se(r, contiguous=True),
-    "half-SE, contiguous with the best": lambda r: one_se(r, width=0.5, contiguous=True),
+    "half-SE, contiguous with the best (top1-0.5se, the default)": lambda r: one_se(r, width=0.5, contiguous=True),
     "argmax of a 5-point smoothed curve": smoothed_argmax,
 }
 

@@ -37,8 +37,8 @@ from pipeline.heads import choice, fitting, protocol
 
 OUT = Path("benchmarks/out")
 HEADS = ("logreg", "torch")
-RULES = ("top1", "top1-1se", "logloss")
-NAMES = {"top1": "argmax", "top1-1se": "one-SE", "logloss": "log-loss"}
+RULES = ("top1", "top1-0.5se", "top1-1se", "logloss")
+NAMES = {"top1": "argmax", "top1-0.5se": "half-SE", "top1-1se": "one-SE", "logloss": "log-loss"}
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "diagonal", "checker", "dots")
 
 

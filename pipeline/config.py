@@ -112,7 +112,7 @@ class HeadConfig:
     )
     temperature: float = option(0.07, "knn: votes weigh exp(cosine / T); ncm: logits are cosine / T (DINO's T = 0.07)")
     select: str = option(
-        "top1-1se",
+        "top1-0.5se",
         "rule that chooses C on validation: top1-1se / balanced-1se take the strongest regularisation whose score is "
         "within one standard error of the best; top1-0.5se / balanced-0.5se the strongest reached from the best "
         "through scores within half an SE; top1 / balanced the plain argmax (the published protocol); logloss "

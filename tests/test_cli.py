@@ -208,7 +208,7 @@ def test_make_features_and_make_head_run_the_offline_demo(tmp_path):
     assert info.returncode == 0 and "(1797, 512) float32" in info.stdout
     head = subprocess.run([*make, "head"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert head.returncode == 0, head.stderr
-    assert "chosen on val by top1-1se from 45 values; trained on train+val; scored once on test" in head.stdout
+    assert "chosen on val by top1-0.5se from 45 values; trained on train+val; scored once on test" in head.stdout
     top1 = float(next(line for line in head.stdout.splitlines() if line.startswith("top-1")).split()[2])
     assert top1 > 0.9, "random resnet18 features still separate the digits"
     for name in ("result.json", "curve.csv", "head.json", "head.npz", "validation_curve.png", "confusion_matrix.png"):

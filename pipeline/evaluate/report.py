@@ -32,10 +32,10 @@ def plot_validation_curve(curve: list[dict[str, Any]], selection: dict[str, Any]
     """Validation top-1 (with its binomial standard error), balanced accuracy and log-loss against C.
 
     `selection` is what the --select rule decided (`pipeline.heads.choice.selection`): the rule, the chosen C
-    and, for the one-SE rules, the threshold. Fits that did not converge are crossed out in red, warm-start-only
+    and, for the SE rules, the threshold. Fits that did not converge are crossed out in red, warm-start-only
     fits (the previous C's weights) are hollow grey circles and fits that did not resolve their C
     (the penalty's gradient below tol) hollow grey diamonds, so none reads as the optimum at its C;
-    the one-SE rules also show their threshold.
+    the SE rules also show their threshold.
     """
     plt = _pyplot()
     metric, param = selection["select"], selection.get("param", "C")

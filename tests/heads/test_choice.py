@@ -1,4 +1,5 @@
-"""The rule that chooses C: one standard error (default), plain argmax (published protocol), log-loss."""
+"""The rule that chooses C: half a standard error contiguous with the best (default), one standard
+error, plain argmax (published protocol), log-loss."""
 
 from __future__ import annotations
 
@@ -52,8 +53,9 @@ def test_argmax_takes_a_one_image_spike_and_the_one_se_rule_does_not():
     assert choice.choose(curve, "top1") == 10 and choice.choose(curve, "top1-1se") == 9
 
 
-def test_the_default_rule_is_the_one_se_rule():
-    assert HeadConfig(features="x.h5").select == "top1-1se"
+def test_the_default_rule_is_the_contiguous_half_se_rule_and_it_ignores_the_spike():
+    assert HeadConfig(features="x.h5").select == "top1-0.5se"
+    assert choice.choose(_curve(_plateau_with_a_spike()), "top1-0.5se") == 10, "the start of the plateau, not the spike"
     choices = "top1-1se, balanced-1se, top1-0.5se, balanced-0.5se, top1, balanced, logloss"
     with pytest.raises(ConfigError, match=rf"--select 'best' is not allowed; choose one of: {choices}"):
         HeadConfig(features="x.h5", select="best")

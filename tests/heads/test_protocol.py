@@ -49,12 +49,15 @@ def test_test_split_is_read_only_after_the_choice(synthetic_cache, tmp_path, mon
     assert events == [("read", ("train", "val")), ("choose", 5), ("read", ("test",))]
     selection = result["protocol"].pop("selection")
     param = "k" if head == "knn" else "C"
-    assert selection["rule"] == "one-SE" and selection[param] == result["chosen"][param] == result["chosen"]["value"]
+    assert (
+        selection["rule"] == "half-SE, contiguous"
+        and selection[param] == result["chosen"][param] == result["chosen"]["value"]
+    )
     assert result["protocol"].pop("train_counts") == {"c0": 91, "c1": 98, "c2": 82, "c3": 89}, "per class, in train"
     assert result["protocol"] | {"few_shot": None} == {
         "selected_on": "val",
         "select_metric": "top1",
-        "select": "top1-1se",
+        "select": "top1-0.5se",
         "trained_on": "train+val",
         "scored_on": "test",
         "test_read_after_choice": True,
@@ -230,15 +233,15 @@ def test_both_heads_agree_on_the_sweep(synthetic_cache, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_both_heads_choose_C_within_one_grid_step(tmp_path, seed):
-    """The default (one-SE) rule on the full 45-value grid: the heads' curves differ by an image here and there,
-    which must not move the choice by more than one grid step."""
+    """The default (half-SE, contiguous) rule on the full 45-value grid: the heads' curves differ by an
+    image here and there, which must not move the choice by more than one grid step."""
     X, y = make_classification(800, 40, n_informative=10, n_classes=5, class_sep=0.8, random_state=seed)
     split = np.repeat(np.array([0, 1, 2], dtype=np.int8), [480, 160, 160])
     cache = write_cache(tmp_path / "shared.h5", X, y, split)
     chosen = {}
     for head in ("logreg", "torch"):
         result = protocol.run(head_cfg(cache, tmp_path, head=head, grid=None, out=str(tmp_path / head), bootstrap=0))
-        assert result["config"]["select"] == "top1-1se"
+        assert result["config"]["select"] == "top1-0.5se"
         chosen[head] = result["chosen"]["index"]
     assert abs(chosen["logreg"] - chosen["torch"]) <= 1, chosen
 
