@@ -211,7 +211,7 @@ def oracle(path: Path, g: Gaussians, fresh: int = 20_000) -> dict[str, Any]:
     best = int(np.argmax(accuracy))
     return {
         "fresh_rows": fresh,
-        "C": fits[best].C,
+        "C": fits[best].value,
         "index": best,
         "accuracy": accuracy[best],
         "accuracy_by_index": accuracy,  # on the default grid, in its order
