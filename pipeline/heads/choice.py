@@ -40,10 +40,11 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
     values = np.array([row[f"val_{metric}"] for row in curve], dtype=np.float64)
     settings = [np.asarray(row[param]).item() for row in curve]  # plain Python numbers, for JSON
     out: dict[str, Any] = {"select": select, "metric": metric, "param": param}
+    # The rows from the strongest regularisation to the weakest: smallest C first, largest k first.
+    order = [int(i) for i in np.argsort([-s if param == "k" else s for s in settings], kind="stable")]
 
     def first(candidates: np.ndarray) -> int:  # the strongest regularisation among the candidates
-        rows = np.flatnonzero(candidates)
-        return int(rows[np.argmin([-settings[r] if param == "k" else settings[r] for r in rows])])
+        return next(i for i in order if candidates[i])
 
     def chosen(index: int) -> dict[str, Any]:
         return {"index": index, param: settings[index], "value": settings[index]}
@@ -63,7 +64,7 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
     threshold = values[best] - width * se
     # A relative slack of 1e-12 keeps a score that equals the threshold up to rounding a candidate.
     inside = eligible & (values >= threshold - 1e-12)
-    index = first(inside) if width == 1.0 else _walk(settings, inside, best, param)
+    index = first(inside) if width == 1.0 else _walk(order, inside, best)
     return (
         out
         | {
@@ -77,11 +78,9 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
     )
 
 
-def _walk(settings: list[Any], inside: np.ndarray, best: int, param: str) -> int:
-    """From `best`, through the rows ordered from weak to strong regularisation, the last row before
-    the first one outside the band."""
-    strength = [-s if param == "k" else s for s in settings]  # ascending: strongest first
-    order = [int(i) for i in np.argsort(strength, kind="stable")]
+def _walk(order: list[int], inside: np.ndarray, best: int) -> int:
+    """From `best` toward stronger regularisation (`order`: strongest first), the last row before the
+    first one outside the band."""
     at = order.index(best)
     while at > 0 and inside[order[at - 1]]:
         at -= 1
