@@ -27,36 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchmarks.measure import extraction_rate, forward_rate
+
 OUT = Path("benchmarks/out")
-
-
-def forward_rate(name: str, precision: str, compiled: bool, device: str, batch: int = 128, size: int = 224,
-                 batches: int = 10) -> float:  # fmt: skip
-    """images/s of the frozen backbone on ready channels-last tensors on `device`."""
-    import torch
-
-    from pipeline.devices import autocast
-    from pipeline.features import backbone
-
-    model = backbone.build(backbone.describe(name, "none")).to(device, memory_format=torch.channels_last)
-    forward = torch.compile(model) if compiled else model
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast(torch.device(device), precision):
-        for _ in range(3 if compiled else 1):  # warm-up (compilation happens here)
-            forward(x)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(batches):
-            forward(x)
-        _sync(device)
-    return batch * batches / (time.perf_counter() - start)
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def read_utilisation() -> float | None:
@@ -107,23 +80,12 @@ def summary(samples: list[float]) -> dict[str, Any]:
 
 def features_rate(photos: Path, count: int, decode: str, device: str, read: Callable[[], float | None],
                   batch: int = 128) -> dict[str, Any]:  # fmt: skip
-    """`pipeline features` images/s (a rerun on the current cache subtracted: start-up excluded) and
-    the utilisation sampled during the run."""
-    import dataclasses
-
-    from pipeline.config import FeaturesConfig
-    from pipeline.features import stage
-
-    cfg = FeaturesConfig(data=str(photos), backbone="resnet50", weights="none", device=device, decode=decode,
-                         batch_size=batch, progress=False, val_fraction=0.0, test_fraction=0.0,
-                         out=str(OUT / f"gpu-{photos.name}-{decode}.h5"))  # fmt: skip
+    """`pipeline features` images/s of resnet50 (start-up excluded, see `measure.extraction_rate`) and the
+    utilisation sampled during the run."""
+    out = OUT / f"gpu-{photos.name}-{decode}.h5"
     with sampled(read) as samples:
-        start = time.perf_counter()
-        stage.run(dataclasses.replace(cfg, force=True))
-        full = time.perf_counter() - start
-    start = time.perf_counter()
-    stage.run(cfg)
-    return {"images_per_s": count / (full - (time.perf_counter() - start)), "utilisation": summary(samples)}
+        rate = extraction_rate(photos, count, "resnet50", batch, decode, out, device=device)
+    return {"images_per_s": rate, "utilisation": summary(samples)}
 
 
 def sweep_seconds(cache: Path, device: str) -> dict[str, Any]:

@@ -22,7 +22,6 @@ Prints a table with each ratio and its target, and writes benchmarks/out/bench.j
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.images import write_photo_folder
+from benchmarks.measure import extraction_rate, forward_rate
 from benchmarks.synthetic import write_synthetic_cache
 
 OUT = Path("benchmarks/out")
@@ -48,22 +48,6 @@ def row(name: str, value: float, unit: str, target: str = "", ok: bool | None = 
     print(f"  {name:<52} {value:>10.3f} {unit:<8} {target:<16} {mark}", flush=True)
 
 
-def forward_only(name: str, batch: int, size: int = 224, batches: int = 4) -> float:
-    """images/s of the frozen backbone alone on ready channels-last tensors."""
-    import torch
-
-    from pipeline.features import backbone
-
-    model = backbone.build(backbone.describe(name, "none")).to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        model(x)  # warm-up
-        start = time.perf_counter()
-        for _ in range(batches):
-            model(x)
-    return batch * batches / (time.perf_counter() - start)
-
-
 def bench_extraction(n: int, batch: int) -> None:
 
     sets = {
@@ -73,9 +57,12 @@ def bench_extraction(n: int, batch: int) -> None:
     for label, (photos, count, targets) in sets.items():
         print(f"extraction: {count} photo-like {label} JPEGs (quality 90), 224 px, batch {batch}, fp32", flush=True)
         for name in ("resnet18", "resnet50"):
-            before = forward_only(name, batch)
-            rates = {mode: extraction_rate(photos, count, name, batch, mode) for mode in ("cpu", "exact")}
-            reference = (before + forward_only(name, batch)) / 2
+            before = forward_rate(name, "fp32", False, "cpu", batch, batches=4)
+            rates = {
+                mode: extraction_rate(photos, count, name, batch, mode, OUT / f"{photos.name}-{name}-{mode}.h5")
+                for mode in ("cpu", "exact")
+            }
+            reference = (before + forward_rate(name, "fp32", False, "cpu", batch, batches=4)) / 2
             row(f"{name} {label}: forward-only images/s (mean of before/after)", reference, "img/s")
             for mode, rate in rates.items():
                 row(f"{name} {label}: pipeline images/s, --decode {mode}", rate, "img/s")
@@ -83,24 +70,6 @@ def bench_extraction(n: int, batch: int) -> None:
             ratio = rates["cpu"] / reference
             row(f"{name} {label}: pipeline / forward-only", ratio, "ratio", f">= {target}" if target else "",
                 None if target is None else ratio >= target)  # fmt: skip
-
-
-def extraction_rate(photos: Path, count: int, name: str, batch: int, decode: str) -> float:
-    """`pipeline features` images/s with its start-up excluded: a full run's time minus a rerun's on the
-    now-current cache (listing the files, the fingerprint, opening the cache)."""
-    from pipeline.config import FeaturesConfig
-    from pipeline.features import stage
-
-    cfg = FeaturesConfig(
-        data=str(photos), backbone=name, weights="none", out=str(OUT / f"{photos.name}-{name}-{decode}.h5"),
-        batch_size=batch, progress=False, val_fraction=0.0, test_fraction=0.0, decode=decode,
-    )  # fmt: skip
-    start = time.perf_counter()
-    stage.run(dataclasses.replace(cfg, force=True))
-    full = time.perf_counter() - start
-    start = time.perf_counter()
-    assert stage.run(cfg).status == "current"
-    return count / (full - (time.perf_counter() - start))
 
 
 # VmHWM is this process's own peak; ru_maxrss survives exec on Linux and can report the parent's.
