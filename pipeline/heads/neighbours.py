@@ -23,7 +23,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from pipeline.heads.estimators import Described, LinearDecision, Preprocessor, log_proba_from_decision
+from pipeline.heads import posthoc
+from pipeline.heads.estimators import Described, LinearDecision, Preprocessor
 from pipeline.heads.runs import Fit
 from pipeline.registry import COSINE_PREPROCESSING
 
@@ -226,7 +227,7 @@ class CosineKNN(Described, _CosineHead):
         if self.calibration == 1.0 and self.offsets is None:
             return log_proba
         offsets = 0.0 if self.offsets is None else np.asarray(self.offsets, dtype=np.float64)
-        return log_proba_from_decision((log_proba + offsets) / self.calibration)
+        return posthoc.apply(log_proba, self.calibration, offsets)
 
     def kneighbors_rows(self, X: Any) -> np.ndarray:
         """(n, k) bank rows of each query's k most similar rows, most similar first."""
