@@ -48,10 +48,11 @@ test:
 test-fast:
 	$(PY) -m pytest -q -m "not slow" -n auto
 
-## Fast tests on the declared lower bounds: a fresh VENV_MIN with exactly those versions (CI runs it)
+## Fast tests on the declared lower bounds: a fresh VENV_MIN with exactly those versions (CI runs it; torch hard-linked from VENV)
 test-min:
 	rm -rf $(VENV_MIN)
 	$(PYTHON) -m venv $(VENV_MIN)
+	$(PYTHON) tools/link_torch.py $(VENV) $(VENV_MIN)
 	$(PYTHON) tools/min_requirements.py > $(VENV_MIN)/requirements-min.txt
 	cat $(VENV_MIN)/requirements-min.txt
 	$(PY_MIN) -m pip install --only-binary :all: $(TORCH_PINS) -r $(VENV_MIN)/requirements-min.txt pytest pytest-xdist
