@@ -99,6 +99,13 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backbones(args: argparse.Namespace) -> int:
+    from pipeline.features import catalog
+
+    print(catalog.format_table(args.filter))
+    return 0
+
+
 def _short_list(names: list[str], most: int = 10) -> str:
     shown = ", ".join(names[:most])
     return f"{shown}, ... ({len(names) - most} more)" if len(names) > most else shown
@@ -136,7 +143,7 @@ def _head_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
-        description="Cached-embedding linear probing: extract frozen ResNet features once, then train heads fast.",
+        description="Cached-embedding linear probing: extract frozen backbone features once, then train heads fast.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -147,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
             FeaturesConfig,
             _features,
             "extract backbone features of an image set into an HDF5 cache",
-            "Pass every image through a frozen torchvision ResNet once and cache the pooled features.",
+            "Pass every image through a frozen torchvision or timm model once and cache its penultimate features.",
         ),
         (
             "head",
@@ -214,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", nargs="?", help="the .h5 cache file")
     info.add_argument("--config", help="or: the TOML file whose [features] table names the cache")
     info.set_defaults(handler=_info)
+
+    backbones = commands.add_parser(
+        "backbones",
+        help="list the backbones: family, feature dimension, the layer it is the input of, weights, preprocessing",
+        description="List the torchvision classification models (and timm ones, with the extra) by name.",
+    )
+    backbones.add_argument("filter", nargs="?", default="", help="only names containing this, e.g. vit or resnet")
+    backbones.set_defaults(handler=_backbones)
     return parser
 
 

@@ -34,7 +34,9 @@ class FeaturesConfig:
         False, "identify each image by a sha256 of its bytes too, not only its size and modification time"
     )
     backbone: str = option(
-        "resnet50", "torchvision ResNet family model, e.g. resnet18, resnet50, resnext50_32x4d", registry.BACKBONES
+        "resnet50",
+        "any torchvision classification model (resnet50, convnext_tiny, vit_b_16, efficientnet_b0; "
+        "`pipeline backbones` lists them) or timm:NAME (with the timm extra)",
     )
     weights: str = option("DEFAULT", "DEFAULT, a weights name (IMAGENET1K_V2), 'none' (random init), or a .pth path")
     seed: int = option(0, "seed of the random initialisation when --weights none")
@@ -73,7 +75,7 @@ class FeaturesConfig:
         check_positive(self, "batch_size", "image_size")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(
-                f"--image-size {self.image_size} is too small for a ResNet; pass 16 or more (224 is usual)"
+                f"--image-size {self.image_size} is too small for these backbones; pass 16 or more (224 is usual)"
             )
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError(

@@ -12,7 +12,11 @@ from pipeline.errors import ConfigError
 
 # ----------------------------------------------------------------------------------- features
 
-BACKBONES = (
+# Backbones: any torchvision classification model (`pipeline backbones` lists them), or timm:NAME with
+# the timm extra; the feature is the input of the model's final classification layer. The ResNets are
+# the first family: the fast tests' backbones, and the candidates named when a checkpoint fits another.
+TIMM_PREFIX = "timm:"
+RESNETS = (
     "resnet18",
     "resnet34",
     "resnet50",

@@ -103,7 +103,7 @@ def test_choice_lists_come_from_the_registry():
         for cls in (FeaturesConfig, HeadConfig)
         for f in cls.__dataclass_fields__.values()
     }
-    assert fields["backbone"] == registry.BACKBONES
+    assert fields["backbone"] is None  # any torchvision or timm model: checked where it is described
     assert fields["head"] == registry.HEADS
     assert fields["solver"] == registry.HEAD_SOLVERS and set(registry.SOLVERS) < set(fields["solver"])
     assert fields["preprocess"] == registry.HEAD_PREPROCESSING and set(registry.PREPROCESSING) < set(

@@ -65,7 +65,7 @@ def test_csv_row_with_missing_file(capsys, tmp_path):
 def test_unknown_backbone_and_weights(capsys, folder):
     assert_user_error(
         capsys,
-        r"--backbone 'resnet9' is not allowed; choose one of: resnet18",
+        r"unknown backbone 'resnet9'; did you mean resnet50, resnet34, resnet18\? `pipeline backbones` lists",
         "features",
         "--data",
         str(folder),

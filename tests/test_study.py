@@ -132,7 +132,7 @@ def test_study_file_errors(tmp_path):
         study.plan(write_study(tmp_path, **{"data = ": "folder = "}))
     with pytest.raises(ConfigError, match=r"unknown dataset 'CIFAR11'; choose one of: digits, CIFAR10, CIFAR100"):
         study.plan(write_study(tmp_path, extra_dataset='\n[[datasets]]\ndataset = "CIFAR11"\n'))
-    with pytest.raises(ConfigError, match=r"--backbone 'resnet9' is not allowed; choose one of: resnet18"):
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet9'; did you mean resnet50"):
         study.plan(
             write_study(tmp_path, **{'backbone = "resnet18"\nweights = "none"\nseed = 1': 'backbone = "resnet9"'})
         )
@@ -172,3 +172,10 @@ def test_the_long_tail_study_file_is_valid_and_mixes_heads_safely(tmp_path):
     heads = dict(study.plan(path).heads)
     assert heads["logreg"]["grid"] == [0.1, 1.0] and heads["logreg"]["class_weight"] == "balanced"
     assert not {"grid", "class_weight", "preprocess"} & set(heads["knn"]) and "grid" not in heads["ncm"]
+
+
+def test_the_backbone_suite_names_five_families_that_all_resolve():
+    plan = study.plan(REPO / "configs" / "backbone-suite.toml")
+    names = {cfg.backbone for _, _, cfg in plan.extractions}
+    assert names == {"resnet50", "convnext_tiny", "vit_b_16", "efficientnet_b0", "swin_t"}
+    assert len(plan.extractions) == 25 and [label for label, _ in plan.heads] == ["logreg", "knn"]

@@ -56,7 +56,7 @@ def fingerprint(cfg: FeaturesConfig, samples: SampleList, spec: backbone.Backbon
         "schema": schema.SCHEMA_VERSION,
         "backbone": spec.name,
         "weights": spec.weights_id,
-        "layer": backbone.LAYER,
+        "layer": spec.layer,
         "preprocessing": spec.preprocessing,
         "precision": cfg.precision,
         "store_dtype": cfg.store_dtype,
@@ -80,6 +80,7 @@ class FeaturesResult:
 
 def prepare(cfg: FeaturesConfig, report: Report = _quiet) -> tuple[SampleList, backbone.BackboneSpec, dict[str, Any]]:
     """The sample list, the backbone spec and the fingerprint they give: no model is built."""
+    spec = backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size)  # a wrong name fails before the scan
     samples = load_samples(
         data=cfg.data,
         dataset=cfg.dataset,
@@ -90,7 +91,6 @@ def prepare(cfg: FeaturesConfig, report: Report = _quiet) -> tuple[SampleList, b
         split_seed=cfg.split_seed,
         verify_content=cfg.verify_content,
     )
-    spec = backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size)
     sizes = ", ".join(f"{k} {v}" for k, v in samples.split_sizes().items())
     report(f"data: {len(samples)} images, {len(samples.classes)} classes ({sizes}) from {samples.source}")
     if spec.enum is None and spec.checkpoint is None:

@@ -1,4 +1,5 @@
-"""Every backbone with random weights (timm style: offline, seconds), weights specs and checkpoints."""
+"""Every ResNet and a model of every other torchvision family with random weights (offline, seconds), timm
+models, weights specs and checkpoints."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torchvision
 
 from pipeline import registry
 from pipeline.errors import ConfigError, MissingError, WeightsError
-from pipeline.features import backbone
+from pipeline.features import architectures, backbone
 
 
 def _seeded_torchvision(name: str, seed: int) -> torch.nn.Module:
@@ -24,7 +25,7 @@ FAST_BACKBONES = ("resnet18", "resnet34")
 
 
 @pytest.mark.parametrize(
-    "name", [n if n in FAST_BACKBONES else pytest.param(n, marks=pytest.mark.slow) for n in registry.BACKBONES]
+    "name", [n if n in FAST_BACKBONES else pytest.param(n, marks=pytest.mark.slow) for n in registry.RESNETS]
 )
 def test_features_are_the_pooled_input_of_fc(name):
     model = backbone.build(backbone.describe(name, "none", seed=3, image_size=32))
@@ -192,11 +193,142 @@ def test_a_classifier_that_does_not_fit_the_features(tmp_path):
 
 
 def test_unknown_names():
-    with pytest.raises(ConfigError, match=r"unknown backbone 'vit_b_16'; choose one of: resnet18, resnet34"):
-        backbone.describe("vit_b_16", "none")
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown backbone 'resnet19'; did you mean resnet18.*\? `pipeline backbones` lists the torchvision "
+        r"models \(e\.g\. resnet18, resnet34, convnext_tiny, vit_b_16\), and timm:NAME takes a timm model",
+    ):
+        backbone.describe("resnet19", "none")
     with pytest.raises(
         ConfigError,
         match=r"unknown weights 'IMAGENET1K_V9' for resnet50; choose one of: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, "
         r"none, or a path to a checkpoint",
     ):
         backbone.describe("resnet50", "IMAGENET1K_V9")
+
+
+# One model of each torchvision family (the rest share their family's code): the fast tests take the small
+# ones at 32 px, `make test` the others at the smallest size they accept.
+FAMILIES = {
+    "squeezenet1_1": 32, "mobilenet_v3_small": 32, "shufflenet_v2_x0_5": 32, "regnet_x_400mf": 32,
+    "efficientnet_b0": 32, "mnasnet0_5": 32, "convnext_tiny": 32, "densenet121": 32, "swin_t": 32, "vit_b_16": 32,
+    "googlenet": 32, "vgg11": 32, "alexnet": 64, "efficientnet_v2_s": 32, "inception_v3": 75, "maxvit_t": 224,
+}  # fmt: skip
+FAST_FAMILIES = ("squeezenet1_1", "mobilenet_v3_small", "regnet_x_400mf", "efficientnet_b0", "shufflenet_v2_x0_5")
+
+
+def _final_layer_input(reference: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a plain torchvision model feeds its last Linear (or SqueezeNet's last Conv2d, pooled)."""
+    linear = [m for m in reference.modules() if isinstance(m, torch.nn.Linear)]
+    layer = linear[-1] if linear else [m for m in reference.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    captured = {}
+    layer.register_forward_hook(lambda module, inputs, output: captured.setdefault("x", inputs[0]))
+    with torch.inference_mode():
+        reference(x)
+    return captured["x"] if linear else captured["x"].mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in FAST_FAMILIES else pytest.param(n, marks=pytest.mark.slow) for n in FAMILIES]
+)
+def test_every_family_gives_the_input_of_its_final_layer(name):
+    size = FAMILIES[name]
+    spec = backbone.describe(name, "none", seed=2, image_size=size)
+    model = backbone.build(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        kwargs = {"image_size": size} if name.startswith("vit") else {}
+        reference = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.inference_mode():
+        features = model(x)
+    assert features.shape == (2, model.dim)
+    torch.testing.assert_close(features, _final_layer_input(reference, x), rtol=0, atol=1e-5)
+    assert spec.layer.startswith("input of ") and (model.classifier is None) == (name == "squeezenet1_1")
+
+
+def test_every_torchvision_classification_model_has_a_final_layer_of_its_classes():
+    """The one rule holds for every model torchvision lists: its last Linear (or Conv2d) maps to the 1,000
+    ImageNet classes, so what feeds it is the penultimate vector."""
+    for name in architectures.available():
+        parts = architectures.anatomy(name)
+        assert parts.kind in ("Linear", "Conv2d") and parts.dim > 0, name
+        assert not any(k.startswith(parts.head + ".") for k in parts.shapes), name
+
+
+def test_a_size_the_model_cannot_take_is_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"backbone maxvit_t cannot take 32-pixel crops \(.*\); pass another "
+                       r"--image-size \(or leave it out for the weights' own size\)"):  # fmt: skip
+        backbone.describe("maxvit_t", "none", image_size=32)
+    with pytest.raises(ConfigError, match=r"backbone vit_b_16 cannot take 64-pixel crops \(Wrong image height"):
+        backbone.describe("vit_b_16", "DEFAULT", image_size=64)  # its weights are made for 224
+    assert backbone.describe("vit_b_16", "none", image_size=64).crop_size == 64  # random weights take any size
+
+
+def test_a_vit_checkpoint_loads_and_reports_a_shape_mismatch_by_key(tmp_path):
+    state = _seeded_torchvision("vit_b_32", seed=1).state_dict()
+    torch.save({"model." + k: v for k, v in state.items()}, tmp_path / "vit.pth")
+    model = backbone.build(backbone.describe("vit_b_32", str(tmp_path / "vit.pth")))
+    torch.testing.assert_close(model.classifier.weight, state["heads.head.weight"])
+    with pytest.raises(WeightsError, match=r"vit\.pth does not fit vit_b_16: 'conv_proj\.weight' is \(768, 3, 32, 32\) "
+                       r"in the checkpoint and \(768, 3, 16, 16\) in vit_b_16; its shapes fit vit_b_32"):  # fmt: skip
+        backbone.describe("vit_b_16", str(tmp_path / "vit.pth"))
+
+
+def _timm_or_skip():
+    return pytest.importorskip("timm")
+
+
+def test_timm_features_are_its_pre_logits(tmp_path):
+    timm = _timm_or_skip()
+    spec = backbone.describe("timm:resnet18", "none", seed=4, image_size=32)
+    model = backbone.build(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        reference = timm.create_model("resnet18", pretrained=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = reference.forward_head(reference.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.classifier(model(x)), reference(x), rtol=0, atol=1e-5)
+    assert model.dim == 512 and spec.layer.startswith("timm forward_head")
+    torch.save({"backbone." + k: v for k, v in reference.state_dict().items()}, tmp_path / "timm.pth")
+    loaded = backbone.build(backbone.describe("timm:resnet18", str(tmp_path / "timm.pth"), image_size=32))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-5)
+
+
+def test_timm_preprocessing_is_timms_eval_transform():
+    timm = _timm_or_skip()
+    from PIL import Image
+
+    spec = backbone.describe("timm:resnet18", "none")
+    config = timm.data.resolve_model_data_config(timm.create_model("resnet18", pretrained=False))
+    reference = timm.data.create_transform(**config, is_training=False)
+    image = Image.fromarray(torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8).numpy())
+    torch.testing.assert_close(spec.transform(image), reference(image), rtol=0, atol=1e-5)
+
+
+def test_timm_errors_name_the_fix(monkeypatch):
+    _timm_or_skip()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match=r"cannot download the weights of timm:resnet18 from timm/resnet18\.a1_in1k "
+                       r"\(.*\); either download them into the Hugging Face cache .* or pass --weights"):  # fmt: skip
+        backbone.build(backbone.describe("timm:resnet18", "DEFAULT"))
+    with pytest.raises(ConfigError, match=r"unknown timm model 'resnt18'; did you mean timm:resnet18"):
+        backbone.describe("timm:resnt18", "none")
+    with pytest.raises(ConfigError, match=r"unknown weights 'in1k' for timm:resnet18; choose DEFAULT, none, or a path"):
+        backbone.describe("timm:resnet18", "in1k")
+
+
+def test_without_timm_the_error_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    architectures.timm_meta_model.cache_clear()
+    architectures.anatomy.cache_clear()
+    with pytest.raises(ConfigError, match=r"--backbone timm:NAME needs the timm package; install it with pip install "):
+        backbone.describe("timm:resnet34", "none")

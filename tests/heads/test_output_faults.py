@@ -150,7 +150,7 @@ def test_info_into_a_closed_pipe_prints_no_traceback(cache):
         (["predict", "--head", "H", "--data", "D", "--top-k", "0"], "--top-k 0 must be at least 1"),
         (["predict", "--head", "H", "--data", "D", "--top-k", "-1"], "--top-k -1 must be at least 1"),
         (["head", "--features", "C", "--jobs", "0"], "--jobs 0 is not allowed; pass a positive number, or -1"),
-        (["features", "--dataset", "digits", "--image-size", "1"], "--image-size 1 is too small for a ResNet"),
+        (["features", "--dataset", "digits", "--image-size", "1"], "--image-size 1 is too small for these backbones"),
         (["features", "--dataset", "digits", "--test-fraction", "0.95"], "leave no train images"),
     ],
 )
