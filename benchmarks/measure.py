@@ -38,7 +38,7 @@ def _sync(device: str) -> None:
 
 
 def extraction_rate(photos: Path, count: int, name: str, batch: int, decode: str, out: Path,
-                    device: str = "auto") -> float:  # fmt: skip
+                    device: str = "auto", layers: str | None = None) -> float:  # fmt: skip
     """`pipeline features` images/s with its start-up excluded: a full run's time minus a rerun's on the
     now-current cache (listing the files, the fingerprint, opening the cache)."""
     from pipeline.config import FeaturesConfig
@@ -46,7 +46,7 @@ def extraction_rate(photos: Path, count: int, name: str, batch: int, decode: str
 
     cfg = FeaturesConfig(
         data=str(photos), backbone=name, weights="none", out=str(out), device=device, batch_size=batch,
-        progress=False, val_fraction=0.0, test_fraction=0.0, decode=decode,
+        progress=False, val_fraction=0.0, test_fraction=0.0, decode=decode, layers=layers,
     )  # fmt: skip
     start = time.perf_counter()
     stage.run(dataclasses.replace(cfg, force=True))

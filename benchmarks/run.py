@@ -5,6 +5,9 @@
    memory format), resnet18 and resnet50 at 224 px, on photo-like 500x375 JPEGs and on 100
    photo-like 4000x3000 (12-MP) JPEGs, with `--decode cpu` (reduced JPEG decoding, the default)
    and `--decode exact`; and peak memory of a features run on N and 4N images.
+   backbones: ConvNeXt-T and EfficientNet-B0 the same way on the 500x375 set (target >= 0.9), and
+   the cost of storing intermediate layers: resnet50 with --layers layer1,layer2,layer3,layer4
+   versus without (one forward pass either way; the extra is pooling and writing).
 2. the torch head's whole 45-value sweep (select on val, refit, test) versus one scikit-learn
    LogisticRegression fit at the chosen C, on a CIFAR-100-shaped cache; and versus the logreg
    head's own 45-value sweep.
@@ -72,6 +75,25 @@ def bench_extraction(n: int, batch: int) -> None:
                 None if target is None else ratio >= target)  # fmt: skip
 
 
+def bench_backbones(n: int, batch: int) -> None:
+    photos = write_photo_folder(OUT / f"photos-{n}", n)
+    print(f"backbones: {n} photo-like 500x375 JPEGs, 224 px, batch {batch}, fp32", flush=True)
+    for name in ("convnext_tiny", "efficientnet_b0"):
+        before = forward_rate(name, "fp32", False, "cpu", batch, batches=4)
+        rate = extraction_rate(photos, n, name, batch, "cpu", OUT / f"{photos.name}-{name}.h5")
+        reference = (before + forward_rate(name, "fp32", False, "cpu", batch, batches=4)) / 2
+        row(f"{name} 500x375: forward-only images/s (mean of before/after)", reference, "img/s")
+        row(f"{name} 500x375: pipeline images/s", rate, "img/s")
+        row(f"{name} 500x375: pipeline / forward-only", rate / reference, "ratio", ">= 0.9", rate / reference >= 0.9)
+    layers = "layer1,layer2,layer3,layer4"
+    plain = extraction_rate(photos, n, "resnet50", batch, "cpu", OUT / f"{photos.name}-resnet50-plain.h5")
+    layered = extraction_rate(photos, n, "resnet50", batch, "cpu", OUT / f"{photos.name}-resnet50-layers.h5",
+                              layers=layers)  # fmt: skip
+    row("resnet50 500x375: pipeline images/s, features only", plain, "img/s")
+    row(f"resnet50 500x375: pipeline images/s, --layers {layers}", layered, "img/s")
+    row("resnet50: extra time per stored layer (of the features-only run)", (plain / layered - 1) / 4, "fraction")
+
+
 # VmHWM is this process's own peak; ru_maxrss survives exec on Linux and can report the parent's.
 _PEAK = """
 import sys
@@ -82,16 +104,16 @@ sys.exit(code)
 """
 
 
-def peak_rss_mb(folder: Path, out: Path) -> float:
-    args = ["features", "--data", str(folder), "--backbone", "resnet18", "--weights", "none", "--out", str(out)]
+def peak_rss_mb(folder: Path, out: Path, backbone: str = "resnet18") -> float:
+    args = ["features", "--data", str(folder), "--backbone", backbone, "--weights", "none", "--out", str(out)]
     args += ["--force", "--no-progress", "--val-fraction", "0", "--test-fraction", "0"]
     done = subprocess.run([sys.executable, "-c", _PEAK, *args], capture_output=True, text=True, check=True)
     kb = next(int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_KB"))
     return kb / 1024
 
 
-def bench_memory(n: int) -> None:
-    print(f"memory: peak RSS of the main process, resnet18 features on N={n} and 4N={4 * n} images", flush=True)
+def bench_memory(n: int, backbone: str = "resnet18") -> None:
+    print(f"memory: peak RSS of the main process, {backbone} features on N={n} and 4N={4 * n} images", flush=True)
     big = write_photo_folder(OUT / f"photos-{4 * n}", 4 * n)
     small = OUT / f"photos-{n}-subset"
     if not small.exists():
@@ -102,12 +124,12 @@ def bench_memory(n: int) -> None:
     # each size is measured three times, interleaved, and the medians are compared.
     runs: dict[int, list[float]] = {n: [], 4 * n: []}
     for _ in range(3):
-        runs[n].append(peak_rss_mb(small, OUT / "mem-n.h5"))
-        runs[4 * n].append(peak_rss_mb(big, OUT / "mem-4n.h5"))
+        runs[n].append(peak_rss_mb(small, OUT / "mem-n.h5", backbone))
+        runs[4 * n].append(peak_rss_mb(big, OUT / "mem-4n.h5", backbone))
     a, b = float(np.median(runs[n])), float(np.median(runs[4 * n]))
-    row(f"peak RSS, N = {n} (median of 3)", a, "MB", runs=runs[n])
-    row(f"peak RSS, 4N = {4 * n} (median of 3)", b, "MB", runs=runs[4 * n])
-    row("peak RSS 4N / N", b / a, "ratio", "<= 1.10", b / a <= 1.10)
+    row(f"{backbone} peak RSS, N = {n} (median of 3)", a, "MB", runs=runs[n])
+    row(f"{backbone} peak RSS, 4N = {4 * n} (median of 3)", b, "MB", runs=runs[4 * n])
+    row(f"{backbone} peak RSS 4N / N", b / a, "ratio", "<= 1.10", b / a <= 1.10)
 
 
 def bench_sweep(sklearn_sweep: bool) -> None:
@@ -273,9 +295,11 @@ def bench_demo_heads() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["extraction", "memory", "sweep", "matrix", "reads", "knn", "demo"]
+    parts = ["extraction", "backbones", "memory", "sweep", "matrix", "reads", "knn", "demo"]
     parser.add_argument("--only", nargs="+", choices=parts)
     parser.add_argument("--images", type=int, default=1000, help="images for the extraction benchmark")
+    parser.add_argument("--backbone-images", type=int, default=400, help="images for the backbones benchmark")
+    parser.add_argument("--memory-backbones", nargs="+", default=["resnet18", "efficientnet_b0"])
     parser.add_argument("--memory-images", type=int, default=250, help="N of the memory benchmark (4N too)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-sklearn-sweep", action="store_true", help="skip the (slow) scikit-learn 45-value sweep")
@@ -289,8 +313,11 @@ def main() -> int:
     started = time.perf_counter()
     if "extraction" in chosen:
         bench_extraction(args.images, args.batch_size)
+    if "backbones" in chosen:
+        bench_backbones(args.backbone_images, args.batch_size)
     if "memory" in chosen:
-        bench_memory(args.memory_images)
+        for name in args.memory_backbones:
+            bench_memory(args.memory_images, name)
     if "sweep" in chosen:
         bench_sweep(not args.no_sklearn_sweep)
     if "matrix" in chosen:

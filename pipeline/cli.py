@@ -102,7 +102,12 @@ def _info(args: argparse.Namespace) -> int:
 def _backbones(args: argparse.Namespace) -> int:
     from pipeline.features import catalog
 
-    print(catalog.format_table(args.filter))
+    if args.layers:
+        if not args.filter:
+            raise ConfigError("--layers lists the modules of one backbone: pipeline backbones resnet50 --layers")
+        print(catalog.format_layers(args.filter))
+    else:
+        print(catalog.format_table(args.filter))
     return 0
 
 
@@ -120,6 +125,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"{s['path']}: {state}, {s['bytes'] / 1e6:.1f} MB",
         f"  features     {s['shape']} {s['dtype']}" + (f"; logits {s['logits']}" if s["logits"] else ""),
+        *(["  layers       " + ", ".join(f"{k} {v}" for k, v in s["layers"].items())] if s["layers"] else []),
         f"  classes      {len(s['classes'])}: {_short_list(s['classes'])}",
         f"  splits       {splits}" + (f" ({carved})" if carved else ""),
         f"  skipped      {len(s['skipped'])} unreadable images"
@@ -228,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the torchvision classification models (and timm ones, with the extra) by name.",
     )
     backbones.add_argument("filter", nargs="?", default="", help="only names containing this, e.g. vit or resnet")
+    backbones.add_argument("--layers", action="store_true", help="list the modules of the backbone FILTER names")
     backbones.set_defaults(handler=_backbones)
     return parser
 

@@ -29,7 +29,14 @@ class FeaturesConfig:
     download: bool = option(False, "download a torchvision dataset into --root if it is not there")
     val_fraction: float = option(0.1, "fraction of train carved out (stratified) when the source has no val split")
     test_fraction: float = option(0.2, "fraction carved out (stratified) as test when the source has no test split")
-    split_seed: int = option(0, "seed of the stratified val/test carving")
+    split_seed: int = option(0, "seed of the val/test carving")
+    carve: str = option(
+        "auto",
+        "how val/test are carved from train: hash (each id's seeded hash: adding images never moves one), "
+        "stratified (exact per-class fractions, re-drawn when images are added); auto: hash for --data, "
+        "stratified for --dataset",
+        registry.CARVINGS,
+    )
     verify_content: bool = option(
         False, "identify each image by a sha256 of its bytes too, not only its size and modification time"
     )
@@ -54,14 +61,36 @@ class FeaturesConfig:
     )
     compile: bool = option(False, "torch.compile the backbone (pays off on long GPU runs)")
     logits: bool = option(False, "also store the backbone's own classifier logits")
+    layers: str | None = option(
+        None,
+        "also store these modules' outputs, global-average-pooled, from the same forward pass: module paths "
+        "joined by commas, e.g. layer3,layer4 (`pipeline backbones NAME --layers` lists them); read by head --layer",
+    )
+    views: int = option(
+        0, "also extract this many augmented views of each train image into NAME.views.h5 (val/test: centre crop)"
+    )
+    augment: str = option(
+        "crop-flip", "the views' recipe: RandomResizedCrop at the crop size + horizontal flip", registry.AUGMENTATIONS
+    )
+    view_scale: float = option(0.08, "smallest area fraction a view's RandomResizedCrop keeps (torchvision: 0.08)")
     out: str | None = option(None, "cache file to write (default: cache/<data>-<backbone>.h5)")
     force: bool = option(False, "rebuild even when the cache is current")
     on_mismatch: str = option("rebuild", "when the cache was built differently", registry.ON_MISMATCH)
     skip_bad_images: bool = option(False, "record unreadable images and go on instead of stopping")
     progress: bool = option(True, "show a progress bar")
 
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in (self.layers or "").split(",") if name.strip())
+
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.views < 0 or not 0.0 < self.view_scale <= 1.0:
+            raise ConfigError(
+                f"--views {self.views} / --view-scale {self.view_scale}: expected views >= 0 and a scale in (0, 1]"
+            )
+        if len(set(self.layer_names)) != len(self.layer_names):
+            raise ConfigError(f"--layers {self.layers!r} names a module twice; name each once")
         if self.data is None and self.dataset is None:
             raise ConfigError("no images given; pass --data FOLDER_OR_CSV or --dataset NAME (try --dataset digits)")
         if self.data is not None and self.dataset is not None:
@@ -99,6 +128,16 @@ class HeadConfig:
     """Everything that decides how a head is trained on a cache, selected and scored."""
 
     features: str | None = option(None, "the cache file written by `pipeline features`")
+    layer: str | None = option(
+        None,
+        "train on a layer stored with `features --layers` instead of the penultimate features, or on several "
+        "joined by commas (concatenated), e.g. layer3 or layer3,layer4; 'features' names the default",
+    )
+    views: bool = option(
+        False,
+        "also train on the augmented views in NAME.views.h5 (features --views K): an image's K+1 views weigh 1/(K+1) "
+        "each, so C keeps its per-image meaning; val and test stay centre crops",
+    )
     head: str = option(
         "logreg",
         "logreg (scikit-learn) or torch (nn.Linear + cross-entropy), trained with C; knn (cosine, weighted votes, "

@@ -55,6 +55,11 @@ def canonical_dataset_name(name: str) -> str:
     return by_lower[name.lower()]
 
 
+# Carving val/test from train (pipeline.splits): by a hash of each id (stable as images are added) or
+# stratified (exact fractions); auto: hash for --data folders and CSVs, stratified for named datasets.
+CARVINGS = ("auto", "hash", "stratified")
+# --augment: the recipe of the --views of each train image (pipeline.features.views).
+AUGMENTATIONS = ("crop-flip",)
 PRECISIONS = ("fp32", "bf16", "fp16")
 STORE_DTYPES = ("float32", "float16")
 # cpu: PIL in the workers, JPEGs reduced by DCT scaling to >= 2x the resize; exact: PIL, full size;

@@ -1,6 +1,11 @@
-"""Split names and seeded, stratified row selection shared by the feature and head stages."""
+"""Split names and seeded, stratified row selection shared by the feature and head stages.
+
+Carving val/test out of train: `stratified_holdout` (a seeded permutation per class: exact fractions;
+adding images re-draws) and `hashed_holdout` (a seeded hash per id: stable as images are added)."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -16,6 +21,30 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int, salt: int
         take = min(int(np.floor(fraction * len(rows) + 0.5)), len(rows) - 1)
         mask[rng.permutation(rows)[: max(take, 0)]] = True
     return mask
+
+
+def hashed_holdout(ids: list[str], labels: np.ndarray, fraction: float, seed: int, salt: int = 0) -> np.ndarray:
+    """Boolean mask of the rows whose seeded hash of their id falls under `fraction`: each row's fate depends
+    on its own id only, so adding rows never moves an existing one. Per class, two guards: a class with
+    no row under `fraction` (one smaller than about 1/fraction) gives its lowest-hash row, so every carved
+    split sees every class; and one row per class (its highest-hash) always stays behind."""
+    u = np.array([_unit_hash(f"{seed}:{salt}:{i}") for i in ids])
+    mask = u < fraction
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        if len(rows) < 2 or fraction <= 0:
+            mask[rows] = False
+            continue
+        if not mask[rows].any():
+            mask[rows[np.argmin(u[rows])]] = True
+        if mask[rows].all():
+            mask[rows[np.argmax(u[rows])]] = False
+    return mask
+
+
+def _unit_hash(text: str) -> float:
+    """A number in [0, 1) from `text`, the same on every machine and Python (no PYTHONHASHSEED)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2.0**64
 
 
 def draw_shots(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:

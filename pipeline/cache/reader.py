@@ -12,10 +12,12 @@ import h5py
 import numpy as np
 
 from pipeline.cache.schema import (
+    LAYERS,
+    columns,
     json_attr,
     open_existing,
     partial_path,
-    read_block,
+    read_columns,
     read_ids,
     row_ranges,
 )
@@ -102,10 +104,10 @@ def partial_state(path: str | Path) -> tuple[dict[str, Any], int, int] | None:
 
 
 def stored_rows(path: str | Path) -> dict[str, np.ndarray]:
-    """Each row's identity as the cache recorded it: ids, labels, split, and file size, mtime, sha256
-    where recorded. Lets a rebuild say which files changed."""
+    """Each row's identity as the cache recorded it: ids, labels, split, whether it was read (ok), and file
+    size, mtime, sha256 where recorded. Lets a rebuild say which files changed, and an update reuse rows."""
     with open_existing(Path(path)) as f:
-        rows = {"ids": read_ids(f["ids"]), "labels": f["labels"][...], "split": f["split"][...]}
+        rows = {"ids": read_ids(f["ids"]), "labels": f["labels"][...], "split": f["split"][...], "ok": f["ok"][...]}
         for key in ("file_size", "file_mtime_ns", "file_sha256"):
             if key in f:
                 rows[key] = f[key][...]
@@ -113,20 +115,27 @@ def stored_rows(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def read_features(
-    path: str | Path, splits: tuple[str, ...] = SPLITS, dtype: Any = None, include_logits: bool = False
+    path: str | Path,
+    splits: tuple[str, ...] = SPLITS,
+    dtype: Any = None,
+    include_logits: bool = False,
+    layer: str | None = None,
 ) -> FeatureSet:
     """Load a complete cache: arrays per split (skipped images left out) plus its metadata.
 
-    ``dtype`` converts features while reading (e.g. ``np.float32`` from float16 storage).
+    ``dtype`` converts features while reading (e.g. ``np.float32`` from float16 storage); ``layer``
+    reads a layer stored with ``--layers`` (or several, comma-separated and concatenated) instead of
+    the penultimate features.
     """
     with open_cache(path) as f:
+        datasets = [f["logits"]] if include_logits else columns(f, layer)
         split_codes = f["split"][...]
         ok = f["ok"][...]
         out: dict[str, Split] = {}
         for name, (a, b) in row_ranges(split_codes).items():
             if name not in splits or a == b:
                 continue
-            X = read_block(f["logits" if include_logits else "features"], a, b, dtype)
+            X = read_columns(datasets, a, b, dtype)
             y, ids = f["labels"][a:b], read_ids(f["ids"], a, b)
             keep = ok[a:b]
             if not keep.all():
@@ -159,8 +168,9 @@ class CacheInfo:
     rows: dict[str, int]  # readable rows per split
 
 
-def cache_info(path: str | Path) -> CacheInfo:
-    """The `CacheInfo` of a complete cache (reads labels and attributes, no features)."""
+def cache_info(path: str | Path, layer: str | None = None) -> CacheInfo:
+    """The `CacheInfo` of a complete cache (reads labels and attributes, no features); `dim` is that of
+    `layer` (see `read_features`)."""
     with open_cache(path) as f:
         split_codes, ok, labels = f["split"][...], f["ok"][...], f["labels"][...]
         return CacheInfo(
@@ -170,7 +180,7 @@ def cache_info(path: str | Path) -> CacheInfo:
             fingerprint=json_attr(f, "fingerprint"),
             config=json_attr(f, "config"),
             extract_seconds=float(f.attrs["extract_seconds"]) if "extract_seconds" in f.attrs else None,
-            dim=int(f["features"].shape[1]),
+            dim=sum(int(d.shape[1]) for d in columns(f, layer)),
             ranges=row_ranges(split_codes),
             rows={name: int((ok & (split_codes == code)).sum()) for code, name in enumerate(SPLITS)},
         )
@@ -195,6 +205,7 @@ def summary(path: str | Path) -> dict[str, Any]:
             "shape": tuple(f["features"].shape),
             "dtype": str(f["features"].dtype),
             "logits": tuple(f["logits"].shape) if "logits" in f else None,
+            "layers": {name: tuple(d.shape) for name, d in f.get(LAYERS, {}).items()},
             "classes": list(f["classes"].asstr()[...]),
             "splits": {name: int(n) for name, n in zip(SPLITS, counts, strict=True)},
             "skipped": list(read_ids(f["ids"])[~ok]),

@@ -5,7 +5,9 @@ Datasets
     features (N, D) float32|float16, chunked by rows, allocated up front (writes touch no metadata)
     labels (N,) int64 · ids (N,) str · split (N,) int8 (attr ``names``) · classes (C,) str
     ok (N,) bool (False for images skipped as unreadable) · logits (N, K) when asked for
-    row_crc (N,) uint32: CRC-32 of each stored row, re-read and checked before `complete` is set
+    layers/<name> (N, D_name): with --layers, the global-average-pooled output of each named module
+    row_crc (N,) uint32: CRC-32 of each stored row (features, logits, then layers by name), re-read and
+    checked before `complete` is set
     file_size, file_mtime_ns (N,) int64 and file_sha256 (N,) with --verify-content: what each image
     file was when it was read, so a rebuild can name the files that changed
 Attributes
@@ -34,6 +36,8 @@ from pipeline.errors import CacheError
 from pipeline.splits import SPLITS
 
 SCHEMA_VERSION = 1
+FEATURES = "features"  # the penultimate vector
+LAYERS = "layers"  # group of the other stored layers, one (N, D) dataset each
 
 
 CHUNK_BYTES = 4 << 20  # rows per chunk: ~4 MiB; read speed is flat from 1 to 64 MiB, writes a bit faster
@@ -44,6 +48,12 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 def partial_path(path: str | Path) -> Path:
     return Path(f"{path}.partial")
+
+
+def views_path(path: str | Path) -> Path:
+    """cache/x.h5 -> cache/x.views.h5: the companion cache of the augmented train views of cache `path`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.views{path.suffix or '.h5'}")
 
 
 def json_attr(f: h5py.File, key: str) -> Any:
@@ -122,6 +132,13 @@ def validate(f: h5py.File, path: Path) -> None:
         not isinstance(f["logits"], h5py.Dataset) or f["logits"].ndim != 2 or f["logits"].shape[0] != n
     ):
         raise malformed(path, f"logits are {getattr(f['logits'], 'shape', 'a group')}, expected {n} rows")
+    layers = f.get(LAYERS, {})
+    if not isinstance(layers, h5py.Group | dict):
+        raise malformed(path, f"{LAYERS} is not a group of datasets")
+    for name, d in layers.items():
+        if not isinstance(d, h5py.Dataset) or d.ndim != 2 or d.shape[0] != n or d.dtype.kind != "f":
+            shape = getattr(d, "shape", "a group")
+            raise malformed(path, f"{LAYERS}/{name} is {shape} {getattr(d, 'dtype', '')}, expected ({n}, dim) floats")
     labels, split = f["labels"][...], f["split"][...]
     if n and (labels.min() < 0 or labels.max() >= len(classes)):
         bad = int(np.flatnonzero((labels < 0) | (labels >= len(classes)))[0])
@@ -143,6 +160,35 @@ def validate(f: h5py.File, path: Path) -> None:
         raise malformed(path, "rows_done is not an integer") from None
     if not 0 <= done <= n:
         raise malformed(path, f"rows_done {done} is outside 0..{n}")
+
+
+def columns(f: h5py.File, layer: str | None = None) -> list[h5py.Dataset]:
+    """The datasets a head reads as its features: `features` (the default), a stored layer, or several
+    layers joined by commas (their columns concatenated in that order)."""
+    if layer in (None, "", FEATURES):
+        return [f[FEATURES]]
+    stored = list(f[LAYERS]) if LAYERS in f else []
+    found = []
+    for name in layer.split(","):
+        name = name.strip()
+        if name == FEATURES:
+            found.append(f[FEATURES])
+        elif name in stored:
+            found.append(f[LAYERS][name])
+        else:
+            have = ", ".join(stored) if stored else "none (it was built without --layers)"
+            raise CacheError(
+                f"cache {f.filename} has no layer {name!r}; its layers: {have}; pass one of those to --layer, or "
+                f"rebuild it with `pipeline features --layers {name}`"
+            )
+    return found
+
+
+def read_columns(datasets: list[h5py.Dataset], start: int, stop: int, dtype: Any = None) -> np.ndarray:
+    """Rows ``start:stop`` of each dataset, side by side (one dataset: one read straight into the result)."""
+    if len(datasets) == 1:
+        return read_block(datasets[0], start, stop, dtype)
+    return np.hstack([read_block(d, start, stop, dtype) for d in datasets])
 
 
 def row_ranges(split: np.ndarray) -> dict[str, tuple[int, int]]:

@@ -19,6 +19,7 @@ from pipeline import fsutil
 from pipeline.cache.schema import (
     CHUNK_BYTES,
     FLOAT16_MAX,
+    LAYERS,
     SCHEMA_VERSION,
     fingerprint_diff,
     json_attr,
@@ -30,12 +31,18 @@ from pipeline.errors import CacheError, PipelineError
 from pipeline.splits import SPLITS
 
 
-def row_crc(features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
-    """(B,) CRC-32 of each row's stored bytes (features, then logits): what verification re-reads."""
+def row_crc(
+    features: np.ndarray, logits: np.ndarray | None = None, layers: Mapping[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """(B,) CRC-32 of each row's stored bytes (features, then logits, then each layer by name): what
+    verification re-reads."""
+    blocks = [features, *([] if logits is None else [logits]), *(layers[k] for k in sorted(layers or {}))]
     out = np.empty(len(features), dtype=np.uint32)
-    for i, row in enumerate(features):
-        crc = zlib.crc32(np.ascontiguousarray(row).tobytes())
-        out[i] = crc if logits is None else zlib.crc32(np.ascontiguousarray(logits[i]).tobytes(), crc)
+    for i in range(len(features)):
+        crc = 0
+        for block in blocks:
+            crc = zlib.crc32(np.ascontiguousarray(block[i]).tobytes(), crc)
+        out[i] = crc
     return out
 
 
@@ -69,9 +76,11 @@ class CacheWriter:
         attrs: Mapping[str, Any] | None = None,
         identity: Mapping[str, np.ndarray] | None = None,
         report: Any = lambda message: None,
+        layer_dims: Mapping[str, int] | None = None,
     ) -> CacheWriter:
         """Resume ``PATH.partial`` when it was started with the same fingerprint; else start it afresh.
-        `identity` holds per-row file facts (``file_size``, ``file_mtime_ns``, ``file_sha256``)."""
+        `identity` holds per-row file facts (``file_size``, ``file_mtime_ns``, ``file_sha256``);
+        `layer_dims` the width of each extra layer stored under ``layers/``."""
         path = Path(path)
         partial = partial_path(path)
         if partial.exists():
@@ -92,7 +101,8 @@ class CacheWriter:
                 report(f"discarding partial cache built differently ({'; '.join(fingerprint_diff(old, fingerprint))})")
         fsutil.check_output_folder(partial, "cache")
         partial.unlink(missing_ok=True)
-        fsutil.require_space(partial, _file_bytes(ids, dim, logits_dim, np.dtype(store_dtype)))
+        widths = [dim, logits_dim or 0, *(layer_dims or {}).values()]
+        fsutil.require_space(partial, _file_bytes(ids, widths, np.dtype(store_dtype)))
         try:
             # HDF5's own lock would be inherited by forked DataLoader workers and outlive a kill -9 of
             # this process; writers are kept apart by ``PATH.lock`` instead, which workers never hold.
@@ -101,6 +111,8 @@ class CacheWriter:
             raise fsutil.explain(exc, partial) from None
         try:
             _create(f, fingerprint, ids, labels, split, classes, dim, store_dtype, logits_dim, attrs or {}, identity)
+            for name, width in (layer_dims or {}).items():
+                _row_dataset(f, f"{LAYERS}/{name}", len(ids), width, np.dtype(store_dtype))
             # Every block the rows will use is claimed now: a disk that fills up later cannot reach them.
             fsutil.reserve(partial, f.id.get_filesize())
         except (OSError, RuntimeError) as exc:
@@ -113,13 +125,22 @@ class CacheWriter:
             raise
         return cls(f, path)
 
-    def write(self, start: int, features: np.ndarray, ok: np.ndarray | None = None, logits: np.ndarray | None = None):
-        """Rows ``start .. start+len(features)``; rows with ``ok`` False hold NaN."""
+    def write(
+        self,
+        start: int,
+        features: np.ndarray,
+        ok: np.ndarray | None = None,
+        logits: np.ndarray | None = None,
+        layers: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Rows ``start .. start+len(features)`` of the features (and logits and layers); rows with ``ok``
+        False hold NaN."""
         assert start == self.rows_done, f"rows must arrive in order: expected {self.rows_done}, got {start}"
         stop = start + len(features)
         dtype = self.f["features"].dtype
+        blocks = [features, *(layers or {}).values()]
         if dtype == np.float16 and len(features):
-            peak = float(np.nanmax(np.abs(features), initial=0.0))
+            peak = max(float(np.nanmax(np.abs(block), initial=0.0)) for block in blocks)
             if peak > FLOAT16_MAX:
                 raise CacheError(
                     f"feature values reach {peak:.3g}, beyond float16's {FLOAT16_MAX:.0f}; "
@@ -127,13 +148,18 @@ class CacheWriter:
                 )
         features = np.asarray(features, dtype=dtype)
         logits = None if logits is None else np.asarray(logits, dtype=dtype)
+        layers = {name: np.asarray(block, dtype=dtype) for name, block in (layers or {}).items()}
+        if set(layers) != set(self.f.get(LAYERS, {})):
+            raise CacheError(f"rows for layers {sorted(layers)}, but the cache stores {sorted(self.f.get(LAYERS, {}))}")
         try:
             self.f["features"][start:stop] = features
             if logits is not None:
                 self.f["logits"][start:stop] = logits
+            for name, block in layers.items():
+                self.f[LAYERS][name][start:stop] = block
             if ok is not None and not ok.all():
                 self.f["ok"][start:stop] = ok
-            self.f["row_crc"][start:stop] = row_crc(features, logits)
+            self.f["row_crc"][start:stop] = row_crc(features, logits, layers)
             self.f.flush()  # data first, then the count that vouches for it
             self.f.attrs["rows_done"] = stop
             self.f.flush()
@@ -170,11 +196,11 @@ def _chunk_rows(n: int, width: int, dtype: np.dtype) -> int:
     return max(1, min(n, CHUNK_BYTES // (width * dtype.itemsize)))
 
 
-def _file_bytes(ids: list[str], dim: int, logits_dim: int | None, dtype: np.dtype) -> int:
-    """What a new cache file will take: row blocks rounded up to whole chunks, the per-row
-    datasets, and 64 KiB of HDF5 metadata."""
+def _file_bytes(ids: list[str], widths: list[int], dtype: np.dtype) -> int:
+    """What a new cache file will take: row blocks (features, logits, layers: `widths`, 0 for none)
+    rounded up to whole chunks, the per-row datasets, and 64 KiB of HDF5 metadata."""
     n, total = len(ids), 64 << 10
-    for width in (dim, logits_dim or 0):
+    for width in widths:
         if width:
             chunk = _chunk_rows(n, width, dtype)
             total += -(-n // chunk) * chunk * width * dtype.itemsize
@@ -200,7 +226,8 @@ def verify(path: Path, block_rows: int = 8192) -> None:
         for a in range(0, n, block_rows):
             b = min(n, a + block_rows)
             logits = read_block(f["logits"], a, b) if "logits" in f else None
-            bad = np.flatnonzero(row_crc(read_block(f["features"], a, b), logits) != stored[a:b])
+            layers = {name: read_block(d, a, b) for name, d in f.get(LAYERS, {}).items()}
+            bad = np.flatnonzero(row_crc(read_block(f["features"], a, b), logits, layers) != stored[a:b])
             if bad.size:
                 first = a + int(bad[0])
                 break
@@ -212,6 +239,14 @@ def verify(path: Path, block_rows: int = 8192) -> None:
         f"cache {path} failed verification: row {first} reads back different from what was written "
         "(a full or failing disk?); check the disk and rerun the same command to rewrite from that row"
     )
+
+
+def _row_dataset(f: h5py.File, name: str, n: int, width: int, dtype: np.dtype) -> None:
+    """An (n, width) dataset in chunks of whole rows, allocated early so row writes never change metadata."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    chunks = (_chunk_rows(n, width, dtype), width)
+    f.create_dataset(name, shape=(n, width), dtype=dtype, chunks=chunks, dcpl=dcpl, fill_time="never")
 
 
 def _create(
@@ -229,19 +264,9 @@ def _create(
 ) -> None:
     n = len(ids)
     dtype = np.dtype(store_dtype)
-
-    def rows(width: int) -> tuple[tuple[int, int], tuple[int, int], h5py.h5p.PropDCID]:
-        # Chunks of ~1 MiB of whole rows; early allocation so row writes never change metadata.
-        chunk = (_chunk_rows(n, width, dtype), width)
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        return (n, width), chunk, dcpl
-
-    shape, chunks, dcpl = rows(dim)
-    f.create_dataset("features", shape=shape, dtype=dtype, chunks=chunks, dcpl=dcpl, fill_time="never")
+    _row_dataset(f, "features", n, dim, dtype)
     if logits_dim:
-        shape, chunks, dcpl = rows(logits_dim)
-        f.create_dataset("logits", shape=shape, dtype=dtype, chunks=chunks, dcpl=dcpl, fill_time="never")
+        _row_dataset(f, "logits", n, logits_dim, dtype)
     f.create_dataset("row_crc", data=np.zeros(n, dtype=np.uint32))
     text = h5py.string_dtype()
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))

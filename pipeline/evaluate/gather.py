@@ -60,11 +60,13 @@ def load_run(folder: str | Path) -> Run:
     try:
         cell, cache = result.get("cell") or {}, result["cache"]
         weights = str(cache["fingerprint"].get("weights", "?")).split(" (")[0]
+        layer = cache.get("layer", "features")
+        at = "" if layer == "features" else f" @ {layer}"  # a layer is another feature: a backbone row of its own
         return Run(
             folder=path.parent,
             result=result,
             dataset=cell.get("dataset") or cache.get("data") or Path(cache["path"]).stem,
-            backbone=cell.get("backbone") or f"{cache['fingerprint'].get('backbone', '?')} {weights}",
+            backbone=(cell.get("backbone") or f"{cache['fingerprint'].get('backbone', '?')} {weights}") + at,
             head=cell.get("head") or head_label(result["config"]),
             shots=result["config"].get("shots"),
         )

@@ -15,6 +15,7 @@ preprocessing of the model's IMAGENET1K_V1 weights (DEFAULT where it has none) a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,12 +33,25 @@ from pipeline.registry import TIMM_PREFIX
 __all__ = ["BackboneSpec", "FeatureExtractor", "build", "describe"]
 
 
-def describe(name: str, weights: str = "DEFAULT", seed: int = 0, image_size: int | None = None) -> BackboneSpec:
-    """Validate the names and work out identity and preprocessing, without building the model."""
+def describe(
+    name: str, weights: str = "DEFAULT", seed: int = 0, image_size: int | None = None, layers: tuple[str, ...] = ()
+) -> BackboneSpec:
+    """Validate the names and work out identity and preprocessing, without building the model; `layers`
+    names modules whose pooled outputs are kept too (their widths from a meta-device forward)."""
     if name.startswith(TIMM_PREFIX):
         from pipeline.features import timm_models
 
-        return timm_models.describe(name, weights, seed, image_size)
+        spec = timm_models.describe(name, weights, seed, image_size)
+    else:
+        spec = _describe(name, weights, seed, image_size)
+    if not layers:
+        return spec
+    sizes = {} if name.startswith(TIMM_PREFIX) else _size_arguments(name, spec.transform, spec.enum, spec.checkpoint)
+    widths = architectures.layer_widths(name, tuple(layers), spec.crop_size, **sizes)
+    return dataclasses.replace(spec, layer_dims=tuple(widths.items()))
+
+
+def _describe(name: str, weights: str, seed: int, image_size: int | None) -> BackboneSpec:
     enum_cls = architectures.weights_enum(name)
     enum = checkpoint = None
     prefix = ""
@@ -93,11 +107,19 @@ def _download(enum: Any, make: Callable[[], nn.Module]) -> nn.Module:
 
 
 def build(spec: BackboneSpec, progress: bool = True) -> FeatureExtractor:
-    """The frozen model in eval mode: no grads, ready for `inference_mode`."""
+    """The frozen model in eval mode: no grads, ready for `inference_mode`; it keeps the pooled outputs
+    of the spec's layers at each forward."""
     if spec.name.startswith(TIMM_PREFIX):
         from pipeline.features import timm_models
 
-        return timm_models.build(spec)
+        extractor = timm_models.build(spec)
+    else:
+        extractor = _build(spec, progress)
+    extractor.watch([layer for layer, _ in spec.layer_dims], architectures.channels_last(spec.name))
+    return extractor
+
+
+def _build(spec: BackboneSpec, progress: bool) -> FeatureExtractor:
     parts = architectures.anatomy(spec.name)
     sizes = _size_arguments(spec.name, spec.transform, spec.enum, spec.checkpoint)
     state: dict[str, torch.Tensor] = {}

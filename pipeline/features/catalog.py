@@ -46,6 +46,21 @@ def timm_names(text: str = "") -> list[str] | None:
     return [TIMM_PREFIX + n for n in timm.list_models(f"*{text}*", pretrained=True)]
 
 
+def format_layers(name: str) -> str:
+    """Every module of backbone `name` that --layers accepts, in the order the forward pass finishes them, with
+    the width of its pooled output at the default crop size."""
+    from pipeline.features import backbone
+
+    spec = backbone.describe(name, "none")
+    widths = architectures.pooled_widths(name, None, spec.crop_size)
+    kinds = dict(architectures.meta_model(name).named_modules())
+    width = max(len(path) for path in widths)
+    lines = [f"{name}: modules for --layers at {spec.crop_size} px (path, type, pooled width); the features are "
+             f"{spec.layer}"]  # fmt: skip
+    lines += [f"  {path.ljust(width)}  {type(kinds[path]).__name__:<20} {dim}" for path, dim in widths.items()]
+    return "\n".join(lines)
+
+
 def format_table(text: str = "") -> str:
     rows = torchvision_rows(text)
     columns = ("name", "family", "dim", "feature", "weights", "preprocessing")

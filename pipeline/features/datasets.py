@@ -58,6 +58,7 @@ def load_torchvision(
     test_fraction: float,
     seed: int,
     verify_content: bool = False,
+    rule: str = "stratified",
 ) -> SampleList:
     """A torchvision dataset with its official splits (labels read without decoding any image)."""
     import torchvision.datasets
@@ -90,7 +91,7 @@ def load_torchvision(
     reader = ArrayReader(arrays, channels_first=name == "STL10") if arrays else load_image
     source = f"{name} in {root}"
     return finalize(
-        ids, items, labels, splits, classes, source, val_fraction, test_fraction, seed, reader, verify_content
+        ids, items, labels, splits, classes, source, val_fraction, test_fraction, seed, reader, verify_content, rule
     )
 
 

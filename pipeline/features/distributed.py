@@ -29,7 +29,7 @@ from pipeline import fsutil
 from pipeline.cache import reader, schema
 from pipeline.config import FeaturesConfig
 from pipeline.devices import choose_device
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, ConfigError
 from pipeline.features import extract, forward
 
 BLOCK_ROWS = 8192  # rows per copy when parts are assembled
@@ -82,6 +82,8 @@ def _read_progress(out: Path, size: int) -> int:
 
 def run(cfg: FeaturesConfig, report: Any) -> Any:
     """One rank's share of a `torchrun` extraction; rank 0 assembles the final cache."""
+    if cfg.views:
+        raise ConfigError("--views runs in one process, after the cache: extract the views without torchrun")
     world = World.from_env()
     t0 = time.perf_counter()
     say = report if world.rank == 0 else (lambda message: None)
@@ -155,8 +157,11 @@ def assemble(out: Path, size: int, samples: Any, wanted: dict[str, Any], cfg: Fe
     with reader.open_cache(parts[0]) as f:
         dim = f["features"].shape[1]
         logits_dim = f["logits"].shape[1] if "logits" in f else None
+        layer_dims = {name: d.shape[1] for name, d in f.get(schema.LAYERS, {}).items()}
     schema.partial_path(out).unlink(missing_ok=True)
-    writer = extract.open_writer(out, cfg, samples, wanted, dim, logits_dim, distributed={"parts": size})
+    writer = extract.open_writer(
+        out, cfg, samples, wanted, dim, logits_dim, layer_dims=layer_dims, distributed={"parts": size}
+    )
     try:
         for part in parts:
             with reader.open_cache(part) as f:
@@ -165,7 +170,8 @@ def assemble(out: Path, size: int, samples: Any, wanted: dict[str, Any], cfg: Fe
                     b = min(a + BLOCK_ROWS, rows)
                     block = schema.read_block(f["features"], a, b, np.float32)
                     logits = schema.read_block(f["logits"], a, b, np.float32) if logits_dim else None
-                    writer.write(writer.rows_done, block, f["ok"][a:b], logits)
+                    layers = {name: schema.read_block(f[schema.LAYERS][name], a, b, np.float32) for name in layer_dims}
+                    writer.write(writer.rows_done, block, f["ok"][a:b], logits, layers)
         path = writer.finish({"extract_seconds": seconds, "extract_rows": len(samples)})
     finally:
         writer.close()

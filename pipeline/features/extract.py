@@ -65,13 +65,13 @@ def fingerprint(cfg: FeaturesConfig, samples: SampleList, spec: backbone.Backbon
         "identity": "ids, labels, splits, file size and mtime" + (", sha256 of content" if cfg.verify_content else ""),
         "logits": cfg.logits,
         "decode": DECODE_FINGERPRINT[cfg.decode],
-    }
+    } | ({"layers": f"{', '.join(cfg.layer_names)} (outputs averaged over space or tokens)"} if cfg.layers else {})
 
 
 @dataclass(frozen=True)
 class FeaturesResult:
     path: str
-    status: str  # "current", "built" or "resumed"
+    status: str  # "current", "built", "resumed" or "updated" (pipeline.features.update)
     rows: int
     computed: int
     seconds: float
@@ -80,7 +80,8 @@ class FeaturesResult:
 
 def prepare(cfg: FeaturesConfig, report: Report = _quiet) -> tuple[SampleList, backbone.BackboneSpec, dict[str, Any]]:
     """The sample list, the backbone spec and the fingerprint they give: no model is built."""
-    spec = backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size)  # a wrong name fails before the scan
+    # A wrong backbone, weights or layer name fails here, before the images are scanned.
+    spec = backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size, cfg.layer_names)
     samples = load_samples(
         data=cfg.data,
         dataset=cfg.dataset,
@@ -90,6 +91,7 @@ def prepare(cfg: FeaturesConfig, report: Report = _quiet) -> tuple[SampleList, b
         test_fraction=cfg.test_fraction,
         split_seed=cfg.split_seed,
         verify_content=cfg.verify_content,
+        carve=cfg.carve,
     )
     sizes = ", ".join(f"{k} {v}" for k, v in samples.split_sizes().items())
     report(f"data: {len(samples)} images, {len(samples.classes)} classes ({sizes}) from {samples.source}")
@@ -131,24 +133,6 @@ def is_current(cfg: FeaturesConfig, wanted: dict[str, Any], samples: SampleList,
     return False
 
 
-def run_local(cfg: FeaturesConfig, report: Report = _quiet) -> FeaturesResult:
-    """Make the cache at ``cfg.out_path`` current in this process: nothing, a resume, or a (re)build."""
-    t0 = time.perf_counter()
-    samples, spec, wanted = prepare(cfg, report)
-    if cfg.out_path.is_dir():
-        raise CacheError(f"--out {cfg.out_path} is a folder; pass a file path such as {cfg.out_path / 'features.h5'}")
-    # A current cache needs no lock (so a read-only copy still says "current"); a build takes it and
-    # checks again, since another run may have finished it meanwhile.
-    if not cfg.force and reader.stored_fingerprint(cfg.out_path) == wanted:
-        is_current(cfg, wanted, samples, report)
-        return FeaturesResult(str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, [])
-    with fsutil.locked(cfg.out_path):
-        if is_current(cfg, wanted, samples, report):
-            return FeaturesResult(str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, [])
-        # --force keeps a partial file of the same features: it is the rebuild an earlier --force started.
-        return fill(cfg, samples, spec, wanted, report, t0)
-
-
 def open_writer(
     out: Path,
     cfg: FeaturesConfig,
@@ -157,6 +141,7 @@ def open_writer(
     dim: int,
     logits_dim: int | None,
     report: Report = _quiet,
+    layer_dims: dict[str, int] | None = None,
     **attrs: Any,
 ) -> CacheWriter:
     """A writer for ``OUT.partial`` whose attributes describe `samples` and `cfg` (resumes when it can)."""
@@ -174,6 +159,7 @@ def open_writer(
         | attrs,
         identity=samples.identity,
         report=report,
+        layer_dims=layer_dims,
     )
 
 
@@ -195,9 +181,9 @@ def fill(
     if cfg.logits and model.classifier is None:
         raise CacheError(f"--logits: checkpoint {spec.checkpoint} has no fc layer; drop --logits")
     logits_dim = model.classifier.out_features if cfg.logits else None
-    writer = open_writer(out, cfg, samples, wanted, model.dim, logits_dim, report)
+    writer = open_writer(out, cfg, samples, wanted, model.dim, logits_dim, report, dict(spec.layer_dims))
     start = writer.rows_done
-    sink = RowSink(writer, model.dim, model.classifier.out_features if cfg.logits else None)
+    sink = RowSink(writer, model.dim, logits_dim, dict(spec.layer_dims))
     try:
         bad = forward_rows(sink, start, samples, model, spec, cfg, device, report, on_batch=on_batch)
         path = writer.finish({"extract_seconds": time.perf_counter() - t0, "extract_rows": len(samples) - start})

@@ -104,17 +104,32 @@ class RowSink:
     forward pass. Rows stay in order (one thread, a bounded queue); an error in the thread is raised
     in the caller at its next `put` or at `close`."""
 
-    def __init__(self, writer: CacheWriter, dim: int, logits_dim: int | None, depth: int = 4) -> None:
-        self.writer, self.dim, self.logits_dim = writer, dim, logits_dim
+    def __init__(
+        self,
+        writer: CacheWriter,
+        dim: int,
+        logits_dim: int | None,
+        layer_dims: dict[str, int] | None = None,
+        depth: int = 4,
+    ) -> None:
+        self.writer, self.dim, self.logits_dim, self.layer_dims = writer, dim, logits_dim, layer_dims or {}
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
         self.thread.start()
 
-    def put(self, start: int, ok: np.ndarray, features: torch.Tensor | None, logits: torch.Tensor | None) -> None:
-        """Rows ``start .. start+len(ok)``; `features` holds the rows where `ok` is True, in order."""
+    def put(
+        self,
+        start: int,
+        ok: np.ndarray,
+        features: torch.Tensor | None,
+        logits: torch.Tensor | None,
+        layers: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Rows ``start .. start+len(ok)``; `features` (and `logits`, `layers`) hold the rows where `ok` is
+        True, in order."""
         self._raise()
-        self.queue.put((start, ok, features, logits))
+        self.queue.put((start, ok, features, logits, layers or {}))
 
     def close(self, raise_error: bool = True) -> None:
         if self.thread.is_alive():
@@ -138,13 +153,14 @@ class RowSink:
         while (item := self.queue.get()) is not None:
             if self.error is not None:
                 continue  # keep draining so the producer never blocks
-            start, ok, features, logits = item
+            start, ok, features, logits, layers = item
             try:
                 self.writer.write(
                     start,
                     self._rows(ok, features, self.dim),
                     ok,
                     None if logits is None else self._rows(ok, logits, self.logits_dim),  # type: ignore[arg-type]
+                    {name: self._rows(ok, layers.get(name), width) for name, width in self.layer_dims.items()},
                 )
             except BaseException as exc:  # handed to the producer thread
                 self.error = exc
@@ -190,7 +206,14 @@ class MemorySink:
     def __init__(self, n: int, dim: int) -> None:
         self.features = np.full((n, dim), np.nan, dtype=np.float32)
 
-    def put(self, start: int, ok: np.ndarray, features: torch.Tensor | None, logits: torch.Tensor | None) -> None:
+    def put(
+        self,
+        start: int,
+        ok: np.ndarray,
+        features: torch.Tensor | None,
+        logits: torch.Tensor | None,
+        layers: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         if features is not None:
             self.features[start : start + len(ok)][ok] = features.float().cpu().numpy()
 
@@ -274,19 +297,25 @@ def forward_rows(
                 ok = np.ones(n, dtype=bool)
                 ok[[row - start for row, _ in errors]] = False
                 f = logits = None
+                layers: dict[str, torch.Tensor] = {}
                 if x is not None:
                     f = forward(x.contiguous(memory_format=torch.channels_last))  # (B_ok, 3, H, W) -> (B_ok, D)
                     logits = model.classifier(f) if cfg.logits else None
+                    layers = dict(model.captured)  # the --layers outputs of this same forward pass
                 if errors and not cfg.skip_bad_images:
                     keep = errors[0][0] - start  # the rows before the first bad image are good: save them
                     sink.put(
-                        start, ok[:keep], None if f is None else f[:keep], None if logits is None else logits[:keep]
+                        start,
+                        ok[:keep],
+                        None if f is None else f[:keep],
+                        None if logits is None else logits[:keep],
+                        {name: v[:keep] for name, v in layers.items()},
                     )
                     sink.close()
                     listed = "; ".join(error for _, error in errors[:5])
                     more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
                     raise BadImageError(f"cannot read {len(errors)} image(s): {listed}{more}")
-                sink.put(start, ok, f, logits)
+                sink.put(start, ok, f, logits, layers)
                 skipped += [row for row, _ in errors]
                 if errors_out is not None:
                     errors_out.update(errors)

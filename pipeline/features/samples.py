@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.errors import DataError
 from pipeline.features.images import IMAGE_EXTENSIONS, load_image
-from pipeline.splits import SPLITS, stratified_holdout
+from pipeline.splits import SPLITS, hashed_holdout, stratified_holdout
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -63,6 +63,20 @@ class SampleList:
             identity=None if self.identity is None else {k: v[start:stop] for k, v in self.identity.items()},
         )
 
+    def take(self, rows: np.ndarray) -> SampleList:
+        """Rows `rows` (increasing, so the split order holds), same classes and reader."""
+        return SampleList(
+            ids=[self.ids[r] for r in rows],
+            labels=self.labels[rows],
+            split=self.split[rows],
+            classes=self.classes,
+            items=[self.items[r] for r in rows],
+            reader=self.reader,
+            source=self.source,
+            carved=self.carved,
+            identity=None if self.identity is None else {k: v[rows] for k, v in self.identity.items()},
+        )
+
     def split_sizes(self) -> dict[str, int]:
         counts = np.bincount(self.split, minlength=len(SPLITS))
         return {name: int(n) for name, n in zip(SPLITS, counts, strict=True)}
@@ -92,8 +106,10 @@ def finalize(
     seed: int,
     reader: Callable[[Any], Image.Image] = load_image,
     verify_content: bool = False,
+    rule: str = "stratified",
 ) -> SampleList:
-    """Carve missing val/test splits out of train, then order rows by split."""
+    """Carve missing val/test splits out of train (`rule`: stratified or hash, see `pipeline.splits`), then
+    order rows by split."""
     if not ids:
         raise DataError(f"{source} holds no images; add images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     present = sorted(set(labels))
@@ -108,10 +124,15 @@ def finalize(
         if (split == code).any() or fraction == 0:
             continue
         train_rows = np.flatnonzero(split == 0)
-        held = stratified_holdout(labels_arr[train_rows], fraction, seed, salt)
+        if rule == "hash":
+            held = hashed_holdout([ids[i] for i in train_rows], labels_arr[train_rows], fraction, seed, salt)
+        else:
+            held = stratified_holdout(labels_arr[train_rows], fraction, seed, salt)
         if held.any():
             split[train_rows[held]] = code
             carved[name] = {"from": "train", "fraction": fraction, "seed": seed, "stratified": True}
+            if rule == "hash":  # (stratified caches keep their old record, so they stay current)
+                carved[name]["rule"] = "hash of each id (stable as images are added)"
     order = np.argsort(split, kind="stable")
     items = [items[i] for i in order]
     files = all(isinstance(item, str) for item in items)

@@ -98,7 +98,12 @@ def _walk(folder: Path, seen: _Seen) -> list[str]:
 
 
 def scan_folder(
-    root: str | Path, val_fraction: float, test_fraction: float, seed: int, verify_content: bool = False
+    root: str | Path,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    verify_content: bool = False,
+    rule: str = "stratified",
 ) -> SampleList:
     """``ROOT/<class>/<image>`` or ``ROOT/{train,val,test}/<class>/<image>``."""
     root = Path(root).expanduser()
@@ -148,8 +153,9 @@ def scan_folder(
                 labels.append(index[c])
                 splits.append(name)
     return finalize(
-        ids, items, labels, splits, classes, str(root), val_fraction, test_fraction, seed, verify_content=verify_content
-    )
+        ids, items, labels, splits, classes, str(root), val_fraction, test_fraction, seed,
+        verify_content=verify_content, rule=rule,
+    )  # fmt: skip
 
 
 def _sorted_labels(names: set[str]) -> list[str]:
@@ -192,7 +198,12 @@ def read_csv(path: Path, required: tuple[str, ...], expected: str) -> list[tuple
 
 
 def read_manifest(
-    path: str | Path, val_fraction: float, test_fraction: float, seed: int, verify_content: bool = False
+    path: str | Path,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    verify_content: bool = False,
+    rule: str = "stratified",
 ) -> SampleList:
     """A CSV with a header ``path,label[,split]``; relative paths are read from the CSV's folder.
     A path may point anywhere the user can read (``../`` included); each file may be listed once."""
@@ -233,8 +244,9 @@ def read_manifest(
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[n] for n in names]
     return finalize(
-        ids, items, labels, splits, classes, str(path), val_fraction, test_fraction, seed, verify_content=verify_content
-    )
+        ids, items, labels, splits, classes, str(path), val_fraction, test_fraction, seed,
+        verify_content=verify_content, rule=rule,
+    )  # fmt: skip
 
 
 def load_samples(
@@ -247,26 +259,30 @@ def load_samples(
     test_fraction: float = 0.2,
     split_seed: int = 0,
     verify_content: bool = False,
+    carve: str = "auto",
 ) -> SampleList:
-    """The sample list of whichever source is named (exactly one of `data` or `dataset`)."""
-    carve = {
+    """The sample list of whichever source is named (exactly one of `data` or `dataset`). `carve` auto:
+    by hash for folders and CSVs (which grow), stratified for named datasets (which do not)."""
+    rule = carve if carve != "auto" else ("stratified" if dataset is not None else "hash")
+    carve_args = {
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "seed": split_seed,
         "verify_content": verify_content,
+        "rule": rule,
     }
     if dataset is not None:
         name = canonical_dataset_name(dataset)
         if name == "digits":
-            return scan_folder(materialize_digits(root), **carve)
-        return load_torchvision(name, root, download, **carve)
+            return scan_folder(materialize_digits(root), **carve_args)
+        return load_torchvision(name, root, download, **carve_args)
     assert data is not None, "FeaturesConfig guarantees one source"
     path = Path(data).expanduser()
     if path.suffix.lower() == ".csv":
-        return read_manifest(path, **carve)
+        return read_manifest(path, **carve_args)
     if path.is_file():
         raise DataError(f"--data {path} is a file; expected an image folder or a .csv manifest")
-    return scan_folder(path, **carve)
+    return scan_folder(path, **carve_args)
 
 
 def list_images(path: str | Path) -> SampleList:

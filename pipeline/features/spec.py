@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.features.architectures import RESNET_LAYER
+from pipeline.features.architectures import RESNET_LAYER, pool
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class BackboneSpec:
     seed: int = 0
     prefix: str = ""  # stripped from every key of the checkpoint (e.g. 'backbone.')
     layer: str = RESNET_LAYER  # which activation the features are, as the fingerprint records it
+    layer_dims: tuple[tuple[str, int], ...] = ()  # --layers: (module path, pooled width), stored beside it
 
     @property
     def pretrained(self) -> bool:
@@ -45,9 +46,20 @@ class FeatureExtractor(nn.Module):
     """A body that maps images to features, and the classification layer kept aside for optional logits
     (only a Linear: SqueezeNet's convolution is followed by a ReLU and a pooling)."""
 
-    def __init__(self, body: nn.Module, dim: int, classifier: nn.Linear | None) -> None:
+    def __init__(self, body: nn.Module, dim: int, classifier: nn.Linear | None, root: nn.Module | None = None) -> None:
         super().__init__()
         self.body, self.dim, self.classifier = body, dim, classifier
+        self.root = body if root is None else root  # the model whose module paths --layers names
+        self.captured: dict[str, torch.Tensor] = {}
+
+    def watch(self, layers: list[str], channels_last: bool = False) -> None:
+        """Keep the pooled output of each named module at every forward (`captured`, in that order)."""
+        for layer in layers:
+            self.root.get_submodule(layer).register_forward_hook(
+                lambda module, inputs, output, layer=layer: self.captured.__setitem__(
+                    layer, pool(output, channels_last)
+                )
+            )
 
     @classmethod
     def before(cls, model: nn.Module, head: str, dim: int) -> FeatureExtractor:
@@ -58,7 +70,8 @@ class FeatureExtractor(nn.Module):
         setattr(owner, leaf, nn.Identity())
         return cls(model, dim, layer if isinstance(layer, nn.Linear) else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, D)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, D); watched layers -> captured
+        self.captured = {}
         return self.body(x)
 
 

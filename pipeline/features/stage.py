@@ -1,13 +1,21 @@
-"""One entry point for the feature stage: `run` extracts in this process, or, under `torchrun`
+"""One entry point for the feature stage: `run` extracts in this process (`run_local`: nothing, a
+resume, an incremental update or a build, then the --views cache alike), or, under `torchrun`
 (WORLD_SIZE > 1), this rank's shard (see `distributed`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 
+from pipeline import fsutil
+from pipeline.cache import reader
 from pipeline.config import FeaturesConfig
-from pipeline.features import distributed, extract
+from pipeline.errors import CacheError
+from pipeline.features import distributed, extract, update, views
 from pipeline.features.extract import FeaturesResult, Report
+from pipeline.features.samples import SampleList
+from pipeline.features.spec import BackboneSpec
 
 
 def run(cfg: FeaturesConfig, report: Report = extract._quiet) -> FeaturesResult:
@@ -15,4 +23,44 @@ def run(cfg: FeaturesConfig, report: Report = extract._quiet) -> FeaturesResult:
     rank of a `torchrun` job."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return distributed.run(cfg, report)
-    return extract.run_local(cfg, report)
+    return run_local(cfg, report)
+
+
+def run_local(cfg: FeaturesConfig, report: Report = extract._quiet) -> FeaturesResult:
+    """Make the cache at ``cfg.out_path`` current in this process: nothing, a resume, an update that reuses
+    the rows of unchanged images (same model, changed image set), or a (re)build; then, with --views,
+    its companion cache of augmented train views the same way."""
+    t0 = time.perf_counter()
+    samples, spec, wanted = extract.prepare(cfg, report)
+    result = make_current(cfg, samples, spec, wanted, report, t0)
+    if cfg.views:
+        # Views are decoded in full (their crop needs every pixel), so a reduced decode is not claimed.
+        decode = "exact" if cfg.decode == "cpu" else cfg.decode
+        vcfg = dataclasses.replace(cfg, out=str(views.views_path(cfg.out_path)), logits=False, decode=decode)
+        vsamples = views.view_samples(samples, cfg.views, spec, cfg.view_scale)
+        vspec = views.view_spec(spec, cfg.views, cfg.view_scale)
+        done = make_current(vcfg, vsamples, vspec, extract.fingerprint(vcfg, vsamples, vspec), report, t0)
+        result = dataclasses.replace(
+            result, computed=result.computed + done.computed, skipped=result.skipped + done.skipped
+        )
+    return result
+
+
+def make_current(
+    cfg: FeaturesConfig, samples: SampleList, spec: BackboneSpec, wanted: dict, report: Report, t0: float
+) -> FeaturesResult:
+    """The cache at ``cfg.out_path`` made to hold exactly `samples` through `spec`."""
+    if cfg.out_path.is_dir():
+        raise CacheError(f"--out {cfg.out_path} is a folder; pass a file path such as {cfg.out_path / 'features.h5'}")
+    # A current cache needs no lock (so a read-only copy still says "current"); a build takes it and
+    # checks again, since another run may have finished it meanwhile.
+    if not cfg.force and reader.stored_fingerprint(cfg.out_path) == wanted:
+        extract.is_current(cfg, wanted, samples, report)
+        return FeaturesResult(str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, [])
+    with fsutil.locked(cfg.out_path):
+        if extract.is_current(cfg, wanted, samples, report):
+            return FeaturesResult(str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, [])
+        if not cfg.force and (done := update.update(cfg, samples, spec, wanted, report, t0)) is not None:
+            return done
+        # --force keeps a partial file of the same features: it is the rebuild an earlier --force started.
+        return extract.fill(cfg, samples, spec, wanted, report, t0)

@@ -121,4 +121,4 @@ def build(spec: BackboneSpec) -> FeatureExtractor:
             model = _create(spec.name, pretrained=False)
     classifier = model.get_classifier()
     linear = classifier if isinstance(classifier, nn.Linear) else None
-    return FeatureExtractor(PreLogits(model), parts.dim, linear).eval().requires_grad_(False)
+    return FeatureExtractor(PreLogits(model), parts.dim, linear, root=model).eval().requires_grad_(False)

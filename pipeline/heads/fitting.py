@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache.reader import CacheInfo, Split, read_features
+from pipeline.cache.schema import views_path
 from pipeline.config import HeadConfig
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import CacheError, ConfigError, DataError, MissingError
 from pipeline.heads import choice
 from pipeline.heads.estimators import Preprocessor, balanced_weights, make_logreg
 from pipeline.heads.options import SolverOptions
@@ -31,9 +32,11 @@ def fit_grid(
     Cs: list[float],
     tick: Callable[[int], None] = lambda n: None,
     init: Fit | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> list[Fit]:
     """One fit per C on the same rows: batched in torch, or parallel scikit-learn fits; per k (the
-    knn head: one shared bank) or the class means (ncm)."""
+    knn head: one shared bank) or the class means (ncm). `sample_weight` (the --views weights) multiplies
+    the class weights of the linear heads; the cosine heads treat every row alike."""
     if cfg.head in ("knn", "ncm"):
         from pipeline.heads import neighbours
 
@@ -44,6 +47,8 @@ def fit_grid(
         return neighbours.fit_knn(X, y, n_classes, Cs, cfg.temperature, budget)
     class_weight = None if cfg.class_weight == "none" else cfg.class_weight
     weights = balanced_weights(y, class_weight)
+    if sample_weight is not None:
+        weights = sample_weight if weights is None else weights * sample_weight
     w_sum = float(len(y) if weights is None else weights.sum())
     if cfg.head == "torch":
         from pipeline.devices import choose_device
@@ -73,7 +78,7 @@ def fit_grid(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # recorded per C instead
-            model = make_logreg(C, class_weight, cfg.max_iter, cfg.tol).fit(X, y)
+            model = make_logreg(C, class_weight, cfg.max_iter, cfg.tol).fit(X, y, sample_weight=sample_weight)
         n_iter = int(model.n_iter_.max())
         coef = model.coef_.T.copy()
         return Fit(C, coef, model.intercept_.copy(), n_iter, n_iter < cfg.max_iter, False,
@@ -149,7 +154,7 @@ class MemorySource:
 
     def __init__(self, cfg: HeadConfig, info: CacheInfo) -> None:
         self.cfg, self.path = cfg, Path(info.path)
-        fs = read_features(self.path, splits=("train", "val"), dtype=np.float32)
+        fs = read_features(self.path, splits=("train", "val"), dtype=np.float32, layer=cfg.layer)
         for name, split in fs.splits.items():
             check_finite(self.path, name, split)
         train = fs["train"]
@@ -167,6 +172,9 @@ class MemorySource:
         if cfg.imbalance_ratio is not None:  # long-tailed training rows; val (or the holdout) untouched
             keep = long_tail(train.y, cfg.imbalance_ratio, cfg.seed, cfg.imbalance_order)
             train = Split(train.X[keep], train.y[keep], train.ids[keep])
+        self.views, self.view_image, self.view_weight, self.views_per_image = None, np.zeros(0, np.int64), 1.0, 0
+        if cfg.views:
+            self._read_views(fs["train"].ids, train.ids, info.fingerprint)
         self.present = np.unique(train.y)  # the head's classes: those it can learn
         self.names = [info.classes[c] for c in self.present]
         self.train, self.val = train, val
@@ -178,8 +186,43 @@ class MemorySource:
     def encode(self, y: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.present, y)
 
+    def _read_views(self, all_train: np.ndarray, train: np.ndarray, fingerprint: dict) -> None:
+        """The augmented views of the train images (NAME.views.h5), each tied to its image: K per image of the
+        cache's train split, checked; kept for the images that train here (not held out, not left out)."""
+        path = views_path(self.path)
+        if not path.exists():
+            raise MissingError(f"--views: no views cache {path}; run `pipeline features` with --views K for this cache")
+        vs = read_features(path, splits=("train",), dtype=np.float32, layer=self.cfg.layer)
+        check_finite(path, "train", vs["train"])
+        keys = ("backbone", "weights", "layer", "layers", "precision", "store_dtype")
+        same = all(fingerprint.get(k) == vs.fingerprint.get(k) for k in keys)
+        base = np.array([i.rsplit("#view", 1)[0] for i in vs["train"].ids])
+        counts = {i: n for i, n in zip(*np.unique(base, return_counts=True), strict=True)}
+        k = max(counts.values(), default=0)
+        if not same or set(counts) != set(all_train) or set(counts.values()) != {k}:
+            raise CacheError(
+                f"views cache {path} does not belong to cache {self.path} (another model or image set); rerun "
+                "`pipeline features` with --views K on the same settings"
+            )
+        index = {sample_id: row for row, sample_id in enumerate(train)}
+        image = np.array([index.get(b, -1) for b in base], dtype=np.int64)
+        kept = image >= 0
+        self.views = Split(vs["train"].X[kept], vs["train"].y[kept], vs["train"].ids[kept])
+        self.view_image, self.view_weight = image[kept], 1.0 / (k + 1)  # each image weighs 1 over its K+1 views
+        self.views_per_image = k
+
+    def _train_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(X, y, weights) of train images `rows`, with their views after them when --views."""
+        if self.views is None:
+            return self.train.X[rows], self.y_train[rows], None
+        chosen = np.isin(self.view_image, rows)
+        X = np.concatenate([self.train.X[rows], self.views.X[chosen]])
+        y = np.concatenate([self.y_train[rows], self.y_train[self.view_image[chosen]]])
+        return X, y, np.full(len(y), self.view_weight)
+
     def describe(self) -> str:
-        return f"{len(self.train)} train, {len(self.val)} val rows"
+        views = f" (+{len(self.views.y)} views, {self.views_per_image} per image)" if self.views is not None else ""
+        return f"{len(self.train)} train{views}, {len(self.val)} val rows"
 
     def __enter__(self) -> MemorySource:
         return self
@@ -192,8 +235,9 @@ class MemorySource:
         cfg = self.cfg
         rows = draw_shots(self.y_train, cfg.shots, cfg.seed + repeat) if cfg.shots else np.arange(len(self.y_train))
         self.sweep_counts = np.bincount(self.y_train[rows], minlength=len(self.names))
-        prep = Preprocessor(cfg.preprocessing).fit(self.train.X[rows])
-        fits = fit_grid(cfg, prep.transform(self.train.X[rows]), self.y_train[rows], len(self.names), grid, tick=tick)
+        X, y, w = self._train_rows(rows)
+        prep = Preprocessor(cfg.preprocessing).fit(X)
+        fits = fit_grid(cfg, prep.transform(X), y, len(self.names), grid, tick=tick, sample_weight=w)
         log_probas = log_proba_all(fits, prep.transform(self.val.X))
         return (
             prep,
@@ -203,10 +247,13 @@ class MemorySource:
 
     def refit(self, C: float, init: Fit) -> tuple[Preprocessor, Fit]:
         """The chosen C on train+val, preprocessing refitted on those rows."""
-        X_all = np.concatenate([self.train.X, self.val.X])
-        y_all = np.concatenate([self.y_train, self.y_val])
+        X, y, w = self._train_rows(np.arange(len(self.y_train)))
+        X_all, y_all = np.concatenate([X, self.val.X]), np.concatenate([y, self.y_val])
+        w_all = None if w is None else np.concatenate([w, np.ones(len(self.y_val))])  # val: one view, weight 1
         prep = Preprocessor(self.cfg.preprocessing).fit(X_all)
-        (final,) = fit_grid(self.cfg, prep.transform(X_all), y_all, len(self.names), [C], init=init)
+        (final,) = fit_grid(
+            self.cfg, prep.transform(X_all), y_all, len(self.names), [C], init=init, sample_weight=w_all
+        )
         return prep, final
 
     def validate(self, fit: Fit, prep: Preprocessor) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +263,7 @@ class MemorySource:
     @functools.cached_property
     def _test(self) -> Split:
         """The test rows, read once, on the first `test` call: after every choice."""
-        test = read_features(self.path, splits=("test",), dtype=np.float32)["test"]
+        test = read_features(self.path, splits=("test",), dtype=np.float32, layer=self.cfg.layer)["test"]
         check_finite(self.path, "test", test)
         return test
 

@@ -114,6 +114,7 @@ def needs_streaming(cfg: HeadConfig, info: CacheInfo, n_classes: int) -> bool:
         "--solver lbfgs (it needs every row for each step; use adam or sgd)": cfg.solver == "lbfgs",
         "--balanced-sampler": cfg.balanced_sampler,
         "--imbalance-ratio": cfg.imbalance_ratio is not None,
+        "--views": cfg.views,
     }
     for flag, given in refused.items():
         if given:
@@ -183,7 +184,7 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
     path = Path(cfg.features)  # type: ignore[arg-type]
     grid = head_grid(cfg)
     with timer("read"):
-        info = cache_info(path)
+        info = cache_info(path, cfg.layer)
         _check_labels(path, info.labels, info.classes)
         source = open_source(cfg, info, grid)
     if cfg.head == "knn":
@@ -198,6 +199,8 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
             f"{len(grid)} {HEAD_SETTINGS[cfg.head]} values, select by {cfg.select} on "
             f"{source.selected_on.split(' (')[0]}"
         )
+        k = getattr(source, "views_per_image", 0)
+        views = f", train images with {k} augmented views each (every view weighs 1/{k + 1})" if k else ""
         for r in range(repeats):
             with timer("sweep"):
                 prep, fits, curve = source.sweep(r, grid, bar.update)
@@ -208,11 +211,12 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
                     f"{cfg.shots} images per class from train" if cfg.shots
                     else f"train, long-tailed (imbalance ratio {cfg.imbalance_ratio:g})"
                 )  # fmt: skip
+                trained_on += views
                 runs.append(FittedRun(curve, best, fits[best], prep, trained_on, adjustment, source.sweep_counts))
                 continue
             with timer("refit"):
                 prep, final = source.refit(grid[best], init=fits[best])
-            runs.append(FittedRun(curve, best, final, prep, "train+val", adjustment, source.sweep_counts))
+            runs.append(FittedRun(curve, best, final, prep, "train+val" + views, adjustment, source.sweep_counts))
         # Every choice is made; only now are the test rows read, and scored once.
         with timer("test"):
             raw = [source.test(run.final, run.prep) for run in runs]

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache.reader import CacheInfo, open_cache
-from pipeline.cache.schema import read_block, read_ids
+from pipeline.cache.schema import columns, read_columns, read_ids
 from pipeline.config import HeadConfig
 from pipeline.devices import choose_device
 from pipeline.errors import ConfigError, DataError
@@ -40,8 +40,11 @@ ADAM_STATE = 4  # parameter, gradient, two moments
 class Blocks:
     """Contiguous row blocks of one split (optionally masked) read from the cache as float32."""
 
-    def __init__(self, f: Any, start: int, stop: int, rows: int, keep: np.ndarray | None, labels: np.ndarray):
+    def __init__(
+        self, f: Any, start: int, stop: int, rows: int, keep: np.ndarray | None, labels: np.ndarray, layer: str | None
+    ):
         self.f, self.start, self.stop, self.rows = f, start, stop, rows
+        self.columns = columns(f, layer)  # the features, or the stored layer(s) the head was asked to read
         self.labels = labels  # encoded, over start:stop
         self.mask = f["ok"][start:stop] & (True if keep is None else keep)  # readable and selected rows
 
@@ -60,7 +63,7 @@ class Blocks:
         starts = np.arange(self.start, self.stop, self.rows)
         for a in starts if order is None else starts[order]:
             b = min(a + self.rows, self.stop)
-            X = read_block(self.f["features"], a, b, np.float32)  # (B, D), one contiguous read
+            X = read_columns(self.columns, a, b, np.float32)  # (B, D), one contiguous read per dataset
             mask = self.mask[a - self.start : b - self.start]
             if not mask.all():
                 X = X[mask]
@@ -138,7 +141,7 @@ def fit_stream(
     """K settings at once over shuffled blocks, then one more pass for the full gradient: a fit per C."""
     device = choose_device(options.device)
     n = sum(b.n for b in parts)
-    dim, outputs = parts[0].f["features"].shape[1], (1 if n_classes == 2 else n_classes)
+    dim, outputs = sum(d.shape[1] for d in parts[0].columns), (1 if n_classes == 2 else n_classes)
     weight_of = np.ones(n_classes)
     if class_weight == "balanced":  # scikit-learn's n / (classes * n_c), over the rows of this fit
         counts = np.bincount(np.concatenate([b.kept_labels for b in parts]), minlength=n_classes)
@@ -243,7 +246,7 @@ class StreamSource:
         self.f.close()
 
     def _blocks(self, start: int, stop: int, keep: np.ndarray | None) -> Blocks:
-        return Blocks(self.f, start, stop, self.rows, keep, self.encoded[start:stop])
+        return Blocks(self.f, start, stop, self.rows, keep, self.encoded[start:stop], self.cfg.layer)
 
     def describe(self) -> str:
         return (

@@ -1,0 +1,171 @@
+"""Incremental rebuilds: the same model, a changed image set.
+
+A cache's fingerprint has a model part (backbone, weights, layers, preprocessing, precision, dtype,
+decoding, logits, identity rule) and a row part (the sample digest and row count). When only the
+row part differs and the source (folder, CSV) is the same, each new row whose image is the very same
+file as an old row (same id, size and modification time, and sha256 with --verify-content; read
+without error before) is copied from the old cache; only new or changed images go through the
+backbone, into ``OUT.new-rows.h5`` (an ordinary cache, so a killed run resumes it). Then every row
+is written in the new order into ``OUT.partial``, verified and renamed over the old cache, as any
+build is: a changed image is never served from its old row, and the old cache stays whole until the
+new one replaces it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache import reader, schema
+from pipeline.config import FeaturesConfig
+from pipeline.features import backbone, extract
+from pipeline.features.samples import SampleList
+
+ROW_KEYS = ("samples", "rows")  # the fingerprint's row part; every other key describes the model
+BLOCK_ROWS = 4096
+
+
+def model_part(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fingerprint.items() if k not in ROW_KEYS}
+
+
+def delta_path(out: Path) -> Path:
+    return Path(f"{out}.new-rows.h5")
+
+
+def matching_rows(old: dict[str, np.ndarray], samples: SampleList) -> np.ndarray:
+    """For each row of `samples`, the row of the old cache that holds the same image file, or -1: the
+    same id and every identity fact the new list records (size, mtime[, sha256]), and read fine then.
+    Images without file facts (in-memory datasets) are never matched."""
+    found = np.full(len(samples), -1, dtype=np.int64)
+    facts = samples.identity or {}
+    if not facts or any(key not in old for key in facts):
+        return found
+    where = {str(sample_id): row for row, sample_id in enumerate(old["ids"])}
+    for row, sample_id in enumerate(samples.ids):
+        o = where.get(sample_id)
+        if o is not None and old["ok"][o] and all(old[key][o] == facts[key][row] for key in facts):
+            found[row] = o
+    return found
+
+
+def update(
+    cfg: FeaturesConfig,
+    samples: SampleList,
+    spec: backbone.BackboneSpec,
+    wanted: dict[str, Any],
+    report: extract.Report,
+    t0: float,
+) -> extract.FeaturesResult | None:
+    """Bring the complete cache at ``cfg.out_path`` to `samples` by reusing its rows; None (build from
+    scratch) when it was made by another model or shares no image with `samples`."""
+    out = cfg.out_path
+    old_fingerprint = reader.stored_fingerprint(out)
+    if old_fingerprint is None or model_part(old_fingerprint) != model_part(wanted):
+        return None
+    with reader.open_cache(out) as f:
+        if str(f.attrs.get("source", "")) != samples.source:  # another folder's files are not these files
+            return None
+    source = matching_rows(reader.stored_rows(out), samples)
+    fresh = np.flatnonzero(source < 0)
+    if len(fresh) == len(samples):
+        return None
+    delta, skipped = delta_path(out), []
+    if len(fresh):
+        part = samples.take(fresh)
+        part_wanted = extract.fingerprint(cfg, part, spec)
+        if reader.stored_fingerprint(delta) != part_wanted:
+            skipped = extract.fill(cfg, part, spec, part_wanted, report, t0, out=delta).skipped
+    with reader.open_cache(out) as old_file:
+        dropped = int(old_file["features"].shape[0] - len(np.unique(source[source >= 0])))
+    path = merge(cfg, samples, wanted, source, delta, time.perf_counter() - t0)
+    delta.unlink(missing_ok=True)
+    reused = len(samples) - len(fresh)
+    report(
+        f"updated {path}: reused {reused} rows, extracted {len(fresh)} new/changed, dropped {dropped} "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
+    return extract.FeaturesResult(str(path), "updated", len(samples), len(fresh), time.perf_counter() - t0, skipped)
+
+
+def merge(
+    cfg: FeaturesConfig, samples: SampleList, wanted: dict[str, Any], source: np.ndarray, delta: Path, seconds: float
+) -> Path:
+    """Write every row of `samples` in order into the new cache: row i from the old cache's row
+    source[i], or, where source[i] is -1, the next row of the delta cache."""
+    out = cfg.out_path
+    from_delta = np.cumsum(source < 0) - 1  # the delta row of each fresh row
+    with reader.open_cache(out) as old, _maybe_open(delta, (source < 0).any()) as new:
+        names = ["features", *(["logits"] if "logits" in old else [])]
+        layers = list(old.get(schema.LAYERS, {}))
+        widths = {name: old[schema.LAYERS][name].shape[1] for name in layers}
+        writer = extract.open_writer(
+            out, cfg, samples, wanted, old["features"].shape[1], old["logits"].shape[1] if "logits" in old else None,
+            layer_dims=widths, incremental={"reused": int((source >= 0).sum()), "extracted": int((source < 0).sum())},
+        )  # fmt: skip
+        try:
+            for a in range(writer.rows_done, len(samples), BLOCK_ROWS):
+                b = min(a + BLOCK_ROWS, len(samples))
+                rows = {name: _gather(old, new, name, source[a:b], from_delta[a:b]) for name in names}
+                blocks = {name: _gather(old, new, f"{schema.LAYERS}/{name}", source[a:b], from_delta[a:b])
+                          for name in layers}  # fmt: skip
+                ok = np.ones(b - a, dtype=bool)
+                if new is not None and (source[a:b] < 0).any():
+                    ok[source[a:b] < 0] = new["ok"][from_delta[a:b][source[a:b] < 0]]
+                writer.write(a, rows["features"], ok, rows.get("logits"), blocks)
+            return writer.finish({"extract_seconds": seconds, "extract_rows": int((source < 0).sum())})
+        finally:
+            writer.close()
+
+
+def _gather(old: Any, new: Any, name: str, source: np.ndarray, from_delta: np.ndarray) -> np.ndarray:
+    """Rows of dataset `name`: from `old` where source >= 0, else from `new` (the delta) at from_delta."""
+    width = old[name].shape[1]
+    block = np.empty((len(source), width), dtype=np.float32)
+    reused = source >= 0
+    if reused.any():
+        block[reused] = _take(old[name], source[reused])
+    if (~reused).any():
+        block[~reused] = _take(new[name], from_delta[~reused])
+    return block
+
+
+def _take(dataset: Any, rows: np.ndarray) -> np.ndarray:
+    """dataset[rows] for any order of rows (h5py needs increasing indices): read sorted, then put back."""
+    order = np.argsort(rows, kind="stable")
+    unique, inverse = np.unique(rows[order], return_inverse=True)
+    values = _span(dataset, unique)
+    out = np.empty((len(rows), dataset.shape[1]), dtype=np.float32)
+    out[order] = values[inverse]
+    return out
+
+
+def _span(dataset: Any, unique: np.ndarray) -> np.ndarray:
+    """Many sorted rows: contiguous reads of spans of at most BLOCK_ROWS rows (far faster than point
+    selection, and bounded in memory however far apart the rows lie), then pick."""
+    parts, i = [], 0
+    while i < len(unique):
+        a = int(unique[i])
+        j = int(np.searchsorted(unique, a + BLOCK_ROWS, "left"))
+        parts.append(schema.read_block(dataset, a, int(unique[j - 1]) + 1, np.float32)[unique[i:j] - a])
+        i = j
+    return np.concatenate(parts)
+
+
+class _maybe_open:
+    """The delta cache opened for reading when `needed`, else None (nothing was extracted)."""
+
+    def __init__(self, path: Path, needed: bool) -> None:
+        self.path, self.needed, self.f = path, bool(needed), None
+
+    def __enter__(self) -> Any:
+        if self.needed:
+            self.f = reader.open_cache(self.path)
+        return self.f
+
+    def __exit__(self, *exc: object) -> None:
+        if self.f is not None:
+            self.f.close()
