@@ -78,7 +78,8 @@ def load_run(folder: str | Path) -> Run:
 
 def head_label(config: dict[str, Any]) -> str:
     """The head's name with what else changed its training or outputs: a long tail, logit adjustment,
-    temperature scaling (so two runs of one head that differ in them are told apart)."""
+    temperature scaling, augmented views (so two runs of one head that differ in them are told apart; a
+    layer other than the features shows in the backbone's label instead)."""
     parts = [str(config["head"])]
     if config.get("imbalance_ratio"):
         parts.append(f"long tail R={config['imbalance_ratio']:g}")
@@ -86,6 +87,8 @@ def head_label(config: dict[str, Any]) -> str:
         parts.append(f"logit adjust {config['logit_adjust']}")
     if config.get("calibrate", "none") != "none":
         parts.append(f"calibrated ({config['calibrate']})")
+    if config.get("views"):
+        parts.append("augmented views")
     return " + ".join(parts)
 
 

@@ -122,3 +122,4 @@ def test_runs_of_one_head_that_differ_in_post_hoc_settings_are_told_apart():
     assert compare.head_label({"head": "knn"}) == "knn"
     config = {"head": "logreg", "imbalance_ratio": 10.0, "logit_adjust": "auto", "calibrate": "temperature"}
     assert compare.head_label(config) == "logreg + long tail R=10 + logit adjust auto + calibrated (temperature)"
+    assert compare.head_label({"head": "torch", "views": True}) == "torch + augmented views"
