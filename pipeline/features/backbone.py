@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError, MissingError, WeightsError
+from pipeline.errors import ConfigError, WeightsError
 from pipeline.features import architectures, checkpoints
 from pipeline.features.spec import BackboneSpec, FeatureExtractor, describe_transform, sized_transform
 from pipeline.registry import TIMM_PREFIX
@@ -61,13 +61,7 @@ def _describe(name: str, weights: str, seed: int, image_size: int | None) -> Bac
         enum = enum_cls[weights]
         weights_id = f"{enum} ({os.path.basename(urlparse(enum.url).path)})"
     elif checkpoints.looks_like_path(weights):
-        checkpoint = Path(weights).expanduser()
-        if not checkpoint.is_file():
-            raise MissingError(f"checkpoint {checkpoint} does not exist; pass --weights with a state-dict file")
-        prefix = checkpoints.prefix(name, checkpoints.load(checkpoint, mmap=True), checkpoint)
-        weights_id = f"checkpoint sha256:{checkpoints.sha256_file(checkpoint)}"
-        if prefix not in ("", "module."):  # DDP's module. was stripped before this was recorded: caches stay current
-            weights_id += f" (key prefix {prefix!r} stripped)"
+        checkpoint, prefix, weights_id = checkpoints.identify(name, weights)
     else:
         names = ", ".join(enum_cls.__members__)
         raise ConfigError(

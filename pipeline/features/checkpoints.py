@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import WeightsError
+from pipeline.errors import MissingError, WeightsError
 from pipeline.features import architectures
 from pipeline.registry import RESNETS
 
@@ -54,6 +54,19 @@ def load(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"checkpoint {path} holds {type(state).__name__}, not a state dict; {hint}")
     return state
+
+
+def identify(name: str, weights: str) -> tuple[Path, str, str]:
+    """(file, key prefix to strip, what the fingerprint records) of the checkpoint `weights` for backbone
+    `name`, checked key by key and shape by shape without reading the tensors."""
+    checkpoint = Path(weights).expanduser()
+    if not checkpoint.is_file():
+        raise MissingError(f"checkpoint {checkpoint} does not exist; pass --weights with a state-dict file")
+    stripped = prefix(name, load(checkpoint, mmap=True), checkpoint)
+    weights_id = f"checkpoint sha256:{sha256_file(checkpoint)}"
+    if stripped not in ("", "module."):  # DDP's module. was stripped before this was recorded: caches stay current
+        weights_id += f" (key prefix {stripped!r} stripped)"
+    return checkpoint, stripped, weights_id
 
 
 def _shapes(name: str) -> dict[str, tuple[int, ...]]:

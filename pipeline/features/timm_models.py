@@ -12,7 +12,6 @@ so decoding, `predict` and `export` treat both alike.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-from pipeline.errors import ConfigError, MissingError, WeightsError
+from pipeline.errors import ConfigError, WeightsError
 from pipeline.features import architectures, checkpoints
 from pipeline.features.spec import BackboneSpec, FeatureExtractor, describe_transform, sized_transform
 
@@ -69,11 +68,7 @@ def describe(name: str, weights: str, seed: int, image_size: int | None) -> Back
         cfg = model.pretrained_cfg
         weights_id = f"timm {cfg.get('architecture')}.{cfg.get('tag')} ({cfg.get('hf_hub_id') or cfg.get('url')})"
     elif checkpoints.looks_like_path(weights):
-        checkpoint = Path(weights).expanduser()
-        if not checkpoint.is_file():
-            raise MissingError(f"checkpoint {checkpoint} does not exist; pass --weights with a state-dict file")
-        prefix = checkpoints.prefix(name, checkpoints.load(checkpoint, mmap=True), checkpoint)
-        weights_id = f"checkpoint sha256:{checkpoints.sha256_file(checkpoint)}"
+        checkpoint, prefix, weights_id = checkpoints.identify(name, weights)
     else:
         raise ConfigError(f"unknown weights {weights!r} for {name}; choose DEFAULT, none, or a path to a checkpoint")
     transform = _transform(name, image_size)
