@@ -24,6 +24,13 @@ class FeaturesConfig:
     data: str | None = option(
         None, "image folder ROOT/<class>/<img> or ROOT/{train,val,test}/<class>/<img>, or a CSV manifest"
     )
+    data_val: str | None = option(
+        None, "with tar shards: the val split's shard pattern (else val is carved from train)"
+    )
+    data_test: str | None = option(None, "with tar shards: the test split's shard pattern (else test is carved)")
+    label_key: str = option(
+        "label", "with tar shards: the field of KEY.json that holds the label (KEY.cls is read first)"
+    )
     dataset: str | None = option(None, "a dataset by name: 'digits' (offline demo) or a torchvision one, e.g. CIFAR10")
     root: str = option("cache/datasets", "folder that holds named datasets (downloaded or local copies)")
     download: bool = option(False, "download a torchvision dataset into --root if it is not there")

@@ -50,11 +50,16 @@ class World:
             int(env.get("RANK", "0")), size, int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", size))
         )
 
-    def shard(self, n: int) -> tuple[int, int]:
-        """This rank's contiguous rows: the first ``n % size`` ranks take one more."""
-        base, extra = divmod(n, self.size)
-        start = self.rank * base + min(self.rank, extra)
-        return start, start + base + (self.rank < extra)
+    def shard(self, n: int, starts: np.ndarray | None = None) -> tuple[int, int]:
+        """This rank's contiguous rows: the first ``n % size`` ranks take one more. With `starts` (the rows
+        where each tar shard's rows begin), each cut moves to the nearest shard start, so whole shards go
+        to ranks, balanced by their sample counts."""
+        cuts = [r * (n // self.size) + min(r, n % self.size) for r in range(self.size + 1)]
+        if starts is not None and len(starts) > 1:
+            edges = np.r_[starts, n]
+            cuts = [0, *(int(edges[np.argmin(np.abs(edges - c))]) for c in cuts[1:-1]), n]
+            cuts = list(np.maximum.accumulate(cuts))
+        return cuts[self.rank], cuts[self.rank + 1]
 
 
 def part_path(out: Path, rank: int, size: int) -> Path:
@@ -100,7 +105,7 @@ def run(cfg: FeaturesConfig, report: Any) -> Any:
         if extract.is_current(cfg, wanted, samples, say):  # every rank reads the same file: the same answer
             return extract.FeaturesResult(str(out), "current", n, 0, time.perf_counter() - t0, [])
         say(f"distributed: {world.size} ranks ({backend}), {n} rows in contiguous shards, device {device} on rank 0")
-        start, stop = world.shard(n)
+        start, stop = world.shard(n, samples.group_starts())
         part = part_path(out, world.rank, world.size)
         shard_fp = {**wanted, "shard": f"rows {start}:{stop} of {n}, rank {world.rank} of {world.size}"}
         quiet = dataclasses.replace(cfg, progress=False)

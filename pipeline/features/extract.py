@@ -92,6 +92,9 @@ def prepare(cfg: FeaturesConfig, report: Report = _quiet) -> tuple[SampleList, b
         split_seed=cfg.split_seed,
         verify_content=cfg.verify_content,
         carve=cfg.carve,
+        data_val=cfg.data_val,
+        data_test=cfg.data_test,
+        label_key=cfg.label_key,
     )
     sizes = ", ".join(f"{k} {v}" for k, v in samples.split_sizes().items())
     report(f"data: {len(samples)} images, {len(samples.classes)} classes ({sizes}) from {samples.source}")

@@ -4,6 +4,7 @@ memory by torchvision datasets, and the map-style datasets the DataLoader worker
 from __future__ import annotations
 
 import os
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -38,8 +39,11 @@ def draft_scale(size: tuple[int, int], min_short_side: int) -> int:
     return max((s for s in (1, 2, 4, 8) if -(-short // s) >= min_short_side), default=1)
 
 
-def load_image(path: str | os.PathLike[str], min_short_side: int | None = None) -> Image.Image:
-    """Decode an image file as RGB, raising BadImageError (with the path) when it cannot.
+def load_image(
+    path: str | os.PathLike[str] | IO[bytes], min_short_side: int | None = None, name: str | None = None
+) -> Image.Image:
+    """Decode an image file (or file object, called `name` in errors) as RGB, raising BadImageError (with
+    the path or name) when it cannot.
 
     With `min_short_side`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8, libjpeg's
     scaled IDCT through PIL's `draft`) whose short side is still at least that many pixels; the
@@ -54,12 +58,12 @@ def load_image(path: str | os.PathLike[str], min_short_side: int | None = None) 
             image.load()  # decode now, so truncated files fail here and not in a transform
             return to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
-        raise BadImageError(f"{path}: file not found") from None
+        raise BadImageError(f"{name or path}: file not found") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         reason = str(exc).split(" '")[0] or type(exc).__name__  # drop PIL's repeated file name
         if "truncated" in reason.lower():
             reason = "file is truncated"
-        raise BadImageError(f"{path}: {reason}") from None
+        raise BadImageError(f"{name or path}: {reason}") from None
 
 
 class ArrayReader:

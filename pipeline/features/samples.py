@@ -45,8 +45,8 @@ class SampleList:
     def read(self, row: int, min_short_side: int | None = None) -> Image.Image:
         """The image of `row`; files are decoded reduced to `min_short_side` where the format allows
         (see `images.load_image`)."""
-        if min_short_side and self.reader is load_image:
-            return load_image(self.items[row], min_short_side)
+        if min_short_side and (self.reader is load_image or getattr(self.reader, "reduces", False)):
+            return self.reader(self.items[row], min_short_side)
         return self.reader(self.items[row])
 
     def subset(self, start: int, stop: int) -> SampleList:
@@ -76,6 +76,13 @@ class SampleList:
             carved=self.carved,
             identity=None if self.identity is None else {k: v[rows] for k, v in self.identity.items()},
         )
+
+    def group_starts(self) -> np.ndarray | None:
+        """Rows where another container starts (tar shards: items are (shard, ...) tuples), else None."""
+        if not self.items or not isinstance(self.items[0], tuple) or not isinstance(self.items[0][0], str):
+            return None
+        shard = [item[0] for item in self.items]
+        return np.array([0, *(i for i in range(1, len(shard)) if shard[i] != shard[i - 1])], dtype=np.int64)
 
     def split_sizes(self) -> dict[str, int]:
         counts = np.bincount(self.split, minlength=len(SPLITS))
@@ -107,9 +114,10 @@ def finalize(
     reader: Callable[[Any], Image.Image] = load_image,
     verify_content: bool = False,
     rule: str = "stratified",
+    identity: dict[str, np.ndarray] | None = None,
 ) -> SampleList:
     """Carve missing val/test splits out of train (`rule`: stratified or hash, see `pipeline.splits`), then
-    order rows by split."""
+    order rows by split. `identity`: per-row facts of sources that are not files (tar members)."""
     if not ids:
         raise DataError(f"{source} holds no images; add images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     present = sorted(set(labels))
@@ -145,8 +153,10 @@ def finalize(
         reader=reader,
         source=source,
         carved=carved,
-        identity=file_identity(items, verify_content) if files else None,
-    )
+        identity=file_identity(items, verify_content) if files else (
+            None if identity is None else {key: values[order] for key, values in identity.items()}
+        ),
+    )  # fmt: skip
 
 
 def file_identity(paths: Sequence[str], content: bool = False) -> dict[str, np.ndarray]:

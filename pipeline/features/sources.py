@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DataError, MissingError
+from pipeline.errors import ConfigError, DataError, MissingError
+from pipeline.features import shards
 from pipeline.features.datasets import load_torchvision, materialize_digits
 from pipeline.features.images import IMAGE_EXTENSIONS, is_image
 from pipeline.features.samples import SPLIT_ALIASES, SampleList, finalize
@@ -260,6 +261,9 @@ def load_samples(
     split_seed: int = 0,
     verify_content: bool = False,
     carve: str = "auto",
+    data_val: str | None = None,
+    data_test: str | None = None,
+    label_key: str = "label",
 ) -> SampleList:
     """The sample list of whichever source is named (exactly one of `data` or `dataset`). `carve` auto:
     by hash for folders and CSVs (which grow), stratified for named datasets (which do not)."""
@@ -277,6 +281,13 @@ def load_samples(
             return scan_folder(materialize_digits(root), **carve_args)
         return load_torchvision(name, root, download, **carve_args)
     assert data is not None, "FeaturesConfig guarantees one source"
+    if shards.is_shards(data):
+        patterns = (
+            {"train": data} | ({"val": data_val} if data_val else {}) | ({"test": data_test} if data_test else {})
+        )
+        return shards.load_shards(patterns, label_key, **carve_args)
+    if data_val or data_test:
+        raise ConfigError("--data-val and --data-test name shard patterns; use them with --data '...{000..009}.tar'")
     path = Path(data).expanduser()
     if path.suffix.lower() == ".csv":
         return read_manifest(path, **carve_args)
