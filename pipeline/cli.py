@@ -99,6 +99,17 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pack(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline import outputs
+    from pipeline.cache import virtual
+
+    outputs.check_file_output(Path(args.out), "pack", args.force)
+    virtual.pack(Path(args.cache), Path(args.out), report=_say)
+    return 0
+
+
 def _backbones(args: argparse.Namespace) -> int:
     from pipeline.features import catalog
 
@@ -227,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", nargs="?", help="the .h5 cache file")
     info.add_argument("--config", help="or: the TOML file whose [features] table names the cache")
     info.set_defaults(handler=_info)
+
+    pack = commands.add_parser(
+        "pack",
+        help="copy a cache (a virtual one over torchrun part files, or any) into one self-contained file",
+        description="Write every row and attribute of a cache into one ordinary file (verified, then renamed).",
+    )
+    pack.add_argument("cache", help="the cache to pack, e.g. cache/big.h5")
+    pack.add_argument("--out", required=True, help="the single file to write")
+    pack.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
+                      help="replace an existing --out file that this command did not write")  # fmt: skip
+    pack.set_defaults(handler=_pack)
 
     backbones = commands.add_parser(
         "backbones",

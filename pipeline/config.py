@@ -83,6 +83,12 @@ class FeaturesConfig:
     out: str | None = option(None, "cache file to write (default: cache/<data>-<backbone>.h5)")
     force: bool = option(False, "rebuild even when the cache is current")
     on_mismatch: str = option("rebuild", "when the cache was built differently", registry.ON_MISMATCH)
+    assemble: str = option(
+        "virtual",
+        "under torchrun: virtual (an HDF5 virtual dataset over the ranks' part files, which stay beside it) or copy "
+        "(every row copied into one file)",
+        registry.ASSEMBLIES,
+    )
     skip_bad_images: bool = option(False, "record unreadable images and go on instead of stopping")
     progress: bool = option(True, "show a progress bar")
 

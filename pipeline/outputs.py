@@ -76,7 +76,18 @@ def _is_our_export(path: Path) -> bool:
         return False
 
 
+def _is_cache(path: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return "schema_version" in f.attrs and "features" in f
+    except OSError:
+        return False
+
+
 OURS: dict[str, Callable[[Path], bool]] = {
+    "pack": _is_cache,
     "predictions": lambda p: _starts_with(p, b"path,prediction,probability"),
     "export": _is_our_export,
     "report": lambda p: _starts_with(p, b"# Comparison"),

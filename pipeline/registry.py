@@ -66,6 +66,8 @@ STORE_DTYPES = ("float32", "float16")
 # device: torchvision.io (nvjpeg on CUDA), full size.
 DECODERS = ("cpu", "exact", "device")
 ON_MISMATCH = ("rebuild", "refuse")
+# Under torchrun: the final cache as a virtual dataset over the ranks' part files, or one copied file.
+ASSEMBLIES = ("virtual", "copy")
 
 # -------------------------------------------------------------------------------------- heads
 

@@ -66,6 +66,40 @@ def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
     return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+def part_files(f: h5py.File, path: Path) -> list[Path]:
+    """The files a virtual cache reads its rows from (as stored: relative to the cache's folder); [] for
+    an ordinary cache."""
+    found: dict[str, None] = {}  # in order, once each
+
+    def visit(name: str, item: Any) -> None:
+        if isinstance(item, h5py.Dataset) and item.is_virtual:
+            found.update(dict.fromkeys(source.file_name for source in item.virtual_sources()))
+
+    f.visititems(visit)
+    return [Path(path).parent / name for name in found if name != "."]
+
+
+def parts_of(path: Path) -> list[Path]:
+    """The part files the virtual cache at `path` reads ([] when it is absent, unreadable or ordinary)."""
+    if not Path(path).is_file():
+        return []
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return part_files(f, path)
+    except OSError:
+        return []
+
+
+def _check_parts(f: h5py.File, path: Path) -> None:
+    """A virtual cache whose part file is gone would read fill values in silence: refuse it by name."""
+    for part in part_files(f, path):
+        if not part.is_file():
+            raise CacheError(
+                f"cache {path} reads its rows from {part}, which is missing or was moved; put the part files back "
+                "beside the cache (keep them together when moving it), or rebuild it"
+            )
+
+
 def open_existing(path: Path, mode: str = "r") -> h5py.File:
     """Open a cache file and check everything it claims (see `validate`), or say why it cannot be read."""
     if path.is_dir():
@@ -82,6 +116,7 @@ def open_existing(path: Path, mode: str = "r") -> h5py.File:
         ) from None
     try:
         validate(f, path)
+        _check_parts(f, path)
     except BaseException:
         f.close()
         raise

@@ -25,6 +25,7 @@ from pipeline.cache.schema import (
     json_attr,
     open_existing,
     partial_path,
+    parts_of,
     read_block,
 )
 from pipeline.errors import CacheError, PipelineError
@@ -181,7 +182,10 @@ class CacheWriter:
             verify(partial)
             with h5py.File(partial, "r+", locking=False) as f:
                 f.attrs["complete"] = True
+            retired = parts_of(self.path)  # a virtual cache replaced by this one: its parts go with it
             fsutil.replace(partial, self.path)
+            for part in retired:
+                part.unlink(missing_ok=True)
         except PipelineError:
             raise
         except (OSError, RuntimeError) as exc:

@@ -1,12 +1,14 @@
 """Feature extraction across processes and machines with `torchrun` (torch.distributed).
 
-Each rank takes one contiguous shard of the canonical sample list and writes its own part file,
-``OUT.part-RRR-of-WWW`` (``.partial`` while in progress), with the same schema, fingerprint (plus
-the shard), resume and bad-image rules as a single process. When every part is complete, rank 0
-copies them in canonical row order into ``OUT`` and removes them, so the result is an ordinary
-cache file, equal to a single-process run's. A rank that dies leaves its finished rows in its
-part; rerunning the same command resumes every shard. Rank 0 alone reports, with one progress bar
-for the whole job fed by per-rank progress files.
+Each rank takes one contiguous shard of the canonical sample list (whole tar shards, when the source
+is shards) and writes its own part file, ``OUT.part-TAG-RRR-of-WWW`` (TAG: the first 8 hex digits of
+the fingerprint's hash; ``.partial`` while in progress), with the same schema, fingerprint (plus the
+shard), resume and bad-image rules as a single process. When every part is complete, rank 0 makes
+``OUT``: by default a virtual cache over the parts (`pipeline.cache.virtual`: metadata only, time
+proportional to the number of parts; the parts stay beside it), or with ``--assemble copy`` an
+ordinary file with every row copied in (the parts then removed). Either reads as a single-process
+run's cache. A rank that dies leaves its finished rows in its part; rerunning the same command
+resumes every shard. Rank 0 alone reports, with one progress bar fed by per-rank progress files.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -26,11 +30,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import fsutil
-from pipeline.cache import reader, schema
+from pipeline.cache import reader, schema, virtual
 from pipeline.config import FeaturesConfig
 from pipeline.devices import choose_device
 from pipeline.errors import CacheError, ConfigError
 from pipeline.features import extract, forward
+from pipeline.settings import to_dict
 
 BLOCK_ROWS = 8192  # rows per copy when parts are assembled
 
@@ -62,8 +67,11 @@ class World:
         return cuts[self.rank], cuts[self.rank + 1]
 
 
-def part_path(out: Path, rank: int, size: int) -> Path:
-    return Path(f"{out}.part-{rank:03d}-of-{size:03d}")
+def part_path(out: Path, rank: int, size: int, wanted: dict[str, Any]) -> Path:
+    """Rank `rank`'s part of the cache `wanted` describes: a new build never writes over the parts that
+    the current (virtual) cache reads."""
+    tag = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(f"{out}.part-{tag}-{rank:03d}-of-{size:03d}")
 
 
 def _progress_path(out: Path, rank: int) -> Path:
@@ -106,7 +114,7 @@ def run(cfg: FeaturesConfig, report: Any) -> Any:
             return extract.FeaturesResult(str(out), "current", n, 0, time.perf_counter() - t0, [])
         say(f"distributed: {world.size} ranks ({backend}), {n} rows in contiguous shards, device {device} on rank 0")
         start, stop = world.shard(n, samples.group_starts())
-        part = part_path(out, world.rank, world.size)
+        part = part_path(out, world.rank, world.size, wanted)
         shard_fp = {**wanted, "shard": f"rows {start}:{stop} of {n}, rank {world.rank} of {world.size}"}
         quiet = dataclasses.replace(cfg, progress=False)
         with fsutil.locked(part):
@@ -130,7 +138,7 @@ def run(cfg: FeaturesConfig, report: Any) -> Any:
                     shard = samples.subset(start, stop)
                     extract.fill(quiet, shard, spec, shard_fp, say, t0, out=part, device=device, on_batch=on_batch)
                 if world.rank == 0:  # one bar for the job: follow the other ranks until all parts exist
-                    while not all(part_path(out, r, world.size).exists() for r in range(world.size)):
+                    while not all(part_path(out, r, world.size, wanted).exists() for r in range(world.size)):
                         on_batch(stop - start)
                         time.sleep(0.5)
                     on_batch(stop - start)
@@ -138,6 +146,8 @@ def run(cfg: FeaturesConfig, report: Any) -> Any:
         if world.rank == 0:
             with fsutil.locked(out):
                 path = assemble(out, world.size, samples, wanted, cfg, time.perf_counter() - t0)
+            for rank in range(world.size):
+                _progress_path(out, rank).unlink(missing_ok=True)
             say(f"wrote {path} ({n} rows) from {world.size} parts in {time.perf_counter() - t0:.1f} s")
         dist.barrier()
         skipped = [] if world.rank else reader.summary(out)["skipped"]
@@ -154,33 +164,32 @@ def _device(request: str, world: World) -> torch.device:
 
 
 def assemble(out: Path, size: int, samples: Any, wanted: dict[str, Any], cfg: FeaturesConfig, seconds: float) -> Path:
-    """Copy the complete parts, in rank order (= canonical row order), into one cache; remove them."""
-    parts = [part_path(out, r, size) for r in range(size)]
+    """The complete parts, in rank order (= canonical row order), as one cache: virtual over the parts,
+    or (--assemble copy) copied into one file, the parts then removed."""
+    parts = [part_path(out, r, size, wanted) for r in range(size)]
     missing = [str(p) for p in parts if not p.exists()]
     if missing:
         raise CacheError(f"cannot assemble {out}: parts {missing} are missing; rerun the same torchrun command")
+    if cfg.assemble == "virtual":
+        attrs = {"config": to_dict(cfg), "versions": extract.versions(), "carved": samples.carved,
+                 "source": samples.source, "distributed": {"parts": size, "assembly": "virtual"},
+                 "extract_seconds": seconds, "extract_rows": len(samples)}  # fmt: skip
+        return virtual.assemble(out, parts, wanted, attrs)
     with reader.open_cache(parts[0]) as f:
         dim = f["features"].shape[1]
         logits_dim = f["logits"].shape[1] if "logits" in f else None
         layer_dims = {name: d.shape[1] for name, d in f.get(schema.LAYERS, {}).items()}
     schema.partial_path(out).unlink(missing_ok=True)
+    assembly = {"parts": size, "assembly": "copy"}
     writer = extract.open_writer(
-        out, cfg, samples, wanted, dim, logits_dim, layer_dims=layer_dims, distributed={"parts": size}
+        out, cfg, samples, wanted, dim, logits_dim, layer_dims=layer_dims, distributed=assembly
     )
     try:
-        for part in parts:
-            with reader.open_cache(part) as f:
-                rows = f["features"].shape[0]
-                for a in range(0, rows, BLOCK_ROWS):
-                    b = min(a + BLOCK_ROWS, rows)
-                    block = schema.read_block(f["features"], a, b, np.float32)
-                    logits = schema.read_block(f["logits"], a, b, np.float32) if logits_dim else None
-                    layers = {name: schema.read_block(f[schema.LAYERS][name], a, b, np.float32) for name in layer_dims}
-                    writer.write(writer.rows_done, block, f["ok"][a:b], logits, layers)
+        with contextlib.ExitStack() as stack:
+            virtual.copy_rows([stack.enter_context(reader.open_cache(part)) for part in parts], writer)
         path = writer.finish({"extract_seconds": seconds, "extract_rows": len(samples)})
     finally:
         writer.close()
-    for rank, part in enumerate(parts):
+    for part in parts:
         part.unlink()
-        _progress_path(out, rank).unlink(missing_ok=True)
     return path

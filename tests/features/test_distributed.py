@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import socket
@@ -11,14 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
-from pipeline import read_features
+from pipeline import cli, read_features
 from pipeline.cache import reader as cache_reader
-from pipeline.cache import schema
+from pipeline.errors import CacheError
 from pipeline.features import stage
-from pipeline.features.distributed import World, part_path
+from pipeline.features.distributed import World
 
 from conftest import REPO, make_folder, tiny
 from faultkit import rows_done
@@ -87,7 +89,8 @@ def test_two_ranks_match_a_single_process(tmp_path):
     assert stderr.count("data: 15 images") == 1, "rank 0 alone reports"
     assert "distributed: 2 ranks (gloo)" in stderr
     assert rows_written(tmp_path) == {"rows-0": 8, "rows-1": 7}
-    assert not list(tmp_path.glob("dist.h5.part-*")) and not list(tmp_path.glob("dist.h5.progress-*"))
+    parts = sorted(tmp_path.glob("dist.h5.part-*"))  # the virtual cache reads them where they are
+    assert len(parts) == 2 and not list(tmp_path.glob("dist.h5.progress-*"))
 
     stage.run(tiny(data=str(data), out=str(tmp_path / "single.h5"), batch_size=2))
     ours, single = read_features(out), read_features(tmp_path / "single.h5")
@@ -101,15 +104,46 @@ def test_two_ranks_match_a_single_process(tmp_path):
     _, stderr = again.communicate(timeout=300)
     assert again.returncode == 0 and "is current (15 rows); nothing to do" in stderr
 
+    # --assemble copy: one ordinary file, parts removed; `pipeline pack` of the virtual cache equals it.
+    copied = tmp_path / "copied.h5"
+    job = torchrun(tmp_path, ["features", "--data", str(data), "--out", str(copied), "--assemble", "copy", *FLAGS])
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-3000:]
+    assert not list(tmp_path.glob("copied.h5.part-*"))
+    assert cli.main(["pack", str(out), "--out", str(tmp_path / "packed.h5")]) == 0
+    with h5py.File(copied) as a, h5py.File(tmp_path / "packed.h5") as b:
+        assert not b["features"].is_virtual and sorted(a) == sorted(b)
+        for name in a:
+            np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=name)
+        same = {"fingerprint", "carved", "source", "schema_version", "complete", "rows_done"}
+        assert {k: a.attrs[k] for k in same} == {k: b.attrs[k] for k in same}
+        asked = [
+            {k: v for k, v in json.loads(f.attrs["config"]).items() if k not in ("out", "assemble")} for f in (a, b)
+        ]
+        assert asked[0] == asked[1]  # the same request but for --out and --assemble
+    vanished = parts[1].rename(tmp_path / "elsewhere")
+    with pytest.raises(CacheError, match=r"reads its rows from .*dist\.h5\.part-.*-001-of-002, which is missing or was "
+                       r"moved; put the part files back beside the cache"):  # fmt: skip
+        read_features(out)
+    vanished.rename(parts[1])
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for path in [out, *parts]:
+        path.rename(moved / path.name)
+    np.testing.assert_array_equal(read_features(moved / out.name)["train"].X, ours["train"].X)  # they move together
+
 
 @pytest.mark.slow
 def test_a_killed_rank_leaves_its_rows_and_the_rerun_resumes_every_shard(tmp_path):
     data = make_folder(tmp_path / "img", classes=("a", "b"), per_class=10)
     out = tmp_path / "dist.h5"
     job = torchrun(tmp_path, ["features", "--data", str(data), "--out", str(out), *FLAGS], delay=0.4)
-    partials = [schema.partial_path(part_path(out, r, 2)) for r in range(2)]
     deadline = time.monotonic() + 120
-    while min(rows_done(p) for p in partials) < 4 and time.monotonic() < deadline and job.poll() is None:
+    partials = []
+    while time.monotonic() < deadline and job.poll() is None:
+        partials = sorted(tmp_path.glob("dist.h5.part-*.partial"))
+        if len(partials) == 2 and min(rows_done(p) for p in partials) >= 4:
+            break
         time.sleep(0.05)
     os.kill(int((tmp_path / "log" / "pid-1").read_text()), signal.SIGKILL)  # rank 1 dies
     job.communicate(timeout=120)
