@@ -106,11 +106,16 @@ def pack(path: Path, out: Path, report: Any = lambda message: None) -> Path:
             store_dtype=str(f["features"].dtype), logits_dim=f["logits"].shape[1] if "logits" in f else None,
             attrs=attrs, identity=identity, layer_dims=layers, report=report,
         )  # fmt: skip
+        timings = {k: f.attrs[k] for k in ("extract_seconds", "extract_rows") if k in f.attrs}
         try:
             copy_rows([f], writer)
-            done = writer.finish({k: f.attrs[k] for k in ("extract_seconds", "extract_rows") if k in f.attrs})
-        finally:
+        except BaseException:
             writer.close()
+            raise
+    try:  # the source is closed first: packed in place, its parts are removed once the file replaces it
+        done = writer.finish(timings)
+    finally:
+        writer.close()
     report(f"packed {path} into {done} ({done.stat().st_size / 1e6:.1f} MB, one file)")
     return done
 
