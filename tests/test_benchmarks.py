@@ -45,3 +45,18 @@ def test_each_measurement_runs_on_the_cpu(tmp_path, synthetic_cache, monkeypatch
         assert measured["images_per_s"] > 0 and measured["utilisation"]["samples"] >= 1
     sweep = gpu.sweep_seconds(synthetic_cache, "cpu")
     assert sweep["seconds"] > 0 and 0 <= sweep["test_top1"] <= 1
+
+
+def test_the_plan_scales_measured_costs_by_the_cited_gpu_rate():
+    from benchmarks import plan
+
+    measured = {"relative_cost": 2.0, "decode_500x375_s": 0.003, "decode_12mp_reduced_s": 0.03}
+    measured |= {"decode_12mp_full_s": 0.13, "read_bytes_s": 1e-5, "row_bytes": 4250.0, "head_pass_per_row_s": 5e-5}
+    row = plan.plan(1e9, 64, 3382.0, measured, disk_gbps=2.0)
+    assert row["extraction_hours"] == pytest.approx(1e9 / (1691.0 * 64) / 3600)  # half the rate: twice the cost
+    assert row["cores_per_gpu_500x375"] == pytest.approx(1691.0 * 0.003)
+    assert row["cache_tb"] == pytest.approx(4.25) and row["head_epoch_disk_hours"] == pytest.approx(
+        4.25e12 / 2e9 / 3600
+    )
+    line = "  ".join(fmt.format(row[key]) for key, (_, fmt) in plan.COLUMNS.items())
+    assert line.split()[0] == "1e+09" and len(line.split()) == len(plan.COLUMNS)
