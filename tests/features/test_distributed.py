@@ -167,3 +167,22 @@ def test_a_killed_rank_leaves_its_rows_and_the_rerun_resumes_every_shard(tmp_pat
 @pytest.mark.parametrize("rank,size,n,expected", [(0, 2, 5, (0, 3)), (1, 2, 5, (3, 5)), (2, 4, 2, (2, 2))])
 def test_shard_bounds(rank, size, n, expected):
     assert World(rank, size, rank, size).shard(n) == expected
+
+
+@pytest.mark.slow
+def test_tar_shards_go_to_ranks_whole_and_the_virtual_cache_equals_one_process(tmp_path):
+    pytest.importorskip("webdataset")
+    from test_shards import make_shards
+
+    shards, _ = make_shards(tmp_path, shards=4, per_shard=3)
+    pattern = str(shards / "train-{000..003}.tar")
+    out = tmp_path / "dist.h5"
+    flags = [f for f in FLAGS if f not in ("--val-fraction", "0.25")] + ["--val-fraction", "0", "--test-fraction", "0"]
+    job = torchrun(tmp_path, ["features", "--data", pattern, "--out", str(out), *flags])
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-3000:]
+    assert rows_written(tmp_path) == {"rows-0": 6, "rows-1": 6}  # two whole shards each
+    single = stage.run(tiny(data=pattern, val_fraction=0.0, test_fraction=0.0, out=str(tmp_path / "one.h5")))
+    ours, theirs = read_features(out), read_features(single.path)
+    np.testing.assert_array_equal(ours["train"].ids, theirs["train"].ids)
+    np.testing.assert_allclose(ours["train"].X, theirs["train"].X, rtol=0, atol=1e-5)
