@@ -146,7 +146,7 @@ def test_config_file_errors(capsys, tmp_path):
     bad_key.write_text('[features]\ndataset = "digits"\nbatchsize = 3\n')
     assert_user_error(
         capsys,
-        r"a\.toml \[features\]: unknown key 'batchsize'; valid keys: data, dataset",
+        r"a\.toml \[features\]: unknown key 'batchsize'; valid keys: data, data_val, data_test, label_key, dataset",
         "features",
         "--config",
         str(bad_key),
