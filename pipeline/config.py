@@ -16,6 +16,8 @@ from pipeline.errors import ConfigError
 from pipeline.heads.options import DEFAULTS
 from pipeline.settings import check_choices, check_device, check_positive, flag, option, parse_size
 
+MAX_VIEWS = 1000  # views per train image: more is a typo, and would reserve disk for that many rows
+
 
 @dataclasses.dataclass(frozen=True)
 class FeaturesConfig:
@@ -98,9 +100,10 @@ class FeaturesConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if self.views < 0 or not 0.0 < self.view_scale <= 1.0:
+        if not 0 <= self.views <= MAX_VIEWS or not 0.0 < self.view_scale <= 1.0:
             raise ConfigError(
-                f"--views {self.views} / --view-scale {self.view_scale}: expected views >= 0 and a scale in (0, 1]"
+                f"--views {self.views} / --view-scale {self.view_scale}: expected 0 to {MAX_VIEWS} views per image "
+                "(4 to 10 is usual) and a scale in (0, 1]"
             )
         if len(set(self.layer_names)) != len(self.layer_names):
             raise ConfigError(f"--layers {self.layers!r} names a module twice; name each once")

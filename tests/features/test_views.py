@@ -105,8 +105,10 @@ def test_views_of_held_out_images_stay_out_of_training(tmp_path):
 
 
 def test_view_errors_are_one_line(tmp_path, capsys):
-    with pytest.raises(ConfigError, match=r"--views -1 / --view-scale 0.08: expected views >= 0"):
+    with pytest.raises(ConfigError, match=r"--views -1 / --view-scale 0.08: expected 0 to 1000 views per image"):
         FeaturesConfig(dataset="digits", views=-1)
+    with pytest.raises(ConfigError, match=r"--views 100000 / --view-scale 0.08: expected 0 to 1000 views"):
+        FeaturesConfig(dataset="digits", views=100000)
     with pytest.raises(ConfigError, match=r"--views runs in one process, after the cache"):
         distributed.run(tiny(dataset="digits", views=2), print)
     root = make_folder(tmp_path / "img", per_class=6, splits=("train", "val", "test"), size=(40, 30))
