@@ -11,7 +11,7 @@ import contextlib
 import difflib
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,9 +128,9 @@ def size_arguments(name: str, crop: int, weights: Any = None) -> dict[str, int]:
 @functools.cache
 def check_input_size(name: str, size: int, **arguments: int) -> None:
     """A ConfigError when model `name`, built with `arguments`, cannot take `size`-pixel crops (MaxViT's
-    windows, a ViT made for another size), found by a forward pass on the meta device: no compute."""
-    model = meta_model(name, **arguments)
+    windows, a ViT made for another size or patches that do not divide it), found on the meta device."""
     try:
+        model = meta_model(name, **arguments)
         with torch.no_grad():
             model(torch.empty(1, 3, size, size, device="meta"))
     except (RuntimeError, AssertionError, ValueError) as exc:
@@ -141,77 +141,12 @@ def check_input_size(name: str, size: int, **arguments: int) -> None:
         ) from None
 
 
-# ------------------------------------------------------------------------------ intermediate layers
-def pool(output: Any, channels_last: bool = False) -> torch.Tensor:
-    """A module's output as one vector per image: (B, C, H, W) averaged over H and W ((B, H, W, C) for the
-    channels-last stages of a Swin), (B, T, C) tokens averaged, (B, C) kept; a tuple's first element."""
-    if isinstance(output, tuple | list):
-        output = output[0]
-    if output.ndim == 4:
-        return output.mean(dim=(1, 2) if channels_last else (2, 3))
-    if output.ndim == 3:
-        return output.mean(dim=1)
-    return output.flatten(1)
-
-
-def channels_last(name: str) -> bool:
-    """Whether the model's 4-D activations are (B, H, W, C): the Swin transformers' stages."""
-    return "Swin" in anatomy(name).family
-
-
 def meta_model(name: str, **arguments: int) -> nn.Module:
     """Model `name` (torchvision or timm:NAME) in eval mode with its parameters on the meta device."""
     if name.startswith(TIMM_PREFIX):
         return timm_meta_model(name)
     with on_meta():
         return construct(name, weights=None, **arguments).eval()
-
-
-def module_paths(name: str) -> list[str]:
-    """The module paths of model `name` that --layers accepts (every named module but the model itself)."""
-    return [path for path, _ in meta_model(name).named_modules() if path]
-
-
-@functools.cache
-def layer_widths(name: str, layers: tuple[str, ...], size: int, **arguments: int) -> dict[str, int]:
-    """{layer: width of its pooled output} for `size`-pixel crops, by a meta-device forward with hooks."""
-    paths = set(module_paths(name))
-    for layer in layers:
-        if layer not in paths:
-            close = difflib.get_close_matches(layer, sorted(paths), n=3)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise ConfigError(
-                f"--layers: {name} has no module {layer!r}; {hint}`pipeline backbones {name} --layers` lists them"
-            )
-    widths = pooled_widths(name, layers, size, **arguments)
-    unused = [layer for layer in layers if layer not in widths]
-    if unused:
-        raise ConfigError(f"--layers: {name} does not run {', '.join(unused)} in its forward pass; pick another module")
-    return {layer: widths[layer] for layer in layers}
-
-
-def pooled_widths(name: str, layers: tuple[str, ...] | None, size: int, **arguments: int) -> dict[str, int]:
-    """{module path: width of its pooled output} of the named modules (all when None) that a meta-device
-    forward of `size`-pixel crops runs, in the order they finish."""
-    model = meta_model(name, **arguments)
-    last = channels_last(name)
-    widths: dict[str, int] = {}
-
-    def record(layer: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:  # returns None: the output is unchanged
-            widths.setdefault(layer, int(pool(output, last).shape[1]))
-
-        return hook
-
-    chosen = module_paths(name) if layers is None else layers
-    hooks = [model.get_submodule(layer).register_forward_hook(record(layer)) for layer in chosen]
-    try:
-        with torch.no_grad():
-            model(torch.empty(1, 3, size, size, device="meta"))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return widths
 
 
 # ------------------------------------------------------------------------------ timm (the extra)

@@ -27,6 +27,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError, WeightsError
 from pipeline.features import architectures, checkpoints
+from pipeline.features.layers import check as layer_check
 from pipeline.features.spec import BackboneSpec, FeatureExtractor, describe_transform, sized_transform
 from pipeline.registry import TIMM_PREFIX
 
@@ -47,8 +48,12 @@ def describe(
     if not layers:
         return spec
     sizes = {} if name.startswith(TIMM_PREFIX) else _size_arguments(name, spec.transform, spec.enum, spec.checkpoint)
-    widths = architectures.layer_widths(name, tuple(layers), spec.crop_size, **sizes)
-    return dataclasses.replace(spec, layer_dims=tuple(widths.items()))
+    found = layer_check(name, tuple(layers), spec.crop_size, **sizes)
+    return dataclasses.replace(
+        spec,
+        layer_dims=tuple((layer, width) for layer, (width, _) in found.items()),
+        layer_axes=tuple((layer, axis) for layer, (_, axis) in found.items()),
+    )
 
 
 def _describe(name: str, weights: str, seed: int, image_size: int | None) -> BackboneSpec:
@@ -109,7 +114,7 @@ def build(spec: BackboneSpec, progress: bool = True) -> FeatureExtractor:
         extractor = timm_models.build(spec)
     else:
         extractor = _build(spec, progress)
-    extractor.watch([layer for layer, _ in spec.layer_dims], architectures.channels_last(spec.name))
+    extractor.watch(dict(spec.layer_axes))
     return extractor
 
 

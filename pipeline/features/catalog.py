@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.features import architectures
+from pipeline.features import architectures, layers
 from pipeline.registry import TIMM_PREFIX
 
 TIMM_SHOWN = 30
@@ -52,8 +52,9 @@ def format_layers(name: str) -> str:
     from pipeline.features import backbone
 
     spec = backbone.describe(name, "none")
-    widths = architectures.pooled_widths(name, None, spec.crop_size)
-    kinds = dict(architectures.meta_model(name).named_modules())
+    found = layers.layout(name, None, spec.crop_size)
+    widths = {path: width for path, (width, _) in found.items()}
+    kinds = dict(layers.probe_model(name)[0].named_modules())
     width = max(len(path) for path in widths)
     lines = [f"{name}: modules for --layers at {spec.crop_size} px (path, type, pooled width); the features are "
              f"{spec.layer}"]  # fmt: skip
@@ -69,7 +70,7 @@ def format_table(text: str = "") -> str:
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
     if not rows:
         lines = [f"no torchvision classification model matches {text!r}"]
-    names = timm_names(text)
+    names = timm_names(text.removeprefix(TIMM_PREFIX))
     if names is None:
         lines.append("timm models: install the extra (pip install 'pipeline[timm]') to use --backbone timm:NAME")
     else:

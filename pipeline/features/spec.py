@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.features.architectures import RESNET_LAYER, pool
+from pipeline.features.architectures import RESNET_LAYER
+from pipeline.features.layers import pool
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class BackboneSpec:
     prefix: str = ""  # stripped from every key of the checkpoint (e.g. 'backbone.')
     layer: str = RESNET_LAYER  # which activation the features are, as the fingerprint records it
     layer_dims: tuple[tuple[str, int], ...] = ()  # --layers: (module path, pooled width), stored beside it
+    layer_axes: tuple[tuple[str, int], ...] = ()  # --layers: (module path, the axis of its output's channels)
 
     @property
     def pretrained(self) -> bool:
@@ -52,12 +54,13 @@ class FeatureExtractor(nn.Module):
         self.root = body if root is None else root  # the model whose module paths --layers names
         self.captured: dict[str, torch.Tensor] = {}
 
-    def watch(self, layers: list[str], channels_last: bool = False) -> None:
-        """Keep the pooled output of each named module at every forward (`captured`, in that order)."""
-        for layer in layers:
+    def watch(self, axes: dict[str, int]) -> None:
+        """Keep the output of each named module, averaged over all but its channel axis, at every forward
+        (`captured`, in that order)."""
+        for layer, axis in axes.items():
             self.root.get_submodule(layer).register_forward_hook(
-                lambda module, inputs, output, layer=layer: self.captured.__setitem__(
-                    layer, pool(output, channels_last)
+                lambda module, inputs, output, layer=layer, axis=axis: self.captured.__setitem__(
+                    layer, pool(output, axis)
                 )
             )
 

@@ -16,7 +16,7 @@ from pipeline import cli, read_features
 from pipeline.cache import writer as cache_writer
 from pipeline.config import FeaturesConfig
 from pipeline.errors import CacheError, ConfigError
-from pipeline.features import architectures, backbone, stage
+from pipeline.features import backbone, layers, stage
 
 from conftest import make_folder, tiny
 
@@ -92,7 +92,7 @@ def test_wrong_layer_names_fail_before_any_image_is_read(tmp_path):
         backbone.describe("resnet18", "none", layers=("layer5",))
     with pytest.raises(ConfigError, match=r"--layers 'layer3,layer3' names a module twice"):
         FeaturesConfig(dataset="digits", layers="layer3,layer3")
-    with pytest.raises(ConfigError, match=r"googlenet does not run aux1 in its forward pass"):
+    with pytest.raises(ConfigError, match=r"googlenet does not run aux1 on the way to its features"):
         backbone.describe("googlenet", "none", layers=("aux1",))  # only in training mode
     with pytest.raises(CacheError, match=r"has no layer 'layer2'; its layers: none \(it was built without --layers\)"):
         read_features(stage.run(tiny(dataset="digits", out=str(tmp_path / "d.h5"))).path, layer="layer2")
@@ -124,4 +124,30 @@ def test_the_module_list_names_what_layers_accepts(capsys):
     assert cli.main(["backbones", "resnet18", "--layers"]) == 0
     listing = capsys.readouterr().out
     assert "layer3                 Sequential           256" in listing and "avgpool" in listing
-    assert architectures.pooled_widths("resnet18", ("layer4",), 32) == {"layer4": 512}
+    assert layers.layout("resnet18", ("layer4",), 32) == {"layer4": (512, 1)}
+
+
+def test_the_channel_axis_is_found_where_it_lies():
+    """NCHW convolutions, NHWC blocks of ConvNeXt and Swin, ViT tokens: each pooled over all but its channels."""
+    swin = layers.check("swin_t", ("features.0.0", "features.0.1", "permute", "avgpool"), 64)
+    assert swin == {"features.0.0": (96, 1), "features.0.1": (96, 3), "permute": (768, 1), "avgpool": (768, 1)}
+    assert layers.check("convnext_tiny", ("features.1.0.block.2",), 64) == {"features.1.0.block.2": (96, 3)}
+    assert layers.check("vit_b_16", ("encoder.layers.encoder_layer_0",), 224) == {
+        "encoder.layers.encoder_layer_0": (768, 2)
+    }
+    assert layers.check("vgg11", ("avgpool",), 64) == {"avgpool": (512, 1)}  # (512, 7, 7) at every size
+    spec = backbone.describe("convnext_tiny", "none", image_size=32, layers=("features.1.0.block.2",))
+    model = backbone.build(spec)
+    seen = {}
+    model.root.get_submodule("features.1.0.block.2").register_forward_hook(lambda m, i, out: seen.setdefault("x", out))
+    with torch.inference_mode():
+        model(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(model.captured["features.1.0.block.2"], seen["x"].mean(dim=(1, 2)))  # (B, H, W, C)
+
+
+def test_the_classification_layer_and_modules_off_the_feature_path_are_refused():
+    with pytest.raises(ConfigError, match=r"'fc' is resnet18's classification layer, which the features replace"):
+        backbone.describe("resnet18", "none", layers=("fc",))
+    with pytest.raises(ConfigError, match=r"timm:resnet18 does not run fc on the way to its features"):
+        pytest.importorskip("timm")
+        backbone.describe("timm:resnet18", "none", layers=("fc",))
