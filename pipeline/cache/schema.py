@@ -24,6 +24,7 @@ keeps two runs from writing the same cache. `validate` checks the whole schema o
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,6 +59,11 @@ def views_path(path: str | Path) -> Path:
 
 def json_attr(f: h5py.File, key: str) -> Any:
     return json.loads(f.attrs[key]) if key in f.attrs else {}
+
+
+def fingerprint_tag(fingerprint: Mapping[str, Any], length: int = 16) -> str:
+    """A short hash of a whole fingerprint: names the state of a cache (its views, its torchrun parts)."""
+    return hashlib.sha256(json.dumps(dict(fingerprint), sort_keys=True).encode()).hexdigest()[:length]
 
 
 def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

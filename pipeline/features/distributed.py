@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -70,8 +68,7 @@ class World:
 def part_path(out: Path, rank: int, size: int, wanted: dict[str, Any]) -> Path:
     """Rank `rank`'s part of the cache `wanted` describes: a new build never writes over the parts that
     the current (virtual) cache reads."""
-    tag = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:8]
-    return Path(f"{out}.part-{tag}-{rank:03d}-of-{size:03d}")
+    return Path(f"{out}.part-{schema.fingerprint_tag(wanted, 8)}-{rank:03d}-of-{size:03d}")
 
 
 def _progress_path(out: Path, rank: int) -> Path:

@@ -9,7 +9,7 @@ import os
 import time
 
 from pipeline import fsutil
-from pipeline.cache import reader
+from pipeline.cache import reader, schema
 from pipeline.config import FeaturesConfig
 from pipeline.errors import CacheError
 from pipeline.features import distributed, extract, update, views
@@ -39,7 +39,9 @@ def run_local(cfg: FeaturesConfig, report: Report = extract._quiet) -> FeaturesR
         vcfg = dataclasses.replace(cfg, out=str(views.views_path(cfg.out_path)), logits=False, decode=decode)
         vsamples = views.view_samples(samples, cfg.views, spec, cfg.view_scale)
         vspec = views.view_spec(spec, cfg.views, cfg.view_scale)
-        done = make_current(vcfg, vsamples, vspec, extract.fingerprint(vcfg, vsamples, vspec), report, t0)
+        # The views name the state of the cache they belong to: `head --views` refuses them once it changes.
+        vwanted = extract.fingerprint(vcfg, vsamples, vspec) | {"views_of": schema.fingerprint_tag(wanted)}
+        done = make_current(vcfg, vsamples, vspec, vwanted, report, t0)
         result = dataclasses.replace(
             result, computed=result.computed + done.computed, skipped=result.skipped + done.skipped
         )

@@ -24,7 +24,7 @@ from pipeline.config import FeaturesConfig
 from pipeline.features import backbone, extract
 from pipeline.features.samples import SampleList
 
-ROW_KEYS = ("samples", "rows")  # the fingerprint's row part; every other key describes the model
+ROW_KEYS = ("samples", "rows", "views_of")  # the fingerprint's row part; every other key describes the model
 BLOCK_ROWS = 4096
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache.reader import CacheInfo, Split, read_features
-from pipeline.cache.schema import views_path
+from pipeline.cache.schema import fingerprint_tag, views_path
 from pipeline.config import HeadConfig
 from pipeline.errors import CacheError, ConfigError, DataError, MissingError
 from pipeline.heads import choice
@@ -174,7 +174,7 @@ class MemorySource:
             train = Split(train.X[keep], train.y[keep], train.ids[keep])
         self.views, self.view_image, self.view_weight, self.views_per_image = None, np.zeros(0, np.int64), 1.0, 0
         if cfg.views:
-            self._read_views(fs["train"].ids, train.ids, info.fingerprint)
+            self._read_views(train.ids, info.fingerprint)
         self.present = np.unique(train.y)  # the head's classes: those it can learn
         self.names = [info.classes[c] for c in self.present]
         self.train, self.val = train, val
@@ -186,24 +186,21 @@ class MemorySource:
     def encode(self, y: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.present, y)
 
-    def _read_views(self, all_train: np.ndarray, train: np.ndarray, fingerprint: dict) -> None:
-        """The augmented views of the train images (NAME.views.h5), each tied to its image: K per image of the
-        cache's train split, checked; kept for the images that train here (not held out, not left out)."""
+    def _read_views(self, train: np.ndarray, fingerprint: dict) -> None:
+        """The augmented views of the train images (NAME.views.h5), each tied to its image, from views made
+        for this very state of the cache; kept for the images that train here (not held out, not left out)."""
         path = views_path(self.path)
         if not path.exists():
             raise MissingError(f"--views: no views cache {path}; run `pipeline features` with --views K for this cache")
         vs = read_features(path, splits=("train",), dtype=np.float32, layer=self.cfg.layer)
         check_finite(path, "train", vs["train"])
-        keys = ("backbone", "weights", "layer", "layers", "precision", "store_dtype")
-        same = all(fingerprint.get(k) == vs.fingerprint.get(k) for k in keys)
-        base = np.array([i.rsplit("#view", 1)[0] for i in vs["train"].ids])
-        counts = {i: n for i, n in zip(*np.unique(base, return_counts=True), strict=True)}
-        k = max(counts.values(), default=0)
-        if not same or set(counts) != set(all_train) or set(counts.values()) != {k}:
+        if vs.fingerprint.get("views_of") != fingerprint_tag(fingerprint):
             raise CacheError(
-                f"views cache {path} does not belong to cache {self.path} (another model or image set); rerun "
-                "`pipeline features` with --views K on the same settings"
+                f"views cache {path} was made for another state of cache {self.path} (its images or settings changed "
+                "since); rerun `pipeline features` with --views K on the same settings"
             )
+        base = np.array([i.rsplit("#view", 1)[0] for i in vs["train"].ids])
+        k = int(np.unique(base, return_counts=True)[1].max(initial=0))
         index = {sample_id: row for row, sample_id in enumerate(train)}
         image = np.array([index.get(b, -1) for b in base], dtype=np.int64)
         kept = image >= 0

@@ -117,10 +117,28 @@ def test_view_errors_are_one_line(tmp_path, capsys):
     views_path(tmp_path / "a.h5").rename(views_path(tmp_path / "b.h5"))  # views of another model's features
     assert cli.main(["head", "--features", str(tmp_path / "b.h5"), "--views", "--out", str(tmp_path / "r")]) == 2
     assert "views cache" in capsys.readouterr().err
-    with pytest.raises(CacheError, match=r"views cache .*b\.views\.h5 does not belong to cache .*b\.h5"):
+    with pytest.raises(CacheError, match=r"views cache .*b\.views\.h5 was made for another state of cache .*b\.h5 "
+                       r"\(its images or settings changed since\); rerun `pipeline features`"):  # fmt: skip
         from pipeline.heads import protocol
 
         protocol.run(protocol.HeadConfig(features=str(tmp_path / "b.h5"), views=True, out=str(tmp_path / "r")))
     big = ["head", "--features", str(tmp_path / "a.h5"), "--views", "--head", "torch", "--max-memory", "1KB"]
     assert cli.main([*big, "--out", str(tmp_path / "s")]) == 2
     assert "--views is not supported when the head streams the cache" in capsys.readouterr().err
+
+
+def test_views_of_an_older_state_of_the_cache_are_refused(tmp_path):
+    from pipeline.heads import protocol
+
+    root = make_folder(tmp_path / "img", per_class=6, splits=("train", "val", "test"), size=(40, 30))
+    stage.run(tiny(data=str(root), views=1, out=str(tmp_path / "c.h5")))
+    head = protocol.HeadConfig(features=str(tmp_path / "c.h5"), views=True, out=str(tmp_path / "r"), progress=False)
+    protocol.run(head)  # fine while they match
+    stage.run(tiny(data=str(root), image_size=48, out=str(tmp_path / "c.h5")))  # rebuilt at 48 px, views left at 32
+    with pytest.raises(CacheError, match=r"was made for another state of cache"):
+        protocol.run(head)
+    stage.run(tiny(data=str(root), views=1, out=str(tmp_path / "c.h5")))  # back in step
+    write_image(root / "train" / "cat" / "train00.png", PALETTE[3], (41, 30))
+    stage.run(tiny(data=str(root), out=str(tmp_path / "c.h5")))  # one image changed, views not refreshed
+    with pytest.raises(CacheError, match=r"was made for another state of cache"):
+        protocol.run(head)
