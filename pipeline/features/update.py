@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import reader, schema
+from pipeline.cache.writer import row_crc
 from pipeline.config import FeaturesConfig
 from pipeline.features import backbone, extract
 from pipeline.features.samples import SampleList
@@ -70,6 +71,10 @@ def update(
         if str(f.attrs.get("source", "")) != samples.source:  # another folder's files are not these files
             return None
     source = matching_rows(reader.stored_rows(out), samples)
+    bad = damaged_rows(out, np.unique(source[source >= 0]))
+    if len(bad):  # never re-certify a row that no longer reads back as written: extract its image again
+        report(f"{len(bad)} rows of {out} fail their checksum (e.g. row {bad[0]}); extracting those images again")
+        source[np.isin(source, bad)] = -1
     fresh = np.flatnonzero(source < 0)
     if len(fresh) == len(samples):
         return None
@@ -121,6 +126,24 @@ def merge(
             writer.close()
 
 
+def damaged_rows(path: Path, rows: np.ndarray) -> np.ndarray:
+    """The rows among `rows` (sorted) of the cache at `path` whose stored bytes (features, logits, layers)
+    no longer match the CRC written with them."""
+    bad = []
+    with reader.open_cache(path) as f:
+        if "row_crc" not in f:
+            return np.zeros(0, dtype=np.int64)
+        names = ["features", *(["logits"] if "logits" in f else [])]
+        layers, stored = sorted(f.get(schema.LAYERS, {})), f["row_crc"][...]
+        for a in range(0, len(rows), BLOCK_ROWS):
+            chunk = rows[a : a + BLOCK_ROWS]
+            blocks = {name: _take(f[name], chunk) for name in names}
+            stacked = {name: _take(f[schema.LAYERS][name], chunk) for name in layers}
+            crc = row_crc(blocks["features"], blocks.get("logits"), stacked)
+            bad.extend(chunk[crc != stored[chunk]].tolist())
+    return np.array(bad, dtype=np.int64)
+
+
 def _gather(old: Any, new: Any, name: str, source: np.ndarray, from_delta: np.ndarray) -> np.ndarray:
     """Rows of dataset `name`: from `old` where source >= 0, else from `new` (the delta) at from_delta."""
     width = old[name].shape[1]
@@ -134,11 +157,12 @@ def _gather(old: Any, new: Any, name: str, source: np.ndarray, from_delta: np.nd
 
 
 def _take(dataset: Any, rows: np.ndarray) -> np.ndarray:
-    """dataset[rows] for any order of rows (h5py needs increasing indices): read sorted, then put back."""
+    """dataset[rows], in the stored dtype, for any order of rows (h5py needs increasing indices): read
+    sorted, then put back."""
     order = np.argsort(rows, kind="stable")
     unique, inverse = np.unique(rows[order], return_inverse=True)
     values = _span(dataset, unique)
-    out = np.empty((len(rows), dataset.shape[1]), dtype=np.float32)
+    out = np.empty((len(rows), dataset.shape[1]), dtype=dataset.dtype)
     out[order] = values[inverse]
     return out
 
@@ -150,7 +174,7 @@ def _span(dataset: Any, unique: np.ndarray) -> np.ndarray:
     while i < len(unique):
         a = int(unique[i])
         j = int(np.searchsorted(unique, a + BLOCK_ROWS, "left"))
-        parts.append(schema.read_block(dataset, a, int(unique[j - 1]) + 1, np.float32)[unique[i:j] - a])
+        parts.append(schema.read_block(dataset, a, int(unique[j - 1]) + 1)[unique[i:j] - a])
         i = j
     return np.concatenate(parts)
 

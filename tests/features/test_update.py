@@ -143,3 +143,19 @@ def test_folders_carve_by_hash_and_named_datasets_stay_stratified(tmp_path, carv
     assert (moved == 0) == stable
     assert load_samples(data=str(root)).carved["val"]["rule"].startswith("hash of each id")
     assert "rule" not in load_samples(dataset="digits", root=str(tmp_path / "d")).carved["val"]
+
+
+def test_an_update_never_reuses_a_row_that_fails_its_checksum(tmp_path):
+    root = make_folder(tmp_path / "img", per_class=6)
+    cfg = tiny(data=str(root), layers="layer2", out=str(tmp_path / "c.h5"))
+    stage.run(cfg)
+    with h5py.File(cfg.out, "r+") as f:  # bit rot after the cache was certified
+        f["layers"]["layer2"][0, 0] = 123.0
+        f["features"][1, 0] = 456.0
+    write_image(root / "cat" / "extra.png", PALETTE[2], (30, 20))
+    said: list[str] = []
+    result = stage.run(cfg, report=said.append)
+    assert result.computed == 3 and any("2 rows of" in line and "fail their checksum" in line for line in said), said
+    scratch = stage.run(tiny(data=str(root), layers="layer2", out=str(tmp_path / "scratch.h5")))
+    for key in ("features", "layers/layer2"):
+        np.testing.assert_allclose(_rows(cfg.out)[key], _rows(scratch.path)[key], rtol=0, atol=1e-5, err_msg=key)
