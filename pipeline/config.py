@@ -147,7 +147,7 @@ class HeadConfig:
     layer: str | None = option(
         None,
         "train on a layer stored with `features --layers` instead of the penultimate features, or on several "
-        "joined by commas (concatenated), e.g. layer3 or layer3,layer4; 'features' names the default",
+        "joined by commas (concatenated), e.g. layer3 or layer3,penultimate; 'penultimate' names the default",
     )
     views: bool = option(
         False,
@@ -236,6 +236,13 @@ class HeadConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        if self.layer is not None:
+            names = [name.strip() for name in self.layer.split(",")]
+            if "" in names or len(set(names)) != len(names):
+                raise ConfigError(
+                    f"--layer {self.layer!r} names a layer twice or an empty one; join distinct names with commas, "
+                    "e.g. layer3,layer4"
+                )
         check_choices(self)
         if self.features is None:
             raise ConfigError("no cache given; pass --features cache/NAME.h5 (run `make features` first)")

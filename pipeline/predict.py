@@ -39,7 +39,7 @@ def _settings(head: Head, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]
 def rebuild_spec(head: Head, folder: Path, weights: str | None = None) -> backbone.BackboneSpec:
     """The head's backbone and preprocessing, verified against its cache fingerprint."""
     layer = (head.meta.get("config") or {}).get("layer")
-    if layer not in (None, "", "features"):
+    if layer not in (None, "", "penultimate"):
         raise ConfigError(
             f"head {folder} was trained on layer {layer!r} of its cache; predict and export rebuild the penultimate "
             "features only, so use a head trained on them (without --layer)"

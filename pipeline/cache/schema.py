@@ -37,7 +37,8 @@ from pipeline.errors import CacheError
 from pipeline.splits import SPLITS
 
 SCHEMA_VERSION = 1
-FEATURES = "features"  # the penultimate vector
+FEATURES = "features"  # the dataset of the penultimate vector
+PENULTIMATE = "penultimate"  # how `head --layer` names it (a backbone may have a module called `features`)
 LAYERS = "layers"  # group of the other stored layers, one (N, D) dataset each
 
 
@@ -177,7 +178,7 @@ def validate(f: h5py.File, path: Path) -> None:
     if not isinstance(layers, h5py.Group | dict):
         raise malformed(path, f"{LAYERS} is not a group of datasets")
     for name, d in layers.items():
-        if not isinstance(d, h5py.Dataset) or d.ndim != 2 or d.shape[0] != n or d.dtype.kind != "f":
+        if not isinstance(d, h5py.Dataset) or d.ndim != 2 or d.shape[0] != n or d.dtype.kind != "f" or not d.shape[1]:
             shape = getattr(d, "shape", "a group")
             raise malformed(path, f"{LAYERS}/{name} is {shape} {getattr(d, 'dtype', '')}, expected ({n}, dim) floats")
     labels, split = f["labels"][...], f["split"][...]
@@ -204,23 +205,21 @@ def validate(f: h5py.File, path: Path) -> None:
 
 
 def columns(f: h5py.File, layer: str | None = None) -> list[h5py.Dataset]:
-    """The datasets a head reads as its features: `features` (the default), a stored layer, or several
-    layers joined by commas (their columns concatenated in that order)."""
-    if layer in (None, "", FEATURES):
-        return [f[FEATURES]]
+    """The datasets a head reads as its features: the penultimate vector (the default, named `penultimate`),
+    a stored layer, or several names joined by commas (their columns concatenated in that order)."""
     stored = list(f[LAYERS]) if LAYERS in f else []
     found = []
-    for name in layer.split(","):
+    for name in (layer or PENULTIMATE).split(","):
         name = name.strip()
-        if name == FEATURES:
+        if name == PENULTIMATE:
             found.append(f[FEATURES])
         elif name in stored:
             found.append(f[LAYERS][name])
         else:
             have = ", ".join(stored) if stored else "none (it was built without --layers)"
             raise CacheError(
-                f"cache {f.filename} has no layer {name!r}; its layers: {have}; pass one of those to --layer, or "
-                f"rebuild it with `pipeline features --layers {name}`"
+                f"cache {f.filename} has no layer {name!r}; its layers: {have}, and {PENULTIMATE!r} (the features); "
+                f"pass one of those to --layer, or rebuild it with `pipeline features --layers {name}`"
             )
     return found
 

@@ -60,8 +60,8 @@ def load_run(folder: str | Path) -> Run:
     try:
         cell, cache = result.get("cell") or {}, result["cache"]
         weights = str(cache["fingerprint"].get("weights", "?")).split(" (")[0]
-        layer = cache.get("layer", "features")
-        at = "" if layer == "features" else f" @ {layer}"  # a layer is another feature: a backbone row of its own
+        layer = cache.get("layer", "penultimate")
+        at = "" if layer == "penultimate" else f" @ {layer}"  # a layer is another feature: a backbone row of its own
         return Run(
             folder=path.parent,
             result=result,

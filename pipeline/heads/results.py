@@ -89,7 +89,7 @@ def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, se
             "extract_seconds": info.extract_seconds,
             "features_config": info.config,
             "dim": info.dim,
-            "layer": cfg.layer or "features",  # what the head read: the penultimate features or stored layer(s)
+            "layer": cfg.layer or "penultimate",  # what the head read: the penultimate features or stored layer(s)
             "rows": {name: n for name, n in info.rows.items() if n},
         },
         "classes": names,

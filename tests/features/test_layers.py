@@ -72,7 +72,7 @@ def test_heads_read_one_layer_or_several_concatenated(tmp_path, capsys):
     stage.run(tiny(data=str(root), layers="layer3,layer4", out=str(cache)))
     both = read_features(cache, layer="layer3,layer4")
     np.testing.assert_array_equal(both["train"].X[:, :256], read_features(cache, layer="layer3")["train"].X)
-    assert both.dim == 256 + 512 and read_features(cache, layer="features").dim == 512
+    assert both.dim == 256 + 512 and read_features(cache, layer="penultimate").dim == 512
     for layer, dim in (("layer3", 256), ("layer3,layer4", 768)):
         out = tmp_path / f"r-{layer}"
         assert cli.main(["head", "--features", str(cache), "--layer", layer, "--out", str(out), "--no-progress"]) == 0
@@ -80,7 +80,7 @@ def test_heads_read_one_layer_or_several_concatenated(tmp_path, capsys):
         assert result["cache"]["layer"] == layer and result["cache"]["dim"] == dim
     capsys.readouterr()
     assert cli.main(["head", "--features", str(cache), "--layer", "layer1", "--out", str(tmp_path / "x")]) == 2
-    assert "has no layer 'layer1'; its layers: layer3, layer4; pass one of those to --layer" in capsys.readouterr().err
+    assert "has no layer 'layer1'; its layers: layer3, layer4, and 'penultimate'" in capsys.readouterr().err
     assert cli.main(["compare", str(tmp_path), "--out", str(tmp_path / "report.md")]) == 0
     assert "resnet18 none @ layer3" in (tmp_path / "report.md").read_text()
     assert cli.main(["predict", "--head", str(tmp_path / "r-layer3"), "--data", str(root)]) == 2
@@ -94,7 +94,7 @@ def test_wrong_layer_names_fail_before_any_image_is_read(tmp_path):
         FeaturesConfig(dataset="digits", layers="layer3,layer3")
     with pytest.raises(ConfigError, match=r"googlenet does not run aux1 on the way to its features"):
         backbone.describe("googlenet", "none", layers=("aux1",))  # only in training mode
-    with pytest.raises(CacheError, match=r"has no layer 'layer2'; its layers: none \(it was built without --layers\)"):
+    with pytest.raises(CacheError, match=r"no layer 'layer2'; its layers: none \(it was built without --layers\)"):
         read_features(stage.run(tiny(dataset="digits", out=str(tmp_path / "d.h5"))).path, layer="layer2")
 
 
@@ -151,3 +151,16 @@ def test_the_classification_layer_and_modules_off_the_feature_path_are_refused()
     with pytest.raises(ConfigError, match=r"timm:resnet18 does not run fc on the way to its features"):
         pytest.importorskip("timm")
         backbone.describe("timm:resnet18", "none", layers=("fc",))
+
+
+def test_a_module_called_features_is_a_layer_like_any_other(tmp_path):
+    from pipeline.heads.protocol import HeadConfig
+
+    root = make_folder(tmp_path / "img", per_class=4, size=(40, 30))
+    cache = stage.run(tiny(data=str(root), backbone="densenet121", layers="features", out=str(tmp_path / "s.h5")))
+    stored, penultimate = read_features(cache.path, layer="features"), read_features(cache.path)
+    assert stored.dim == 1024 and not np.array_equal(stored["train"].X, penultimate["train"].X)  # before the last ReLU
+    with pytest.raises(ConfigError, match=r"--layer 'layer3,layer3' names a layer twice or an empty one"):
+        HeadConfig(features="c.h5", layer="layer3,layer3")
+    with pytest.raises(ConfigError, match=r"--layer 'layer3,' names a layer twice or an empty one"):
+        HeadConfig(features="c.h5", layer="layer3,")
