@@ -36,13 +36,13 @@ def fit_grid(
 ) -> list[Fit]:
     """One fit per C on the same rows: batched in torch, or parallel scikit-learn fits; per k (the
     knn head: one shared bank) or the class means (ncm). `sample_weight` (the --views weights) multiplies
-    the class weights of the linear heads; the cosine heads treat every row alike."""
+    the class weights of the linear heads and weighs the class means; every row of a kNN bank votes alike."""
     if cfg.head in ("knn", "ncm"):
         from pipeline.heads import neighbours
 
         tick(len(Cs))
         if cfg.head == "ncm":
-            return [neighbours.fit_ncm(X, y, n_classes, cfg.temperature)]
+            return [neighbours.fit_ncm(X, y, n_classes, cfg.temperature, sample_weight)]
         budget = cfg.max_memory_bytes or neighbours.DEFAULT_BUDGET
         return neighbours.fit_knn(X, y, n_classes, Cs, cfg.temperature, budget)
     class_weight = None if cfg.class_weight == "none" else cfg.class_weight
@@ -218,7 +218,7 @@ class MemorySource:
         return X, y, np.full(len(y), self.view_weight)
 
     def describe(self) -> str:
-        views = f" (+{len(self.views.y)} views, {self.views_per_image} per image)" if self.views is not None else ""
+        views = f" (+{self.views_per_image} views per image)" if self.views is not None else ""
         return f"{len(self.train)} train{views}, {len(self.val)} val rows"
 
     def __enter__(self) -> MemorySource:

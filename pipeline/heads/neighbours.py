@@ -31,11 +31,14 @@ from pipeline.registry import COSINE_PREPROCESSING
 DEFAULT_BUDGET = 256 * 2**20  # bytes of similarities per block of queries
 
 
-def class_means(X: np.ndarray, y: np.ndarray, n_classes: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """(D, O) weights and (O,) intercept of cos(x, m_c) / T for unit rows x: the unit mean of each
-    class over T; two classes as one logit (the difference), like the linear heads."""
+def class_means(
+    X: np.ndarray, y: np.ndarray, n_classes: int, temperature: float, sample_weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(D, O) weights and (O,) intercept of cos(x, m_c) / T for unit rows x: the unit (weighted) mean of
+    each class over T; two classes as one logit (the difference), like the linear heads."""
     sums = np.zeros((n_classes, X.shape[1]))
-    np.add.at(sums, y, X.astype(np.float64))
+    rows = X.astype(np.float64) if sample_weight is None else X.astype(np.float64) * sample_weight[:, None]
+    np.add.at(sums, y, rows)
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     means = sums / np.where(norms > 0, norms, 1.0)
     coef = means.T / temperature
@@ -44,9 +47,11 @@ def class_means(X: np.ndarray, y: np.ndarray, n_classes: int, temperature: float
     return coef.astype(np.float32), np.zeros(coef.shape[1], dtype=np.float32)
 
 
-def fit_ncm(X: np.ndarray, y: np.ndarray, n_classes: int, temperature: float) -> Fit:
+def fit_ncm(
+    X: np.ndarray, y: np.ndarray, n_classes: int, temperature: float, sample_weight: np.ndarray | None = None
+) -> Fit:
     """The protocol's NCM fit: closed form, nothing to converge ("exact"); its setting is T."""
-    coef, intercept = class_means(X, y, n_classes, temperature)
+    coef, intercept = class_means(X, y, n_classes, temperature, sample_weight)
     return Fit(temperature, coef, intercept, 0, True, exact=True, param="temperature")
 
 

@@ -148,7 +148,7 @@ def _cap_k(grid: list[float], source: Source, cfg: HeadConfig, report_to: Report
     """k values above the sweep's bank (its training rows) all mean "every row": one setting, the bank
     size, so the k that is chosen is the k that was scored on val (and the refit's bigger bank keeps it)."""
     counts = source.sweep_counts if not cfg.shots else np.minimum(source.sweep_counts, cfg.shots)
-    bank = int(counts.sum())
+    bank = int(counts.sum()) * (1 + getattr(source, "views_per_image", 0))  # --views: each image's views too
     capped = sorted({min(int(k), bank) for k in grid}, reverse=True)
     if capped != grid:
         report_to(f"note: k above the {bank} training rows means all of them; k grid {' '.join(map(str, capped))}")

@@ -91,17 +91,20 @@ def test_head_views_weigh_each_image_one_over_its_views(tmp_path):
 
 
 def test_views_of_held_out_images_stay_out_of_training(tmp_path):
+    from pipeline.cache.reader import cache_info
+    from pipeline.heads.fitting import MemorySource
+    from pipeline.heads.protocol import HeadConfig
+
     root = make_folder(tmp_path / "img", per_class=10, size=(40, 30))  # no val split: the head holds some out
     cfg = tiny(data=str(root), views=2, val_fraction=0.0, test_fraction=0.2, out=str(tmp_path / "c.h5"))
     stage.run(cfg)
-    said: list[str] = []
-    from pipeline.heads import protocol
-
-    config = dict(features=str(cfg.out), views=True, out=str(tmp_path / "r"), progress=False, bootstrap=0)
-    protocol.run(protocol.HeadConfig(**config), report_to=said.append)
-    line = next(line for line in said if line.startswith("head:"))
-    train = int(line.split("(")[1].split(" train")[0])
-    assert f"(+{2 * train} views, 2 per image)" in line  # 2 views per image kept, none of a held-out image
+    source = MemorySource(HeadConfig(features=str(cfg.out), views=True), cache_info(cfg.out))
+    kept = {i.rsplit("#view", 1)[0] for i in source.views.ids}
+    assert kept == set(source.train.ids) and len(source.views.ids) == 2 * len(source.train.ids)
+    assert not kept & set(source.val.ids)  # no view of a held-out image trains
+    rows = np.arange(3)
+    _, y, w = source._train_rows(rows)
+    assert len(y) == 3 * 3 and np.allclose(w, 1 / 3)  # --shots-like subsets take their images' views only
 
 
 def test_view_errors_are_one_line(tmp_path, capsys):
@@ -142,3 +145,13 @@ def test_views_of_an_older_state_of_the_cache_are_refused(tmp_path):
     stage.run(tiny(data=str(root), out=str(tmp_path / "c.h5")))  # one image changed, views not refreshed
     with pytest.raises(CacheError, match=r"was made for another state of cache"):
         protocol.run(head)
+
+
+def test_ncm_weighs_each_image_one_with_its_views():
+    from pipeline.heads.neighbours import class_means
+
+    X = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], dtype=np.float32)
+    y = np.array([0, 0, 0, 0])
+    w = np.array([1.0, 1 / 3, 1 / 3, 1 / 3])  # one val image, one train image with its 2 views
+    coef, _ = class_means(X, y, 3, 1.0, w)
+    np.testing.assert_allclose(coef[:, 0], np.array([1.0, 1.0]) / np.sqrt(2), rtol=1e-6)  # the two images alike
