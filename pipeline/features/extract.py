@@ -182,7 +182,10 @@ def fill(
     device = choose_device(cfg.device) if device is None else device
     model = backbone.build(spec, progress=cfg.progress)
     if cfg.logits and model.classifier is None:
-        raise CacheError(f"--logits: checkpoint {spec.checkpoint} has no fc layer; drop --logits")
+        why = (f"checkpoint {spec.checkpoint} has no classification layer" if spec.checkpoint is not None else
+               f"{spec.name}'s classification layer is not a Linear on the features (SqueezeNet's is a convolution "
+               "followed by a pooling)")  # fmt: skip
+        raise CacheError(f"--logits: {why}; drop --logits")
     logits_dim = model.classifier.out_features if cfg.logits else None
     writer = open_writer(out, cfg, samples, wanted, model.dim, logits_dim, report, dict(spec.layer_dims))
     start = writer.rows_done

@@ -11,7 +11,7 @@ so decoding, `predict` and `export` treat both alike.
 
 from __future__ import annotations
 
-import functools
+import math
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torchvision.transforms._presets import ImageClassification
 
 from pipeline.errors import ConfigError, WeightsError
 from pipeline.features import architectures, checkpoints
-from pipeline.features.spec import BackboneSpec, FeatureExtractor, describe_transform, sized_transform
+from pipeline.features.spec import BackboneSpec, FeatureExtractor, describe_transform
 
 
 class PreLogits(nn.Module):
@@ -44,19 +44,19 @@ def _data_config(name: str) -> dict[str, Any]:
 
 
 def _transform(name: str, image_size: int | None) -> ImageClassification:
+    """timm's eval recipe: resize the short side to floor(crop / crop_pct), centre-crop `crop` (the model's,
+    or `image_size`), normalise."""
     data = _data_config(name)
     if data.get("crop_mode", "center") != "center":
         raise ConfigError(f"timm model {name} crops by {data['crop_mode']!r}; only centre cropping is supported")
-    crop = int(data["input_size"][-1])
-    make = functools.partial(
-        ImageClassification,
+    crop = int(image_size or data["input_size"][-1])
+    return ImageClassification(
         crop_size=crop,
-        resize_size=int(crop / data["crop_pct"]),  # timm: floor(img_size / crop_pct)
+        resize_size=math.floor(crop / data["crop_pct"]),
         mean=tuple(data["mean"]),
         std=tuple(data["std"]),
         interpolation=InterpolationMode(data["interpolation"]),
     )
-    return sized_transform(make, image_size)
 
 
 def describe(name: str, weights: str, seed: int, image_size: int | None) -> BackboneSpec:

@@ -61,7 +61,7 @@ def test_a_timm_backbone_through_the_command_line(tmp_path, capsys):
         torch.manual_seed(0)
         model = timm.create_model("resnet18", pretrained=False).eval()
     config = timm.data.resolve_model_data_config(model)
-    config["input_size"], config["crop_pct"] = (3, 32, 32), 32 / 34  # what --image-size 32 asks for
+    config["input_size"] = (3, 32, 32)  # what --image-size 32 asks for: timm's own crop_pct at that crop
     np.testing.assert_allclose(cached, _direct(model, timm.data.create_transform(**config), root, ids), atol=1e-5)
     assert cli.main(["info", str(out)]) == 0
     assert "timm forward_head(forward_features(x), pre_logits=True)" in capsys.readouterr().out
@@ -84,3 +84,11 @@ def test_non_resnet_caches_record_their_layer_and_resnet_fingerprints_are_unchan
         assert '"layer": "avgpool (flattened input of fc)"' in r.attrs["fingerprint"]
         assert '"layer": "input of classifier.1 (the final Conv2d, pooled)"' in s.attrs["fingerprint"]
         assert s["features"].shape == (10, 512)
+
+
+def test_logits_need_a_linear_classifier(tmp_path):
+    from pipeline.errors import CacheError
+
+    root = make_folder(tmp_path / "img", per_class=2, size=(40, 30))
+    with pytest.raises(CacheError, match=r"--logits: squeezenet1_1's classification layer is not a Linear"):
+        stage.run(tiny(data=str(root), backbone="squeezenet1_1", logits=True, out=str(tmp_path / "s.h5")))
