@@ -153,6 +153,10 @@ def _head_arguments(parser: argparse.ArgumentParser) -> None:
     """What `predict` and `export` both need: the trained head, and where its weights are now."""
     parser.add_argument("--head", required=True, help="a results folder written by `pipeline head`")
     parser.add_argument("--weights", help="where the backbone weights are now (checked against the cache)")
+    _force_argument(parser)
+
+
+def _force_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
                         help="replace an existing --out file that this command did not write")  # fmt: skip
 
@@ -204,8 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="results/report.md", help="the Markdown report (CSV and PNGs beside it)")
     compare.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired tests")
     compare.add_argument("--pair", nargs=2, metavar="RESULT", help="compare just these two runs, paired")
-    compare.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
-                         help="replace an existing --out file that this command did not write")  # fmt: skip
+    _force_argument(compare)
     compare.set_defaults(handler=_compare)
 
     predict = commands.add_parser(
@@ -246,8 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pack.add_argument("cache", help="the cache to pack, e.g. cache/big.h5")
     pack.add_argument("--out", required=True, help="the single file to write")
-    pack.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
-                      help="replace an existing --out file that this command did not write")  # fmt: skip
+    _force_argument(pack)
     pack.set_defaults(handler=_pack)
 
     backbones = commands.add_parser(

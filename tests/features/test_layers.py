@@ -55,15 +55,20 @@ def test_layers_are_the_pooled_module_outputs_of_the_same_forward_pass(tmp_path,
         np.testing.assert_allclose(stored[name], expected, rtol=0, atol=1e-5)
 
 
-def test_a_swin_stage_is_pooled_over_its_channels_last_grid():
-    spec = backbone.describe("swin_t", "none", image_size=32, layers=("features.3",))
+def _channels_last_output_is_pooled_over_its_grid(name: str, layer: str, width: int) -> None:
+    """The stored layer equals the module's (B, H, W, C) output averaged over H and W, by a forward hook."""
+    spec = backbone.describe(name, "none", image_size=32, layers=(layer,))
     model = backbone.build(spec)
     grid = {}
-    model.root.get_submodule("features.3").register_forward_hook(lambda m, i, out: grid.setdefault("x", out))
+    model.root.get_submodule(layer).register_forward_hook(lambda m, i, out: grid.setdefault("x", out))
     with torch.inference_mode():
         model(torch.randn(2, 3, 32, 32))
-    assert grid["x"].shape[-1] == 192 and dict(spec.layer_dims) == {"features.3": 192}  # (B, H, W, C)
-    torch.testing.assert_close(model.captured["features.3"], grid["x"].mean(dim=(1, 2)))
+    assert grid["x"].shape[-1] == width and dict(spec.layer_dims) == {layer: width}
+    torch.testing.assert_close(model.captured[layer], grid["x"].mean(dim=(1, 2)))
+
+
+def test_a_swin_stage_is_pooled_over_its_channels_last_grid():
+    _channels_last_output_is_pooled_over_its_grid("swin_t", "features.3", 192)
 
 
 def test_heads_read_one_layer_or_several_concatenated(tmp_path, capsys):
@@ -136,13 +141,7 @@ def test_the_channel_axis_is_found_where_it_lies():
         "encoder.layers.encoder_layer_0": (768, 2)
     }
     assert layers.check("vgg11", ("avgpool",), 64) == {"avgpool": (512, 1)}  # (512, 7, 7) at every size
-    spec = backbone.describe("convnext_tiny", "none", image_size=32, layers=("features.1.0.block.2",))
-    model = backbone.build(spec)
-    seen = {}
-    model.root.get_submodule("features.1.0.block.2").register_forward_hook(lambda m, i, out: seen.setdefault("x", out))
-    with torch.inference_mode():
-        model(torch.randn(2, 3, 32, 32))
-    torch.testing.assert_close(model.captured["features.1.0.block.2"], seen["x"].mean(dim=(1, 2)))  # (B, H, W, C)
+    _channels_last_output_is_pooled_over_its_grid("convnext_tiny", "features.1.0.block.2", 96)
 
 
 def test_the_classification_layer_and_modules_off_the_feature_path_are_refused():
