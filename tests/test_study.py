@@ -179,3 +179,16 @@ def test_the_backbone_suite_names_five_families_that_all_resolve():
     names = {cfg.backbone for _, _, cfg in plan.extractions}
     assert names == {"resnet50", "convnext_tiny", "vit_b_16", "efficientnet_b0", "swin_t"}
     assert len(plan.extractions) == 25 and [label for label, _ in plan.heads] == ["logreg", "knn"]
+
+
+def test_a_study_sweeps_layers_as_head_entries(tmp_path):
+    path = tmp_path / "layers.toml"
+    path.write_text(
+        '[[datasets]]\ndataset = "digits"\n[[backbones]]\nbackbone = "resnet18"\nweights = "none"\nlayers = "layer3"\n'
+        '[[heads]]\nname = "penultimate"\n[[heads]]\nname = "layer3"\nlayer = "layer3"\n'
+    )
+    plan = study.plan(path)
+    assert [label for label, _ in plan.heads] == ["penultimate", "layer3"] and dict(plan.heads)["layer3"][
+        "layer"
+    ] == "layer3"
+    assert plan.extractions[0][2].layers == "layer3"
