@@ -40,11 +40,11 @@ study:
 info:
 	$(PIPELINE) info --config $(CONFIG)
 
-## Run the whole offline test suite (CPU, about six minutes on 2 cores)
+## Run the whole offline test suite (CPU, about nine minutes on 2 cores)
 test:
 	$(PY) -m pytest -q
 
-## Run the fast tests only (not marked slow), on every core: under a minute on 2 cores
+## Run the fast tests only (not marked slow), on every core: about two and a half minutes on 2 cores
 test-fast:
 	$(PY) -m pytest -q -m "not slow" -n auto
 
