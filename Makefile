@@ -40,7 +40,7 @@ study:
 info:
 	$(PIPELINE) info --config $(CONFIG)
 
-## Run the whole offline test suite (CPU, about nine minutes on 2 cores)
+## Run the whole offline test suite (CPU, about seven minutes on 2 cores)
 test:
 	$(PY) -m pytest -q
 
