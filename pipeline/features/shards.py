@@ -38,6 +38,10 @@ def is_shards(data: str) -> bool:
     return data.rstrip("}").lower().endswith(".tar") or ".tar}" in data.lower() or "}.tar" in data.lower()
 
 
+def is_compressed(data: str) -> bool:
+    return data.rstrip("}").lower().endswith((".tar.gz", ".tgz")) or ".tar.gz}" in data.lower()
+
+
 def expand(pattern: str) -> list[str]:
     """The shard URLs of a brace pattern, through webdataset (the optional extra)."""
     try:
@@ -91,6 +95,11 @@ def index_shard(url: str, label_key: str) -> list[tuple[str, tuple[int, int, int
                     key, ext = _key(member.name)
                     entry = samples.setdefault(key, {})
                     if ext in IMAGE_SUFFIXES:
+                        if "image" in entry:
+                            raise DataError(
+                                f"sample {key!r} in shard {url} has two images ({entry['image'][3]}, {member.name}); "
+                                "keep one image per key"
+                            )
                         entry["image"] = (member.offset_data, member.size, int(member.mtime), member.name)
                     elif ext in ("cls", "json"):
                         entry[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]

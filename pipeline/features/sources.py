@@ -281,6 +281,11 @@ def load_samples(
             return scan_folder(materialize_digits(root), **carve_args)
         return load_torchvision(name, root, download, **carve_args)
     assert data is not None, "FeaturesConfig guarantees one source"
+    if shards.is_compressed(data):
+        raise ConfigError(
+            f"--data {data!r} names compressed shards, which cannot be read by seeking; decompress them to .tar "
+            "(gunzip keeps the tar inside)"
+        )
     if shards.is_shards(data):
         patterns = (
             {"train": data} | ({"val": data_val} if data_val else {}) | ({"test": data_test} if data_test else {})

@@ -105,6 +105,15 @@ def test_shard_errors_are_one_line(tmp_path):
     write_shard(tmp_path / "nolabel.tar", [("a", b"x", {})])
     with pytest.raises(DataError, match=r"sample 'a' in shard .*nolabel\.tar has no label: add KEY\.cls"):
         load_samples(data=str(tmp_path / "nolabel.tar"))
+    with tarfile.open(tmp_path / "twice.tar", "w") as tar:
+        for name in ("a.png", "a.jpg", "a.cls"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"0"))
+    with pytest.raises(DataError, match=r"sample 'a' in shard .*twice\.tar has two images \(a\.png, a\.jpg\)"):
+        load_samples(data=str(tmp_path / "twice.tar"))
+    with pytest.raises(Exception, match=r"names compressed shards, which cannot be read by seeking; decompress"):
+        load_samples(data=str(tmp_path / "s-{000..003}.tar.gz"))
     with pytest.raises(Exception, match=r"--data-val and --data-test name shard patterns"):
         load_samples(data=str(tmp_path), data_val="v.tar")
 
