@@ -51,17 +51,7 @@ class SampleList:
 
     def subset(self, start: int, stop: int) -> SampleList:
         """Rows ``start:stop`` (a contiguous shard), same classes and reader."""
-        return SampleList(
-            ids=self.ids[start:stop],
-            labels=self.labels[start:stop],
-            split=self.split[start:stop],
-            classes=self.classes,
-            items=self.items[start:stop],
-            reader=self.reader,
-            source=self.source,
-            carved=self.carved,
-            identity=None if self.identity is None else {k: v[start:stop] for k, v in self.identity.items()},
-        )
+        return self.take(np.arange(start, stop))
 
     def take(self, rows: np.ndarray) -> SampleList:
         """Rows `rows` (increasing, so the split order holds), same classes and reader."""

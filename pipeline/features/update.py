@@ -70,7 +70,8 @@ def update(
     with reader.open_cache(out) as f:
         if str(f.attrs.get("source", "")) != samples.source:  # another folder's files are not these files
             return None
-    source = matching_rows(reader.stored_rows(out), samples)
+    old = reader.stored_rows(out)
+    source = matching_rows(old, samples)
     bad = damaged_rows(out, np.unique(source[source >= 0]))
     if len(bad):  # never re-certify a row that no longer reads back as written: extract its image again
         report(f"{len(bad)} rows of {out} fail their checksum (e.g. row {bad[0]}); extracting those images again")
@@ -84,8 +85,7 @@ def update(
         part_wanted = extract.fingerprint(cfg, part, spec)
         if reader.stored_fingerprint(delta) != part_wanted:
             skipped = extract.fill(cfg, part, spec, part_wanted, report, t0, out=delta).skipped
-    with reader.open_cache(out) as old_file:
-        dropped = int(old_file["features"].shape[0] - len(np.unique(source[source >= 0])))
+    dropped = len(old["ids"]) - len(np.unique(source[source >= 0]))
     path = merge(cfg, samples, wanted, source, delta, time.perf_counter() - t0)
     delta.unlink(missing_ok=True)
     reused = len(samples) - len(fresh)
