@@ -235,7 +235,7 @@ def _torch_dtype(dtype: np.dtype) -> Any:
     return torch.float64 if dtype == np.float64 else torch.float32
 
 
-def make_logreg(C: float = 1.0, class_weight: Any = None, max_iter: int = 1000, tol: float = 1e-4) -> Any:
+def make_logreg(C: float = 1.0, class_weight: Any = None, max_iter: int = 1000, tol: float = DEFAULTS.tol) -> Any:
     from sklearn.linear_model import LogisticRegression
 
     return LogisticRegression(C=C, solver="lbfgs", class_weight=class_weight, max_iter=max_iter, tol=tol)

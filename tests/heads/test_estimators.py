@@ -170,6 +170,36 @@ def test_path_blocks_reach_scikit_learns_solutions(block):
         assert (sol.n_iter[-10:] == 0).any()
 
 
+def test_lbfgs_reaches_tight_tolerance_in_float32_across_the_grid():
+    """float32 logits, float64 sums: every C of the grid converges to max|grad| <= 1e-6 in few iterations,
+    including strongly penalised ones, whose weights and unpenalised intercept differ in curvature ~1000x
+    (there the line search used to halve steps to nothing and stop at max_iter)."""
+    from pipeline.heads import solver
+    from pipeline.heads.options import SolverOptions
+
+    X, y = _data(5, n=480, seed=0)
+    Cs = np.logspace(-6, 5, 45)
+    sol = solver.solve(X.astype(np.float32), y, Cs, n_classes=5, options=SolverOptions(tol=1e-6, max_iter=300))
+    assert sol.converged.all() and (sol.grad_max <= 1e-6).all()
+    assert sol.n_iter.max() < 100, sol.n_iter
+    single = solver.solve(X.astype(np.float32), y, [5.62e-5], n_classes=5, options=SolverOptions(tol=1e-6))
+    assert single.converged[0] and single.n_iter[0] <= 20
+
+
+@pytest.mark.parametrize("n_classes", [5, 2])
+def test_lbfgs_starts_the_intercept_at_the_class_log_priors(n_classes):
+    """At W = 0 the optimal intercept is the log class frequencies (centred; the log-odds for two classes):
+    under an overwhelming penalty the solution is that start, reached at once."""
+    from pipeline.heads import solver
+
+    X, y = _data(n_classes, weights=[0.7] + [0.3 / (n_classes - 1)] * (n_classes - 1))
+    sol = solver.solve(X, y, [1e-9], n_classes=n_classes)
+    p = np.bincount(y) / len(y)
+    expected = np.log(p[1] / p[0])[None] if n_classes == 2 else np.log(p) - np.log(p).mean()
+    np.testing.assert_allclose(sol.intercept[0], expected, atol=1e-5)
+    assert sol.converged[0] and sol.n_iter[0] <= 2 and np.abs(sol.coef[0]).max() < 1e-4
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_the_solution_is_a_stationary_point_of_nn_linear_and_cross_entropy(smoothing):
     """Autograd through nn.Linear + F.cross_entropy + lambda/2 ||W||^2 checks the solver's hand-written gradient."""
