@@ -60,3 +60,19 @@ def test_the_plan_scales_measured_costs_by_the_cited_gpu_rate():
     )
     line = "  ".join(fmt.format(row[key]) for key, (_, fmt) in plan.COLUMNS.items())
     assert line.split()[0] == "1e+09" and len(line.split()) == len(plan.COLUMNS)
+
+
+@pytest.mark.slow
+def test_the_sweep_matrix_times_both_heads_and_prints_its_table(tmp_path, monkeypatch, capsys):
+    from benchmarks import run
+
+    monkeypatch.setattr(run, "OUT", tmp_path)
+    monkeypatch.setattr(run, "ROWS", [])
+    run.bench_matrix([(300, 16, 3)])
+    rows = {r["benchmark"]: r for r in run.ROWS}
+    speed = rows["N=300 D=16 K=3: torch speed-up over logreg"]
+    gap = rows["N=300 D=16 K=3: test top-1 gap"]
+    assert speed["value"] > 0 and speed["target"] == "> 1" and speed["ok"] == (speed["value"] > 1)
+    assert 0 <= gap["value"] <= 100 and set(gap["chosen_index"]) == {"torch", "logreg"}
+    out = capsys.readouterr().out
+    assert "| N x D x K | torch head | logreg head |" in out and "| 300 x 16 x 3 |" in out
