@@ -54,7 +54,8 @@ def measure(X: np.ndarray, y: np.ndarray, n_classes: int, tol: float, block: int
     Problem.loss_grad = counted
     try:
         start = time.perf_counter()
-        sol = solver.solve(X, y, np.logspace(-6, 5, 45), n_classes=n_classes, options=SolverOptions(tol=tol), block=block)
+        grid = np.logspace(-6, 5, 45)
+        sol = solver.solve(X, y, grid, n_classes=n_classes, options=SolverOptions(tol=tol), block=block)
         seconds = time.perf_counter() - start
     finally:
         Problem.loss_grad = original

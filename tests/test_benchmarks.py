@@ -76,3 +76,17 @@ def test_the_sweep_matrix_times_both_heads_and_prints_its_table(tmp_path, monkey
     assert 0 <= gap["value"] <= 100 and set(gap["chosen_index"]) == {"torch", "logreg"}
     out = capsys.readouterr().out
     assert "| N x D x K | torch head | logreg head |" in out and "| 300 x 16 x 3 |" in out
+
+
+def test_the_solver_benchmark_counts_data_passes_per_setting():
+    from sklearn.datasets import make_classification
+
+    from benchmarks import solver as bench
+
+    X, y = make_classification(200, 8, n_informative=5, n_classes=3, random_state=0)
+    X = (X - X.mean(0)) / X.std(0)  # standardised, as the protocol does
+    one = bench.measure(X.astype("float32"), y, 3, tol=1e-6, block=1)
+    assert one["converged"] == 45 and one["grad_max"] <= 1e-6
+    assert one["passes"] >= one["iterations"] > 0  # every iteration costs at least one pass
+    together = bench.measure(X.astype("float32"), y, 3, tol=1e-6, block=45)
+    assert together["passes"] >= 45  # 45 settings evaluated together count 45 per pass

@@ -41,6 +41,8 @@ from pipeline.heads import minibatch
 from pipeline.heads.objective import Problem, Solution
 from pipeline.heads.options import DEFAULTS, SolverOptions, penalties
 
+PATIENCE = 50  # iterations without a smaller max|grad| before a setting is stalled
+
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=(0, 2))  # (D+1, K, O) x2 -> (K,)
@@ -90,9 +92,17 @@ def lbfgs(
     tracked = None
     it = 0
     stalled = torch.zeros(k_all, dtype=torch.bool, device=theta.device)  # line search found no step
+    # At the precision floor of float32 logits (large weights, unstandardised features) the gradient
+    # stops shrinking while steps are still accepted: a setting whose max|grad| has not improved in
+    # PATIENCE iterations is stalled too, instead of running to max_iter.
+    best = torch.full((k_all,), math.inf, dtype=torch.float64, device=theta.device)
+    since = torch.zeros(k_all, dtype=torch.long, device=theta.device)
     while True:
         gmax = g.abs().amax(dim=(0, 2))
-        done = (gmax <= tol) | (it >= max_iter) | stalled
+        improved = gmax < best
+        best = torch.where(improved, gmax.double(), best)
+        since = torch.where(improved, torch.zeros_like(since), since + 1)
+        done = (gmax <= tol) | (it >= max_iter) | stalled | (since >= PATIENCE)
         if done.any():
             idx = done.nonzero()[:, 0]
             cols = active[idx].cpu().numpy()
@@ -124,6 +134,7 @@ def lbfgs(
             if len(keep) == 0:
                 return theta, n_iter, converged, grad_max, final_loss, tracked
             active, x, f, g, lambdas = active[keep], x[:, keep], f[keep], g[:, keep], lambdas[keep]
+            best, since = best[keep], since[keep]
             S, Y, R = [s[:, keep] for s in S], [y[:, keep] for y in Y], [r[keep] for r in R]
         # Two-loop recursion, per setting.
         q = g.clone()
@@ -133,11 +144,14 @@ def lbfgs(
             q -= a[None, :, None] * y
             alphas.append(a)
         if S:  # H0: one scale for the penalised weights, one for the intercept (their curvatures differ
-            # by the penalty, a factor of 100-1000 at strong regularisation)
+            # by the penalty, a factor of 100-1000 at strong regularisation); where the last step did not
+            # move a part (the intercept at its log-prior start), that part takes the whole vector's scale
+            sy, yy = _dot(S[-1], Y[-1]), _dot(Y[-1], Y[-1])
+            whole = torch.where((yy > 0) & (sy > 0), sy / yy.clamp_min(1e-30), torch.ones_like(sy))
             for part in (slice(None, -1), slice(-1, None)):
                 s_, y_ = S[-1][part], Y[-1][part]
                 sy, yy = _dot(s_, y_), _dot(y_, y_)
-                gamma = torch.where((yy > 0) & (sy > 0), sy / yy.clamp_min(1e-30), torch.ones_like(sy))
+                gamma = torch.where((yy > 0) & (sy > 0), sy / yy.clamp_min(1e-30), whole)
                 q[part] *= gamma[None, :, None]
         for s, y, rho, a in zip(S, Y, R, reversed(alphas), strict=True):
             b = rho * _dot(y, q)

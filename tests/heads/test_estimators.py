@@ -186,6 +186,34 @@ def test_lbfgs_reaches_tight_tolerance_in_float32_across_the_grid():
     assert single.converged[0] and single.n_iter[0] <= 20
 
 
+def test_lbfgs_stops_a_setting_stuck_at_the_float32_floor_instead_of_running_to_max_iter():
+    """Unstandardised features and weak penalties: large logits put the float32 gradient's noise near
+    1e-6; where max|grad| stops shrinking, the setting ends stalled (not converged), not at max_iter."""
+    from sklearn.datasets import make_classification
+
+    from pipeline.heads import solver
+    from pipeline.heads.options import SolverOptions
+
+    X, y = make_classification(200, 8, n_informative=5, n_classes=3, random_state=0)
+    sol = solver.solve(X.astype(np.float32), y, np.logspace(-6, 5, 45), n_classes=3,
+                       options=SolverOptions(tol=1e-6, max_iter=1000), block=1)  # fmt: skip
+    assert sol.n_iter.max() < solver.PATIENCE + 100, sol.n_iter
+    assert (sol.converged == (sol.grad_max <= 1e-6)).all()
+    assert sol.grad_max.max() < 1e-5  # stuck within an order of magnitude of tol, at the precision floor
+
+
+def test_a_binary_fit_with_one_minority_row_converges_from_the_log_prior_start():
+    """Found by an outside check: from the log-prior start the first step leaves the intercept where it is,
+    and a per-part scale of 1 then made its steps too short to resolve (1000 iterations, not converged)."""
+    from sklearn.datasets import load_breast_cancer
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
+    rows = np.r_[np.flatnonzero(y == 1), 432]  # every positive and one negative
+    model = TorchLinearClassifier(C=1e-4, tol=1e-6).fit(X[rows], y[rows])
+    assert model.converged_ and model.n_iter_[0] <= 50
+
+
 @pytest.mark.parametrize("n_classes", [5, 2])
 def test_lbfgs_starts_the_intercept_at_the_class_log_priors(n_classes):
     """At W = 0 the optimal intercept is the log class frequencies (centred; the log-odds for two classes):
