@@ -38,7 +38,7 @@ import numpy as np
 
 from benchmarks.images import write_photo_folder
 from benchmarks.measure import extraction_rate, forward_rate
-from benchmarks.synthetic import write_synthetic_cache
+from benchmarks.synthetic import matrix_cache, write_synthetic_cache
 
 OUT = Path("benchmarks/out")
 ROWS: list[dict] = []
@@ -207,21 +207,15 @@ def bench_matrix(cells: list[tuple[int, int, int]] = MATRIX) -> None:
     table = ["| N x D x K | torch head | logreg head | speed-up | test top-1 torch / logreg | grid steps apart |",
              "|---|---|---|---|---|---|"]  # fmt: skip
 
-    def caches(n: int, d: int, k: int) -> Path:
-        cache = OUT / f"matrix-{n}-{d}-{k}.h5"
-        if not cache.exists():
-            write_synthetic_cache(cache, n_train=n, n_test=n // 5, dim=d, classes=k, latent=min(128, d // 4))
-        return cache
-
     def run(cache: Path, head: str) -> dict:
         cfg = HeadConfig(features=str(cache), head=head, out=str(OUT / f"matrix-{head}"), progress=False,
                          bootstrap=0, force=True)  # fmt: skip
         return protocol.run(cfg)
 
     for head in ("torch", "logreg"):  # warm-up, untimed
-        run(caches(*min(cells)), head)
+        run(matrix_cache(OUT, *min(cells)), head)
     for n, d, k in cells:
-        cache = caches(n, d, k)
+        cache = matrix_cache(OUT, n, d, k)
         seconds, top1, index = {}, {}, {}
         for head in ("torch", "logreg"):
             result = run(cache, head)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.synthetic import write_synthetic_cache
+from benchmarks.synthetic import matrix_cache
 
 OUT = Path("benchmarks/out")
 
@@ -29,10 +29,7 @@ def sweep_rows(n: int, d: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     from pipeline.heads.estimators import Preprocessor
     from pipeline.splits import stratified_holdout
 
-    cache = OUT / f"matrix-{n}-{d}-{k}.h5"
-    if not cache.exists():
-        write_synthetic_cache(cache, n_train=n, n_test=n // 5, dim=d, classes=k, latent=min(128, d // 4))
-    train = read_features(cache, splits=("train",), dtype=np.float32)["train"]
+    train = read_features(matrix_cache(OUT, n, d, k), splits=("train",), dtype=np.float32)["train"]
     held = stratified_holdout(train.y, 0.1, 0, salt=3)
     X = Preprocessor("standardize").fit(train.X[~held]).transform(train.X[~held])
     return X, train.y[~held]
