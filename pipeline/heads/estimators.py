@@ -82,13 +82,23 @@ class Preprocessor:
         return self.fit(X).transform(X)
 
 
-def balanced_weights(y: np.ndarray, class_weight: Any) -> np.ndarray | None:
-    """Per-row weights from `class_weight` (None, 'balanced' or {class: weight}), as scikit-learn does."""
+def balanced_weights(y: np.ndarray, class_weight: Any, sample_weight: np.ndarray | None = None) -> np.ndarray | None:
+    """Per-row class weights from `class_weight` (None, 'balanced' or {class: weight}), as scikit-learn does.
+
+    'balanced' is sum(w) / (classes * sum of w over class c), the class counts weighed by `sample_weight`
+    (as scikit-learn 1.9's `LogisticRegression` does; earlier releases counted rows). The sample weights
+    themselves are not included: the caller multiplies them in."""
     if class_weight is None or class_weight == "none":
         return None
-    classes = np.unique(y)
-    per_class = compute_class_weight(class_weight, classes=classes, y=y)
-    return per_class[np.searchsorted(classes, y)]
+    classes, codes = np.unique(y, return_inverse=True)
+    if isinstance(class_weight, str) and class_weight == "balanced":
+        w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        counts = np.bincount(codes, weights=w, minlength=len(classes))
+        with np.errstate(divide="ignore"):  # a class whose rows all weigh 0 contributes nothing anyway
+            per_class = np.where(counts > 0, counts.sum() / (len(classes) * counts), 0.0)
+    else:
+        per_class = compute_class_weight(class_weight, classes=classes, y=y)
+    return per_class[codes]
 
 
 class Described:
@@ -192,7 +202,7 @@ class TorchLinearClassifier(LinearDecision, ClassifierMixin, BaseEstimator):
             raise ValueError(f"sample_weight has shape {weights.shape}; expected ({len(y)},), one weight per row")
         if not np.all(weights >= 0) or weights.sum() <= 0:
             raise ValueError("sample_weight must be non-negative and not all zero")
-        per_class = balanced_weights(y, self.class_weight)
+        per_class = balanced_weights(y, self.class_weight, weights)
         if per_class is not None:
             weights = weights * per_class
         sol = torch_solver.solve(

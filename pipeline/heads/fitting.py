@@ -46,7 +46,7 @@ def fit_grid(
         budget = cfg.max_memory_bytes or neighbours.DEFAULT_BUDGET
         return neighbours.fit_knn(X, y, n_classes, Cs, cfg.temperature, budget)
     class_weight = None if cfg.class_weight == "none" else cfg.class_weight
-    weights = balanced_weights(y, class_weight)
+    weights = balanced_weights(y, class_weight, sample_weight)
     if sample_weight is not None:
         weights = sample_weight if weights is None else weights * sample_weight
     w_sum = float(len(y) if weights is None else weights.sum())

@@ -55,6 +55,26 @@ def test_balanced_class_weight_matches_scikit_learn():
     assert (th.predict(X) == sk.predict(X)).mean() >= 0.99
 
 
+def test_balanced_class_weight_counts_weighted_rows():
+    """'balanced' with sample weights (the --views weights): classes counted by their weight, as in
+    scikit-learn 1.9, so both heads solve the same problem with both options."""
+    import sklearn
+    from sklearn.utils.fixes import parse_version
+
+    from pipeline.heads.estimators import balanced_weights
+
+    X, y = _data(3, weights=[0.7, 0.2, 0.1])
+    w = np.random.default_rng(1).choice([0.25, 0.5, 1.0], len(y))
+    per_row = balanced_weights(y, "balanced", w)
+    counts = np.bincount(y, weights=w)
+    np.testing.assert_allclose(per_row, w.sum() / (3 * counts[y]))
+    np.testing.assert_allclose((per_row * w) @ np.eye(3)[y], w.sum() / 3)  # every class weighs the same
+    th = TorchLinearClassifier(C=0.5, class_weight="balanced", tol=1e-6).fit(X, y, sample_weight=w)
+    if parse_version(sklearn.__version__) >= parse_version("1.9"):
+        sk = LogisticRegression(C=0.5, class_weight="balanced", tol=1e-8, max_iter=5000).fit(X, y, sample_weight=w)
+        np.testing.assert_allclose(th.coef_, sk.coef_, atol=2e-3)
+
+
 def test_weighted_cross_entropy_is_sample_weight():
     X, y = _data(3)
     w = np.random.default_rng(0).uniform(0.2, 3.0, len(y))
