@@ -71,12 +71,19 @@ def lbfgs(
     start: tuple[torch.Tensor, torch.Tensor] | None = None,
     history: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     track: int | None = None,
+    start_width: int | None = None,
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray, Curvature | None]:
     """Batched L-BFGS; each setting stops on its own (max|grad| <= tol), its columns leave the batch.
 
     `start` is the objective and gradient at `theta` when already known (a warm start costs no
-    data pass then); `history` seeds the curvature pairs; `track` names the setting whose end
-    state is returned for the next warm start.
+    data pass then), computed with `start_width` settings in one product; `history` seeds the
+    curvature pairs; `track` names the setting whose end state is returned for the next warm start.
+
+    A step is refused only on objectives computed with the same number of settings in one product:
+    BLAS kernels of different widths round float32 logits differently, by ~1e-9 in f, more than the
+    last decreases before a tight tolerance. Where a trial point fails against an f computed at
+    another width (settings left the block, or the line search went on with the pending subset),
+    f at x is recomputed at the trial's width and the test repeated, before the step is halved.
     """
     k_all = theta.shape[1]
     n_iter = np.zeros(k_all, dtype=np.int64)
@@ -86,6 +93,8 @@ def lbfgs(
     active = torch.arange(k_all, device=theta.device)
     x = theta.clone()
     f, g = start if start is not None else problem.loss_grad(x, lambdas)
+    # per setting, how many settings shared the product that gave its f and g (0: not known)
+    width = torch.full((k_all,), k_all if start is None else (start_width or 0), device=theta.device)
     S: list[torch.Tensor] = list(history[0]) if history else []
     Y: list[torch.Tensor] = list(history[1]) if history else []
     R: list[torch.Tensor] = [_inverse_curvature(s, y) for s, y in zip(S, Y, strict=True)]
@@ -93,14 +102,19 @@ def lbfgs(
     it = 0
     stalled = torch.zeros(k_all, dtype=torch.bool, device=theta.device)  # line search found no step
     # At the precision floor of float32 logits (large weights, unstandardised features) the gradient
-    # stops shrinking while steps are still accepted: a setting whose max|grad| has not improved in
-    # PATIENCE iterations is stalled too, instead of running to max_iter.
+    # stops shrinking while steps are still accepted within rounding of f: a setting whose max|grad|
+    # has not improved and whose f has not fallen by more than rounding in PATIENCE iterations is
+    # stalled too, instead of running to max_iter. (max|grad| alone is no measure of progress: on an
+    # ill-conditioned fit it can stay above its best for 50 iterations while f keeps falling.)
     best = torch.full((k_all,), math.inf, dtype=torch.float64, device=theta.device)
+    f_ref = torch.full((k_all,), math.inf, dtype=torch.float64, device=theta.device)
     since = torch.zeros(k_all, dtype=torch.long, device=theta.device)
     while True:
         gmax = g.abs().amax(dim=(0, 2))
-        improved = gmax < best
-        best = torch.where(improved, gmax.double(), best)
+        fell = f < f_ref - torch.finfo(x.dtype).eps * f.abs()
+        f_ref = torch.where(fell, f, f_ref)
+        improved = (gmax < best) | fell
+        best = torch.minimum(gmax.double(), best)
         since = torch.where(improved, torch.zeros_like(since), since + 1)
         done = (gmax <= tol) | (it >= max_iter) | stalled | (since >= PATIENCE)
         if done.any():
@@ -134,7 +148,7 @@ def lbfgs(
             if len(keep) == 0:
                 return theta, n_iter, converged, grad_max, final_loss, tracked
             active, x, f, g, lambdas = active[keep], x[:, keep], f[keep], g[:, keep], lambdas[keep]
-            best, since = best[keep], since[keep]
+            best, f_ref, since, stalled, width = best[keep], f_ref[keep], since[keep], stalled[keep], width[keep]
             S, Y, R = [s[:, keep] for s in S], [y[:, keep] for y in Y], [r[keep] for r in R]
         # Two-loop recursion, per setting.
         q = g.clone()
@@ -168,21 +182,23 @@ def lbfgs(
         # Armijo backtracking, each setting with its own step.
         x_new = x + t[None, :, None] * d
         pending = torch.ones_like(f, dtype=torch.bool)
-        f_new = f.clone()
-        g_new = g.clone()
+        f_new, g_new, width_new = f.clone(), g.clone(), width.clone()
         # Near the optimum the loss of float32 logits stops resolving the decrease; then a step is
         # accepted on the approximate Wolfe conditions (Hager & Zhang 2005): the loss within rounding
         # noise of f, and the slope along d at the new point between 0.9 and -0.8 times the slope at x
         # (the step lands near the minimum along the line).
-        noise = 16 * torch.finfo(x.dtype).eps * torch.clamp(f.abs(), min=1.0)
+        noise = _rounding(f, x.dtype)
         for _ in range(30):
             idx = pending.nonzero()[:, 0]
             fi, gi = problem.loss_grad(x_new[:, idx], lambdas[idx])
-            f_new[idx], g_new[:, idx] = fi, gi
-            armijo = fi <= f[idx] + 1e-4 * t[idx] * slope[idx]
+            f_new[idx], g_new[:, idx], width_new[idx] = fi, gi, len(idx)
             slope_i = _dot(gi, d[:, idx])
-            flat = (fi - f[idx] <= noise[idx]) & (slope_i >= 0.9 * slope[idx]) & (slope_i <= -0.8 * slope[idx])
-            ok = armijo | flat
+            curve = (slope_i >= 0.9 * slope[idx]) & (slope_i <= -0.8 * slope[idx])
+            ok = _acceptable(fi, f[idx], t[idx] * slope[idx], noise[idx], curve)
+            if (~ok & (width[idx] != len(idx))).any():  # refused against an f of another width
+                f[idx], g[:, idx] = problem.loss_grad(x[:, idx], lambdas[idx])
+                width[idx] = len(idx)
+                ok = _acceptable(fi, f[idx], t[idx] * slope[idx], noise[idx], curve)
             pending[idx[ok]] = False
             if not pending.any():
                 break
@@ -197,8 +213,20 @@ def lbfgs(
             S.pop(0)
             Y.pop(0)
             R.pop(0)
-        x, f, g = x_new, f_new, g_new
+        x, f, g, width = x_new, f_new, g_new, width_new
         it += 1
+
+
+def _acceptable(
+    f_new: torch.Tensor, f: torch.Tensor, decrease: torch.Tensor, noise: torch.Tensor, curve: torch.Tensor
+) -> torch.Tensor:
+    """Armijo (sufficient decrease), or the approximate Wolfe conditions: f within rounding and `curve`."""
+    return (f_new <= f + 1e-4 * decrease) | ((f_new - f <= noise) & curve)
+
+
+def _rounding(f: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """How far f can move by rounding of the logits alone: 16 ulp of the data type, relative (absolute below 1)."""
+    return 16 * torch.finfo(dtype).eps * torch.clamp(f.abs(), min=1.0)
 
 
 def _inverse_curvature(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -267,7 +295,16 @@ def path(
             predicted = f_p < f0  # else the plain warm start
             x[:, predicted], f0[predicted], g0[:, predicted] = x_pred[:, predicted], f_p[predicted], g_p[:, predicted]
         x, it, conv, gmax, loss, tracked = lbfgs(
-            problem, lam, x, max_iter, tol, on_done=on_done, start=(f0, g0), history=(S, Y), track=len(cols) - 1
+            problem,
+            lam,
+            x,
+            max_iter,
+            tol,
+            on_done=on_done,
+            start=(f0, g0),
+            history=(S, Y),
+            track=len(cols) - 1,
+            start_width=1 if block == 1 else None,  # one setting at a time: every value came from width 1
         )
         theta[:, cols] = x
         index = cols.cpu().numpy()
