@@ -359,6 +359,13 @@ def solve(
     block's last solution and curvature. `block=1` is the sequential warm-started path. The
     mini-batch solvers train every setting at once (`pipeline.heads.minibatch`).
     """
+    if sample_weight is not None:
+        w = np.asarray(sample_weight, dtype=np.float64)
+        if w.shape != (len(y),) or not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+            raise ValueError(
+                f"sample_weight: expected {len(y)} finite non-negative weights, not all zero; got shape {w.shape}, "
+                f"sum {w.sum() if w.size else 0.0:g}"
+            )
     device = options.device
     X_t = X.to(device=device, dtype=dtype) if torch.is_tensor(X) else torch.tensor(X, dtype=dtype, device=device)
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.long, device=device)

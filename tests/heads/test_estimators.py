@@ -315,3 +315,15 @@ def test_lbfgs_blocks_converge_where_one_at_a_time_does(block):
     together = solver.solve(X, y, Cs, n_classes=2, options=options, block=block)
     assert one.converged.all() and together.converged.all(), (Cs[~together.converged], together.grad_max)
     np.testing.assert_allclose(together.loss, one.loss, rtol=1e-5)  # the stopping rule leaves ~1e-6
+
+
+@pytest.mark.parametrize(
+    "weights", [np.zeros(6), np.array([1.0, 1, 1, -1, 1, 1]), np.full(6, np.nan), np.full(6, np.inf), np.ones(5)]
+)
+def test_solve_refuses_sample_weights_it_cannot_use(weights):
+    """All-zero weights used to divide by zero deep in the solver (the heads refuse them earlier)."""
+    from pipeline.heads import solver
+
+    X, y = np.eye(6, 3, dtype=np.float32), np.array([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match=r"sample_weight: expected 6 finite non-negative weights, not all zero"):
+        solver.solve(X, y, [1.0], n_classes=3, sample_weight=weights)
