@@ -190,8 +190,13 @@ def lbfgs(
         # Near the optimum the loss of float32 logits stops resolving the decrease; then a step is
         # accepted on the approximate Wolfe conditions (Hager & Zhang 2005): the loss within rounding
         # noise of f, and the slope along d at the new point between 0.9 and -0.8 times the slope at x
-        # (the step lands near the minimum along the line).
+        # (the step lands near the minimum along the line). A step refused while f is within rounding
+        # and the slope is still steep is too short, not too long: it is lengthened (x10 until a step
+        # is too long, then bisected between the two), where halving would shrink it to nothing (a
+        # cold start on features scaled ~1e-4 used to halve to a vanished step, taken as a decrease).
         noise = _rounding(f, x.dtype)
+        short_t = torch.zeros_like(t)  # longest step found too short, shortest found too long
+        long_t = torch.full_like(t, math.inf)
         for _ in range(30):
             idx = pending.nonzero()[:, 0]
             fi, gi = problem.loss_grad(x_new[:, idx], lambdas[idx])
@@ -206,7 +211,10 @@ def lbfgs(
             pending[idx[ok]] = False
             if not pending.any():
                 break
-            t[pending] *= 0.5
+            short = (fi - f[idx] <= noise[idx]) & (slope_i < 0.9 * slope[idx])
+            short_t[idx[~ok & short]] = t[idx[~ok & short]]
+            long_t[idx[~ok & ~short]] = t[idx[~ok & ~short]]
+            t = torch.where(long_t.isinf(), 10 * short_t, (short_t + long_t) / 2)
             x_new[:, pending] = x[:, pending] + t[pending][None, :, None] * d[:, pending]
         stalled = pending  # no acceptable step: as far as this precision goes
         s, y = x_new - x, g_new - g
@@ -224,8 +232,9 @@ def lbfgs(
 def _acceptable(
     f_new: torch.Tensor, f: torch.Tensor, decrease: torch.Tensor, noise: torch.Tensor, curve: torch.Tensor
 ) -> torch.Tensor:
-    """Armijo (sufficient decrease), or the approximate Wolfe conditions: f within rounding and `curve`."""
-    return (f_new <= f + 1e-4 * decrease) | ((f_new - f <= noise) & curve)
+    """Armijo (sufficient decrease), or the approximate Wolfe conditions: f within rounding and `curve`.
+    The decrease is compared as a difference: f + 1e-4 t slope rounds back to f for a vanishing step."""
+    return (f_new - f <= 1e-4 * decrease) | ((f_new - f <= noise) & curve)
 
 
 def _rounding(f: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
