@@ -47,16 +47,16 @@ def write_synthetic_cache(
     return writer.finish()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out", nargs="?", default="benchmarks/out/cifar100-like.h5")
-    args = parser.parse_args()
-    print(write_synthetic_cache(args.out))
-
-
 def matrix_cache(out: Path, n: int, d: int, k: int) -> Path:
     """The sweep matrix's cache of N train rows (+ N/5 test), D dimensions and K classes, written once."""
     cache = Path(out) / f"matrix-{n}-{d}-{k}.h5"
     if not cache.exists():
         write_synthetic_cache(cache, n_train=n, n_test=n // 5, dim=d, classes=k, latent=min(128, d // 4))
     return cache
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out", nargs="?", default="benchmarks/out/cifar100-like.h5")
+    args = parser.parse_args()
+    print(write_synthetic_cache(args.out))

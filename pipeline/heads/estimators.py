@@ -91,7 +91,7 @@ def balanced_weights(y: np.ndarray, class_weight: Any, sample_weight: np.ndarray
     if class_weight is None or class_weight == "none":
         return None
     classes, codes = np.unique(y, return_inverse=True)
-    if isinstance(class_weight, str) and class_weight == "balanced":
+    if class_weight == "balanced":
         w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         counts = np.bincount(codes, weights=w, minlength=len(classes))
         with np.errstate(divide="ignore"):  # a class whose rows all weigh 0 contributes nothing anyway

@@ -67,7 +67,7 @@ def lbfgs(
     BLAS kernels of different widths round float32 logits differently, by ~1e-9 in f, more than the
     last decreases before a tight tolerance. Where a trial point fails against an f computed at
     another width (settings left the block, or the line search went on with the pending subset),
-    f at x is recomputed at the trial's width and the test repeated, before the step is halved.
+    f at x is recomputed at the trial's width and the test repeated, before the step is changed.
     """
     k_all = theta.shape[1]
     n_iter = np.zeros(k_all, dtype=np.int64)
