@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,14 @@ def fingerprint_tag(fingerprint: Mapping[str, Any], length: int = 16) -> str:
     return hashlib.sha256(json.dumps(dict(fingerprint), sort_keys=True).encode()).hexdigest()[:length]
 
 
+ROW_KEYS = ("samples", "rows", "views_of")  # the fingerprint's row part; every other key describes the model
+
+
+def model_part(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """A fingerprint without its row part: equal model parts mean the same features for the same image."""
+    return {k: v for k, v in fingerprint.items() if k not in ROW_KEYS}
+
+
 def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Every key whose value differs, as ``key: old -> new``."""
     keys = sorted(set(old) | set(new))
@@ -91,19 +100,92 @@ def parts_of(path: Path) -> list[Path]:
     if not Path(path).is_file():
         return []
     try:
-        with h5py.File(path, "r", locking=False) as f:
+        with _peek(path) as f:
             return part_files(f, path)
     except OSError:
         return []
 
 
+def _peek(path: Path) -> h5py.File:
+    """`path` opened read-only, whether this process holds it open already (as `open_existing` opens
+    it: HDF5 refuses a second open with other locking flags) or not (another process may be writing)."""
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        return h5py.File(path, "r", locking=False)
+
+
+def part_name(out: Path, fingerprint: Mapping[str, Any], rank: int, size: int) -> Path:
+    """Where rank `rank` of `size` writes its part of the cache `out` with `fingerprint` (torchrun)."""
+    return Path(f"{out}.part-{fingerprint_tag(fingerprint, 8)}-{rank:03d}-of-{size:03d}")
+
+
+def whole_fingerprint(part_fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """A part's fingerprint without its ``shard`` key: the fingerprint of the cache it is a part of."""
+    return {k: v for k, v in part_fingerprint.items() if k != "shard"}
+
+
+def _fingerprint_of(path: Path) -> dict[str, Any] | None:
+    try:
+        with _peek(path) as f:
+            value = json.loads(f.attrs["fingerprint"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def owned_parts(path: Path) -> list[Path]:
+    """The parts of the virtual cache at `path` that replacing it may delete.
+
+    Those are files this project wrote for it: beside it, named after it and its fingerprint tag,
+    holding that fingerprint, and read by no other cache in the folder. Whatever else a crafted
+    cache names as a part is left alone.
+    """
+    path = Path(path)
+    parts = parts_of(path)
+    fingerprint = _fingerprint_of(path) if parts else None
+    if not fingerprint:
+        return []
+    named = re.compile(re.escape(f"{path.name}.part-{fingerprint_tag(fingerprint, 8)}-") + r"\d{3}-of-\d{3}")
+    folder = path.parent.resolve()
+    mine = [
+        part
+        for part in parts
+        if named.fullmatch(part.name)
+        and not part.is_symlink()
+        and part.is_file()
+        and part.parent.resolve() == folder
+        and whole_fingerprint(_fingerprint_of(part) or {"shard": None}) == fingerprint
+    ]
+    if not mine:
+        return []
+    others: set[Path] = set()
+    for entry in folder.iterdir():
+        if entry.name == path.name or ".part-" in entry.name or entry.suffix in (".partial", ".lock"):
+            continue
+        others.update(p.resolve() for p in parts_of(entry))
+    return [part for part in mine if part.resolve() not in others]
+
+
 def _check_parts(f: h5py.File, path: Path) -> None:
-    """A virtual cache whose part file is gone would read fill values in silence: refuse it by name."""
-    for part in part_files(f, path):
+    """Each part of a virtual cache is there (HDF5 would read fill values in silence for a missing
+    one) and holds rows of this very cache (its fingerprint, less its shard, is the cache's)."""
+    parts = part_files(f, path)
+    if not parts:
+        return
+    fingerprint = json_attr(f, "fingerprint")
+    for part in parts:
         if not part.is_file():
             raise CacheError(
                 f"cache {path} reads its rows from {part}, which is missing or was moved; put the part files back "
                 "beside the cache (keep them together when moving it), or rebuild it"
+            )
+        stored = _fingerprint_of(part)
+        if stored is None or whole_fingerprint(stored) != fingerprint:
+            differs = fingerprint_diff(fingerprint, whole_fingerprint(stored or {}))
+            raise CacheError(
+                f"cache {path} reads its rows from {part}, which holds rows of another cache "
+                f"({'; '.join(differs[:3]) or 'no fingerprint'}); put back the parts written with it, or rebuild it"
             )
 
 

@@ -31,7 +31,7 @@ from pipeline.cache.schema import (
     open_existing,
     part_files,
     partial_path,
-    parts_of,
+    owned_parts,
     read_ids,
 )
 from pipeline.cache.writer import CacheWriter
@@ -48,7 +48,8 @@ def row_datasets(f: h5py.File) -> list[str]:
 
 def assemble(out: Path, parts: list[Path], fingerprint: Mapping[str, Any], attrs: Mapping[str, Any]) -> Path:
     """``OUT`` as a virtual cache over the complete caches `parts`, in order; marked complete, renamed
-    into place. The parts of a virtual cache that ``OUT`` was before are removed once it is replaced."""
+    into place. The parts of a virtual cache that ``OUT`` was before are removed once it is replaced
+    (only those it wrote itself: `schema.owned_parts`)."""
     partial = partial_path(out)
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(reader.open_cache(p)) for p in parts]
@@ -86,7 +87,7 @@ def _finish(partial: Path, out: Path) -> Path:
         using = set(part_files(f, partial))
     with h5py.File(partial, "r+", locking=False) as f:
         f.attrs["complete"] = True
-    retired = set(parts_of(out))
+    retired = set(owned_parts(out))
     fsutil.replace(partial, out)
     for part in retired - using:
         part.unlink(missing_ok=True)

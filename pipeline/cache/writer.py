@@ -25,7 +25,7 @@ from pipeline.cache.schema import (
     json_attr,
     open_existing,
     partial_path,
-    parts_of,
+    owned_parts,
     read_block,
 )
 from pipeline.errors import CacheError, PipelineError
@@ -182,7 +182,7 @@ class CacheWriter:
             verify(partial)
             with h5py.File(partial, "r+", locking=False) as f:
                 f.attrs["complete"] = True
-            retired = parts_of(self.path)  # a virtual cache replaced by this one: its parts go with it
+            retired = owned_parts(self.path)  # a virtual cache replaced by this one: its own parts go with it
             fsutil.replace(partial, self.path)
             for part in retired:
                 part.unlink(missing_ok=True)

@@ -68,7 +68,7 @@ class World:
 def part_path(out: Path, rank: int, size: int, wanted: dict[str, Any]) -> Path:
     """Rank `rank`'s part of the cache `wanted` describes: a new build never writes over the parts that
     the current (virtual) cache reads."""
-    return Path(f"{out}.part-{schema.fingerprint_tag(wanted, 8)}-{rank:03d}-of-{size:03d}")
+    return schema.part_name(out, wanted, rank, size)
 
 
 def _progress_path(out: Path, rank: int) -> Path:

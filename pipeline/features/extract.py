@@ -130,7 +130,10 @@ def is_current(cfg: FeaturesConfig, wanted: dict[str, Any], samples: SampleList,
             raise CacheError(
                 f"cache {out} was built differently ({differences}); pass --on-mismatch rebuild or another --out"
             )
-        report(f"cache {out} was built differently, rebuilding: {differences}")
+        if schema.model_part(existing) == schema.model_part(wanted) and not cfg.force:
+            report(f"cache {out} holds another image set ({differences}); updating it, reusing unchanged rows")
+        else:
+            report(f"cache {out} was built differently, rebuilding: {differences}")
     elif existing is not None:
         report(f"cache {out} is current; rebuilding because of --force")
     return False

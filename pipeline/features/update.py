@@ -25,12 +25,7 @@ from pipeline.config import FeaturesConfig
 from pipeline.features import backbone, extract
 from pipeline.features.samples import SampleList
 
-ROW_KEYS = ("samples", "rows", "views_of")  # the fingerprint's row part; every other key describes the model
 BLOCK_ROWS = 4096
-
-
-def model_part(fingerprint: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in fingerprint.items() if k not in ROW_KEYS}
 
 
 def delta_path(out: Path) -> Path:
@@ -65,7 +60,7 @@ def update(
     scratch) when it was made by another model or shares no image with `samples`."""
     out = cfg.out_path
     old_fingerprint = reader.stored_fingerprint(out)
-    if old_fingerprint is None or model_part(old_fingerprint) != model_part(wanted):
+    if old_fingerprint is None or schema.model_part(old_fingerprint) != schema.model_part(wanted):
         return None
     with reader.open_cache(out) as f:
         if str(f.attrs.get("source", "")) != samples.source:  # another folder's files are not these files
@@ -85,12 +80,15 @@ def update(
         part_wanted = extract.fingerprint(cfg, part, spec)
         if reader.stored_fingerprint(delta) != part_wanted:
             skipped = extract.fill(cfg, part, spec, part_wanted, report, t0, out=delta).skipped
-    dropped = len(old["ids"]) - len(np.unique(source[source >= 0]))
+    known = set(map(str, old["ids"]))
+    dropped = len(known - set(samples.ids))
+    changed = sum(1 for i in fresh if samples.ids[i] in known)
     path = merge(cfg, samples, wanted, source, delta, time.perf_counter() - t0)
     delta.unlink(missing_ok=True)
     reused = len(samples) - len(fresh)
     report(
-        f"updated {path}: reused {reused} rows, extracted {len(fresh)} new/changed, dropped {dropped} "
+        f"updated {path}: reused {reused} rows, extracted {len(fresh)} ({len(fresh) - changed} new, {changed} "
+        f"changed), dropped {dropped} "
         f"({time.perf_counter() - t0:.1f} s)"
     )
     return extract.FeaturesResult(str(path), "updated", len(samples), len(fresh), time.perf_counter() - t0, skipped)

@@ -47,7 +47,8 @@ def test_a_grown_image_set_extracts_only_new_and_changed_images(tmp_path):
     said: list[str] = []
     result = stage.run(cfg, report=said.append)
     assert result.status == "updated" and result.computed == 12 and result.rows == 110
-    assert any("reused 98 rows, extracted 12 new/changed, dropped 2" in line for line in said), said
+    assert any("reused 98 rows, extracted 12 (10 new, 2 changed), dropped 0" in line for line in said), said
+    assert any("holds another image set" in line for line in said) and not any("rebuilding" in m for m in said)
     scratch = stage.run(tiny(data=str(root), layers="layer3", out=str(tmp_path / "scratch.h5")))
     after, fresh = _rows(cfg.out), _rows(scratch.path)
     for key in ("ids", "labels", "split", "ok"):
@@ -71,7 +72,7 @@ def test_removed_images_are_dropped_and_a_changed_label_keeps_its_row(tmp_path):
     said: list[str] = []
     result = stage.run(cfg, report=said.append)
     assert result.computed == 0 and result.rows == 10
-    assert any("reused 10 rows, extracted 0 new/changed, dropped 2" in line for line in said), said
+    assert any("reused 10 rows, extracted 0 (0 new, 0 changed), dropped 2" in line for line in said), said
 
 
 def test_another_model_or_force_builds_from_scratch(tmp_path):
@@ -159,3 +160,41 @@ def test_an_update_never_reuses_a_row_that_fails_its_checksum(tmp_path):
     scratch = stage.run(tiny(data=str(root), layers="layer2", out=str(tmp_path / "scratch.h5")))
     for key in ("features", "layers/layer2"):
         np.testing.assert_allclose(_rows(cfg.out)[key], _rows(scratch.path)[key], rtol=0, atol=1e-5, err_msg=key)
+
+
+def _virtualize(path) -> list:
+    """Turn the complete cache at `path` into a virtual cache over two parts, as torchrun leaves it."""
+    from pipeline.cache import schema, virtual
+    from pipeline.cache.writer import CacheWriter
+
+    with reader.open_cache(path) as f:
+        fp, n = schema.json_attr(f, "fingerprint"), f["features"].shape[0]
+        rows = {k: f[k][...] for k in ("labels", "split", "features")} | {"ids": schema.read_ids(f["ids"])}
+        classes, source = list(f["classes"].asstr()[...]), str(f.attrs["source"])
+        identity = {k: f[k][...] for k in ("file_size", "file_mtime_ns") if k in f}
+        layers = {k: f["layers"][k][...] for k in f.get("layers", {})}
+    parts = []
+    for rank, (a, b) in enumerate([(0, n // 2), (n // 2, n)]):
+        part = schema.part_name(path, fp, rank, 2)
+        writer = CacheWriter.open(
+            part, fingerprint={**fp, "shard": f"rows {a}:{b}"}, ids=list(rows["ids"][a:b]), labels=rows["labels"][a:b],
+            split=rows["split"][a:b], classes=classes, dim=rows["features"].shape[1], store_dtype="float32",
+            identity={k: v[a:b] for k, v in identity.items()}, layer_dims={k: v.shape[1] for k, v in layers.items()},
+        )  # fmt: skip
+        writer.write(0, rows["features"][a:b], None, None, {k: v[a:b] for k, v in layers.items()})
+        parts.append(writer.finish())
+    virtual.assemble(path, parts, fp, {"source": source})
+    return parts
+
+
+def test_an_update_of_a_virtual_cache_retires_its_old_parts(tmp_path):
+    root = make_folder(tmp_path / "img", per_class=6)
+    cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"))
+    stage.run(cfg)
+    parts = _virtualize(cfg.out_path)
+    assert stage.run(cfg).status == "current"
+    _grow(root, added=2, modified=0)
+    assert stage.run(cfg).status == "updated"
+    assert not any(p.exists() for p in parts), "the parts of the replaced virtual cache are gone"
+    with h5py.File(cfg.out_path) as f:
+        assert not f["features"].is_virtual and f["features"].shape[0] == 14
