@@ -105,8 +105,9 @@ def _pack(args: argparse.Namespace) -> int:
     from pipeline import outputs
     from pipeline.cache import virtual
 
-    outputs.check_file_output(Path(args.out), "pack", args.force)
-    virtual.pack(Path(args.cache), Path(args.out), report=_say)
+    source, out = Path(args.cache), Path(args.out)
+    outputs.check_file_output(out, "pack", args.force or virtual.same_cache(source, out))
+    virtual.pack(source, out, report=_say)
     return 0
 
 

@@ -2,9 +2,11 @@
 ask to overwrite is overwritten.
 
 A head run's folder is written as a hidden staging sibling and swapped in when every file is there,
-under a lock so two runs into one folder cannot interleave. A file output (a predictions CSV, an
-export, a report) replaces an existing file only when this project wrote it (recognised by its
-first bytes) or the user passed --force.
+under a lock so two runs into one folder cannot interleave. Whatever else the folder held (the
+user's notes, figures) is carried into the new one; a symlinked --out keeps its link.
+
+A file output (a predictions CSV, an export, a report) replaces an existing file only when this
+project wrote it (recognised by its first bytes; a pack: the same cache) or the user passed --force.
 """
 
 from __future__ import annotations
@@ -21,10 +23,19 @@ from pipeline import fsutil
 from pipeline.errors import ConfigError
 
 HEAD_FILES = ("result.json", "head.json")  # a folder holding one of these was written by `pipeline head`
+# Every name a head run may write; anything else in a results folder is the user's and is kept.
+HEAD_OUTPUTS = frozenset({*HEAD_FILES, "head.npz", "curve.csv", "predictions.npz", "fewshot.csv",
+                          "validation_curve.png", "confusion_matrix.png", "reliability.png"})  # fmt: skip
+
+
+def results_target(out: Path) -> Path:
+    """The folder a head run writes: `out`, or the folder it links to (the link itself stays)."""
+    return out.resolve() if out.is_symlink() else out
 
 
 def check_results_folder(out: Path, force: bool) -> None:
     """Before any work: `out` is absent, empty, a previous head run's folder, or --force was given."""
+    out = results_target(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; the head stage writes a folder there: pass another --out")
     if out.is_dir() and not force:
@@ -32,7 +43,7 @@ def check_results_folder(out: Path, force: bool) -> None:
         if entries and not any(name in entries for name in HEAD_FILES):
             raise ConfigError(
                 f"--out {out} holds files that `pipeline head` did not write (e.g. {entries[0]!r}); "
-                "pass another --out, or --force to replace that folder"
+                "pass another --out, or --force to write the head's files beside them"
             )
     fsutil.check_output_folder(out, "results")
 
@@ -40,26 +51,62 @@ def check_results_folder(out: Path, force: bool) -> None:
 @contextlib.contextmanager
 def results_lock(out: Path) -> Iterator[None]:
     """Held for a whole head run: the second run into the same folder fails at once."""
+    out = results_target(out)
     with fsutil.locked(out, "writing results to"):
         for stale in out.parent.glob(f".{out.name}.staging-*"):  # left by a killed run: ours to remove
             shutil.rmtree(stale, ignore_errors=True)
         yield
 
 
+def foreign_entries(folder: Path) -> list[str]:
+    """What in `folder` a head run did not write (the user's notes, figures): kept across reruns."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name not in HEAD_OUTPUTS)
+
+
 @contextlib.contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
+def staged_folder(out: Path, report: Callable[[str], None] = lambda message: None) -> Iterator[Path]:
     """A fresh hidden sibling to write into; on success it becomes `out` in one step, on any error it
-    is removed and the previous `out` stays as it was."""
+    is removed and the previous `out` stays as it was. Entries of `out` that a head run does not
+    write are linked (or copied) into the new folder first, so nothing of the user's is lost."""
+    out = results_target(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         yield staging
+        kept = foreign_entries(out)
+        for name in kept:
+            _link_tree(out / name, staging / name)
         fsutil.swap_in_folder(staging, out)
+        if kept:
+            report(
+                f"kept {len(kept)} entries of yours in {out}: {', '.join(kept[:5])}"
+                + (", ..." if len(kept) > 5 else "")
+            )
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise fsutil.explain(exc, out) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """`src` (a file, link or folder) at `dst` again: hard links where the file system allows, so the old
+    folder can go without taking the data."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(str(src), str(dst))
 
 
 def _starts_with(path: Path, prefix: bytes) -> bool:
@@ -76,18 +123,8 @@ def _is_our_export(path: Path) -> bool:
         return False
 
 
-def _is_cache(path: Path) -> bool:
-    import h5py
-
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            return "schema_version" in f.attrs and "features" in f
-    except OSError:
-        return False
-
-
 OURS: dict[str, Callable[[Path], bool]] = {
-    "pack": _is_cache,
+    "pack": lambda p: False,  # only the cache being packed itself, or a pack of it: `virtual.same_cache`
     "predictions": lambda p: _starts_with(p, b"path,prediction,probability"),
     "export": _is_our_export,
     "report": lambda p: _starts_with(p, b"# Comparison"),

@@ -55,6 +55,18 @@ def _check_keys(values: dict[str, Any], allowed: list[str], where: str) -> None:
             raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(allowed)}")
 
 
+def _check_unique(labels: list[str], table: str, source: str) -> None:
+    """Each entry of a table names its own cache and result folders: two that share a name (as their
+    folder names spell it) would overwrite each other."""
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        j = seen.setdefault(_slug(label), i)
+        if j != i:
+            raise ConfigError(
+                f"{source}: [[{table}]] #{j + 1} and #{i + 1} are both named {label!r}; give each a distinct name"
+            )
+
+
 def _defaults_for(head: str, defaults: dict[str, Any]) -> dict[str, Any]:
     """The [head] defaults that apply to `head`: a C grid, C and class weights set there are the linear
     heads' (and so is a preprocessing other than l2 / center-l2); a [[heads]] entry sets its own."""
@@ -66,6 +78,10 @@ def _defaults_for(head: str, defaults: dict[str, Any]) -> dict[str, Any]:
     if defaults.get("preprocess") not in (None, "auto", *registry.COSINE_PREPROCESSING):
         linear_only.add("preprocess")
     return {key: value for key, value in defaults.items() if key.replace("-", "_") not in linear_only}
+
+
+def _backbone_label(entry: dict[str, Any]) -> str:
+    return entry.get("name") or f"{entry.get('backbone', 'resnet50')}-{entry.get('weights', 'DEFAULT')}"
 
 
 def plan(path: str | Path) -> Plan:
@@ -93,15 +109,19 @@ def plan(path: str | Path) -> Plan:
     datasets = _entries(document, "datasets", source)
     backbones = _entries(document, "backbones", source)
     extractions = []
+    labels = [ds.get("name") or ds.get("dataset") or Path(str(ds.get("data", f"data{i}"))).stem
+              for i, ds in enumerate(datasets)]  # fmt: skip
+    _check_unique(labels, "datasets", source)
+    _check_unique([_backbone_label(bb) for bb in backbones], "backbones", source)
     for i, ds in enumerate(datasets):
         where = f"{source} [[datasets]] #{i + 1}"
         _check_keys(ds, ["name", *feature_fields], where)
         if "dataset" in ds:
             registry.canonical_dataset_name(ds["dataset"])  # unknown names fail here, listing the valid ones
-        label = ds.get("name") or ds.get("dataset") or Path(str(ds.get("data", f"data{i}"))).stem
+        label = labels[i]
         for j, bb in enumerate(backbones):
             _check_keys(bb, ["name", *feature_fields], f"{source} [[backbones]] #{j + 1}")
-            bb_label = bb.get("name") or f"{bb.get('backbone', 'resnet50')}-{bb.get('weights', 'DEFAULT')}"
+            bb_label = _backbone_label(bb)
             values = {**defaults, **{k: v for k, v in ds.items() if k != "name"}}
             values.update({k: v for k, v in bb.items() if k != "name"})
             values.setdefault("out", str(cache / f"{_slug(label)}-{_slug(bb_label)}.h5"))
@@ -117,6 +137,7 @@ def plan(path: str | Path) -> Plan:
         values = {**_defaults_for(head, head_defaults), **{key: v for key, v in hd.items() if key != "name"}}
         resolve(HeadConfig, {**values, "features": "check.h5"}, {}, source=where)  # validate now
         heads.append((hd.get("name") or values.get("head", "logreg"), values))
+    _check_unique([label for label, _ in heads], "heads", source)
     fewshot = document.get("fewshot")
     if fewshot is not None:
         _check_keys(fewshot, list(FEWSHOT_KEYS), f"{source} [fewshot]")

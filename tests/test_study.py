@@ -138,6 +138,15 @@ def test_study_file_errors(tmp_path):
         )
     with pytest.raises(ConfigError, match=r"\[fewshot\]: shots = \[0\]; expected positive whole numbers"):
         study.plan(write_study(tmp_path, **{"shots = [1, 2]": "shots = [0]"}))
+    twin = '\n[[datasets]]\nname = "shapes"\ndata = "elsewhere"\n'
+    with pytest.raises(ConfigError, match=r"\[\[datasets\]\] #1 and #2 are both named 'shapes'; give each a distinct"):
+        study.plan(write_study(tmp_path, extra_dataset=twin))
+    with pytest.raises(ConfigError, match=r"\[\[backbones\]\] #1 and #2 are both named 'r18-a'"):
+        study.plan(write_study(tmp_path, **{'name = "r18-b"': 'name = "r18-a"'}))
+    with pytest.raises(ConfigError, match=r"\[\[heads\]\] #1 and #4 are both named 'logreg'"):
+        study.plan(
+            write_study(tmp_path, extra_dataset="", **{'head = "knn"': 'head = "knn"\n\n[[heads]]\nhead = "logreg"'})
+        )
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import numpy as np
 from pipeline.cache.schema import (
     LAYERS,
     columns,
+    first_bad_row,
     json_attr,
     open_existing,
     partial_path,
@@ -80,6 +81,20 @@ def open_cache(path: str | Path) -> h5py.File:
         f.close()
         raise CacheError(f"cache {path} is incomplete ({done} of {n} rows); rerun `pipeline features` to resume it")
     return f
+
+
+def check_rows(path: str | Path) -> None:
+    """Every stored row still reads back as written (its CRC): a row edited or damaged after the cache
+    was finished is refused where it would be read, never trained on or copied with a fresh CRC."""
+    with open_cache(path) as f:
+        bad = first_bad_row(f)
+        if bad is None:
+            return
+        sample = read_ids(f["ids"], bad, bad + 1)[0]
+    raise CacheError(
+        f"cache {path}: row {bad} ({sample}) no longer reads back as it was written (its CRC differs: the file "
+        "was edited or the disk is failing); rebuild it with `pipeline features --force`"
+    )
 
 
 def stored_fingerprint(path: str | Path) -> dict[str, Any] | None:

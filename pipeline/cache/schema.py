@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -341,3 +342,34 @@ def read_block(dataset: h5py.Dataset, start: int, stop: int, dtype: Any = None) 
     if stop > start:
         dataset.read_direct(out, np.s_[start:stop], np.s_[0 : stop - start])
     return out
+
+
+def row_crc(
+    features: np.ndarray, logits: np.ndarray | None = None, layers: Mapping[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """(B,) CRC-32 of each row's stored bytes (features, then logits, then each layer by name): what
+    verification re-reads."""
+    blocks = [features, *([] if logits is None else [logits]), *(layers[k] for k in sorted(layers or {}))]
+    out = np.empty(len(features), dtype=np.uint32)
+    for i in range(len(features)):
+        crc = 0
+        for block in blocks:
+            crc = zlib.crc32(np.ascontiguousarray(block[i]).tobytes(), crc)
+        out[i] = crc
+    return out
+
+
+def first_bad_row(f: h5py.File, block_rows: int = 8192) -> int | None:
+    """The first row whose stored bytes no longer match the CRC written with them, or None (also for
+    a cache without CRCs). One pass over every stored row block."""
+    if "row_crc" not in f:
+        return None
+    n, stored = f[FEATURES].shape[0], f["row_crc"][...]
+    for a in range(0, n, block_rows):
+        b = min(n, a + block_rows)
+        logits = read_block(f["logits"], a, b) if "logits" in f else None
+        layers = {name: read_block(d, a, b) for name, d in f.get(LAYERS, {}).items()}
+        bad = np.flatnonzero(row_crc(read_block(f[FEATURES], a, b), logits, layers) != stored[a:b])
+        if bad.size:
+            return a + int(bad[0])
+    return None

@@ -35,6 +35,7 @@ from pipeline.cache.schema import (
     read_ids,
 )
 from pipeline.cache.writer import CacheWriter
+from pipeline.errors import CacheError
 from pipeline.splits import SPLITS
 
 ROW_DATASETS = ("features", "logits", "labels", "ids", "split", "ok", "row_crc", "file_size", "file_mtime_ns",
@@ -94,8 +95,24 @@ def _finish(partial: Path, out: Path) -> Path:
     return out
 
 
+def same_cache(path: Path, out: Path) -> bool:
+    """`out` is the cache at `path` itself, or holds the same features (equal fingerprints): `pack` may
+    replace it without --force. Any other file at `out` is someone else's."""
+    if not out.is_file():
+        return False
+    if path.exists() and os.path.samefile(path, out):
+        return True
+    try:
+        theirs, ours = reader.stored_fingerprint(out), reader.stored_fingerprint(path)
+    except CacheError:
+        return False
+    return theirs is not None and theirs == ours
+
+
 def pack(path: Path, out: Path, report: Any = lambda message: None) -> Path:
-    """One self-contained cache file with every row and attribute of the cache at `path`."""
+    """One self-contained cache file with every row and attribute of the cache at `path` (each checked
+    against its stored CRC first: a pack never vouches for a changed row with a fresh CRC)."""
+    reader.check_rows(path)
     with reader.open_cache(path) as f:
         identity = {k: f[k][...] for k in ("file_size", "file_mtime_ns", "file_sha256") if k in f}
         attrs = {k: json_attr(f, k) if k in ("config", "versions", "carved", "distributed") else f.attrs[k]

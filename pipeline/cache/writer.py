@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,25 +25,11 @@ from pipeline.cache.schema import (
     open_existing,
     partial_path,
     owned_parts,
-    read_block,
+    first_bad_row,
+    row_crc,
 )
 from pipeline.errors import CacheError, PipelineError
 from pipeline.splits import SPLITS
-
-
-def row_crc(
-    features: np.ndarray, logits: np.ndarray | None = None, layers: Mapping[str, np.ndarray] | None = None
-) -> np.ndarray:
-    """(B,) CRC-32 of each row's stored bytes (features, then logits, then each layer by name): what
-    verification re-reads."""
-    blocks = [features, *([] if logits is None else [logits]), *(layers[k] for k in sorted(layers or {}))]
-    out = np.empty(len(features), dtype=np.uint32)
-    for i in range(len(features)):
-        crc = 0
-        for block in blocks:
-            crc = zlib.crc32(np.ascontiguousarray(block[i]).tobytes(), crc)
-        out[i] = crc
-    return out
 
 
 class CacheWriter:
@@ -220,23 +205,13 @@ def _close_quietly(f: h5py.File) -> None:
             f.close()
 
 
-def verify(path: Path, block_rows: int = 8192) -> None:
+def verify(path: Path) -> None:
     """Re-read every row and compare it with the CRC stored when it was written. On a mismatch the
     file's `rows_done` goes back to the first bad row, so the rerun rewrites from there."""
     with open_existing(path) as f:
-        if "row_crc" not in f:
-            return
-        n, stored = f["features"].shape[0], f["row_crc"][...]
-        for a in range(0, n, block_rows):
-            b = min(n, a + block_rows)
-            logits = read_block(f["logits"], a, b) if "logits" in f else None
-            layers = {name: read_block(d, a, b) for name, d in f.get(LAYERS, {}).items()}
-            bad = np.flatnonzero(row_crc(read_block(f["features"], a, b), logits, layers) != stored[a:b])
-            if bad.size:
-                first = a + int(bad[0])
-                break
-        else:
-            return
+        first = first_bad_row(f)
+    if first is None:
+        return
     with contextlib.suppress(OSError, RuntimeError), h5py.File(path, "r+", locking=False) as f:
         f.attrs["rows_done"] = first
     raise CacheError(

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import reader, schema
-from pipeline.cache.writer import row_crc
 from pipeline.config import FeaturesConfig
 from pipeline.features import backbone, extract
 from pipeline.features.samples import SampleList
@@ -137,7 +136,7 @@ def damaged_rows(path: Path, rows: np.ndarray) -> np.ndarray:
             chunk = rows[a : a + BLOCK_ROWS]
             blocks = {name: _take(f[name], chunk) for name in names}
             stacked = {name: _take(f[schema.LAYERS][name], chunk) for name in layers}
-            crc = row_crc(blocks["features"], blocks.get("logits"), stacked)
+            crc = schema.row_crc(blocks["features"], blocks.get("logits"), stacked)
             bad.extend(chunk[crc != stored[chunk]].tolist())
     return np.array(bad, dtype=np.int64)
 

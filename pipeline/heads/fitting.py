@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.reader import CacheInfo, Split, read_features
+from pipeline.cache.reader import CacheInfo, Split, check_rows, read_features
 from pipeline.cache.schema import fingerprint_tag, views_path
 from pipeline.config import HeadConfig
 from pipeline.errors import CacheError, ConfigError, DataError, MissingError
@@ -190,6 +190,7 @@ class MemorySource:
         path = views_path(self.path)
         if not path.exists():
             raise MissingError(f"--views: no views cache {path}; run `pipeline features` with --views K for this cache")
+        check_rows(path)
         vs = read_features(path, splits=("train",), dtype=np.float32, layer=self.cfg.layer)
         check_finite(path, "train", vs["train"])
         if vs.fingerprint.get("views_of") != fingerprint_tag(fingerprint):

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import outputs
-from pipeline.cache.reader import CacheInfo, cache_info
+from pipeline.cache.reader import CacheInfo, cache_info, check_rows
 from pipeline.config import HeadConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import metrics
@@ -185,6 +185,7 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
     grid = head_grid(cfg)
     with timer("read"):
         info = cache_info(path, cfg.layer)
+        check_rows(path)  # one pass over the stored rows: nothing edited since the cache was written
         _check_labels(path, info.labels, info.classes)
         source = open_source(cfg, info, grid)
     if cfg.head == "knn":
@@ -232,5 +233,5 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
     solver = source.options.solver if source.options is not None else SOLVED_BY[cfg.head]
     return results.finish(
         cfg, info, grid, runs, scored, source.names, source.selected_on, solver, source.streams, timer,
-        predictions[0], cell,
+        predictions[0], cell, report_to,
     )  # fmt: skip

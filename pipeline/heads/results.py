@@ -51,6 +51,7 @@ def finish(
     timer: Timer,
     test: Predictions,
     cell: dict[str, Any] | None,
+    say: Any = lambda message: None,
 ) -> dict[str, Any]:
     """Assemble result.json and write every output into a staging folder that replaces ``cfg.out_path``
     only once complete; `test` holds the (first run's) test predictions."""
@@ -58,7 +59,7 @@ def finish(
     result["test_set"] = test_set_digest(test.ids, test.y)
     result["cell"] = cell or {}
     result["run_id"] = uuid.uuid4().hex  # head.json and head.npz carry it too: `load_head` checks they match
-    with outputs.staged_folder(cfg.out_path) as staging:
+    with outputs.staged_folder(cfg.out_path, say) as staging:
         with timer("write"):
             _write(cfg, result, runs[0], info, names, staging)
             np.savez(staging / "predictions.npz", ids=test.ids.astype(str), y_true=test.y, y_pred=test.pred)

@@ -118,3 +118,16 @@ def test_a_part_shared_with_another_cache_is_kept_and_a_swapped_part_is_refused(
     with pytest.raises(CacheError, match=r"v\.h5 reads its rows from .*-000-of-002, which holds rows of another cache \(t: 1 -> 2\)"):
         read_features(out)
     assert cli.main(["pack", str(out), "--out", str(tmp_path / "packed.h5")]) == 2
+
+
+def test_pack_replaces_only_the_cache_itself_or_a_pack_of_it(tmp_path, capsys):
+    whole, parts = _parts(tmp_path)
+    out = virtual.assemble(tmp_path / "v.h5", parts, FINGERPRINT, {})
+    other = write_cache(tmp_path / "other.h5", np.zeros((3, 5), np.float32), np.array([0, 1, 2]),
+                        np.array([0, 1, 2], np.int8), fingerprint={"t": 2})  # fmt: skip
+    before = other.read_bytes()
+    assert cli.main(["pack", str(out), "--out", str(other)]) == 2
+    assert "--out " + str(other) + " exists and was not written by this command" in capsys.readouterr().err
+    assert other.read_bytes() == before
+    assert cli.main(["pack", str(out), "--out", str(whole)]) == 0  # the same features: a pack of it
+    assert cli.main(["pack", str(out), "--out", str(other), "--force"]) == 0

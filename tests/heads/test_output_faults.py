@@ -90,10 +90,33 @@ def test_outputs_never_replace_files_they_did_not_write(cache, tmp_path):
     (notes / "mine.txt").write_text("keep me")
     code, err = main_here(["head", "--features", str(cache), "--out", str(notes), *HEAD])
     assert code == 2 and "holds files that `pipeline head` did not write (e.g. 'mine.txt')" in err
+    assert "or --force to write the head's files beside them" in err
     report_path = tmp_path / "notes.md"
     report_path.write_text("my notes")
     code, err = main_here(["compare", str(head), "--out", str(report_path)])
     assert code == 2 and report_path.read_text() == "my notes"
+
+
+def test_a_rerun_keeps_the_users_files_and_a_linked_out_keeps_its_link(cache, tmp_path):
+    out = tmp_path / "run"
+    assert main_here(["head", "--features", str(cache), "--out", str(out), *HEAD])[0] == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "figs").mkdir()
+    (out / "figs" / "a.png").write_bytes(b"png")
+    code, err = main_here(["head", "--features", str(cache), "--out", str(out), "--head", "torch", *HEAD])
+    assert code == 0 and f"kept 2 entries of yours in {out}: figs, notes.txt" in err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "figs" / "a.png").read_bytes() == b"png"
+    assert set(outputs.foreign_entries(out)) == {"figs", "notes.txt"}, "every other file is one a head writes"
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    assert main_here(["head", "--features", str(cache), "--out", str(notes), "--force", *HEAD])[0] == 0
+    assert (notes / "mine.txt").read_text() == "keep me" and (notes / "result.json").exists()
+    link = tmp_path / "latest"
+    link.symlink_to(out, target_is_directory=True)
+    assert main_here(["head", "--features", str(cache), "--out", str(link), *HEAD])[0] == 0
+    assert link.is_symlink() and link.resolve() == out and (out / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "notes", "run"], "no staging link or folder"
 
 
 @pytest.mark.slow
@@ -157,6 +180,22 @@ def test_info_into_a_closed_pipe_prints_no_traceback(cache):
 def test_invalid_values_are_refused(argv, pattern):
     code, err = main_here(argv)
     assert code == 2 and pattern in err
+
+
+def test_a_row_edited_after_the_cache_was_finished_is_refused_where_it_is_read(cache, tmp_path):
+    import h5py
+
+    edited = tmp_path / "edited.h5"
+    shutil.copy(cache, edited)
+    with h5py.File(edited, "r+") as f:
+        f["features"][5] = f["features"][5] + 1.0  # the CRC stored with the row now disagrees
+    pattern = r"edited\.h5: row 5 \(.*\) no longer reads back as it was written \(its CRC differs"
+    for argv in (["head", "--features", str(edited), "--out", str(tmp_path / "h"), *HEAD],
+                 ["pack", str(edited), "--out", str(tmp_path / "packed.h5")]):  # fmt: skip
+        code, err = main_here(argv)
+        assert code == 2
+        assert_one_line_error(err, pattern)
+    assert not (tmp_path / "h").exists() and not (tmp_path / "packed.h5").exists()
 
 
 def test_a_truncated_cache_is_not_called_busy(cache, tmp_path):

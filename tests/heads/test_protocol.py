@@ -181,9 +181,12 @@ def test_class_missing_from_train(tmp_path):
 
 
 def test_non_finite_features(synthetic_cache, tmp_path):
-    with h5py.File(synthetic_cache, "r+") as f:
+    from pipeline.cache.schema import row_crc
+
+    with h5py.File(synthetic_cache, "r+") as f:  # as a half-precision overflow writes them, CRCs included
         f["features"][5, 3] = np.nan
         f["features"][7, 0] = np.inf
+        f["row_crc"][:] = row_crc(f["features"][...])
     with pytest.raises(DataError, match=r"has NaN or infinite features in 2 train rows \(e\.g\. 'row5', 'row7'\); "
                        r"rebuild it with `pipeline features --force --precision fp32`"):  # fmt: skip
         protocol.run(head_cfg(synthetic_cache, tmp_path))
