@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,9 @@ from pipeline.features.images import load_image
 from pipeline.features.samples import SampleList, finalize
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+MAX_SHARDS = 100_000  # a brace range naming more is a typo, not a data set
+MAX_MTIME = 2**33  # seconds (the year 2242): a member's time beyond it is stored as 0, not overflowed
+_BLOCK = tarfile.BLOCKSIZE
 
 
 def is_shards(data: str) -> bool:
@@ -51,10 +55,25 @@ def expand(pattern: str) -> list[str]:
             f"--data {pattern!r} names tar shards, which need the webdataset package; install it with "
             "pip install 'pipeline[webdataset]' (or pip install webdataset)"
         ) from None
+    named = _count_names(pattern)
+    if named > MAX_SHARDS:
+        raise DataError(
+            f"--data {pattern!r} names {named:,} shards, more than {MAX_SHARDS:,}; check the numbers in its braces"
+        )
     urls = expand_urls(pattern)
     if not urls:
         raise DataError(f"--data {pattern!r} expands to no shard")
     return list(urls)
+
+
+def _count_names(pattern: str) -> int:
+    """How many names a brace pattern expands to, counted without expanding it: {a..b} ranges and
+    {x,y} lists multiply."""
+    count = 1
+    for body in re.findall(r"\{([^{}]*)\}", pattern):
+        span = re.fullmatch(r"\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*", body)
+        count *= abs(int(span[2]) - int(span[1])) + 1 if span else body.count(",") + 1
+    return count
 
 
 @contextmanager
@@ -84,7 +103,9 @@ def _key(name: str) -> tuple[str, str]:
 
 
 def index_shard(url: str, label_key: str) -> list[tuple[str, tuple[int, int, int, str], Any]]:
-    """[(key, (data offset, size, mtime, member name) of its image, its label)] in the shard's order."""
+    """[(key, (data offset, size, mtime, member name) of its image, its label)] in the shard's order.
+    A shard must end as a tar file ends (every member whole, then the end-of-archive block): Python's
+    tarfile takes a header cut short for the end, so a truncated shard would read as fewer samples."""
     samples: dict[str, dict[str, Any]] = {}
     with opened(url) as fh:
         try:
@@ -92,6 +113,7 @@ def index_shard(url: str, label_key: str) -> list[tuple[str, tuple[int, int, int
                 for member in tar:
                     if not member.isfile():
                         continue
+                    _check_name(member.name, url)
                     key, ext = _key(member.name)
                     entry = samples.setdefault(key, {})
                     if ext in IMAGE_SUFFIXES:
@@ -100,12 +122,20 @@ def index_shard(url: str, label_key: str) -> list[tuple[str, tuple[int, int, int
                                 f"sample {key!r} in shard {url} has two images ({entry['image'][3]}, {member.name}); "
                                 "keep one image per key"
                             )
-                        entry["image"] = (member.offset_data, member.size, int(member.mtime), member.name)
+                        mtime = int(member.mtime) if 0 <= member.mtime < MAX_MTIME else 0
+                        entry["image"] = (member.offset_data, member.size, mtime, member.name)
                     elif ext in ("cls", "json"):
                         entry[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+                end = tar.offset  # where the next header would start: the end-of-archive block
         except tarfile.TarError as exc:
             reason = f"shard {url} is not a readable tar file ({exc})"
             raise DataError(f"{reason}; expected uncompressed .tar shards") from None
+        fh.seek(end)
+        if fh.read(_BLOCK) != bytes(_BLOCK):
+            raise DataError(
+                f"shard {url} ends early: its bytes stop at offset {end}, inside a member or where the end-of-archive "
+                "block should be (a cut-short copy?); copy it again whole"
+            )
     out = []
     for key, entry in samples.items():
         where = f"sample {key!r} in shard {url}"
@@ -113,6 +143,14 @@ def index_shard(url: str, label_key: str) -> list[tuple[str, tuple[int, int, int
             raise DataError(f"{where} has no image member (.{', .'.join(IMAGE_SUFFIXES)}); fix the shard")
         out.append((key, entry["image"], _label(entry, label_key, where)))
     return out
+
+
+def _check_name(name: str, url: str) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape")
+        raise DataError(f"shard {url} has a member whose name is not UTF-8 ({raw!r}); rename it in the shard") from None
 
 
 def _label(entry: dict[str, Any], label_key: str, where: str) -> Any:
@@ -124,7 +162,7 @@ def _label(entry: dict[str, Any], label_key: str, where: str) -> Any:
             if isinstance(value, bool) or not isinstance(value, int | str):
                 raise TypeError(type(value).__name__)
             return value
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise DataError(f"{where}: cannot read its label ({type(exc).__name__}: {exc}); expected an integer .cls "
                         f"or a .json with a {label_key!r} field (--label-key)") from None  # fmt: skip
     raise DataError(f"{where} has no label: add KEY.cls, or KEY.json with a {label_key!r} field (--label-key)")
@@ -168,6 +206,13 @@ def load_shards(
         twice = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"sample {twice!r} appears twice; shard file names and keys must be unique")
     numeric = all(isinstance(v, int) for v in raw)
+    if not numeric and any(isinstance(v, int) for v in raw):
+        number = next(ids[i] for i, v in enumerate(raw) if isinstance(v, int))
+        name = next(ids[i] for i, v in enumerate(raw) if not isinstance(v, int))
+        raise DataError(
+            f"labels mix class numbers ({number}) and class names ({name}); label every sample one way "
+            "(all .cls numbers, or all names under --label-key)"
+        )
     classes = sorted(set(raw), key=lambda v: (not isinstance(v, int), v))
     index = {c: i for i, c in enumerate(classes)}
     identity = {"file_size": np.array(sizes, np.int64), "file_mtime_ns": np.array(mtimes, np.int64)}

@@ -17,6 +17,7 @@ from pipeline import cli
 from pipeline.errors import BadImageError, DataError, MissingError
 from pipeline.features import stage
 from pipeline.features.distributed import World
+from pipeline.features.shards import index_shard
 from pipeline.features.sources import load_samples
 
 from conftest import PALETTE, tiny, write_image
@@ -149,3 +150,50 @@ def test_shard_images_decode_like_files(tmp_path):
                 tar.addfile(info, io.BytesIO(data))
     samples = load_samples(data=str(tmp_path / "j.tar"), val_fraction=0.0, test_fraction=0.0)
     assert samples.read(0).size == (64, 48) and samples.read(0, min_short_side=20).size == (32, 24)
+
+
+def test_shards_that_end_early_or_hold_odd_members_are_one_line(tmp_path):
+    """Cut short anywhere (a header, a member's bytes, where the end block should be): refused, never
+    read as fewer samples. Odd members and patterns: one line each, nothing else."""
+    image = png(write_image(tmp_path / "x.png", PALETTE[0], (20, 20)))
+    labels = {"cls": b"0"}, {"cls": b"1"}
+    whole = write_shard(tmp_path / "whole.tar", [(f"k{i:02d}", image, labels[i % 2]) for i in range(20)])
+    data = whole.read_bytes()
+    with tarfile.open(whole) as tar:
+        members = tar.getmembers()
+    last = members[-1]
+    cuts = {
+        "header": members[22].offset + 100,  # inside the 12th sample's image header
+        "member": members[10].offset_data + 10,  # inside an image's bytes
+        "boundary": last.offset_data + -(-last.size // 512) * 512,  # every member whole, no end block
+    }
+    for name, size in cuts.items():
+        cut = tmp_path / f"cut-{name}.tar"
+        cut.write_bytes(data[:size])
+        with pytest.raises(DataError, match=rf"cut-{name}\.tar (ends early|is not a readable tar file)"):
+            load_samples(data=str(cut))
+    assert len(load_samples(data=str(whole), val_fraction=0.0, test_fraction=0.0)) == 20
+
+    deep = write_shard(tmp_path / "deep.tar", [("a", image, {"json": b"[" * 100_000 + b"]" * 100_000})])
+    with pytest.raises(DataError, match=r"sample 'a' in shard .*deep\.tar: cannot read its label \(RecursionError"):
+        load_samples(data=str(deep))
+    write_shard(tmp_path / "m-000.tar", [("a", image, {"cls": b"0"})])
+    write_shard(tmp_path / "m-001.tar", [("b", image, {"json": json.dumps({"label": "owl"}).encode()})])
+    with pytest.raises(DataError, match=r"labels mix class numbers \(m-000\.tar/a\) and class names \(m-001\.tar/b\)"):
+        load_samples(data=str(tmp_path / "m-{000..001}.tar"))
+    with tarfile.open(tmp_path / "odd.tar", "w", encoding="utf-8", errors="surrogateescape") as tar:
+        for name, payload in (("caf\udce9.png", image), ("caf\udce9.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(DataError, match=r"odd\.tar has a member whose name is not UTF-8 \(b'caf\\xe9\.png'\)"):
+        load_samples(data=str(tmp_path / "odd.tar"))
+    with tarfile.open(tmp_path / "late.tar", "w") as tar:
+        for name, payload in (("a.png", image), ("a.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(payload), 10**15
+            tar.addfile(info, io.BytesIO(payload))
+    [(_, (_, _, mtime, _), _)] = index_shard(str(tmp_path / "late.tar"), "label")
+    assert mtime == 0, "a time beyond 2242 is stored as unknown, not overflowed"
+    with pytest.raises(DataError, match=r"names 1,000,000,000 shards, more than 100,000; check the numbers"):
+        load_samples(data=str(tmp_path / "s-{000000000..999999999}.tar"))
