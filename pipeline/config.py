@@ -17,6 +17,8 @@ from pipeline.heads.options import DEFAULTS
 from pipeline.settings import check_choices, check_device, check_positive, flag, option, parse_size
 
 MAX_VIEWS = 1000  # views per train image: more is a typo, and would reserve disk for that many rows
+MAX_LOGIT_ADJUST = 100.0  # tau: 1 is the paper's choice; far larger only overflows the offsets
+MIN_TEMPERATURE = 1e-4  # cosine / T stays finite in float32 for T in [1e-4, 1e4]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +282,11 @@ class HeadConfig:
                 raise ConfigError(
                     f"k value {k} is not allowed; the knn head's --grid takes whole numbers of neighbours >= 1"
                 )
-        check_positive(self, "temperature")
+        if not MIN_TEMPERATURE <= self.temperature <= 1 / MIN_TEMPERATURE:  # logits stay finite
+            raise ConfigError(
+                f"--temperature {self.temperature} is out of range; pass a number in [{MIN_TEMPERATURE:g}, "
+                f"{1 / MIN_TEMPERATURE:g}] (0.07 is DINO's)"
+            )
         if self.preprocess not in ("auto", *registry.COSINE_PREPROCESSING):
             raise ConfigError(
                 f"--preprocess {self.preprocess} does not suit the {self.head} head, which compares unit rows by "
@@ -307,8 +313,11 @@ class HeadConfig:
             tau = float(self.logit_adjust)
         except (TypeError, ValueError):
             tau = float("nan")
-        if not 0.0 <= tau < float("inf"):
-            raise ConfigError(f"--logit-adjust {self.logit_adjust!r} is not allowed; pass a number >= 0 or auto")
+        if not 0.0 <= tau <= MAX_LOGIT_ADJUST:  # beyond it the saved offsets overflow (NaN fails too)
+            raise ConfigError(
+                f"--logit-adjust {self.logit_adjust!r} is not allowed; pass a number in [0, {MAX_LOGIT_ADJUST:g}] "
+                "(1 is the usual choice) or auto"
+            )
         return tau
 
     @property

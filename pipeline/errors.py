@@ -34,6 +34,10 @@ class DeviceError(PipelineError, RuntimeError):
     """A compute device that was asked for but is not available."""
 
 
+class WorkerError(PipelineError, RuntimeError):
+    """A DataLoader worker that died or could not hand over its batch (memory, limits, a signal)."""
+
+
 class CacheError(PipelineError, RuntimeError):
     """A cache file that is incomplete, from another schema, busy, or from another setup."""
 

@@ -58,6 +58,7 @@ def load_run(folder: str | Path) -> Run:
             f"result {path} has schema {schema!r}, this pipeline reads {RESULT_SCHEMA}; rerun `pipeline head` for it"
         )
     try:
+        _check_fields(result)
         cell, cache = result.get("cell") or {}, result["cache"]
         weights = str(cache["fingerprint"].get("weights", "?")).split(" (")[0]
         layer = cache.get("layer", "penultimate")
@@ -74,6 +75,24 @@ def load_run(folder: str | Path) -> Run:
         raise CacheError(
             f"result {path} lacks {exc} or has it in another shape; rerun `pipeline head` for it"
         ) from None
+
+
+def _check_fields(result: dict[str, Any]) -> None:
+    """What a comparison reads from result.json, in the shape it reads it (KeyError or TypeError naming
+    the field otherwise): a hand-edited or foreign file is skipped with its reason, never a traceback."""
+    test, chosen = result["test"], result["chosen"]
+    if not isinstance(test, dict) or not isinstance(chosen, dict) or not isinstance(result["config"], dict):
+        raise TypeError("'test', 'chosen' or 'config'")
+    for key in ("top1", "balanced_accuracy"):
+        if not isinstance(test[key], int | float):
+            raise TypeError(f"'test.{key}'")
+    for key in ("ci", "std", "groups"):
+        if not isinstance(test.get(key) or {}, dict):
+            raise TypeError(f"'test.{key}'")
+    chosen[chosen.get("param", "C")]
+    timings = result.get("timings", {})
+    if not isinstance(timings, dict) or not all(isinstance(v, int | float) for v in timings.values()):
+        raise TypeError("'timings'")
 
 
 def head_label(config: dict[str, Any]) -> str:

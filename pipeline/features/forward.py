@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import threading
 import warnings
 from collections.abc import Callable
@@ -14,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from tqdm import tqdm
 
 from pipeline.cache.writer import CacheWriter
 from pipeline.config import FeaturesConfig
 from pipeline.devices import autocast, choose_device
-from pipeline.errors import BadImageError
+from pipeline.errors import BadImageError, WorkerError
 from pipeline.features import backbone
 from pipeline.features.samples import SampleList
 
@@ -82,9 +83,17 @@ class EncodedDataset(ImageDataset):
 
 
 def collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    """(rows, stacked images of the readable rows, [(row, error)] of the unreadable ones)."""
+    """(rows, stacked images of the readable rows, [(row, error)] of the unreadable ones).
+
+    In a worker the batch goes into shared memory here, as torch's own collate does. A batch that cannot
+    be shared (``ulimit -f``, a full /dev/shm) then fails where the loader reports it. Left to the
+    queue's feeder thread, that failure would drop the batch and leave the run waiting forever.
+    """
     rows, images, errors = collate_encoded(batch)
-    return rows, (torch.stack(images) if images else None), errors
+    if not images:
+        return rows, None, errors
+    stacked = torch.stack(images)
+    return rows, (stacked.share_memory_() if get_worker_info() is not None else stacked), errors
 
 
 def collate_encoded(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], list[Any], list[tuple[int, str]]]:
@@ -238,6 +247,46 @@ def reduced_decode_side(cfg: FeaturesConfig, spec: backbone.BackboneSpec) -> int
     return 2 * spec.transform.resize_size[0] if cfg.decode == "cpu" else 0
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _quiet_worker(worker_id: int) -> None:
+    """SIGTERM to the whole process group ends a worker as Ctrl-C does: its loop returns quietly and
+    the main process says "interrupted" once, instead of reporting a worker killed by a signal."""
+    signal.signal(signal.SIGTERM, _stop)
+
+
+def _batches(loader: DataLoader, cfg: FeaturesConfig) -> Any:
+    """The loader's batches; a worker that dies or cannot hand over a batch ends the run in one line."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            raise _worker_error(exc, cfg) from None
+        yield batch
+
+
+def _worker_error(exc: RuntimeError, cfg: FeaturesConfig) -> BaseException:
+    text = str(exc)
+    if "DataLoader worker" not in text:
+        return exc
+    last = text.strip().splitlines()[-1]
+    if any(reason in text for reason in ("File too large", "No space left", "Cannot allocate memory")):
+        return WorkerError(
+            f"DataLoader workers cannot hand a batch to the main process through shared memory ({last}); "
+            f"the file size limit (ulimit -f) or the free space in /dev/shm is too small for a batch of "
+            f"{cfg.batch_size} images: raise it, lower --batch-size, or pass --workers 0 (finished rows are kept)"
+        )
+    return WorkerError(
+        f"a DataLoader worker died ({text.splitlines()[0]}); out of memory, or killed? lower --workers or "
+        "--batch-size and rerun the same command (finished rows are kept)"
+    )
+
+
 def forward_rows(
     sink: RowSink | MemorySink,
     start_row: int,
@@ -269,6 +318,7 @@ def forward_rows(
         collate_fn=collate_encoded if on_device else collate,
         pin_memory=device.type == "cuda" and not on_device,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=_quiet_worker,
     )
     skipped: list[int] = []
     bar = tqdm(
@@ -281,7 +331,7 @@ def forward_rows(
     )
     try:
         with bar, torch.inference_mode(), autocast(device, cfg.precision):
-            for rows, payload, errors in loader:
+            for rows, payload, errors in _batches(loader, cfg):
                 start, n = rows[0], len(rows)
                 if on_device:
                     tensors, decode_errors = decode_on_device(payload, device, spec.transform)

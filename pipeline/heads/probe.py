@@ -133,6 +133,28 @@ def _read_json(path: Path, folder: Path) -> dict[str, Any]:
     return document
 
 
+def _check_declared_sizes(arrays_path: Path, folder: Path) -> None:
+    """Each array's header may not claim more bytes than its entry holds: a crafted header declaring
+    petabytes would otherwise be allocated before anything else is checked."""
+    try:
+        with zipfile.ZipFile(arrays_path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as fh:
+                    fmt = np.lib.format
+                    version = fmt.read_magic(fh)
+                    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                    shape, _, dtype = read(fh)
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > info.file_size:
+                    raise _bad_head(
+                        folder,
+                        f"head.npz's {info.filename} declares a {shape} {dtype} array, more than its "
+                        f"{info.file_size} bytes",
+                    )
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return  # np.load below names what is wrong with the archive
+
+
 def _head_arrays(arrays_path: Path, folder: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
     """The arrays of head.npz, each checked for presence, numeric dtype and the shape head.json implies."""
     dim, n_classes = meta["n_features"], len(meta["classes"])
@@ -141,6 +163,7 @@ def _head_arrays(arrays_path: Path, folder: Path, meta: dict[str, Any]) -> dict[
     if meta["model"] == "knn":  # the bank has any number of rows (None), the same in both arrays
         shapes = {"bank": (None, dim), "bank_labels": (None,)}
     shapes |= {name: (dim,) for name in _preprocessor_arrays(Preprocessor(meta["preprocessing"]))}
+    _check_declared_sizes(arrays_path, folder)
     try:
         with np.load(arrays_path, allow_pickle=False) as archive:
             found = {name: archive[name] for name in archive.files}

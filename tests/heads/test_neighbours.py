@@ -158,7 +158,7 @@ def test_ncm_head_through_the_protocol(synthetic_cache, tmp_path):
             r"--preprocess standardize does not suit the ncm head.*l2, center-l2",
         ),
         ({"head": "knn", "class_weight": "balanced"}, r"--class-weight balanced applies to the linear heads"),
-        ({"head": "knn", "temperature": 0.0}, r"--temperature 0.0 must be a positive, finite number"),
+        ({"head": "knn", "temperature": 0.0}, r"--temperature 0.0 is out of range; pass a number in \[0.0001, 10000\]"),
     ],
 )
 def test_cosine_head_settings_are_checked_in_one_line(overrides, message):

@@ -153,6 +153,18 @@ def test_compare_skips_an_unreadable_result_and_goes_on(cache, tmp_path):
     code, err = main_here(["compare", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md")])
     assert code == 0 and "skipped: result" in err and "b/result.json is unreadable" in err
     assert (tmp_path / "r.md").read_text().startswith("# Comparison")
+    import json
+
+    good = json.loads((tmp_path / "runs" / "a" / "result.json").read_text())
+    for name, change in (("c", lambda r: r.pop("test")), ("d", lambda r: r["test"].update(top1="high"))):
+        shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / name)
+        damaged = json.loads(json.dumps(good))
+        change(damaged)
+        (tmp_path / "runs" / name / "result.json").write_text(json.dumps(damaged))
+    code, err = main_here(["compare", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md")])
+    assert code == 0 and "Traceback" not in err
+    assert "c/result.json lacks 'test' or has it in another shape" in err
+    assert "d/result.json lacks 'test.top1' or has it in another shape" in err
 
 
 def test_info_into_a_closed_pipe_prints_no_traceback(cache):
@@ -175,6 +187,15 @@ def test_info_into_a_closed_pipe_prints_no_traceback(cache):
         (["head", "--features", "C", "--jobs", "0"], "--jobs 0 is not allowed; pass a positive number, or -1"),
         (["features", "--dataset", "digits", "--image-size", "1"], "--image-size 1 is too small for these backbones"),
         (["features", "--dataset", "digits", "--test-fraction", "0.95"], "leave no train images"),
+        (
+            ["head", "--features", "C", "--logit-adjust", "1e308"],
+            "--logit-adjust '1e308' is not allowed; pass a number in [0, 100]",
+        ),
+        (["head", "--features", "C", "--logit-adjust", "nan"], "--logit-adjust 'nan' is not allowed"),
+        (
+            ["head", "--features", "C", "--head", "knn", "--temperature", "1e-300"],
+            "--temperature 1e-300 is out of range; pass a number in [0.0001, 10000]",
+        ),
     ],
 )
 def test_invalid_values_are_refused(argv, pattern):
@@ -223,9 +244,25 @@ def _rewrite_npz(folder: Path, **changes) -> None:
     np.savez(folder / "head.npz", **data)
 
 
+def _huge_coef(folder: Path) -> None:
+    """head.npz whose coef header declares a 35 PiB array over a few bytes."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (1 << 42, 1024)})
+    with zipfile.ZipFile(folder / "head.npz") as src:
+        entries = {name: src.read(name) for name in src.namelist()}
+    entries["coef.npy"] = header.getvalue() + b"\0" * 64
+    with zipfile.ZipFile(folder / "head.npz", "w") as dst:
+        for name, data in entries.items():
+            dst.writestr(name, data)
+
+
 @pytest.mark.parametrize(
     ("damage", "pattern"),
     [
+        (_huge_coef, r"head\.npz's coef\.npy declares a \(4398046511104, 1024\) float64 array, more than its"),
         (lambda d: (d / "head.json").write_text("{oops"), "head.json is not JSON"),
         (lambda d: (d / "head.json").write_text("[1, 2]"), "head.json holds a list, expected an object"),
         (lambda d: (d / "head.json").write_text('{"schema": 1}'), "head.json lacks classes, preprocessing, n_features"),

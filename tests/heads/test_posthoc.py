@@ -147,7 +147,10 @@ def test_auto_logit_adjustment_chooses_tau_on_val(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"logit_adjust": "lots"}, r"--logit-adjust 'lots' is not allowed; pass a number >= 0 or auto"),
+        (
+            {"logit_adjust": "lots"},
+            r"--logit-adjust 'lots' is not allowed; pass a number in \[0, 100\] \(1 is the usual choice\) or auto",
+        ),
         ({"logit_adjust": "-1"}, r"--logit-adjust '-1' is not allowed"),
         ({"imbalance_ratio": 0.5}, r"--imbalance-ratio 0.5 must be a finite number >= 1"),
         ({"imbalance_ratio": 10.0, "shots": 4}, r"--imbalance-ratio and --shots both choose the training rows"),
