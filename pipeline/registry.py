@@ -85,7 +85,7 @@ COSINE_PREPROCESSING = ("l2", "center-l2")
 CLASS_WEIGHTS = ("none", "balanced")
 CALIBRATIONS = ("none", "temperature")  # temperature: one T fitted on val by NLL (pipeline.heads.posthoc)
 # --logit-adjust auto: the TAU values tried on val (Menon et al. use 1).
-LOGIT_ADJUST_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+LOGIT_ADJUST_GRID = tuple(0.25 * i for i in range(9))  # 0, 0.25, ..., 2
 # --imbalance-ratio: which class keeps the most rows: a seeded order, or the most frequent first.
 IMBALANCE_ORDERS = ("seeded", "frequency")
 # Frequency groups of the test metrics, by train images per class: many > 100, few < 20, medium between.

@@ -149,6 +149,29 @@ def _fmt(value: Any, ci: Sequence[float] | None = None) -> str:
     return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else text
 
 
+def choice_notes(result: dict[str, Any]) -> list[str]:
+    """What the reader of a result should know about its choices: one at a grid's edge (the best may
+    lie beyond it), an isolated peak, a logit adjustment at the end of its grid."""
+    notes = []
+    selection = result["protocol"].get("selection") or {}
+    param = selection.get("param", "C")
+    edge = selection.get("at_edge")
+    if edge:
+        notes.append(
+            f"the chosen {param} is the {edge}-regularised end of the grid: the best may lie beyond it; "
+            "widen --grid to see"
+        )
+    if selection.get("isolated"):
+        notes.append(
+            f"the chosen {param} is an isolated peak: both neighbours score below the rule's band, so it may be "
+            "a few lucky val images; compare validation_curve.png, or try --select top1-1se or logloss"
+        )
+    posthoc = result.get("posthoc")
+    if isinstance(posthoc, dict) and (posthoc.get("logit_adjust") or {}).get("at_edge"):
+        notes.append("logit adjustment TAU = 2 is the end of its grid (0, 0.25, ..., 2): the best may be larger")
+    return notes
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The short summary printed at the end of a head run."""
     test, val, ci = result["test"], result.get("val_at_choice", {}), result["test"].get("ci", {})
@@ -165,14 +188,20 @@ def format_table(result: dict[str, Any]) -> str:
     chosen = result["chosen"]
     param = chosen.get("param", "C")
     Cs = chosen[param] if isinstance(chosen[param], list) else [chosen[param]]
+    values = ", ".join(f"{c:.3g}" for c in Cs)
+    how = (
+        f"{param} = {values} given (--C), nothing chosen"
+        if protocol.get("select") == "fixed"
+        else f"{param} = {values} chosen on {protocol['selected_on']} by "
+        f"{protocol.get('select', protocol['select_metric'])} from {len(result['grid'])} values"
+    )
     lines = [
         f"run        {result['out']}",
         f"cache      {result['cache']['path']} ({result['cache']['fingerprint'].get('backbone', '?')}, "
         f"{result['cache']['dim']}-d, {len(result['classes'])} classes)",
-        f"head       {result['config']['head']}; {param} = {', '.join(f'{c:.3g}' for c in Cs)} chosen on "
-        f"{protocol['selected_on']} by {protocol.get('select', protocol['select_metric'])} "
-        f"from {len(result['grid'])} values; "
+        f"head       {result['config']['head']}; {how}; "
         f"trained on {protocol['trained_on']}; scored once on {protocol['scored_on']}",
+        *(f"note       {note}" for note in choice_notes(result)),
         "",
         f"{'metric':<19}{f'val (chosen {param})':>16}   "
         + "test"

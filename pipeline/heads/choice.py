@@ -47,7 +47,10 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
         return next(i for i in order if candidates[i])
 
     def chosen(index: int) -> dict[str, Any]:
-        return {"index": index, param: settings[index], "value": settings[index]}
+        edge = None  # a choice at an end of a grid of several: the best may lie beyond it
+        if len(order) > 1 and index in (order[0], order[-1]):
+            edge = "strongest" if index == order[0] else "weakest"
+        return {"index": index, param: settings[index], "value": settings[index], "at_edge": edge}
 
     if select in ("top1", "balanced"):
         best = first(values == values.max())
@@ -65,6 +68,8 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
     # A relative slack of 1e-12 keeps a score that equals the threshold up to rounding a candidate.
     inside = eligible & (values >= threshold - 1e-12)
     index = first(inside) if width == 1.0 else _walk(order, inside, best)
+    at = order.index(index)
+    neighbours = [order[j] for j in (at - 1, at + 1) if 0 <= j < len(order)]
     return (
         out
         | {
@@ -73,6 +78,8 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
             f"best_{param}": settings[best],
             "se": se,
             "threshold": float(threshold),
+            # Both neighbours below the band: a peak of one point, which may be noise (see the docs).
+            "isolated": bool(neighbours) and not any(values[j] >= threshold - 1e-12 for j in neighbours),
         }
         | chosen(index)
     )

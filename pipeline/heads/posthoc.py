@@ -77,7 +77,8 @@ def choose_tau(y: np.ndarray, log_proba: np.ndarray, prior: np.ndarray, select: 
         scores.append(-s if metric == "log_loss" else s)
     best = int(np.argmax(scores))  # the first of equal scores: the grid is ascending
     sign = -1 if metric == "log_loss" else 1
-    return {"tau": LOGIT_ADJUST_GRID[best], "metric": metric, "curve": [sign * s for s in scores]}
+    edge = "largest" if best == len(LOGIT_ADJUST_GRID) - 1 else None  # the best may lie beyond 2
+    return {"tau": LOGIT_ADJUST_GRID[best], "metric": metric, "curve": [sign * s for s in scores], "at_edge": edge}
 
 
 @dataclass

@@ -203,7 +203,7 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
         k = getattr(source, "views_per_image", 0)
         views = f", train images with {k} augmented views each (every view weighs 1/{k + 1})" if k else ""
         for r in range(repeats):
-            with timer("sweep"):
+            with timer("sweep" if cfg.C is None else "fit"):  # --C: one fit on train, scored on val
                 prep, fits, curve = source.sweep(r, grid, bar.update)
                 best = choice.choose(curve, cfg.select)
                 adjustment = _adjust(cfg, source, fits[best], prep)

@@ -95,10 +95,24 @@ def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, se
         },
         "classes": names,
         "protocol": {
-            "selected_on": selected_on,
+            # With --C, nothing is chosen: the one C is trained on train, scored on val, refitted.
+            "selected_on": "none (--C given)" if cfg.C is not None else selected_on,
             "select_metric": SELECT_RULES[cfg.select],
-            "select": cfg.select,
-            "selection": choice.selection(curve, cfg.select),  # the rule's best score, SE, threshold, choice
+            "select": "fixed" if cfg.C is not None else cfg.select,
+            "selection": (
+                {
+                    "select": "fixed",
+                    "metric": SELECT_RULES[cfg.select],
+                    "rule": "fixed",
+                    "param": param,
+                    "index": 0,
+                    param: cfg.C,
+                    "value": cfg.C,
+                    "at_edge": None,
+                }
+                if cfg.C is not None
+                else choice.selection(curve, cfg.select)  # the rule's best score, SE, threshold, choice
+            ),
             "trained_on": first.trained_on,
             "scored_on": "test",
             "test_read_after_choice": True,

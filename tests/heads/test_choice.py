@@ -89,7 +89,7 @@ def test_logloss_rule_and_ties_go_to_the_smaller_C():
     curve = _curve(_plateau_with_a_spike())
     assert choice.selection(curve, "logloss") | {"best": None} == {
         "select": "logloss", "metric": "log_loss", "excluded": 0, "rule": "argmin", "best": None,
-        "index": 10, "C": GRID[10], "param": "C", "value": GRID[10],
+        "index": 10, "C": GRID[10], "param": "C", "value": GRID[10], "at_edge": None,
     }  # fmt: skip
     flat = _curve([0.9] * len(GRID))
     assert choice.choose(flat, "top1") == 0 and choice.choose(flat, "top1-1se") == 0
@@ -148,3 +148,26 @@ def test_the_contiguous_rule_equals_an_independent_walk_on_random_curves():
         while i > 0 and ok[i - 1] and acc[i - 1] >= band - 1e-12:
             i -= 1
         assert got == GRID[i]
+
+
+def test_an_isolated_peak_and_a_choice_at_the_grids_edge_are_flagged():
+    """A best that stands more than half an SE above both neighbours is chosen by the contiguous rule
+    (its walk stops at once) and flagged; so is a choice at either end of the grid."""
+    top1 = [min(0.6, 0.4 + 0.02 * k) for k in range(len(GRID))]
+    top1[20] = 0.7  # 16 images above its neighbours: far outside half an SE (0.018)
+    chosen = choice.selection(_curve(top1), "balanced-0.5se")
+    assert chosen["index"] == 20 and chosen["isolated"] and chosen["at_edge"] is None
+    result = {"protocol": {"selection": chosen}, "posthoc": None}
+    assert any(
+        "is an isolated peak: both neighbours score below the rule's band" in n for n in report.choice_notes(result)
+    )
+    plateau = choice.selection(_curve(_plateau_with_a_spike()), "top1-0.5se")
+    assert not plateau["isolated"] and report.choice_notes({"protocol": {"selection": plateau}}) == []
+    rising = choice.selection(_curve([0.1 + 0.02 * k for k in range(len(GRID))]), "top1")
+    assert rising["at_edge"] == "weakest"
+    notes = report.choice_notes({"protocol": {"selection": rising}})
+    assert notes == [
+        "the chosen C is the weakest-regularised end of the grid: the best may lie beyond it; widen --grid to see"
+    ]
+    falling = choice.selection(_curve([0.9 - 0.02 * k for k in range(len(GRID))]), "top1-0.5se")
+    assert falling["at_edge"] == "strongest"

@@ -179,3 +179,21 @@ def test_temperature_is_not_fitted_when_the_log_loss_has_no_minimum(synthetic_ca
     assert calibration["fitted"] is False and calibration["temperature"] == 1.0
     assert calibration["reason"].startswith("not fitted: every held-out row is predicted right")
     assert result["posthoc"]["test_after"] == result["posthoc"]["test_before"]
+
+
+def test_the_logit_adjustment_grid_is_the_documented_one_and_its_edge_is_flagged():
+    from pipeline.evaluate import report
+    from pipeline.heads.posthoc import choose_tau
+    from pipeline.registry import LOGIT_ADJUST_GRID
+
+    assert LOGIT_ADJUST_GRID == (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 200)
+    prior = np.log(np.array([0.99, 0.01]))
+    signal = np.where(y[:, None] == np.arange(2), 1.0, 0.0) + rng.normal(0, 0.3, (400, 2))
+    logits = 2 * signal + 2.3 * prior  # a head more biased to the head class than TAU = 2 undoes
+    log_proba = logits - np.logaddexp(logits[:, :1], logits[:, 1:])
+    chosen = choose_tau(y, log_proba, prior, "balanced-0.5se", ["a", "b"])
+    assert chosen["tau"] == 2.0 and chosen["at_edge"] == "largest"
+    notes = report.choice_notes({"protocol": {}, "posthoc": {"logit_adjust": chosen}})
+    assert notes == ["logit adjustment TAU = 2 is the end of its grid (0, 0.25, ..., 2): the best may be larger"]

@@ -192,6 +192,17 @@ def test_non_finite_features(synthetic_cache, tmp_path):
         protocol.run(head_cfg(synthetic_cache, tmp_path))
 
 
+def test_a_fixed_c_says_it_was_given_not_chosen(synthetic_cache, tmp_path):
+    from pipeline.evaluate import report
+
+    result = protocol.run(head_cfg(synthetic_cache, tmp_path, grid=None, C=0.5, head="torch"))
+    assert result["protocol"]["select"] == "fixed" and result["protocol"]["selected_on"] == "none (--C given)"
+    assert result["protocol"]["selection"]["rule"] == "fixed" and result["protocol"]["selection"]["C"] == 0.5
+    assert "sweep" not in result["timings"] and "fit" in result["timings"]
+    table = report.format_table(result)
+    assert "C = 0.5 given (--C), nothing chosen; trained on train+val" in table and "chosen on" not in table
+
+
 def test_bad_head_options(capsys, synthetic_cache):
     with pytest.raises(ConfigError, match=r"--head 'svm' is not allowed; choose one of: logreg, torch"):
         HeadConfig(features="x.h5", head="svm")
