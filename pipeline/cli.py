@@ -17,6 +17,19 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.settings import add_arguments, load_table, resolve
 
 
+class _Help(argparse.HelpFormatter):
+    """Every flag's default shown once: appended where the help does not already say it, left out
+    where there is none (None, False, or a flag read from the config's own help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, argparse.SUPPRESS) or default == []:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        return f"{text} (default: {shown})"
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -39,6 +52,10 @@ def _head(args: argparse.Namespace) -> int:
     from pipeline.evaluate import report
     from pipeline.heads import protocol  # no torch unless the torch head is chosen
 
+    if args.cache is not None:
+        if getattr(args, "features", args.cache) != args.cache:
+            raise ConfigError(f"two caches given: {args.cache} and --features {args.features}; pass one")
+        args.features = args.cache
     result = protocol.run(_config(args, HeadConfig, "head"), report_to=_say)
     print(report.format_table(result))
     return 0
@@ -76,9 +93,10 @@ def _predict(args: argparse.Namespace) -> int:
     overrides = {
         k: getattr(args, k) for k in ("device", "batch_size", "workers", "progress") if getattr(args, k) is not None
     }
-    predict.predict(
+    done = predict.predict(
         args.head, args.data, args.out, args.top_k, args.strict, args.weights, overrides, report=_say, force=args.force
     )
+    print(predict.format_predictions(done, args.top_k))
     return 0
 
 
@@ -170,29 +188,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, cls, handler, help_text, description in (
+    for name, cls, handler, help_text, description, usage in (
         (
             "features",
             FeaturesConfig,
             _features,
             "extract backbone features of an image set into an HDF5 cache",
             "Pass every image through a frozen torchvision or timm model once and cache its penultimate features.",
+            "pipeline features (--data PATH | --dataset NAME) [--backbone NAME] [--weights W] [--out FILE] [...]",
         ),
         (
             "head",
             HeadConfig,
             _head,
-            "train a linear head on a cache: sweep C on val, refit, test once",
-            "Train a linear head on cached features, select C on validation, score the test split once.",
+            "train a head on a cache: choose its setting on val, refit, test once",
+            "Train a head (linear, kNN or nearest class mean) on cached features: choose its setting (C, k) "
+            "on validation, refit on train+val, score the test split once.",
+            "pipeline head CACHE [--head torch|logreg|knn|ncm] [--out DIR] [...]",
         ),
     ):
-        stage = commands.add_parser(name, help=help_text, description=description)
+        stage = commands.add_parser(name, help=help_text, description=description, usage=usage, formatter_class=_Help)
+        if name == "head":
+            stage.add_argument("cache", nargs="?", help="the cache file (the same as --features)")
         stage.add_argument("--config", help=f"TOML file whose [{name}] table sets any of these flags")
         add_arguments(stage, cls)
         stage.set_defaults(handler=handler)
 
     study = commands.add_parser(
         "study",
+        formatter_class=_Help,
         help="run a study: datasets x backbones x heads through the cache, then compare",
         description="Run every cell of a study file (TOML): extraction through the cache, then each head.",
     )
@@ -202,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare",
+        formatter_class=_Help,
         help="one table (Markdown + CSV) from many head results, with paired tests and plots",
         description="Gather result.json files into one comparison with 95% intervals and paired tests.",
     )
@@ -214,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser(
         "predict",
+        formatter_class=_Help,
         help="classify new images with a trained head (rebuilds its backbone)",
         description="Rebuild the head's backbone and preprocessing, classify images, write top-k to a CSV.",
     )
@@ -224,13 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
                          help="stop on an unreadable image instead of listing it")  # fmt: skip
     predict.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: as the cache was made)")
-    predict.add_argument("--batch-size", type=int)
-    predict.add_argument("--workers", type=int)
-    predict.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    predict.add_argument(
+        "--batch-size", type=int, metavar="N", help="images per forward pass (default: as the cache was made)"
+    )
+    predict.add_argument(
+        "--workers", type=int, metavar="N", help="DataLoader worker processes (default: as the cache was made)"
+    )
+    predict.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                         help="show a progress bar (default: as the cache was made)")  # fmt: skip
     predict.set_defaults(handler=_predict)
 
     export = commands.add_parser(
         "export",
+        formatter_class=_Help,
         help="one torch file with backbone, preprocessing constants and head",
         description="Write a torch.export program (uint8 crops -> probabilities) that loads without this package.",
     )
@@ -238,13 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the file to write, e.g. classifier.pt2")
     export.set_defaults(handler=_export)
 
-    info = commands.add_parser("info", help="describe a cache file", description="Summarise a feature cache file.")
+    info = commands.add_parser(
+        "info", help="describe a cache file", description="Summarise a feature cache file.", formatter_class=_Help
+    )
     info.add_argument("path", nargs="?", help="the .h5 cache file")
     info.add_argument("--config", help="or: the TOML file whose [features] table names the cache")
     info.set_defaults(handler=_info)
 
     pack = commands.add_parser(
         "pack",
+        formatter_class=_Help,
         help="copy a cache (a virtual one over torchrun part files, or any) into one self-contained file",
         description="Write every row and attribute of a cache into one ordinary file (verified, then renamed).",
     )
@@ -255,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     backbones = commands.add_parser(
         "backbones",
+        formatter_class=_Help,
         help="list the backbones: family, feature dimension, the layer it is the input of, weights, preprocessing",
         description="List the torchvision classification models (and timm ones, with the extra) by name.",
     )

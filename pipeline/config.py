@@ -26,75 +26,101 @@ class FeaturesConfig:
     """Everything that decides what the feature stage computes and where it goes."""
 
     data: str | None = option(
-        None, "image folder ROOT/<class>/<img> or ROOT/{train,val,test}/<class>/<img>, or a CSV manifest"
+        None, "image folder ROOT/<class>/<img> or ROOT/{train,val,test}/<class>/<img>, or a CSV manifest", group="data"
     )
     data_val: str | None = option(
-        None, "with tar shards: the val split's shard pattern (else val is carved from train)"
+        None, "with tar shards: the val split's shard pattern (else val is carved from train)", group="data"
     )
-    data_test: str | None = option(None, "with tar shards: the test split's shard pattern (else test is carved)")
+    data_test: str | None = option(
+        None, "with tar shards: the test split's shard pattern (else test is carved)", group="data"
+    )
     label_key: str = option(
-        "label", "with tar shards: the field of KEY.json that holds the label (KEY.cls is read first)"
+        "label", "with tar shards: the field of KEY.json that holds the label (KEY.cls is read first)", group="data"
     )
-    dataset: str | None = option(None, "a dataset by name: 'digits' (offline demo) or a torchvision one, e.g. CIFAR10")
-    root: str = option("cache/datasets", "folder that holds named datasets (downloaded or local copies)")
-    download: bool = option(False, "download a torchvision dataset into --root if it is not there")
-    val_fraction: float = option(0.1, "fraction of train carved out (stratified) when the source has no val split")
-    test_fraction: float = option(0.2, "fraction carved out (stratified) as test when the source has no test split")
-    split_seed: int = option(0, "seed of the val/test carving")
+    dataset: str | None = option(
+        None, "a dataset by name: 'digits' (offline demo) or a torchvision one, e.g. CIFAR10", group="data"
+    )
+    root: str = option("cache/datasets", "folder that holds named datasets (downloaded or local copies)", group="data")
+    download: bool = option(False, "download a torchvision dataset into --root if it is not there", group="data")
+    val_fraction: float = option(
+        0.1, "fraction of train carved out (stratified) when the source has no val split", group="data"
+    )
+    test_fraction: float = option(
+        0.2, "fraction carved out (stratified) as test when the source has no test split", group="data"
+    )
+    split_seed: int = option(0, "seed of the val/test carving", group="data")
     carve: str = option(
         "auto",
         "how val/test are carved from train: hash (each id's seeded hash: adding images never moves one), "
         "stratified (exact per-class fractions, re-drawn when images are added); auto: hash for --data, "
         "stratified for --dataset",
         registry.CARVINGS,
+        group="data",
     )
     verify_content: bool = option(
-        False, "identify each image by a sha256 of its bytes too, not only its size and modification time"
+        False, "identify each image by a sha256 of its bytes too, not only its size and modification time", group="data"
     )
     backbone: str = option(
         "resnet50",
         "any torchvision classification model (resnet50, convnext_tiny, vit_b_16, efficientnet_b0; "
         "`pipeline backbones` lists them) or timm:NAME (with the timm extra)",
+        group="backbone",
     )
-    weights: str = option("DEFAULT", "DEFAULT, a weights name (IMAGENET1K_V2), 'none' (random init), or a .pth path")
-    seed: int = option(0, "seed of the random initialisation when --weights none")
-    image_size: int | None = option(None, "crop size (resize = size*256/224); default: the weights' own preprocessing")
-    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    precision: str = option("fp32", "compute precision (bf16/fp16 use autocast)", registry.PRECISIONS)
-    store_dtype: str = option("float32", "dtype of the stored features", registry.STORE_DTYPES)
-    batch_size: int = option(64, "images per forward pass")
-    workers: int | None = option(None, "DataLoader worker processes (default: one per core, at most 8)")
+    weights: str = option(
+        "DEFAULT", "DEFAULT, a weights name (IMAGENET1K_V2), 'none' (random init), or a .pth path", group="backbone"
+    )
+    seed: int = option(0, "seed of the random initialisation when --weights none", group="backbone")
+    image_size: int | None = option(
+        None, "crop size (resize = size*256/224); default: the weights' own preprocessing", group="backbone"
+    )
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", group="compute")
+    precision: str = option("fp32", "compute precision (bf16/fp16 use autocast)", registry.PRECISIONS, group="compute")
+    store_dtype: str = option("float32", "dtype of the stored features", registry.STORE_DTYPES, group="output")
+    batch_size: int = option(64, "images per forward pass", group="compute")
+    workers: int | None = option(
+        None, "DataLoader worker processes (default: one per core, at most 8)", group="compute"
+    )
     decode: str = option(
         "cpu",
         "cpu: PIL in the DataLoader workers, JPEGs decoded reduced (DCT scaling) to at least twice the resize on the "
         "short side; exact: PIL, every image in full; device: workers read bytes, torchvision.io decodes in full",
         registry.DECODERS,
+        group="compute",
     )
-    compile: bool = option(False, "torch.compile the backbone (pays off on long GPU runs)")
-    logits: bool = option(False, "also store the backbone's own classifier logits")
+    compile: bool = option(False, "torch.compile the backbone (pays off on long GPU runs)", group="compute")
+    logits: bool = option(False, "also store the backbone's own classifier logits", group="backbone")
     layers: str | None = option(
         None,
         "also store these modules' outputs, global-average-pooled, from the same forward pass: module paths "
         "joined by commas, e.g. layer3,layer4 (`pipeline backbones NAME --layers` lists them); read by head --layer",
+        group="backbone",
     )
     views: int = option(
-        0, "also extract this many augmented views of each train image into NAME.views.h5 (val/test: centre crop)"
+        0,
+        "also extract this many augmented views of each train image into NAME.views.h5 (val/test: centre crop)",
+        group="augmented views",
     )
     augment: str = option(
-        "crop-flip", "the views' recipe: RandomResizedCrop at the crop size + horizontal flip", registry.AUGMENTATIONS
+        "crop-flip",
+        "the views' recipe: RandomResizedCrop at the crop size + horizontal flip",
+        registry.AUGMENTATIONS,
+        group="augmented views",
     )
-    view_scale: float = option(0.08, "smallest area fraction a view's RandomResizedCrop keeps (torchvision: 0.08)")
-    out: str | None = option(None, "cache file to write (default: cache/<data>-<backbone>.h5)")
-    force: bool = option(False, "rebuild even when the cache is current")
-    on_mismatch: str = option("rebuild", "when the cache was built differently", registry.ON_MISMATCH)
+    view_scale: float = option(
+        0.08, "smallest area fraction a view's RandomResizedCrop keeps (torchvision: 0.08)", group="augmented views"
+    )
+    out: str | None = option(None, "cache file to write (default: cache/<data>-<backbone>.h5)", group="output")
+    force: bool = option(False, "rebuild even when the cache is current", group="output")
+    on_mismatch: str = option("rebuild", "when the cache was built differently", registry.ON_MISMATCH, group="output")
     assemble: str = option(
         "virtual",
         "under torchrun: virtual (an HDF5 virtual dataset over the ranks' part files, which stay beside it) or copy "
         "(every row copied into one file)",
         registry.ASSEMBLIES,
+        group="output",
     )
-    skip_bad_images: bool = option(False, "record unreadable images and go on instead of stopping")
-    progress: bool = option(True, "show a progress bar")
+    skip_bad_images: bool = option(False, "record unreadable images and go on instead of stopping", group="data")
+    progress: bool = option(True, "show a progress bar", group="output")
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -145,31 +171,37 @@ class FeaturesConfig:
 class HeadConfig:
     """Everything that decides how a head is trained on a cache, selected and scored."""
 
-    features: str | None = option(None, "the cache file written by `pipeline features`")
+    features: str | None = option(None, "the cache file written by `pipeline features`", group="input")
     layer: str | None = option(
         None,
         "train on a layer stored with `features --layers` instead of the penultimate features, or on several "
         "joined by commas (concatenated), e.g. layer3 or layer3,penultimate; 'penultimate' names the default",
+        group="input",
     )
     views: bool = option(
         False,
         "also train on the augmented views in NAME.views.h5 (features --views K): an image's K+1 views weigh 1/(K+1) "
         "each, so C keeps its per-image meaning; val and test stay centre crops",
+        group="input",
     )
     head: str = option(
-        "logreg",
-        "logreg (scikit-learn) or torch (nn.Linear + cross-entropy), trained with C; knn (cosine, weighted votes, "
-        "k chosen on val) or ncm (nearest class mean by cosine)",
+        registry.DEFAULT_HEAD,
+        "torch (nn.Linear + cross-entropy; the fastest) or logreg (scikit-learn), trained with C; knn (cosine, "
+        "weighted votes, k chosen on val) or ncm (nearest class mean by cosine)",
         registry.HEADS,
+        group="head kind",
     )
-    out: str | None = option(None, "results folder (default: results/<cache>-<head>)")
-    C: float | None = option(None, "train at this C only, no sweep (scikit-learn's C)")
+    out: str | None = option(None, "results folder (default: results/<cache>-<head>)", group="output")
+    C: float | None = option(None, "train at this C only, no sweep (scikit-learn's C)", group="head kind")
     grid: tuple[float, ...] | None = option(
         None,
         f"C values to sweep (default: {registry.DEFAULT_GRID_TEXT}); for knn, the k values "
         f"(default: {' '.join(map(str, registry.DEFAULT_K_GRID))})",
+        group="head kind",
     )
-    temperature: float = option(0.07, "knn: votes weigh exp(cosine / T); ncm: logits are cosine / T (DINO's T = 0.07)")
+    temperature: float = option(
+        0.07, "knn: votes weigh exp(cosine / T); ncm: logits are cosine / T (DINO's T = 0.07)", group="head kind"
+    )
     select: str = option(
         "top1-0.5se",
         "rule that chooses C on validation: top1-1se / balanced-1se take the strongest regularisation whose score is "
@@ -177,65 +209,95 @@ class HeadConfig:
         "through scores within half an SE; top1 / balanced the plain argmax (the published protocol); logloss "
         "the lowest log-loss",
         tuple(registry.SELECT_RULES),
+        group="selection",
     )
     preprocess: str = option(
         "auto",
         "fitted on training rows only (auto: standardize for logreg and torch, l2 for knn and ncm; center-l2 "
         "subtracts the training mean first)",
         registry.HEAD_PREPROCESSING,
+        group="head kind",
     )
     calibrate: str = option(
         "none",
         "temperature: after the choice, fit one softmax temperature on val (held-out rows) by log-loss and apply it "
         "to the final head; top-1 unchanged",
         registry.CALIBRATIONS,
+        group="long tail and calibration",
     )
     logit_adjust: str | None = option(
         None,
         "post-hoc logit adjustment: subtract TAU * log(train class prior) from the logits; a number, or auto "
         "(TAU chosen on val by the --select metric)",
+        group="long tail and calibration",
     )
     imbalance_ratio: float | None = option(
         None,
         "long-tailed training: keep int(n_max * R^(-i/(K-1))) train images of the i-th class (CIFAR-LT), val "
         "and test untouched",
+        group="long tail and calibration",
     )
     imbalance_order: str = option(
-        "seeded", "--imbalance-ratio: class order by --seed, or by frequency", registry.IMBALANCE_ORDERS
+        "seeded",
+        "--imbalance-ratio: class order by --seed, or by frequency",
+        registry.IMBALANCE_ORDERS,
+        group="long tail and calibration",
     )
-    class_weight: str = option("none", "'balanced' weighs classes by n / (classes * n_c)", registry.CLASS_WEIGHTS)
-    val_fraction: float = option(0.1, "stratified holdout from train when the cache has no val split")
-    seed: int = option(0, "seed of the holdout, few-shot draws, mini-batch order and bootstrap")
-    shots: int | None = option(None, "train on this many images per class (few-shot)")
-    repeats: int = option(1, "few-shot draws, each with its own seed")
+    class_weight: str = option(
+        "none",
+        "'balanced' weighs classes by n / (classes * n_c)",
+        registry.CLASS_WEIGHTS,
+        group="long tail and calibration",
+    )
+    val_fraction: float = option(
+        0.1, "stratified holdout from train when the cache has no val split", group="selection"
+    )
+    seed: int = option(0, "seed of the holdout, few-shot draws, mini-batch order and bootstrap", group="selection")
+    shots: int | None = option(None, "train on this many images per class (few-shot)", group="selection")
+    repeats: int = option(1, "few-shot draws, each with its own seed", group="selection")
     solver: str = option(
-        "auto", "torch head optimiser (auto: lbfgs in memory, adam when streaming)", registry.HEAD_SOLVERS
+        "auto",
+        "torch head optimiser (auto: lbfgs in memory, adam when streaming)",
+        registry.HEAD_SOLVERS,
+        group="solver",
     )
     sweep_block: int | None = option(
-        None, "torch L-BFGS: C values trained together along the warm-started path (default: 1 on cpu, all on cuda)"
+        None,
+        "torch L-BFGS: C values trained together along the warm-started path (default: 1 on cpu, all on cuda)",
+        group="solver",
     )
-    max_iter: int = option(DEFAULTS.max_iter, "L-BFGS iterations at most (both heads)")
+    max_iter: int = option(DEFAULTS.max_iter, "L-BFGS iterations at most (both heads)", group="solver")
     tol: float = option(
         DEFAULTS.tol,
         "stop when max |gradient| <= tol, on the mean scale: mean weighted loss + ||W||^2 / (2 C n) (both heads; "
         "scikit-learn's gtol)",
+        group="solver",
     )
-    epochs: int = option(DEFAULTS.epochs, "mini-batch solvers: passes over the data")
-    batch_size: int = option(DEFAULTS.batch_size, "mini-batch solvers: rows per step")
-    lr: float | None = option(DEFAULTS.lr, "mini-batch solvers: peak learning rate (default 1e-3 adam, 0.1 sgd)")
-    label_smoothing: float = option(DEFAULTS.label_smoothing, "torch head: label smoothing of the cross-entropy")
-    balanced_sampler: bool = option(DEFAULTS.balanced_sampler, "torch mini-batch: draw every class equally often")
-    device: str = option(DEFAULTS.device, "torch head device: cpu, cuda, cuda:N, mps or auto")
-    jobs: int | None = option(None, "logreg sweep: parallel fits (default: one per core)")
+    epochs: int = option(DEFAULTS.epochs, "mini-batch solvers: passes over the data", group="solver")
+    batch_size: int = option(DEFAULTS.batch_size, "mini-batch solvers: rows per step", group="solver")
+    lr: float | None = option(
+        DEFAULTS.lr, "mini-batch solvers: peak learning rate (default 1e-3 adam, 0.1 sgd)", group="solver"
+    )
+    label_smoothing: float = option(
+        DEFAULTS.label_smoothing, "torch head: label smoothing of the cross-entropy", group="solver"
+    )
+    balanced_sampler: bool = option(
+        DEFAULTS.balanced_sampler, "torch mini-batch: draw every class equally often", group="long tail and calibration"
+    )
+    device: str = option(DEFAULTS.device, "torch head device: cpu, cuda, cuda:N, mps or auto", group="solver")
+    jobs: int | None = option(None, "logreg sweep: parallel fits (default: one per core)", group="solver")
     joblib_backend: str | None = option(
-        None, "logreg sweep: joblib backend (dask: a dask.distributed cluster)", registry.JOBLIB_BACKENDS
+        None,
+        "logreg sweep: joblib backend (dask: a dask.distributed cluster)",
+        registry.JOBLIB_BACKENDS,
+        group="solver",
     )
     max_memory: str | None = option(
-        None, "bound on the arrays the head holds, e.g. 4GB; above it the torch head streams the cache"
+        None, "bound on the arrays the head holds, e.g. 4GB; above it the torch head streams the cache", group="solver"
     )
-    bootstrap: int = option(1000, "bootstrap resamples for the test confidence intervals (0: none)")
-    force: bool = option(False, "replace an --out folder that `pipeline head` did not write")
-    progress: bool = option(True, "show a progress bar")
+    bootstrap: int = option(1000, "bootstrap resamples for the test confidence intervals (0: none)", group="selection")
+    force: bool = option(False, "replace an --out folder that `pipeline head` did not write", group="output")
+    progress: bool = option(True, "show a progress bar", group="output")
 
     def __post_init__(self) -> None:
         if self.layer is not None:
@@ -247,7 +309,10 @@ class HeadConfig:
                 )
         check_choices(self)
         if self.features is None:
-            raise ConfigError("no cache given; pass --features cache/NAME.h5 (run `make features` first)")
+            raise ConfigError(
+                "no cache given; pass it: `pipeline head cache/NAME.h5` (build one with `pipeline features --data "
+                "YOUR_IMAGES --out cache/NAME.h5`)"
+            )
         self._check_head_settings()
         _ = self.logit_adjust_tau  # checked here
         if self.imbalance_ratio is not None and not 1.0 <= self.imbalance_ratio < float("inf"):

@@ -38,6 +38,19 @@ class WriteError(PipelineError, OSError):
     """A write that the file system refused: full disk, read-only mount, file size limit, I/O error."""
 
 
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def private_to_shared(path: Path, directory: bool = False) -> None:
+    """Give a file from `tempfile` (0600, or 0700 for a folder) the mode any new file gets under the
+    umask, so results on a shared server are as readable as the user's other files."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 def explain(exc: BaseException, path: str | Path, needed: int | None = None) -> WriteError:
     """A one-line error for a failed write to `path`, with the free space when the disk is the problem."""
     code = getattr(exc, "errno", None)

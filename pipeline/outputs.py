@@ -73,6 +73,7 @@ def staged_folder(out: Path, report: Callable[[str], None] = lambda message: Non
     out = results_target(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
+        fsutil.private_to_shared(staging, directory=True)
         yield staging
         kept = foreign_entries(out)
         for name in kept:
@@ -147,6 +148,7 @@ def replace_file(path: Path, write: Callable[[Path], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
+        fsutil.private_to_shared(Path(tmp))
         write(Path(tmp))
         fsutil.replace(Path(tmp), path)
     except OSError as exc:

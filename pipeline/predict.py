@@ -118,7 +118,29 @@ def predict(
     outputs.replace_file(out, write)
     bad = [samples.ids[r] for r in sorted(errors)]
     report(f"wrote {out}: {int(ok.sum())} images classified" + (f", {len(bad)} unreadable: {bad[:5]}" if bad else ""))
-    return {"out": str(out), "classified": int(ok.sum()), "unreadable": bad, "proba": proba, "ids": samples.ids}
+    return {
+        "out": str(out), "classified": int(ok.sum()), "unreadable": bad, "proba": proba, "ids": samples.ids,
+        "classes": [str(c) for c in head.classes_],
+    }  # fmt: skip
+
+
+def format_predictions(done: dict[str, Any], top_k: int = 5, most: int = 10) -> str:
+    """What `pipeline predict` prints: one image's top-k classes, or for many how many images each class
+    got (the CSV has every image)."""
+    proba, ids, classes = done["proba"], done["ids"], done["classes"]
+    readable = np.isfinite(proba).all(axis=1)
+    if len(ids) == 1:
+        if not readable[0]:
+            return f"{ids[0]}: unreadable (the error column of {done['out']} says why)"
+        order = np.argsort(-proba[0])[: min(top_k, len(classes))]
+        return f"{ids[0]}: " + ", ".join(f"{classes[c]} {proba[0, c]:.1%}" for c in order)
+    counts = np.bincount(proba[readable].argmax(axis=1), minlength=len(classes)) if readable.any() else []
+    ranked = sorted(((int(n), classes[c]) for c, n in enumerate(counts) if n), key=lambda t: (-t[0], t[1]))
+    lines = [f"{int(readable.sum())} images classified ({done['out']} has each one's top {top_k}):"]
+    lines += [f"  {name:<24} {n:>7} images" for n, name in ranked[:most]]
+    if len(ranked) > most:
+        lines.append(f"  ... {len(ranked) - most} more classes")
+    return "\n".join(lines)
 
 
 def export_module(model: Any, spec: backbone.BackboneSpec, head: Head) -> Any:

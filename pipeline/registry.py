@@ -71,7 +71,9 @@ ASSEMBLIES = ("virtual", "copy")
 
 # -------------------------------------------------------------------------------------- heads
 
-HEADS = ("logreg", "torch", "knn", "ncm")
+HEADS = ("torch", "logreg", "knn", "ncm")
+# The torch head: the same choices as logreg on every cache measured, 1.9-9.1x faster (docs/performance.md).
+DEFAULT_HEAD = "torch"
 LINEAR_HEADS = ("logreg", "torch")  # trained with C: the others compare cosine similarities
 # What each head's sweep varies: the curve's first column. ncm has no setting to choose: its one
 # row is at its softmax temperature.

@@ -17,9 +17,32 @@ from typing import Any
 from pipeline.errors import ConfigError, MissingError
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field that also describes its command-line flag."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, group: str = "options") -> Any:
+    """A dataclass field that also describes its command-line flag: its help, its allowed values, and the
+    group of flags `--help` lists it under."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+def describe_default(f: dataclasses.Field) -> str:
+    """The default as `--help` and the CLI reference show it, once: a help text that already says what
+    the default is keeps its own words; None and empty values say nothing."""
+    if "default" in f.metadata["help"] or f.default in (None, "", ()):
+        return ""
+    if isinstance(f.default, bool):
+        return f"--{flag(f.name)}" if f.default else f"--no-{flag(f.name)}"
+    if isinstance(f.default, tuple):
+        return " ".join(f"{v:g}" for v in f.default)
+    return f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+
+
+def flag_help(f: dataclasses.Field) -> str:
+    """A flag's help line: what it does, its choices when there are many, its default."""
+    text = f.metadata["help"]
+    choices = f.metadata["choices"]
+    if choices and len(choices) > 6:
+        text += f"; one of: {', '.join(choices)}"
+    default = describe_default(f)
+    return f"{text} (default: {default})" if default else text
 
 
 def flag(name: str) -> str:
@@ -69,13 +92,20 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field; flags not given stay absent so the file and defaults apply."""
+    """One flag per dataclass field, in the field's group; flags not given stay absent so the file
+    and defaults apply."""
     hints = _hints(cls)
+    groups: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
         kind = _base_type(hints[f.name])
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {f.default})"}
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": flag_help(f)}
+        if kind in (int, float):
+            kwargs["metavar"] = "N" if kind is int else "X"
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is tuple:
@@ -86,9 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             kwargs["type"] = kind
             if choices:
                 kwargs.update(metavar="|".join(choices) if len(choices) <= 6 else "NAME")
-                if len(choices) > 6:
-                    kwargs["help"] = f"{f.metadata['help']}; one of: {', '.join(choices)} (default: {f.default})"
-        parser.add_argument(f"--{flag(f.name)}", dest=f.name, **kwargs)
+        groups[group].add_argument(f"--{flag(f.name)}", dest=f.name, **kwargs)
 
 
 def load_document(path: str | Path) -> dict[str, Any]:

@@ -8,7 +8,9 @@ cell is reported and the rest go on. At the end `pipeline compare` writes the st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,10 +135,10 @@ def plan(path: str | Path) -> Plan:
     for k, hd in enumerate(_entries(document, "heads", source)):
         where = f"{source} [[heads]] #{k + 1}"
         _check_keys(hd, ["name", *head_fields], where)
-        head = hd.get("head", head_defaults.get("head", "logreg"))
+        head = hd.get("head", head_defaults.get("head", registry.DEFAULT_HEAD))
         values = {**_defaults_for(head, head_defaults), **{key: v for key, v in hd.items() if key != "name"}}
         resolve(HeadConfig, {**values, "features": "check.h5"}, {}, source=where)  # validate now
-        heads.append((hd.get("name") or values.get("head", "logreg"), values))
+        heads.append((hd.get("name") or values.get("head", registry.DEFAULT_HEAD), values))
     _check_unique([label for label, _ in heads], "heads", source)
     fewshot = document.get("fewshot")
     if fewshot is not None:
@@ -144,14 +146,44 @@ def plan(path: str | Path) -> Plan:
         shots = fewshot.get("shots", [1, 2, 4, 8, 16])
         if not shots or not all(isinstance(s, int) and s > 0 for s in shots):
             raise ConfigError(f"{source} [fewshot]: shots = {shots!r}; expected positive whole numbers, e.g. [1, 2, 4]")
-        fewshot = {"head": fewshot.get("head", "logreg"), "shots": shots, "repeats": fewshot.get("repeats", 5)}
+        head = fewshot.get("head", registry.DEFAULT_HEAD)
+        fewshot = {"head": head, "shots": shots, "repeats": fewshot.get("repeats", 5)}
     return Plan(name, results, extractions, heads, fewshot, head_defaults)
+
+
+def _extract(fcfg: FeaturesConfig, report: Report) -> Any:
+    """The cell's cache made current, never at the cost of a file the study did not write: a cache at its
+    name that holds other features (another model or preprocessing) is refused, naming the keys; a
+    cache of the very same features under another name in the folder is used as it is."""
+    from pipeline.cache import reader, schema
+    from pipeline.features import extract, stage
+
+    prepared = extract.prepare(fcfg, lambda message: None)
+    wanted, out = prepared[2], fcfg.out_path
+    if out.exists() and not fcfg.force:
+        with reader.open_cache(out) as f:
+            existing = schema.json_attr(f, "fingerprint")
+        if schema.model_part(existing) != schema.model_part(wanted):
+            differs = "; ".join(schema.fingerprint_diff(schema.model_part(existing), schema.model_part(wanted)))
+            raise ConfigError(
+                f"{out} holds other features ({differs}) and a study never replaces a cache; move it, or give "
+                'this cell its own file with out = "..." in its [[datasets]] or [[backbones]] entry'
+            )
+    if reader.stored_fingerprint(out) != wanted:
+        for twin in sorted(out.parent.glob("*.h5")) if out.parent.is_dir() else []:
+            try:
+                same = twin != out and reader.stored_fingerprint(twin) == wanted
+            except PipelineError:
+                continue
+            if same:
+                report(f"reusing {twin}: it holds the very features {out} would")
+                return stage.run_local(dataclasses.replace(fcfg, out=str(twin)), prepared=prepared)
+    return stage.run_local(fcfg, prepared=prepared)
 
 
 def run(path: str | Path, report: Report = lambda message: None, progress: bool = True) -> dict[str, Any]:
     """Run every cell; returns {computed, reused, failed, runs} and writes the comparison report."""
     from pipeline.evaluate import compare
-    from pipeline.features import stage as features
     from pipeline.heads import protocol
 
     p = plan(path)
@@ -168,7 +200,7 @@ def run(path: str | Path, report: Report = lambda message: None, progress: bool 
             return job()
         except PipelineError as exc:
             summary["failed"].append({"cell": label, "error": str(exc)})
-            bar.write(f"failed: {label}: {exc}")
+            bar.write(f"failed: {label}: {exc}", file=sys.stderr)
             return None
         finally:
             bar.update(1)
@@ -176,10 +208,12 @@ def run(path: str | Path, report: Report = lambda message: None, progress: bool 
     with bar:
         for data_label, bb_label, fcfg in p.extractions:
             cell = f"{data_label} / {bb_label}"
-            done = attempt(f"{cell}: features", lambda fcfg=fcfg: features.run(fcfg))
+            say = functools.partial(bar.write, file=sys.stderr)
+            done = attempt(f"{cell}: features", lambda fcfg=fcfg, say=say: _extract(fcfg, say))
             if done is None:
                 bar.update(len(p.heads) + n_fewshot)  # nothing to train on
                 continue
+            fcfg = dataclasses.replace(fcfg, out=done.path)  # a twin cache of the same features, when reused
             (summary["reused"] if done.status == "current" else summary["computed"]).append(str(fcfg.out_path))
             jobs = [(head_label, values, None) for head_label, values in p.heads]
             if p.fewshot:

@@ -88,13 +88,16 @@ def test_stages_import_only_downwards(stage):
             assert other in (None, stage, *ALLOWED[stage]), f"{name} imports {imported}"
 
 
-def test_every_module_says_what_it_owns_and_stays_small():
+SMELL_LINES = 800  # a smell alarm, not a rule: modules are split by concern, never to meet a number
+
+
+def test_every_module_says_what_it_owns():
     for name, path in MODULES.items():
         tree = ast.parse(path.read_text())
         if name != "pipeline.__main__":
             assert ast.get_docstring(tree), f"{path} has no module docstring"
         lines = len(path.read_text().splitlines())
-        assert lines <= 360, f"{path} has {lines} lines; split it by concern"
+        assert lines <= SMELL_LINES, f"{path} has {lines} lines: does it hold more than one concern?"
 
 
 def test_choice_lists_come_from_the_registry():

@@ -132,7 +132,12 @@ def test_bad_options(capsys, folder, tmp_path):
         "--device",
         "gpu",
     )
-    assert_user_error(capsys, r"no cache at .*nothing\.h5; run `make features`", "info", str(tmp_path / "nothing.h5"))
+    assert_user_error(
+        capsys,
+        r"no cache at .*nothing\.h5; build it with `pipeline features --data YOUR_IMAGES --out .*nothing\.h5`",
+        "info",
+        str(tmp_path / "nothing.h5"),
+    )
     assert_user_error(  # a choice is checked by the config, in one line, not by argparse's usage screen
         capsys, r"--precision 'fp8' is not allowed; choose one of: fp32, bf16, fp16", "features", "--precision", "fp8"
     )
@@ -231,3 +236,31 @@ def test_make_features_and_make_head_run_the_offline_demo(tmp_path):
 )
 def test_a_bad_choice_or_number_is_one_line_from_the_registry(capsys, argv, pattern):
     assert_user_error(capsys, pattern, "head", "--features", "cache/none.h5", *argv)
+
+
+@pytest.mark.parametrize(
+    "command", ["features", "head", "study", "compare", "predict", "export", "info", "pack", "backbones"]
+)
+def test_help_reads_grouped_with_one_default_each(capsys, command):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text.replace("\n", " "))
+    assert not re.search(r"^  --[\w-]+(?: \S+)?\s*$\n(?!  {10,})", text, re.MULTILINE), "every flag has help"
+    groups = {
+        "features": ("data:", "backbone:", "compute:", "output:"),
+        "head": ("input:", "head kind:", "selection:", "solver:", "long tail and calibration:", "output:"),
+    }
+    for group in groups.get(command, ()):
+        assert f"\n{group}\n" in text, group
+
+
+def test_head_takes_the_cache_as_its_first_argument(capsys, synthetic_cache, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "head", str(synthetic_cache), "--out", str(out), "--grid", "0.1", "1",
+                                 "--bootstrap", "0")  # fmt: skip
+    assert code == 0 and (out / "result.json").exists()
+    header, sweep = err.index("head: torch on"), err.find("sweep")
+    assert sweep == -1 or header < sweep, "the header is printed before the progress bar"
+    assert_user_error(capsys, r"two caches given: .* and --features other\.h5; pass one",
+                      "head", str(synthetic_cache), "--features", "other.h5")  # fmt: skip

@@ -31,7 +31,9 @@ def trained(tmp_path_factory):
     cfg = tiny(data=str(data), out=str(tmp / "c.h5"), image_size=40)
     stage.run(cfg)
     protocol.run(
-        HeadConfig(features=cfg.out, out=str(tmp / "head"), grid=(0.1, 1.0, 10.0), progress=False, bootstrap=0)
+        HeadConfig(
+            features=cfg.out, head="logreg", out=str(tmp / "head"), grid=(0.1, 1.0, 10.0), progress=False, bootstrap=0
+        )
     )
     cosine = dict(features=cfg.out, progress=False, bootstrap=0)
     knn = HeadConfig(head="knn", grid=(3, 5), calibrate="temperature", out=str(tmp / "knn"), **cosine)  # type: ignore[arg-type]
@@ -112,6 +114,24 @@ def test_unreadable_images_are_listed_unless_strict(trained, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "b.jpg: cannot identify image file" in err and "Traceback" not in err
+
+
+def test_predict_prints_one_images_classes_and_a_folders_summary(trained, tmp_path, capsys):
+    tmp, data = trained
+    one = data / "test" / "dog" / "test00.png"
+    assert cli.main(["predict", "--head", str(tmp / "head"), "--data", str(one), "--out", str(tmp_path / "one.csv"),
+                     "--top-k", "2", "--no-progress"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out.strip()
+    row = _rows(tmp_path / "one.csv")[0]
+    assert printed.startswith(f"test00.png: {row['prediction']} ") and printed.count("%") == 2
+    assert cli.main(["predict", "--head", str(tmp / "head"), "--data", str(data / "test"),
+                     "--out", str(tmp_path / "all.csv"), "--no-progress"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    rows = _rows(tmp_path / "all.csv")
+    assert printed.startswith(f"18 images classified ({tmp_path / 'all.csv'} has each one's top 5):")
+    counts = {name: [r["prediction"] for r in rows].count(name) for name in {r["prediction"] for r in rows}}
+    top = min(counts, key=lambda name: (-counts[name], name))  # most images; ties by name
+    assert f"  {top}" in printed.splitlines()[1]
 
 
 def test_predict_refuses_weights_that_do_not_match(trained, tmp_path):

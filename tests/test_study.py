@@ -7,10 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pipeline import cli, study
+from pipeline.config import FeaturesConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate import compare
 from pipeline.features import backbone
@@ -112,6 +114,34 @@ def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch)
     assert "| shapes | r18-a | knn | all |" in text and "| k = " in text and "| temperature = 0.07 |" in text
     # The cosine heads are compared with the linear heads on the same test rows (paired tests).
     assert "knn" in text.split("## Paired comparisons")[1] and "ncm" in text.split("## Paired comparisons")[1]
+
+
+def test_a_study_never_replaces_a_hand_made_cache_and_reuses_an_identical_one(tmp_path, capsys):
+    from pipeline.features import stage
+
+    path = write_study(tmp_path, **{'[[backbones]]\nname = "r18-b"': '[[skip]]\nname = "r18-b"'})
+    path = Path(path)
+    text = path.read_text().split("[[skip]]")[0] + '[[heads]]\nhead = "ncm"\n'
+    text = text.replace('[[heads]]\nhead = "logreg"\n\n[[heads]]\nhead = "torch"\n\n[[heads]]\nhead = "knn"\n', "")
+    path.write_text(text)
+    data = tmp_path / "data"
+    mine = tmp_path / "cache" / "shapes-r18-a.h5"  # the study's own name, made by hand at another size
+    stage.run(FeaturesConfig(data=str(data), backbone="resnet18", weights="none", image_size=48, workers=0,
+                             progress=False, out=str(mine), val_fraction=0.25))  # fmt: skip
+    before = mine.read_bytes()
+    assert cli.main(["study", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{mine} holds other features (preprocessing: 'ImageClassification(crop_size=[48]" in err
+    assert "a study never replaces a cache" in err and mine.read_bytes() == before
+    mine.rename(tmp_path / "cache" / "hand-made.h5")  # the same features as the study's, under another name
+    stage.run(FeaturesConfig(data=str(data), backbone="resnet18", weights="none", image_size=32, workers=0,
+                             progress=False, out=str(mine), val_fraction=0.25, batch_size=8))  # fmt: skip
+    twin = mine.rename(tmp_path / "cache" / "twin.h5")
+    said: list[str] = []
+    summary = study.run(str(path), report=said.append, progress=False)
+    assert summary["failed"] == [] and summary["reused"] == [str(twin)] and not mine.exists()
+    result = json.loads((Path(summary["runs"][0]) / "result.json").read_text())
+    assert result["cache"]["path"] == str(twin)
 
 
 @pytest.mark.slow

@@ -59,7 +59,10 @@ class FeatureSet:
 
 
 def _no_cache(path: Path) -> MissingError:
-    return MissingError(f"no cache at {path}; run `make features` (or `pipeline features --out {path}`) first")
+    return MissingError(
+        f"no cache at {path}; build it with `pipeline features --data YOUR_IMAGES --out {path}` "
+        "(`make features` builds the offline demo's)"
+    )
 
 
 def open_cache(path: str | Path) -> h5py.File:

@@ -202,7 +202,8 @@ def open_existing(path: Path, mode: str = "r") -> h5py.File:
     except OSError as exc:
         reason = str(exc).split("(")[-1].rstrip(")") if "(" in str(exc) else str(exc)
         raise CacheError(
-            f"{path} is not a readable HDF5 cache ({reason}); delete it and rerun the features stage"
+            f"{path} is not a feature cache: not a readable HDF5 file ({reason}); check the path (a cache is the "
+            "file `pipeline features` writes), or rebuild it there with `pipeline features --force`"
         ) from None
     try:
         validate(f, path)

@@ -169,6 +169,16 @@ def choice_notes(result: dict[str, Any]) -> list[str]:
     posthoc = result.get("posthoc")
     if isinstance(posthoc, dict) and (posthoc.get("logit_adjust") or {}).get("at_edge"):
         notes.append("logit adjustment TAU = 2 is the end of its grid (0, 0.25, ..., 2): the best may be larger")
+    weights = str(((result.get("cache") or {}).get("fingerprint") or {}).get("weights", ""))
+    if weights.startswith("none"):
+        n_classes = len(result.get("classes") or []) or 1
+        confusion = np.asarray((result.get("test") or {}).get("confusion") or [[1]], dtype=float)
+        majority = confusion.sum(axis=1).max() / max(confusion.sum(), 1)
+        notes.append(
+            f"these features come from random weights ({weights}), so expect little above chance: "
+            f"{1 / n_classes:.1%} for {n_classes} classes, {majority:.1%} by always guessing test's largest class; "
+            "pretrained weights (--weights DEFAULT) are what transfer"
+        )
     return notes
 
 

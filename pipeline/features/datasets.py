@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline import fsutil
 from pipeline.errors import ConfigError, DataError, MissingError
 from pipeline.features.images import ArrayReader, load_image
 from pipeline.features.samples import SampleList, finalize
@@ -107,6 +108,7 @@ def materialize_digits(root: str | Path) -> Path:
     test = stratified_holdout(digits.target, 0.25, seed=0)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".digits-", dir=target.parent))
+    fsutil.private_to_shared(staging, directory=True)
     for n, (image, label, is_test) in enumerate(zip(pixels, digits.target, test, strict=True)):
         folder = staging / ("test" if is_test else "train") / str(label)
         folder.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,17 @@ def run(cfg: FeaturesConfig, report: Report = extract._quiet) -> FeaturesResult:
     return run_local(cfg, report)
 
 
-def run_local(cfg: FeaturesConfig, report: Report = extract._quiet) -> FeaturesResult:
+def run_local(
+    cfg: FeaturesConfig,
+    report: Report = extract._quiet,
+    prepared: tuple[SampleList, BackboneSpec, dict] | None = None,
+) -> FeaturesResult:
     """Make the cache at ``cfg.out_path`` current in this process: nothing, a resume, an update that reuses
     the rows of unchanged images (same model, changed image set), or a (re)build; then, with --views,
-    its companion cache of augmented train views the same way."""
+    its companion cache of augmented train views the same way. `prepared` is `extract.prepare`'s
+    answer when the caller has it already."""
     t0 = time.perf_counter()
-    samples, spec, wanted = extract.prepare(cfg, report)
+    samples, spec, wanted = prepared or extract.prepare(cfg, report)
     result = make_current(cfg, samples, spec, wanted, report, t0)
     if cfg.views:
         # Views are decoded in full (their crop needs every pixel), so a reduced decode is not claimed.

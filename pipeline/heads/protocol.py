@@ -8,6 +8,7 @@ from the file in blocks (`stream`)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -192,13 +193,17 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
         grid = _cap_k(grid, source, cfg, report_to)
     repeats = cfg.repeats if cfg.shots else 1
     runs: list[FittedRun] = []
-    # A streamed source shows its own bar (epochs over the file); in memory one tick per fit.
-    fits_bar = tqdm(total=len(grid) * repeats, unit="fit", desc="sweep", disable=not cfg.progress or source.streams)
-    with source, fits_bar as bar:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(source)
+        # The header first: a bar drawn before it would take the line it is printed on.
         report_to(
             f"head: {cfg.head} on {path} ({source.describe()}, {info.dim}-d, {len(source.names)} classes); "
             f"{len(grid)} {HEAD_SETTINGS[cfg.head]} values, select by {cfg.select} on "
             f"{source.selected_on.split(' (')[0]}"
+        )
+        # A streamed source shows its own bar (epochs over the file); in memory one tick per fit.
+        bar = stack.enter_context(
+            tqdm(total=len(grid) * repeats, unit="fit", desc="sweep", disable=not cfg.progress or source.streams)
         )
         k = getattr(source, "views_per_image", 0)
         views = f", train images with {k} augmented views each (every view weighs 1/{k + 1})" if k else ""

@@ -171,3 +171,17 @@ def test_an_isolated_peak_and_a_choice_at_the_grids_edge_are_flagged():
     ]
     falling = choice.selection(_curve([0.9 - 0.02 * k for k in range(len(GRID))]), "top1-0.5se")
     assert falling["at_edge"] == "strongest"
+
+
+def test_features_from_random_weights_are_named_with_the_chance_level():
+    result = {
+        "protocol": {},
+        "classes": ["a", "b", "c", "d"],
+        "cache": {"fingerprint": {"weights": "none (random init, seed 0)"}},
+        "test": {"confusion": [[5, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 2]]},
+    }
+    (note,) = report.choice_notes(result)
+    assert note.startswith("these features come from random weights (none (random init, seed 0)), so expect")
+    assert "25.0% for 4 classes, 50.0% by always guessing test's largest class" in note
+    result["cache"]["fingerprint"]["weights"] = "ResNet18_Weights.IMAGENET1K_V1"
+    assert report.choice_notes(result) == []

@@ -119,6 +119,24 @@ def test_a_rerun_keeps_the_users_files_and_a_linked_out_keeps_its_link(cache, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "notes", "run"], "no staging link or folder"
 
 
+@pytest.mark.parametrize(("mask", "folder_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_outputs_follow_the_umask(cache, tmp_path, mask, folder_mode, file_mode):
+    old = os.umask(mask)
+    try:
+        out = tmp_path / "run"
+        assert main_here(["head", "--features", str(cache), "--out", str(out), *HEAD])[0] == 0
+        images = make_folder(tmp_path / "new", per_class=1)
+        csv_out = tmp_path / "p.csv"
+        assert main_here(["predict", "--head", str(out), "--data", str(images), "--out", str(csv_out)])[0] == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == folder_mode
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        (p.name for p in out.iterdir()), file_mode
+    )
+    assert csv_out.stat().st_mode & 0o777 == file_mode
+
+
 @pytest.mark.slow
 def test_a_full_disk_during_head_leaves_nothing_half_written(cache, tmp_path):
     out = tmp_path / "run"
@@ -223,7 +241,8 @@ def test_a_truncated_cache_is_not_called_busy(cache, tmp_path):
     broken = tmp_path / "t.h5"
     broken.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
     code, err = main_here(["info", str(broken)])
-    assert code == 2 and "is not a readable HDF5 cache (truncated file" in err and "another process" not in err
+    assert code == 2 and "is not a feature cache: not a readable HDF5 file (truncated file" in err
+    assert "another process" not in err and "delete" not in err
 
 
 # ------------------------------------------------------------------- malformed head folders

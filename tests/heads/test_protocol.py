@@ -143,7 +143,9 @@ def test_few_shot_draws_k_per_class_and_never_trains_on_val(synthetic_cache, tmp
 
 
 def test_no_cache(tmp_path):
-    with pytest.raises(MissingError, match=r"no cache at .*missing\.h5; run `make features`"):
+    with pytest.raises(
+        MissingError, match=r"no cache at .*missing\.h5; build it with `pipeline features --data YOUR_IMAGES"
+    ):
         protocol.run(head_cfg(tmp_path / "missing.h5", tmp_path))
 
 
@@ -204,19 +206,19 @@ def test_a_fixed_c_says_it_was_given_not_chosen(synthetic_cache, tmp_path):
 
 
 def test_bad_head_options(capsys, synthetic_cache):
-    with pytest.raises(ConfigError, match=r"--head 'svm' is not allowed; choose one of: logreg, torch"):
+    with pytest.raises(ConfigError, match=r"--head 'svm' is not allowed; choose one of: torch, logreg"):
         HeadConfig(features="x.h5", head="svm")
     with pytest.raises(ConfigError, match=r"C value -1.0 is not allowed; C must be a positive, finite number"):
         HeadConfig(features="x.h5", C=-1.0)
     with pytest.raises(ConfigError, match=r"C value 0.0 is not allowed"):
         HeadConfig(features="x.h5", grid=(1.0, 0.0))
-    with pytest.raises(ConfigError, match=r"no cache given; pass --features cache/NAME\.h5"):
+    with pytest.raises(ConfigError, match=r"no cache given; pass it: `pipeline head cache/NAME\.h5`"):
         HeadConfig()
     assert cli.main(["head", "--features", str(synthetic_cache), "--C", "0"]) == 2
     assert "error: C value 0.0 is not allowed" in capsys.readouterr().err
     assert cli.main(["head", "--features", str(synthetic_cache.parent / "none.h5")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "run `make features`" in err
+    assert err.count("\n") == 1 and "pipeline features --data YOUR_IMAGES" in err
 
 
 @pytest.mark.slow
