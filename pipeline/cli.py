@@ -58,6 +58,8 @@ def _head(args: argparse.Namespace) -> int:
         args.features = args.cache
     result = protocol.run(_config(args, HeadConfig, "head"), report_to=_say)
     print(report.format_table(result))
+    plots = "validation_curve.png, confusion_matrix.png, reliability.png"
+    _say(f"results in {result['out']}/: result.json, curve.csv, {plots}")
     return 0
 
 

@@ -28,7 +28,9 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def plot_validation_curve(curve: list[dict[str, Any]], selection: dict[str, Any], path: str | Path) -> Path:
+def plot_validation_curve(
+    curve: list[dict[str, Any]], selection: dict[str, Any], path: str | Path, run: str = ""
+) -> Path:
     """Validation top-1 (with its binomial standard error), balanced accuracy and log-loss against C.
 
     `selection` is what the --select rule decided (`pipeline.heads.choice.selection`): the rule, the chosen C
@@ -64,7 +66,7 @@ def plot_validation_curve(curve: list[dict[str, Any]], selection: dict[str, Any]
     ax.axvline(chosen_C, color="0.6", ls="--", lw=1)
     target.plot([chosen_C], [best[key]], "r*", ms=14, label=f"chosen {name} = {chosen_C:.3g} ({metric})")
     xlabel = {"C": "C (inverse regularisation strength)", "k": "k (neighbours)"}.get(param, f"{param} (fixed)")
-    ax.set(xlabel=xlabel, ylabel="accuracy", title="Validation curve")
+    ax.set(xlabel=xlabel, ylabel="accuracy", title=_title("Validation curve", run))
     ax.grid(alpha=0.3)
     handles = [h for a in {ax, target} for h in a.get_legend_handles_labels()[0]]
     ax.legend(handles=handles, loc="best", fontsize=7)
@@ -87,7 +89,12 @@ def _mark_status(ax: Any, curve: list[dict[str, Any]], Cs: np.ndarray, top1: np.
             ax.plot(Cs[status == name], top1[status == name], ls="none", **style)
 
 
-def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path) -> Path:
+def _title(what: str, run: str) -> str:
+    """A plot's title: what it shows, and which run (dataset / backbone / head) on a line below."""
+    return f"{what}\n{run}" if run else what
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path, run: str = "") -> Path:
     """Row-normalised confusion matrix (recall on the diagonal); names shown up to 30 classes."""
     plt = _pyplot()
     counts = np.asarray(confusion, dtype=float)
@@ -105,25 +112,28 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | P
             for j in range(n):
                 ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
-    ax.set(xlabel="predicted", ylabel="true", title="Test confusion matrix")
+    ax.set(xlabel="predicted", ylabel="true", title=_title("Test confusion matrix", run))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
 
 
-def plot_reliability(table: dict[str, Any], path: str | Path, before: dict[str, Any] | None = None) -> Path:
-    """Accuracy against confidence on test; with `before` (the table before a post-hoc adjustment) that too."""
+def plot_reliability(
+    table: dict[str, Any], path: str | Path, before: dict[str, Any] | None = None, run: str = ""
+) -> Path:
+    """Accuracy against confidence on test; with `before` (the table before a post-hoc adjustment) that too.
+    Each bar's count sits above it inside the frame; the legend sits below the axes, covering nothing."""
     plt = _pyplot()
     edges = np.asarray(table["edges"])
     centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
     counts = np.asarray(table["count"])
     shown = counts > 0
-    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    fig, ax = plt.subplots(figsize=(4.8, 5.4))
     accuracy = np.asarray(table["accuracy"])
     ax.bar(centers[shown], accuracy[shown], width=width * 0.9, alpha=0.8, label="accuracy (n above the bar)")
     for x, a, n in zip(centers[shown], accuracy[shown], counts[shown], strict=True):
-        ax.text(x, min(a + 0.02, 0.97), str(n), ha="center", fontsize=6)
+        ax.text(x, a + 0.015, str(n), ha="center", va="bottom", fontsize=6)
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     title = f"Reliability (test), ECE = {table['ece']:.3f}"
     if before is not None:
@@ -133,9 +143,10 @@ def plot_reliability(table: dict[str, Any], path: str | Path, before: dict[str, 
             ms=3, lw=1, label=f"before the post-hoc adjustment (ECE {before['ece']:.3f})",
         )  # fmt: skip
         title = f"Reliability (test), ECE {before['ece']:.3f} -> {table['ece']:.3f}"
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set(xlim=(0, 1), ylim=(0, 1.1), xlabel="confidence (max probability)", ylabel="accuracy")
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_title(_title(title, run))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, ncol=1, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -175,9 +186,9 @@ def choice_notes(result: dict[str, Any]) -> list[str]:
         confusion = np.asarray((result.get("test") or {}).get("confusion") or [[1]], dtype=float)
         majority = confusion.sum(axis=1).max() / max(confusion.sum(), 1)
         notes.append(
-            f"these features come from random weights ({weights}), so expect little above chance: "
-            f"{1 / n_classes:.1%} for {n_classes} classes, {majority:.1%} by always guessing test's largest class; "
-            "pretrained weights (--weights DEFAULT) are what transfer"
+            f"these features come from random weights ({weights}), not pretrained ones, so they say little about "
+            f"transfer; chance is {1 / n_classes:.1%} for {n_classes} classes, {majority:.1%} always guessing "
+            "test's largest class (pretrained: --weights DEFAULT)"
         )
     return notes
 
@@ -252,7 +263,9 @@ def plot_grouped_bars(rows: list[dict[str, Any]], path: str | Path) -> Path:
     datasets = sorted({r["dataset"] for r in full})
     series = sorted({(r["backbone"], r["head"]) for r in full})
     width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(datasets) + 0.4 * len(series)), 4))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(datasets) + 0.4 * len(series)), 4.4 + 0.12 * len(series)))
+    tops: list[float] = []
+    bottoms: list[float] = []
     for k, (backbone, head) in enumerate(series):
         xs, ys, errs = [], [], [[], []]
         for i, d in enumerate(datasets):
@@ -265,11 +278,19 @@ def plot_grouped_bars(rows: list[dict[str, Any]], path: str | Path) -> Path:
             lo, hi = r["top1_lo"], r["top1_hi"]
             errs[0].append((r["test_top1"] - lo) * 100 if lo is not None else 0)
             errs[1].append((hi - r["test_top1"]) * 100 if hi is not None else 0)
-        ax.bar(xs, ys, width=width * 0.95, yerr=errs, capsize=3, label=f"{backbone} / {head}")
+        bars = ax.bar(xs, ys, width=width * 0.95, yerr=errs, capsize=3, label=f"{backbone} / {head}")
+        for bar, y in zip(bars, ys, strict=True):  # the value inside the bar's top, clear of its interval
+            ax.text(bar.get_x() + bar.get_width() * 0.97, y, f"{y:.1f} ", ha="right", va="top", fontsize=6)
+        tops += [y + hi for y, hi in zip(ys, errs[1], strict=True)]
+        bottoms += [y - lo for y, lo in zip(ys, errs[0], strict=True)]
+    # Zoom to the data and its intervals: from 0, 97.1% and 95.6% would look the same.
+    span = max(max(tops, default=100) - min(bottoms, default=0), 1.0)
+    ax.set_ylim(max(0.0, min(bottoms, default=0) - 0.25 * span), min(100.0, max(tops, default=100) + 0.2 * span))
     ax.set_xticks(range(len(datasets)), datasets)
-    ax.set(ylabel="test top-1 (%)", title="Test accuracy with 95% bootstrap intervals")
+    what = "Test top-1, 95% intervals (axis zoomed)"
+    ax.set(ylabel="test top-1 (%)", title=_title(what, ", ".join(datasets)))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

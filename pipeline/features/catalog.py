@@ -7,19 +7,52 @@ DEFAULT weights. With the timm extra installed, the timm models whose names matc
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import os
+from pathlib import Path
 from typing import Any
 
-from pipeline.features import architectures, layers
 from pipeline.registry import TIMM_PREFIX
 
 TIMM_SHOWN = 30
+# The table for the torchvision this package was released with, so listing builds no model (and
+# imports no torch); any other torchvision gets its table computed once and kept in the user's cache.
+SHIPPED = Path(__file__).with_name("backbones.json")
 
 
-def torchvision_rows(text: str = "") -> list[dict[str, Any]]:
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline"
+
+
+def _cached(kind: str, version: str, compute: Any) -> Any:
+    """`compute()` for this `kind` at this library `version`: from the shipped table or the user's
+    cache when they hold it, else computed and kept in the user's cache (best effort)."""
+    for path in (SHIPPED if kind == "torchvision" else None, _cache_dir() / f"{kind}-{version}.json"):
+        try:
+            document = json.loads(path.read_text()) if path else None
+        except (OSError, ValueError):
+            document = None
+        if isinstance(document, dict) and document.get("version") == version and "rows" in document:
+            return document["rows"]
+    rows = compute()
+    try:
+        target = _cache_dir() / f"{kind}-{version}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"version": version, "rows": rows}))
+        os.replace(tmp, target)
+    except OSError:
+        pass  # a read-only home: computed again next time
+    return rows
+
+
+def all_torchvision_rows() -> list[dict[str, Any]]:
+    """Every torchvision classification model's row, computed from meta-device builds (seconds)."""
+    from pipeline.features import architectures
+
     rows = []
     for name in architectures.available():
-        if text.lower() not in name.lower():
-            continue
         parts = architectures.anatomy(name)
         enum = architectures.weights_enum(name)
         preset = enum.DEFAULT.transforms()
@@ -37,19 +70,39 @@ def torchvision_rows(text: str = "") -> list[dict[str, Any]]:
     return rows
 
 
+def torchvision_rows(text: str = "") -> list[dict[str, Any]]:
+    """The rows of the models whose names contain `text` (no model is built when the table is known)."""
+    rows = _cached("torchvision", importlib.metadata.version("torchvision"), all_torchvision_rows)
+    return [row for row in rows if text.lower() in row["name"].lower()]
+
+
 def timm_names(text: str = "") -> list[str] | None:
     """timm models with pretrained weights whose names contain `text`; None without timm."""
     try:
-        import timm
-    except ImportError:
+        version = importlib.metadata.version("timm")
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return [TIMM_PREFIX + n for n in timm.list_models(f"*{text}*", pretrained=True)]
+
+    def every_name() -> list[str]:
+        import timm
+
+        return list(timm.list_models(pretrained=True))
+
+    names = _cached("timm", version, every_name)
+    return [TIMM_PREFIX + n for n in names if text.lower() in n.lower()]
+
+
+def write_shipped_table() -> Path:
+    """Write backbones.json for the installed torchvision (run when the pinned torchvision changes)."""
+    version = importlib.metadata.version("torchvision")
+    SHIPPED.write_text(json.dumps({"version": version, "rows": all_torchvision_rows()}, indent=1) + "\n")
+    return SHIPPED
 
 
 def format_layers(name: str) -> str:
     """Every module of backbone `name` that --layers accepts, in the order the forward pass finishes them, with
     the width of its pooled output at the default crop size."""
-    from pipeline.features import backbone
+    from pipeline.features import backbone, layers
 
     spec = backbone.describe(name, "none")
     found = layers.layout(name, None, spec.crop_size)
@@ -81,3 +134,7 @@ def format_table(text: str = "") -> str:
             f"timm models with pretrained weights matching {text!r}: {len(names)}" + (f": {shown}" if names else "")
         )
     return "\n".join(line.rstrip() for line in lines)
+
+
+if __name__ == "__main__":  # python -m pipeline.features.catalog: refresh the shipped table
+    print(f"wrote {write_shipped_table()}")

@@ -172,12 +172,21 @@ def _write(cfg: HeadConfig, result: dict[str, Any], run: FittedRun, info: CacheI
         "posthoc": _saved_adjustment(run),
     }
     probe.save_head(head, out, meta)
-    report.plot_validation_curve(run.curve, result["protocol"]["selection"], out / "validation_curve.png")
-    report.plot_confusion(result["test"]["confusion"], names, out / "confusion_matrix.png")
+    label = _run_label(result)
+    report.plot_validation_curve(run.curve, result["protocol"]["selection"], out / "validation_curve.png", label)
+    report.plot_confusion(result["test"]["confusion"], names, out / "confusion_matrix.png", label)
     before = run.adjustment.record.get("reliability_before")
-    report.plot_reliability(result["test"]["reliability"], out / "reliability.png", before=before)
+    report.plot_reliability(result["test"]["reliability"], out / "reliability.png", before=before, run=label)
     if result["test"].get("repeats"):
         report.write_csv(result["test"]["repeats"], out / "fewshot.csv")
+
+
+def _run_label(result: dict[str, Any]) -> str:
+    """dataset / backbone / head, as the plots' titles name the run (a study's cell labels win)."""
+    cell, cache = result.get("cell") or {}, result["cache"]
+    weights = str(cache["fingerprint"].get("weights", "?")).split(" (")[0]
+    backbone = cell.get("backbone") or f"{cache['fingerprint'].get('backbone', '?')} {weights}"
+    return f"{cell.get('dataset') or cache['data']} / {backbone} / {cell.get('head') or result['config']['head']}"
 
 
 def _saved_adjustment(run: FittedRun) -> dict[str, Any] | None:

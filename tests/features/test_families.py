@@ -77,6 +77,28 @@ def test_the_backbone_list_and_a_wrong_name(capsys):
     assert "unknown backbone 'convnxt_tiny'; did you mean convnext_tiny" in capsys.readouterr().err
 
 
+def test_the_shipped_backbone_table_is_current_and_listing_builds_no_model(capsys, tmp_path, monkeypatch):
+    import importlib.metadata
+    import json
+
+    from pipeline.features import architectures, catalog
+
+    shipped = json.loads(catalog.SHIPPED.read_text())
+    if shipped["version"] != importlib.metadata.version("torchvision"):
+        pytest.skip("the shipped table is for another torchvision; it is computed and cached instead")
+    assert shipped["rows"] == catalog.all_torchvision_rows(), "refresh it: python -m pipeline.features.catalog"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(architectures, "anatomy", lambda name: pytest.fail(f"built {name} to list it"))
+    assert cli.main(["backbones", "resnet"]) == 0
+    assert "resnet50" in capsys.readouterr().out
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(catalog, "SHIPPED", tmp_path / "missing.json")  # another torchvision: computed, cached
+    assert catalog.torchvision_rows("vit_b_16")[0]["dim"] == 768
+    version = importlib.metadata.version("torchvision")
+    assert (tmp_path / "pipeline" / f"torchvision-{version}.json").exists()
+
+
 def test_non_resnet_caches_record_their_layer_and_resnet_fingerprints_are_unchanged(tmp_path, folder):
     resnet = stage.run(tiny(data=str(folder), out=str(tmp_path / "r.h5")))
     squeeze = stage.run(tiny(data=str(folder), backbone="squeezenet1_1", out=str(tmp_path / "s.h5")))

@@ -181,7 +181,7 @@ def test_features_from_random_weights_are_named_with_the_chance_level():
         "test": {"confusion": [[5, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 2]]},
     }
     (note,) = report.choice_notes(result)
-    assert note.startswith("these features come from random weights (none (random init, seed 0)), so expect")
-    assert "25.0% for 4 classes, 50.0% by always guessing test's largest class" in note
+    assert note.startswith("these features come from random weights (none (random init, seed 0)), not pretrained")
+    assert "chance is 25.0% for 4 classes, 50.0% always guessing test's largest class" in note
     result["cache"]["fingerprint"]["weights"] = "ResNet18_Weights.IMAGENET1K_V1"
     assert report.choice_notes(result) == []
