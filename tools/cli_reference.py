@@ -23,7 +23,9 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """Help text as one Markdown table cell: pipes escaped, and angle brackets (ROOT/<class>) kept as
+    text rather than read as HTML tags."""
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _flag(action: argparse.Action) -> str:
