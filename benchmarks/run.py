@@ -275,7 +275,7 @@ def bench_knn(budget_mb: int = 256) -> None:
     from sklearn.neighbors import KNeighborsClassifier
 
     from pipeline import read_features
-    from pipeline.heads.neighbours import CosineKNN
+    from pipeline.heads.kinds.knn import CosineKNN
 
     cache = OUT / "cifar100-like.h5"
     if not cache.exists():

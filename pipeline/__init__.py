@@ -1,4 +1,5 @@
-"""Cached-embedding linear probing: frozen torchvision ResNet features in HDF5, fast linear heads.
+"""Cached-embedding linear probing: features of any frozen torchvision or timm backbone, cached in
+one HDF5 file, and heads (linear, kNN, nearest class mean) trained on them in seconds.
 
 Importing the package is cheap: names are loaded on first use, and torch only by the stages that
 run a model. Safe loaders for files from others: `read_features` (a cache), `load_head` (a head
@@ -15,7 +16,7 @@ _LAZY = {
     "FeatureSet": "pipeline.cache.reader",
     "Split": "pipeline.cache.reader",
     "read_features": "pipeline.cache.reader",
-    "load_head": "pipeline.heads.probe",
+    "load_head": "pipeline.heads.saved",
     "load_export": "pipeline.predict",
 }
 __all__ = ["__version__", *_LAZY]

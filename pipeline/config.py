@@ -18,7 +18,6 @@ from pipeline.settings import check_choices, check_device, check_positive, flag,
 
 MAX_VIEWS = 1000  # views per train image: more is a typo, and would reserve disk for that many rows
 MAX_LOGIT_ADJUST = 100.0  # tau: 1 is the paper's choice; far larger only overflows the offsets
-MIN_TEMPERATURE = 1e-4  # cosine / T stays finite in float32 for T in [1e-4, 1e4]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +185,8 @@ class HeadConfig:
     )
     head: str = option(
         registry.DEFAULT_HEAD,
-        "torch (nn.Linear + cross-entropy; the fastest) or logreg (scikit-learn), trained with C; knn (cosine, "
-        "weighted votes, k chosen on val) or ncm (nearest class mean by cosine)",
-        registry.HEADS,
+        "the head kind: torch (nn.Linear + cross-entropy; the fastest) or logreg (scikit-learn), trained with C; "
+        "knn (cosine, weighted votes, k chosen on val) or ncm (nearest class mean by cosine)",
         group="head kind",
     )
     out: str | None = option(None, "results folder (default: results/<cache>-<head>)", group="output")
@@ -313,7 +311,8 @@ class HeadConfig:
                 "no cache given; pass it: `pipeline head cache/NAME.h5` (build one with `pipeline features --data "
                 "YOUR_IMAGES --out cache/NAME.h5`)"
             )
-        self._check_head_settings()
+        # What only a kind of head allows (C or k values, cosine preprocessing, its temperature) is
+        # checked by that kind, where the head stage starts: `pipeline.heads.kinds.validate`.
         _ = self.logit_adjust_tau  # checked here
         if self.imbalance_ratio is not None and not 1.0 <= self.imbalance_ratio < float("inf"):
             raise ConfigError(f"--imbalance-ratio {self.imbalance_ratio} must be a finite number >= 1 (1: balanced)")
@@ -330,38 +329,6 @@ class HeadConfig:
             raise ConfigError(f"--bootstrap {self.bootstrap} is negative; pass 0 for no intervals")
         _ = self.max_memory_bytes  # parsed once, here: a bad size fails before any work
         check_device(self.device)
-
-    def _check_head_settings(self) -> None:
-        """C for the linear heads, k for knn, nothing for ncm; cosine heads on unit rows, unweighted."""
-        if self.head in registry.LINEAR_HEADS:
-            for value in ([self.C] if self.C is not None else []) + list(self.grid or ()):
-                if not value > 0 or value == float("inf"):
-                    raise ConfigError(f"C value {value} is not allowed; C must be a positive, finite number")
-            return
-        if self.C is not None:
-            raise ConfigError(f"--C is a setting of the linear heads; the {self.head} head has no C (drop --C)")
-        if self.head == "ncm" and self.grid:
-            raise ConfigError("--grid is not used by the ncm head, which has nothing to choose (drop --grid)")
-        for k in self.grid or ():
-            if not (k >= 1 and float(k).is_integer()):
-                raise ConfigError(
-                    f"k value {k} is not allowed; the knn head's --grid takes whole numbers of neighbours >= 1"
-                )
-        if not MIN_TEMPERATURE <= self.temperature <= 1 / MIN_TEMPERATURE:  # logits stay finite
-            raise ConfigError(
-                f"--temperature {self.temperature} is out of range; pass a number in [{MIN_TEMPERATURE:g}, "
-                f"{1 / MIN_TEMPERATURE:g}] (0.07 is DINO's)"
-            )
-        if self.preprocess not in ("auto", *registry.COSINE_PREPROCESSING):
-            raise ConfigError(
-                f"--preprocess {self.preprocess} does not suit the {self.head} head, which compares unit rows by "
-                f"cosine; choose one of: {', '.join(registry.COSINE_PREPROCESSING)}"
-            )
-        if self.class_weight != "none":
-            raise ConfigError(
-                f"--class-weight {self.class_weight} applies to the linear heads; the {self.head} head is not trained "
-                "with a loss to weigh (drop --class-weight)"
-            )
 
     @property
     def refits_on_val(self) -> bool:
@@ -384,13 +351,6 @@ class HeadConfig:
                 "(1 is the usual choice) or auto"
             )
         return tau
-
-    @property
-    def preprocessing(self) -> str:
-        """--preprocess with `auto` resolved for this head."""
-        if self.preprocess != "auto":
-            return self.preprocess
-        return "standardize" if self.head in registry.LINEAR_HEADS else "l2"
 
     @functools.cached_property
     def max_memory_bytes(self) -> int | None:

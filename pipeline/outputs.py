@@ -12,6 +12,7 @@ project wrote it (recognised by its first bytes; a pack: the same cache) or the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -116,12 +117,15 @@ def _starts_with(path: Path, prefix: bytes) -> bool:
 
 
 def _is_our_export(path: Path) -> bool:
+    """An export's meta.json says `"format": "pipeline ... torch.export program"` (any head kind)."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith("extra/meta.json")]
-            return bool(names) and b"pipeline linear-probe" in archive.read(names[0])
-    except (zipfile.BadZipFile, OSError, KeyError):
+            meta = json.loads(archive.read(names[0])) if names else {}
+    except (zipfile.BadZipFile, OSError, KeyError, ValueError):
         return False
+    text = str(meta.get("format", "")) if isinstance(meta, dict) else ""
+    return text.startswith("pipeline ") and text.endswith("torch.export program")
 
 
 OURS: dict[str, Callable[[Path], bool]] = {

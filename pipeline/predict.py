@@ -22,11 +22,11 @@ from pipeline import outputs
 from pipeline.config import FeaturesConfig
 from pipeline.errors import BadImageError, CacheError, ConfigError, MissingError, WeightsError
 from pipeline.features import backbone
-from pipeline.heads.neighbours import CosineKNN
-from pipeline.heads.probe import Head, load_head
+from pipeline.heads.saved import load_head
+from pipeline.heads.trained import TrainedHead
 
 
-def _settings(head: Head, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _settings(head: TrainedHead, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     fingerprint, settings = head.meta.get("cache_fingerprint"), head.meta.get("features_config")
     if not fingerprint or not settings:
         raise CacheError(
@@ -36,7 +36,7 @@ def _settings(head: Head, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]
     return fingerprint, settings
 
 
-def rebuild_spec(head: Head, folder: Path, weights: str | None = None) -> backbone.BackboneSpec:
+def rebuild_spec(head: TrainedHead, folder: Path, weights: str | None = None) -> backbone.BackboneSpec:
     """The head's backbone and preprocessing, verified against its cache fingerprint."""
     layer = (head.meta.get("config") or {}).get("layer")
     if layer not in (None, "", "penultimate"):
@@ -143,64 +143,24 @@ def format_predictions(done: dict[str, Any], top_k: int = 5, most: int = 10) -> 
     return "\n".join(lines)
 
 
-def export_module(model: Any, spec: backbone.BackboneSpec, head: Head) -> Any:
-    """The exported module: uint8 crops (B, 3, S, S) -> class probabilities (B, C)."""
+def export_module(model: Any, spec: backbone.BackboneSpec, head: TrainedHead) -> Any:
+    """The exported module: uint8 crops (B, 3, S, S) -> class probabilities (B, C): the backbone's
+    normalisation and body, then the head's own module (its preprocessing inside)."""
     import torch
     from torch import nn
-
-    knn = isinstance(head, CosineKNN)
-    prep = head.preprocessor_ if knn else head.preprocessor
 
     class Classifier(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.body = model.body
+            self.head = head.to_module()
             t = spec.transform
             self.register_buffer("mean", torch.tensor(t.mean).reshape(1, 3, 1, 1).clone())
             self.register_buffer("std", torch.tensor(t.std).reshape(1, 3, 1, 1).clone())
-            dim = head.n_features_in_
-            self.kind = prep.kind
-            f_mean = prep.mean_ if prep.mean_ is not None else np.zeros(dim, np.float32)
-            f_scale = prep.scale_ if prep.scale_ is not None else np.ones(dim, np.float32)
-            arrays = {"f_mean": f_mean, "f_scale": f_scale}
-            if knn:  # the bank, and its classes one-hot: votes are a product, no scatter
-                self.k, self.temperature = min(int(head.n_neighbors), len(head.bank_)), float(head.temperature)
-                self.calibration = float(head.calibration)
-                offsets = np.zeros(len(head.classes_)) if head.offsets is None else np.asarray(head.offsets)
-                arrays["offsets"] = offsets
-                arrays |= {"bank": head.bank_, "bank_onehot": np.eye(len(head.classes_))[head.bank_labels_]}
-            else:
-                arrays |= {"coef": head.coef_, "intercept": head.intercept_}
-            for name, array in arrays.items():  # own contiguous copies: torch.export saves them whole
-                self.register_buffer(name, torch.tensor(np.ascontiguousarray(array, dtype=np.float32)))
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
             x = (images.to(torch.float32) / 255.0 - self.mean) / self.std  # (B, 3, S, S)
-            f = self.body(x)  # (B, D)
-            if self.kind == "standardize":
-                f = (f - self.f_mean) / self.f_scale
-            elif self.kind in ("l2", "center-l2"):
-                f = f - self.f_mean  # zero for l2
-                f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            if knn:
-                return self.votes(f)
-            z = f @ self.coef.T + self.intercept  # (B, C) or (B, 1)
-            if z.shape[1] == 1:
-                p = torch.sigmoid(z)
-                return torch.cat([1 - p, p], dim=1)
-            return torch.softmax(z, dim=1)
-
-        def votes(self, f: torch.Tensor) -> torch.Tensor:
-            """`pipeline.heads.neighbours.vote_log_proba`, in torch."""
-            sims, rows = torch.topk(f @ self.bank.T, self.k, dim=1)  # (B, k)
-            weights = torch.exp((sims - sims[:, :1]) / self.temperature)  # over the row's largest: no underflow
-            votes = torch.einsum("bk,bkc->bc", weights, self.bank_onehot[rows])
-            share = votes / votes.sum(dim=1, keepdim=True).clamp_min(1e-30)
-            n_classes, smoothing = self.bank_onehot.shape[1], 1.0 / (self.k + 1)
-            proba = (1 - smoothing) * share + smoothing / n_classes
-            # The post-hoc adjustment: logit adjustment offsets, then the temperature.
-            return torch.softmax((torch.log(proba) + self.offsets) / self.calibration, dim=1)
-            return proba
+            return self.head(self.body(x))  # (B, D) -> (B, C)
 
     return Classifier().eval()
 
@@ -228,8 +188,7 @@ def export(
     program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: batch}})
     t = spec.transform
     meta = {
-        "format": f"pipeline {'kNN' if isinstance(head, CosineKNN) else 'linear-probe'} classifier, "
-        "torch.export program",
+        "format": f"pipeline {head.kind.model} classifier ({head.kind.name} head), torch.export program",
         "input": f"uint8 tensor (B, 3, {size}, {size}): RGB image resized (shorter side {t.resize_size[0]}, "
         f"{t.interpolation.value}, antialias) and centre-cropped to {size}",
         "output": "float32 (B, C) class probabilities, columns in the order of `classes`",

@@ -71,16 +71,13 @@ ASSEMBLIES = ("virtual", "copy")
 
 # -------------------------------------------------------------------------------------- heads
 
-HEADS = ("torch", "logreg", "knn", "ncm")
-# The torch head: the same choices as logreg on every cache measured, 1.9-9.1x faster (docs/performance.md).
+# The head kinds are registered classes (`pipeline.heads.kinds`); the default one is named here so
+# the config can say it without importing the head stage. torch: the same choices as logreg on every
+# cache measured, 1.9-9.1x faster (docs/performance.md).
 DEFAULT_HEAD = "torch"
-LINEAR_HEADS = ("logreg", "torch")  # trained with C: the others compare cosine similarities
-# What each head's sweep varies: the curve's first column. ncm has no setting to choose: its one
-# row is at its softmax temperature.
-HEAD_SETTINGS = {"logreg": "C", "torch": "C", "knn": "k", "ncm": "temperature"}
-DEFAULT_K_GRID = (1, 3, 5, 10, 20, 50, 100, 200)
-# `auto`: standardize for the linear heads, l2 for knn and ncm; `center-l2` subtracts the training
-# mean before the L2 normalisation (SimpleShot's CL2N).
+DEFAULT_K_GRID = (1, 3, 5, 10, 20, 50, 100, 200)  # the knn head's k values
+# `auto`: each head kind's own default (standardize for the linear heads, l2 for the cosine ones);
+# `center-l2` subtracts the training mean before the L2 normalisation (SimpleShot's CL2N).
 PREPROCESSING = ("standardize", "l2", "center-l2", "none")
 HEAD_PREPROCESSING = ("auto", *PREPROCESSING)
 COSINE_PREPROCESSING = ("l2", "center-l2")

@@ -70,16 +70,18 @@ def _check_unique(labels: list[str], table: str, source: str) -> None:
 
 
 def _defaults_for(head: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """The [head] defaults that apply to `head`: a C grid, C and class weights set there are the linear
-    heads' (and so is a preprocessing other than l2 / center-l2); a [[heads]] entry sets its own."""
-    from pipeline import registry
+    """The [head] defaults that apply to `head`: a C grid, C and class weights set there are for the
+    kinds trained with C (and a preprocessing only for the kinds that take it); a [[heads]] entry sets
+    its own."""
+    from pipeline.heads import kinds
 
-    if head in registry.LINEAR_HEADS:
+    kind = kinds.get(head)
+    if kind.takes_c:
         return defaults
-    linear_only = {"grid", "C", "class_weight"}
-    if defaults.get("preprocess") not in (None, "auto", *registry.COSINE_PREPROCESSING):
-        linear_only.add("preprocess")
-    return {key: value for key, value in defaults.items() if key.replace("-", "_") not in linear_only}
+    skipped = {"grid", "C", "class_weight"}
+    if defaults.get("preprocess") not in (None, "auto", *kind.preprocessings):
+        skipped.add("preprocess")
+    return {key: value for key, value in defaults.items() if key.replace("-", "_") not in skipped}
 
 
 def _backbone_label(entry: dict[str, Any]) -> str:
@@ -90,6 +92,7 @@ def plan(path: str | Path) -> Plan:
     """Read and validate the whole study before anything runs."""
     from pipeline import registry
     from pipeline.features import backbone
+    from pipeline.heads import kinds
 
     source = str(path)
     document = load_document(path)
@@ -137,7 +140,11 @@ def plan(path: str | Path) -> Plan:
         _check_keys(hd, ["name", *head_fields], where)
         head = hd.get("head", head_defaults.get("head", registry.DEFAULT_HEAD))
         values = {**_defaults_for(head, head_defaults), **{key: v for key, v in hd.items() if key != "name"}}
-        resolve(HeadConfig, {**values, "features": "check.h5"}, {}, source=where)  # validate now
+        checked = resolve(HeadConfig, {**values, "features": "check.h5"}, {}, source=where)  # validate now
+        try:
+            kinds.validate(checked)  # and with the rules of the head's kind
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         heads.append((hd.get("name") or values.get("head", registry.DEFAULT_HEAD), values))
     _check_unique([label for label, _ in heads], "heads", source)
     fewshot = document.get("fewshot")

@@ -16,7 +16,7 @@ from pipeline.config import HeadConfig
 from pipeline.errors import CacheError, WeightsError
 from pipeline.features import stage
 from pipeline.heads import protocol
-from pipeline.heads.probe import load_head
+from pipeline.heads.saved import load_head
 
 from conftest import make_folder, tiny, write_image
 

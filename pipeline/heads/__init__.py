@@ -1,3 +1,7 @@
-"""The head stage: linear heads on a cache. `protocol.run` selects C on validation, refits on
-train+val and scores the test split once, with the rows in memory (`fitting`) or streamed from the
-file (`stream`); `estimators` and `probe` are the heads themselves."""
+"""The head stage: heads trained on a cache.
+
+`protocol.run` chooses a head's setting on validation, refits on train+val and scores the test
+split once. The rows are held in memory (`fitting`) or streamed from the file (`stream`). What is
+trained is a head kind (`kinds`: torch, logreg, knn, ncm, each one module), and what comes out is
+one `TrainedHead` (`trained`), which saves, loads, predicts and exports the same way for every kind.
+"""

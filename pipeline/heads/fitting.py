@@ -1,26 +1,22 @@
-"""Fitting with every row in memory: one linear model per C on the same rows (`fit_grid`), batched
-in torch or as parallel scikit-learn fits under a chosen joblib backend; and `MemorySource`, the
-protocol's rows (train, val or a holdout, few-shot draws, test read last) held as arrays."""
+"""The protocol's rows held as arrays (`MemorySource`): train, val or a holdout, few-shot draws, the
+--views of train, and test, read last. Its fits are the head kind's (`fit_grid`)."""
 
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.cache.reader import CacheInfo, Split, check_rows, read_features
 from pipeline.cache.schema import fingerprint_tag, views_path
 from pipeline.config import HeadConfig
-from pipeline.errors import CacheError, ConfigError, DataError, MissingError
-from pipeline.heads import choice
-from pipeline.heads.estimators import Preprocessor, balanced_weights, make_logreg
-from pipeline.heads.options import SolverOptions
-from pipeline.heads.runs import Fit, Predictions, resolution
-from pipeline.registry import JOBLIB_BACKENDS
+from pipeline.errors import CacheError, DataError, MissingError
+from pipeline.heads import choice, kinds
+from pipeline.heads.estimators import Preprocessor
+from pipeline.heads.runs import Fit, Predictions
 from pipeline.splits import draw_shots, long_tail, stratified_holdout
 
 
@@ -33,105 +29,10 @@ def fit_grid(
     tick: Callable[[int], None] = lambda n: None,
     init: Fit | None = None,
     sample_weight: np.ndarray | None = None,
-) -> list[Fit]:
-    """One fit per C on the same rows: batched in torch, or parallel scikit-learn fits; per k (the
-    knn head: one shared bank) or the class means (ncm). `sample_weight` (the --views weights) multiplies
-    the class weights of the linear heads and weighs the class means; every row of a kNN bank votes alike."""
-    if cfg.head in ("knn", "ncm"):
-        from pipeline.heads import neighbours
-
-        tick(len(Cs))
-        if cfg.head == "ncm":
-            return [neighbours.fit_ncm(X, y, n_classes, cfg.temperature, sample_weight)]
-        budget = cfg.max_memory_bytes or neighbours.DEFAULT_BUDGET
-        return neighbours.fit_knn(X, y, n_classes, Cs, cfg.temperature, budget)
-    class_weight = None if cfg.class_weight == "none" else cfg.class_weight
-    weights = balanced_weights(y, class_weight, sample_weight)
-    if sample_weight is not None:
-        weights = sample_weight if weights is None else weights * sample_weight
-    w_sum = float(len(y) if weights is None else weights.sum())
-    if cfg.head == "torch":
-        from pipeline.devices import choose_device
-        from pipeline.heads import solver
-
-        device = choose_device(cfg.device)
-        sol = solver.solve(
-            X,
-            y,
-            Cs,
-            n_classes=n_classes,
-            options=SolverOptions.for_head(cfg, streaming=False, device=str(device)),
-            sample_weight=weights,
-            init=None if init is None else (init.coef[None], init.intercept[None]),
-            progress=tick,
-            block=cfg.sweep_block or solver.default_block(len(Cs), device.type),
-        )
-        return Fit.from_solution(Cs, sol, w_sum, cfg.tol)
-    from joblib import Parallel, delayed
-
-    def one(C: float) -> Fit:
-        import warnings
-
-        from sklearn.exceptions import ConvergenceWarning
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)  # recorded per C instead
-            model = make_logreg(C, class_weight, cfg.max_iter, cfg.tol).fit(X, y, sample_weight=sample_weight)
-        n_iter = int(model.n_iter_.max())
-        coef = model.coef_.T.copy()
-        return Fit(C, coef, model.intercept_.copy(), n_iter, n_iter < cfg.max_iter, False,
-                   resolution(C, coef, w_sum), cfg.tol)  # fmt: skip
-
-    fits = []
-    if len(Cs) == 1:
-        fits.append(one(Cs[0]))
-        tick(1)
-        return fits
-    with joblib_backend(cfg.joblib_backend):
-        for fit in Parallel(n_jobs=cfg.jobs or -1, return_as="generator")(delayed(one)(C) for C in Cs):
-            fits.append(fit)
-            tick(1)
-    return fits
-
-
-@contextmanager
-def joblib_backend(name: str | None) -> Iterator[None]:
-    """The joblib backend of the scikit-learn sweep; `dask` runs the fits on a dask.distributed cluster:
-    the current client, else the scheduler at $DASK_SCHEDULER_ADDRESS, else a local cluster."""
-    import joblib
-
-    if name is None:
-        yield
-        return
-    if name not in JOBLIB_BACKENDS:
-        raise ConfigError(f"unknown joblib backend {name!r}; choose one of: {', '.join(JOBLIB_BACKENDS)}")
-    if name != "dask":
-        with joblib.parallel_config(backend=name):
-            yield
-        return
-    try:
-        from dask.distributed import Client, get_client
-    except ImportError:
-        raise ConfigError("--joblib-backend dask needs dask.distributed; pip install 'pipeline[dask]'") from None
-    try:
-        client, owned = get_client(), False
-    except ValueError:  # no client yet: connect (or start a local cluster) for this sweep
-        client, owned = Client(os.environ.get("DASK_SCHEDULER_ADDRESS")), True
-    try:
-        with joblib.parallel_config(backend="dask"):
-            yield
-    finally:
-        if owned:
-            client.close()
-
-
-def log_proba_all(fits: list, X: np.ndarray) -> list[np.ndarray]:
-    """Each fit's log-probabilities on X; the knn fits of a grid share one neighbour search."""
-    from pipeline.heads import neighbours
-
-    if fits and isinstance(fits[0], neighbours.KNNFit):
-        return neighbours.log_proba_grid(fits, X)
-    return [fit.log_proba(X) for fit in fits]
+) -> list[Any]:
+    """One fit per setting on the same rows in memory, by the kind of ``cfg.head`` (see
+    `pipeline.heads.kinds`); `sample_weight`: the --views weights."""
+    return kinds.get(cfg.head).fit_grid(cfg, X, y, n_classes, Cs, tick, init, sample_weight)
 
 
 def check_finite(path: Path | str, name: str, split: Split) -> None:
@@ -179,7 +80,7 @@ class MemorySource:
         self.y_train, self.y_val = self.encode(train.y), self.encode(val.y)
         self.sweep_counts = np.bincount(self.y_train, minlength=len(self.names))
         self.val_counts = np.bincount(self.y_val, minlength=len(self.names))
-        self.options = SolverOptions.for_head(cfg, streaming=False) if cfg.head == "torch" else None
+        self.kind = kinds.get(cfg.head)
 
     def encode(self, y: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.present, y)
@@ -232,9 +133,9 @@ class MemorySource:
         rows = draw_shots(self.y_train, cfg.shots, cfg.seed + repeat) if cfg.shots else np.arange(len(self.y_train))
         self.sweep_counts = np.bincount(self.y_train[rows], minlength=len(self.names))
         X, y, w = self._train_rows(rows)
-        prep = Preprocessor(cfg.preprocessing).fit(X)
+        prep = Preprocessor(self.kind.preprocessing(cfg)).fit(X)
         fits = fit_grid(cfg, prep.transform(X), y, len(self.names), grid, tick=tick, sample_weight=w)
-        log_probas = log_proba_all(fits, prep.transform(self.val.X))
+        log_probas = self.kind.log_proba_all(fits, prep.transform(self.val.X))
         return (
             prep,
             fits,
@@ -246,7 +147,7 @@ class MemorySource:
         X, y, w = self._train_rows(np.arange(len(self.y_train)))
         X_all, y_all = np.concatenate([X, self.val.X]), np.concatenate([y, self.y_val])
         w_all = None if w is None else np.concatenate([w, np.ones(len(self.y_val))])  # val: one view, weight 1
-        prep = Preprocessor(self.cfg.preprocessing).fit(X_all)
+        prep = Preprocessor(self.kind.preprocessing(self.cfg)).fit(X_all)
         (final,) = fit_grid(
             self.cfg, prep.transform(X_all), y_all, len(self.names), [C], init=init, sample_weight=w_all
         )
@@ -254,7 +155,7 @@ class MemorySource:
 
     def validate(self, fit: Fit, prep: Preprocessor) -> tuple[np.ndarray, np.ndarray]:
         """Classes and log-probabilities of the validation rows (never trained on by `fit`)."""
-        return self.y_val, log_proba_all([fit], prep.transform(self.val.X))[0]
+        return self.y_val, self.kind.log_proba_all([fit], prep.transform(self.val.X))[0]
 
     @functools.cached_property
     def _test(self) -> Split:

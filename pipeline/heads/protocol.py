@@ -21,12 +21,10 @@ from pipeline.cache.reader import CacheInfo, cache_info, check_rows
 from pipeline.config import HeadConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import metrics
-from pipeline.heads import choice, posthoc, results
+from pipeline.heads import choice, kinds, posthoc, results
 from pipeline.heads.estimators import Preprocessor
 from pipeline.heads.fitting import MemorySource
-from pipeline.heads.options import SolverOptions
 from pipeline.heads.runs import Fit, FittedRun, Predictions, Timer
-from pipeline.registry import DEFAULT_GRID, DEFAULT_K_GRID, HEAD_SETTINGS
 
 Report = Callable[[str], None]
 
@@ -40,8 +38,8 @@ class Source(Protocol):
 
     names: list[str]  # the classes the head learns: those with train rows
     selected_on: str  # "val", or which holdout of train
-    options: SolverOptions | None  # the torch solver's options (None for scikit-learn)
     streams: bool
+    views_per_image: int  # augmented views of each train image (--views), 0 without
 
     def describe(self) -> str: ...
     def __enter__(self) -> Source: ...
@@ -85,6 +83,7 @@ def run(cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None
     `cell` labels the run (dataset, backbone, head) for `pipeline compare`. The output folder is
     checked before any fit, locked for the whole run, and replaced in one step at the end.
     """
+    kinds.validate(cfg)  # every rule of the head's kind, before anything is read
     outputs.check_results_folder(cfg.out_path, cfg.force)
     with outputs.results_lock(cfg.out_path):
         return _run(cfg, report_to, cell)
@@ -105,10 +104,11 @@ def needs_streaming(cfg: HeadConfig, info: CacheInfo, n_classes: int) -> bool:
     if budget is None or need <= budget:
         return False
     over = f"about {need / 1e9:.2f} GB here, above --max-memory {cfg.max_memory}"
-    if cfg.head != "torch":
+    if not kinds.get(cfg.head).may_stream:
+        streaming = ", ".join(name for name, kind in kinds.KINDS.items() if kind.may_stream)
         raise ConfigError(
-            f"the {cfg.head} head holds the whole cache in memory, {over}; use --head torch, which streams the "
-            "cache from disk within the budget"
+            f"the {cfg.head} head holds the whole cache in memory, {over}; use --head {streaming}, which streams "
+            "the cache from disk within the budget"
         )
     refused = {
         "--shots": cfg.shots,
@@ -130,30 +130,6 @@ def open_source(cfg: HeadConfig, info: CacheInfo, grid: list[float]) -> Source:
 
         return stream.StreamSource(cfg, info, grid)
     return MemorySource(cfg, info)
-
-
-SOLVED_BY = {"logreg": "lbfgs (scikit-learn)", "knn": "exact (neighbour search)", "ncm": "exact (class means)"}
-
-
-def head_grid(cfg: HeadConfig) -> list[float]:
-    """The settings the sweep tries, from the strongest regularisation to the weakest: C ascending,
-    k descending; ncm has one, its temperature."""
-    if cfg.head == "ncm":
-        return [cfg.temperature]
-    if cfg.head == "knn":
-        return sorted({int(k) for k in cfg.grid or DEFAULT_K_GRID}, reverse=True)
-    return sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
-
-
-def _cap_k(grid: list[float], source: Source, cfg: HeadConfig, report_to: Report) -> list[float]:
-    """k values above the sweep's bank (its training rows) all mean "every row": one setting, the bank
-    size, so the k that is chosen is the k that was scored on val (and the refit's bigger bank keeps it)."""
-    counts = source.sweep_counts if not cfg.shots else np.minimum(source.sweep_counts, cfg.shots)
-    bank = int(counts.sum()) * (1 + getattr(source, "views_per_image", 0))  # --views: each image's views too
-    capped = sorted({min(int(k), bank) for k in grid}, reverse=True)
-    if capped != grid:
-        report_to(f"note: k above the {bank} training rows means all of them; k grid {' '.join(map(str, capped))}")
-    return capped
 
 
 def _adjust(cfg: HeadConfig, source: Source, fit: Any, prep: Preprocessor) -> posthoc.Adjustment:
@@ -183,29 +159,30 @@ def _score_adjusted(runs: list[FittedRun], raw: list[Predictions], scored: list[
 def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dict[str, Any]:
     timer = Timer()
     path = Path(cfg.features)  # type: ignore[arg-type]
-    grid = head_grid(cfg)
+    kind = kinds.get(cfg.head)
+    grid = kind.grid(cfg)
     with timer("read"):
         info = cache_info(path, cfg.layer)
         check_rows(path)  # one pass over the stored rows: nothing edited since the cache was written
         _check_labels(path, info.labels, info.classes)
         source = open_source(cfg, info, grid)
-    if cfg.head == "knn":
-        grid = _cap_k(grid, source, cfg, report_to)
     repeats = cfg.repeats if cfg.shots else 1
     runs: list[FittedRun] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(source)
+        counts = source.sweep_counts if not cfg.shots else np.minimum(source.sweep_counts, cfg.shots)
+        grid = kind.prepare_grid(grid, int(counts.sum()) * (1 + source.views_per_image), report_to)
         # The header first: a bar drawn before it would take the line it is printed on.
         report_to(
             f"head: {cfg.head} on {path} ({source.describe()}, {info.dim}-d, {len(source.names)} classes); "
-            f"{len(grid)} {HEAD_SETTINGS[cfg.head]} values, select by {cfg.select} on "
+            f"{len(grid)} {kind.setting} values, select by {cfg.select} on "
             f"{source.selected_on.split(' (')[0]}"
         )
         # A streamed source shows its own bar (epochs over the file); in memory one tick per fit.
         bar = stack.enter_context(
             tqdm(total=len(grid) * repeats, unit="fit", desc="sweep", disable=not cfg.progress or source.streams)
         )
-        k = getattr(source, "views_per_image", 0)
+        k = source.views_per_image
         views = f", train images with {k} augmented views each (every view weighs 1/{k + 1})" if k else ""
         for r in range(repeats):
             with timer("sweep" if cfg.C is None else "fit"):  # --C: one fit on train, scored on val
@@ -235,7 +212,7 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
         if cfg.bootstrap and not cfg.shots:  # few-shot spread is the std over draws instead
             first = predictions[0]
             scored[0]["ci"] = metrics.bootstrap_ci(first.y, first.pred, len(source.names), cfg.bootstrap, cfg.seed)
-    solver = source.options.solver if source.options is not None else SOLVED_BY[cfg.head]
+    solver = kind.solver(cfg, source.streams)
     return results.finish(
         cfg, info, grid, runs, scored, source.names, source.selected_on, solver, source.streams, timer,
         predictions[0], cell, report_to,

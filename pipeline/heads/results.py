@@ -19,14 +19,15 @@ from pipeline.cache.reader import CacheInfo
 from pipeline.config import HeadConfig
 from pipeline.evaluate import report
 from pipeline.evaluate.gather import RESULT_SCHEMA
-from pipeline.heads import choice, probe
+from pipeline.heads import choice, kinds
 from pipeline.heads.runs import FittedRun, Predictions, Timer
+from pipeline.heads.saved import save_head
 from pipeline.registry import SELECT_RULES
 from pipeline.settings import to_dict
 
 
 def _versions(head: str) -> dict[str, str]:
-    names = ["pipeline", "numpy", "scikit-learn", "h5py"] + (["torch"] if head == "torch" else [])
+    names = ["pipeline", "numpy", "scikit-learn", "h5py", *kinds.get(head).packages]
     return {n: importlib.metadata.version(n) for n in names}
 
 
@@ -159,7 +160,7 @@ def _posthoc(runs: list[FittedRun]) -> dict[str, Any] | list[dict[str, Any]] | N
 
 def _write(cfg: HeadConfig, result: dict[str, Any], run: FittedRun, info: CacheInfo, names, out: Path) -> None:
     report.write_csv(run.curve, out / "curve.csv")
-    head = probe.from_fit(run.final, run.prep, np.array(names), run.adjustment)
+    head = kinds.get(cfg.head).trained(run.final, run.prep, np.array(names), run.adjustment)
     meta = {
         "head": cfg.head,
         run.final.param: run.final.value,
@@ -171,7 +172,7 @@ def _write(cfg: HeadConfig, result: dict[str, Any], run: FittedRun, info: CacheI
         "run_id": result["run_id"],
         "posthoc": _saved_adjustment(run),
     }
-    probe.save_head(head, out, meta)
+    save_head(head, out, meta)
     label = _run_label(result)
     report.plot_validation_curve(run.curve, result["protocol"]["selection"], out / "validation_curve.png", label)
     report.plot_confusion(result["test"]["confusion"], names, out / "confusion_matrix.png", label)

@@ -27,7 +27,7 @@ from pipeline.cache.schema import columns, read_columns, read_ids
 from pipeline.config import HeadConfig
 from pipeline.devices import choose_device
 from pipeline.errors import ConfigError, DataError
-from pipeline.heads import choice, minibatch
+from pipeline.heads import choice, kinds, minibatch
 from pipeline.heads.estimators import Preprocessor, log_proba_from_decision
 from pipeline.heads.objective import Problem
 from pipeline.heads.options import SolverOptions, penalties
@@ -193,6 +193,7 @@ class StreamSource:
     """The protocol's rows streamed from the cache in blocks that fit a quarter of --max-memory."""
 
     streams = True
+    views_per_image = 0  # --views is refused when the rows stream
 
     def __init__(self, cfg: HeadConfig, info: CacheInfo, grid: list[float]) -> None:
         _keep_block_buffers_returnable()
@@ -255,7 +256,7 @@ class StreamSource:
         )
 
     def sweep(self, repeat: int, grid: list[float], tick: Callable[[int], None]):
-        prep = fit_preprocessor(self.cfg.preprocessing, [self.train])
+        prep = fit_preprocessor(kinds.get(self.cfg.head).preprocessing(self.cfg), [self.train])
         fits = fit_stream(self.options, [self.train], prep, grid, len(self.names), self.cfg.class_weight, self.bar)
         logits, y_val = _logits(self.val, prep, fits)
         curve = [
@@ -269,7 +270,7 @@ class StreamSource:
         return y_val, log_proba_from_decision(_squeeze(logits[:, 0]))
 
     def refit(self, C: float, init: Fit) -> tuple[Preprocessor, Fit]:
-        prep = fit_preprocessor(self.cfg.preprocessing, self.both)
+        prep = fit_preprocessor(kinds.get(self.cfg.head).preprocessing(self.cfg), self.both)
         (final,) = fit_stream(
             self.options, self.both, prep, [C], len(self.names), self.cfg.class_weight, self.bar, init=init
         )

@@ -148,7 +148,7 @@ def test_views_of_an_older_state_of_the_cache_are_refused(tmp_path):
 
 
 def test_ncm_weighs_each_image_one_with_its_views():
-    from pipeline.heads.neighbours import class_means
+    from pipeline.heads.kinds.ncm import class_means
 
     X = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], dtype=np.float32)
     y = np.array([0, 0, 0, 0])

@@ -10,9 +10,11 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from pipeline.config import HeadConfig
 from pipeline.errors import CacheError, ConfigError
-from pipeline.heads import neighbours, protocol
-from pipeline.heads.neighbours import CosineKNN, NearestClassMean
-from pipeline.heads.probe import load_head
+from pipeline.heads import kinds, protocol
+from pipeline.heads.kinds import knn
+from pipeline.heads.kinds.knn import CosineKNN
+from pipeline.heads.kinds.ncm import NearestClassMean
+from pipeline.heads.saved import load_head
 
 from conftest import write_cache
 
@@ -48,8 +50,8 @@ def test_knn_chooses_k_on_val_and_keeps_the_bank_as_the_head(tmp_path):
     assert result["chosen"] == {"param": "k", "k": 5, "value": 5, "index": 0}
     assert result["final_fit"]["status"] == "exact" and result["test"]["top1"] == 1.0
     head = load_head(tmp_path / "run")
-    assert isinstance(head, CosineKNN) and head.n_neighbors == 5
-    assert head.bank_.shape == (len(X) + 10, 8), "the refit's bank: train+val"
+    assert head.kind.name == "knn" and head.settings["k"] == 5
+    assert head.arrays["bank"].shape == (len(X) + 10, 8), "the refit's bank: train+val"
     assert (head.predict(test) == np.array(result["classes"])[[0] * 10 + [1] * 10]).all()
 
 
@@ -70,11 +72,11 @@ def test_knn_probabilities_are_smoothed_votes():
 def test_neighbour_search_in_blocks_equals_numpy(budget):
     rng = np.random.default_rng(2)
     bank, Q = rng.normal(size=(50, 6)).astype(np.float32), rng.normal(size=(23, 6)).astype(np.float32)
-    sims, rows = neighbours.top_neighbours(Q, bank, 7, budget)
+    sims, rows = knn.top_neighbours(Q, bank, 7, budget)
     S = Q @ bank.T
     expected = np.argsort(-S, axis=1, kind="stable")[:, :7]
     assert (rows == expected).all() and np.allclose(sims, np.take_along_axis(S, expected, axis=1), atol=1e-6)
-    assert neighbours.top_neighbours(Q, bank, 80, budget)[1].shape == (23, 50), "k above the bank: every row"
+    assert knn.top_neighbours(Q, bank, 80, budget)[1].shape == (23, 50), "k above the bank: every row"
 
 
 def test_kneighbors_rows_are_the_search_on_preprocessed_rows():
@@ -93,7 +95,7 @@ def test_neighbour_search_without_torch_gives_the_same_rows(monkeypatch):
 
     rng = np.random.default_rng(3)
     bank, Q = rng.normal(size=(40, 5)).astype(np.float32), rng.normal(size=(9, 5)).astype(np.float32)
-    with_torch = neighbours.top_neighbours(Q, bank, 6)
+    with_torch = knn.top_neighbours(Q, bank, 6)
     real_import = builtins.__import__
 
     def no_torch(name, *args, **kwargs):
@@ -102,7 +104,7 @@ def test_neighbour_search_without_torch_gives_the_same_rows(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_torch)
-    without = neighbours.top_neighbours(Q, bank, 6)
+    without = knn.top_neighbours(Q, bank, 6)
     assert (without[1] == with_torch[1]).all() and np.allclose(without[0], with_torch[0], atol=1e-6)
 
 
@@ -163,7 +165,7 @@ def test_ncm_head_through_the_protocol(synthetic_cache, tmp_path):
 )
 def test_cosine_head_settings_are_checked_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        HeadConfig(features="cache.h5", **overrides)
+        kinds.validate(HeadConfig(features="cache.h5", **overrides))
 
 
 def test_a_tampered_knn_head_is_refused(synthetic_cache, tmp_path):
@@ -200,7 +202,7 @@ def test_k_above_the_training_rows_means_all_of_them_and_is_scored_as_such(tmp_p
     assert [row["k"] for row in result["curve"]] == [18, 3], "36 and 1e20 mean all 18 train rows: one setting"
     assert any("k above the 18 training rows means all of them; k grid 18 3" in line for line in said)
     head = load_head(tmp_path / "run")
-    assert head.n_neighbors == result["chosen"]["k"] <= 18, "the saved k is the k scored on val"
+    assert head.settings["k"] == result["chosen"]["k"] <= 18, "the saved k is the k scored on val"
 
 
 def test_a_tiny_temperature_does_not_underflow_the_votes():
@@ -231,10 +233,10 @@ def test_estimator_parameters_are_checked():
         (lambda a, m: a | {"bank": a["bank"] * 1e30}, r"each of unit length"),
         (lambda a, m: a | {"offsets": np.zeros(5)}, r"offsets is \(5,\) float64, expected \(4,\) numbers"),
         (lambda a, m: a | {"offsets": np.array([0.0, np.nan, 0.0, 0.0])}, r"offsets holds NaN"),
-        (lambda a, m: (a, m | {"preprocessing": "none"}), r"a knn head compares unit rows"),
+        (lambda a, m: (a, m | {"preprocessing": "none"}), r"a knn head does not take preprocessing 'none'"),
         (lambda a, m: (a, m | {"k": 10**30}), r"k = 10{30} exceeds its bank of 480 rows"),
         (lambda a, m: (a, m | {"k": 10**400}), r"a knn head needs k \(a whole number >= 1\)"),
-        (lambda a, m: (a, m | {"model": "forest"}), r"model 'forest' in head.json is neither 'linear' nor 'knn'"),
+        (lambda a, m: (a, m | {"model": "forest"}), r"model 'forest' in head.json is no head kind this pipeline knows"),
     ],
 )
 def test_a_knn_head_with_bad_values_is_refused(synthetic_cache, tmp_path, change, message):
@@ -266,4 +268,6 @@ def test_cosine_heads_in_few_shot_runs_and_from_the_command_line(synthetic_cache
     assert result["protocol"]["trained_on"] == "3 images per class from train"
     assert len(result["test"]["repeats"]) == 2
     if head == "knn":  # the bank of a 3-shot draw of 4 classes has 12 rows: k up to 12
-        assert all(row["k"] <= 12 for row in result["curve"]) and load_head(tmp_path / "few").bank_.shape[0] == 12
+        assert (
+            all(row["k"] <= 12 for row in result["curve"]) and load_head(tmp_path / "few").arrays["bank"].shape[0] == 12
+        )

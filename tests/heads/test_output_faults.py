@@ -55,7 +55,7 @@ def test_a_head_killed_while_writing_leaves_the_previous_results_whole(cache, tm
 
 
 def test_a_folder_mixing_two_runs_is_refused_by_load_head(cache, tmp_path):
-    from pipeline.heads.probe import load_head
+    from pipeline.heads.saved import load_head
 
     for name in ("a", "b"):
         assert main_here(["head", "--features", str(cache), "--out", str(tmp_path / name), *HEAD])[0] == 0

@@ -14,7 +14,7 @@ from pipeline.config import HeadConfig
 from pipeline.errors import ConfigError
 from pipeline.heads import fitting, posthoc, protocol
 from pipeline.heads.estimators import log_proba_from_decision
-from pipeline.heads.probe import load_head
+from pipeline.heads.saved import load_head
 
 
 def test_fit_temperature_recovers_the_temperature_that_made_the_labels():

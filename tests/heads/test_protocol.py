@@ -15,8 +15,8 @@ from pipeline import cli, read_features, registry
 from pipeline.cache import schema
 from pipeline.config import HeadConfig
 from pipeline.errors import CacheError, ConfigError, DataError, MissingError
-from pipeline.heads import choice, fitting, protocol
-from pipeline.heads.probe import load_head
+from pipeline.heads import choice, fitting, kinds, protocol
+from pipeline.heads.saved import load_head
 from pipeline.splits import draw_shots
 
 from conftest import REPO, write_cache
@@ -206,12 +206,12 @@ def test_a_fixed_c_says_it_was_given_not_chosen(synthetic_cache, tmp_path):
 
 
 def test_bad_head_options(capsys, synthetic_cache):
-    with pytest.raises(ConfigError, match=r"--head 'svm' is not allowed; choose one of: torch, logreg"):
-        HeadConfig(features="x.h5", head="svm")
+    with pytest.raises(ConfigError, match=r"--head 'svm' is not allowed; choose one of: torch, logreg, knn, ncm"):
+        kinds.validate(HeadConfig(features="x.h5", head="svm"))
     with pytest.raises(ConfigError, match=r"C value -1.0 is not allowed; C must be a positive, finite number"):
-        HeadConfig(features="x.h5", C=-1.0)
+        kinds.validate(HeadConfig(features="x.h5", C=-1.0))
     with pytest.raises(ConfigError, match=r"C value 0.0 is not allowed"):
-        HeadConfig(features="x.h5", grid=(1.0, 0.0))
+        kinds.validate(HeadConfig(features="x.h5", grid=(1.0, 0.0)))
     with pytest.raises(ConfigError, match=r"no cache given; pass it: `pipeline head cache/NAME\.h5`"):
         HeadConfig()
     assert cli.main(["head", "--features", str(synthetic_cache), "--C", "0"]) == 2
@@ -226,7 +226,7 @@ def test_logreg_head_imports_no_torch(synthetic_cache, tmp_path):
     code = (
         "import sys; from pipeline import cli; "
         f"rc = cli.main(['head', '--features', {str(synthetic_cache)!r}, '--out', {str(tmp_path / 'r')!r}, "
-        "'--grid', '0.1', '1', '--no-progress']); "
+        "'--head', 'logreg', '--grid', '0.1', '1', '--no-progress']); "
         "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; "
         "print('imported:', bad); sys.exit(rc or bool(bad))"
     )

@@ -25,7 +25,7 @@ import numpy as np
 from pipeline import cli
 from pipeline.evaluate import metrics
 from pipeline.evaluate import report
-from pipeline.heads.estimators import TorchLinearClassifier
+from pipeline.heads.kinds.linear import TorchLinearClassifier
 rng = np.random.default_rng(0)
 X, y = rng.normal(size=(2048, 64)).astype(np.float32), rng.integers(0, 10, 2048)
 TorchLinearClassifier(solver="adam", epochs=2).fit(X, y)
