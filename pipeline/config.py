@@ -10,11 +10,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Any
 
 from pipeline import registry
 from pipeline.errors import ConfigError
-from pipeline.heads.options import DEFAULTS
-from pipeline.settings import check_choices, check_device, check_positive, flag, option, parse_size
+from pipeline.settings import (
+    AT_LEAST_ONE,
+    POSITIVE,
+    check_bounds,
+    check_choices,
+    check_device,
+    check_positive,
+    flag,
+    option,
+    parse_size,
+)
 
 MAX_VIEWS = 1000  # views per train image: more is a typo, and would reserve disk for that many rows
 MAX_LOGIT_ADJUST = 100.0  # tau: 1 is the paper's choice; far larger only overflows the offsets
@@ -167,8 +177,77 @@ class FeaturesConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadConfig:
-    """Everything that decides how a head is trained on a cache, selected and scored."""
+class SolverOptions:
+    """How the torch head optimises, each option declared once: its default, help and range.
+
+    The ranges are checked here, and `TorchLinearClassifier` derives its parameter constraints from
+    these declarations. `HeadConfig` is a `SolverOptions` with the head stage's other options. `tol`
+    is on the mean scale (see `pipeline.heads.solver`)."""
+
+    solver: str = option(
+        "lbfgs", "lbfgs (full batch), adam or sgd (mini-batch, cosine schedule)", registry.SOLVERS, group="solver"
+    )
+    max_iter: int = option(1000, "L-BFGS iterations at most (both heads)", group="solver", bounds=AT_LEAST_ONE)
+    # Tighter than scikit-learn's 1e-4: at 1e-4 both heads stop on the flat, weakly regularised part of
+    # the curve wherever their start leaves them, and which C is chosen can follow (docs: findings).
+    tol: float = option(
+        1e-6,
+        "stop when max |gradient| <= tol, on the mean scale: mean weighted loss + ||W||^2 / (2 C n) (both heads; "
+        "scikit-learn's gtol)",
+        group="solver",
+        bounds=POSITIVE,
+    )
+    epochs: int = option(30, "mini-batch solvers: passes over the data", group="solver", bounds=AT_LEAST_ONE)
+    batch_size: int = option(512, "mini-batch solvers: rows per step", group="solver", bounds=AT_LEAST_ONE)
+    lr: float | None = option(
+        None, "mini-batch solvers: peak learning rate (default 1e-3 adam, 0.1 sgd)", group="solver", bounds=POSITIVE
+    )
+    label_smoothing: float = option(
+        0.0, "torch head: label smoothing of the cross-entropy", group="solver", bounds=(0.0, 1.0, "left")
+    )
+    balanced_sampler: bool = option(
+        False, "torch mini-batch: draw every class equally often", group="long tail and calibration"
+    )
+    device: str = option("cpu", "torch head device: cpu, cuda, cuda:N, mps or auto", group="solver")
+    seed: int = option(
+        0, "seed of the holdout, few-shot draws, mini-batch order and bootstrap", group="selection",
+        bounds=(0, float("inf"), "left"),
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check_bounds(self)
+        check_device(self.device)
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> SolverOptions:
+        """The options of any object with these attribute names (a `HeadConfig`), plus `overrides`."""
+        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
+        return cls(**(values | overrides))
+
+    @classmethod
+    def for_head(cls, config: Any, streaming: bool, **overrides: Any) -> SolverOptions:
+        """The options of a `HeadConfig`, its solver resolved: `auto` is L-BFGS with every row in memory
+        and Adam when the rows stream from the file (L-BFGS needs full passes)."""
+        solver = config.solver if config.solver != "auto" else ("adam" if streaming else "lbfgs")
+        return cls.from_config(config, **({"solver": solver} | overrides))
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-3 if self.solver == "adam" else 0.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig(SolverOptions):
+    """Everything that decides how a head is trained on a cache, selected and scored: the solver's
+    options (inherited from `SolverOptions`, where they are declared) and the head stage's own."""
+
+    solver: str = option(
+        "auto",
+        "torch head optimiser (auto: lbfgs in memory, adam when streaming)",
+        registry.HEAD_SOLVERS,
+        group="solver",
+    )
 
     features: str | None = option(None, "the cache file written by `pipeline features`", group="input")
     layer: str | None = option(
@@ -250,39 +329,13 @@ class HeadConfig:
     val_fraction: float = option(
         0.1, "stratified holdout from train when the cache has no val split", group="selection"
     )
-    seed: int = option(0, "seed of the holdout, few-shot draws, mini-batch order and bootstrap", group="selection")
     shots: int | None = option(None, "train on this many images per class (few-shot)", group="selection")
     repeats: int = option(1, "few-shot draws, each with its own seed", group="selection")
-    solver: str = option(
-        "auto",
-        "torch head optimiser (auto: lbfgs in memory, adam when streaming)",
-        registry.HEAD_SOLVERS,
-        group="solver",
-    )
     sweep_block: int | None = option(
         None,
         "torch L-BFGS: C values trained together along the warm-started path (default: 1 on cpu, all on cuda)",
         group="solver",
     )
-    max_iter: int = option(DEFAULTS.max_iter, "L-BFGS iterations at most (both heads)", group="solver")
-    tol: float = option(
-        DEFAULTS.tol,
-        "stop when max |gradient| <= tol, on the mean scale: mean weighted loss + ||W||^2 / (2 C n) (both heads; "
-        "scikit-learn's gtol)",
-        group="solver",
-    )
-    epochs: int = option(DEFAULTS.epochs, "mini-batch solvers: passes over the data", group="solver")
-    batch_size: int = option(DEFAULTS.batch_size, "mini-batch solvers: rows per step", group="solver")
-    lr: float | None = option(
-        DEFAULTS.lr, "mini-batch solvers: peak learning rate (default 1e-3 adam, 0.1 sgd)", group="solver"
-    )
-    label_smoothing: float = option(
-        DEFAULTS.label_smoothing, "torch head: label smoothing of the cross-entropy", group="solver"
-    )
-    balanced_sampler: bool = option(
-        DEFAULTS.balanced_sampler, "torch mini-batch: draw every class equally often", group="long tail and calibration"
-    )
-    device: str = option(DEFAULTS.device, "torch head device: cpu, cuda, cuda:N, mps or auto", group="solver")
     jobs: int | None = option(None, "logreg sweep: parallel fits (default: one per core)", group="solver")
     joblib_backend: str | None = option(
         None,
@@ -305,7 +358,7 @@ class HeadConfig:
                     f"--layer {self.layer!r} names a layer twice or an empty one; join distinct names with commas, "
                     "e.g. layer3,layer4"
                 )
-        check_choices(self)
+        super().__post_init__()  # the choices, the solver's ranges, the device
         if self.features is None:
             raise ConfigError(
                 "no cache given; pass it: `pipeline head cache/NAME.h5` (build one with `pipeline features --data "
@@ -320,15 +373,12 @@ class HeadConfig:
             raise ConfigError("--imbalance-ratio and --shots both choose the training rows; pass only one")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction {self.val_fraction} is out of range; expected a fraction in (0, 1)")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"--label-smoothing {self.label_smoothing} is out of range; expected [0, 1)")
-        check_positive(self, "shots", "repeats", "sweep_block", "max_iter", "tol", "epochs", "batch_size", "lr")
+        check_positive(self, "shots", "repeats", "sweep_block")
         if self.jobs is not None and self.jobs < 1 and self.jobs != -1:
             raise ConfigError(f"--jobs {self.jobs} is not allowed; pass a positive number, or -1 for one per core")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap {self.bootstrap} is negative; pass 0 for no intervals")
         _ = self.max_memory_bytes  # parsed once, here: a bad size fails before any work
-        check_device(self.device)
 
     @property
     def refits_on_val(self) -> bool:

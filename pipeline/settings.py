@@ -17,10 +17,41 @@ from typing import Any
 from pipeline.errors import ConfigError, MissingError
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None, group: str = "options") -> Any:
-    """A dataclass field that also describes its command-line flag: its help, its allowed values, and the
-    group of flags `--help` lists it under."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def option(
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    group: str = "options",
+    bounds: tuple[float, float, str] | None = None,
+) -> Any:
+    """A dataclass field that also describes its command-line flag: its help, its allowed values, the
+    group of flags `--help` lists it under, and for a number its range `bounds` = (low, high, closed),
+    closed as scikit-learn's `Interval` says it ("left", "right", "both", "neither"; inf: no limit).
+    `check_bounds` checks the range, and an estimator derives its parameter constraints from it."""
+    metadata = {"help": help, "choices": choices, "group": group, "bounds": bounds}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+POSITIVE = (0.0, float("inf"), "neither")  # a positive, finite number
+AT_LEAST_ONE = (1, float("inf"), "left")
+
+
+def check_bounds(config: Any) -> None:
+    """Every number within the range its option declares (None passes where the default is None)."""
+    for f in dataclasses.fields(config):
+        bounds, value = f.metadata.get("bounds"), getattr(config, f.name)
+        if bounds is None or (value is None and f.default is None):
+            continue
+        low, high, closed = bounds
+        inside = (low < value or (closed in ("left", "both") and value == low)) and (
+            value < high or (closed in ("right", "both") and value == high)
+        )
+        if inside and value == value and abs(value) != float("inf"):  # NaN and inf fail too
+            continue
+        if bounds in (POSITIVE, AT_LEAST_ONE):
+            raise ConfigError(f"--{flag(f.name)} {value} must be a positive, finite number")
+        left, right = "[" if closed in ("left", "both") else "(", "]" if closed in ("right", "both") else ")"
+        raise ConfigError(f"--{flag(f.name)} {value} is out of range; expected {left}{low:g}, {high:g}{right}")
 
 
 def describe_default(f: dataclasses.Field) -> str:

@@ -11,8 +11,10 @@ place (`row_weights`), and every torch fit goes through one front door (`solve_t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +33,7 @@ from pipeline.heads.kinds.registry import HeadKind, register
 from pipeline.heads.options import DEFAULTS, SolverOptions
 from pipeline.heads.posthoc import Adjustment
 from pipeline.heads.runs import Fit, resolution
-from pipeline.registry import DEFAULT_GRID, JOBLIB_BACKENDS, SOLVERS
+from pipeline.registry import DEFAULT_GRID, JOBLIB_BACKENDS
 
 if TYPE_CHECKING:
     from pipeline.config import HeadConfig
@@ -238,6 +240,28 @@ def joblib_backend(name: str | None) -> Iterator[None]:
             client.close()
 
 
+def constraints_of(options: type, rename: dict[str, str]) -> dict[str, list[Any]]:
+    """scikit-learn parameter constraints from a config dataclass's declared options: a choice list, a
+    boolean, a number within its `bounds` (None too where the default is None), or a string."""
+    hints = typing.get_type_hints(options)
+    out: dict[str, list[Any]] = {}
+    for f in dataclasses.fields(options):
+        kind = next(t for t in (bool, int, float, str) if t is hints[f.name] or t in typing.get_args(hints[f.name]))
+        if f.metadata.get("choices"):
+            rule: list[Any] = [StrOptions(set(f.metadata["choices"]))]
+        elif kind is bool:
+            rule = ["boolean"]
+        elif f.metadata.get("bounds"):
+            low, high, closed = f.metadata["bounds"]
+            rule = [
+                Interval(Integral if kind is int else Real, low, None if high == float("inf") else high, closed=closed)
+            ]
+        else:
+            rule = [kind]
+        out[rename.get(f.name, f.name)] = rule + ([None] if f.default is None else [])
+    return out
+
+
 def _torch_dtype(dtype: np.dtype) -> Any:
     import torch
 
@@ -253,20 +277,12 @@ class TorchLinearClassifier(LinearDecision, ClassifierMixin, BaseEstimator):
     `label_smoothing`, `balanced_sampler`, `device`) are those of `SolverOptions`, with its defaults.
     """
 
-    # Checked up front by `fit`, scikit-learn style: an error names the parameter and what it accepts.
+    # Checked up front by `fit`, scikit-learn style (an error names the parameter and what it accepts):
+    # the solver's options from their one declaration in `SolverOptions`, and the estimator's own.
     _parameter_constraints: ClassVar[dict] = {
+        **constraints_of(SolverOptions, rename={"seed": "random_state"}),
         "C": [Interval(Real, 0, None, closed="neither")],
-        "solver": [StrOptions(set(SOLVERS))],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "tol": [Interval(Real, 0, None, closed="neither")],
-        "epochs": [Interval(Integral, 1, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "lr": [Interval(Real, 0, None, closed="neither"), None],
-        "label_smoothing": [Interval(Real, 0, 1, closed="left")],
         "class_weight": [dict, StrOptions({"balanced"}), None],
-        "balanced_sampler": ["boolean"],
-        "device": [str],
-        "random_state": [Interval(Integral, 0, None, closed="left")],
     }
 
     def __init__(
