@@ -213,7 +213,7 @@ def format_table(result: dict[str, Any]) -> str:
     how = (
         f"{param} = {values} given (--C), nothing chosen"
         if protocol.get("select") == "fixed"
-        else f"{param} = {values} chosen on {protocol['selected_on']} by "
+        else f"{param} = {values} chosen on {protocol.get('selected_on_note', protocol['selected_on'])} by "
         f"{protocol.get('select', protocol['select_metric'])} from {len(result['grid'])} values"
     )
     lines = [

@@ -16,7 +16,7 @@ from pipeline.config import HeadConfig
 from pipeline.errors import CacheError, DataError, MissingError
 from pipeline.heads import choice, kinds
 from pipeline.heads.estimators import Preprocessor
-from pipeline.heads.runs import Fit, Predictions
+from pipeline.heads.runs import ChoiceRows, Fit, Predictions
 from pipeline.splits import draw_shots, long_tail, stratified_holdout
 
 
@@ -58,7 +58,7 @@ class MemorySource:
             check_finite(self.path, name, split)
         train = fs["train"]
         if "val" in fs.splits:
-            val, self.selected_on = fs["val"], "val"
+            val, self.selected_on = fs["val"], ChoiceRows("val")
         else:
             held = stratified_holdout(train.y, cfg.val_fraction, cfg.seed, salt=3)
             if not held.any():
@@ -67,7 +67,7 @@ class MemorySource:
                 )
             val = Split(train.X[held], train.y[held], train.ids[held])
             train = Split(train.X[~held], train.y[~held], train.ids[~held])
-            self.selected_on = f"a stratified holdout of train ({cfg.val_fraction:.0%}, seed {cfg.seed}; no val split)"
+            self.selected_on = ChoiceRows("holdout", cfg.val_fraction, cfg.seed)
         if cfg.imbalance_ratio is not None:  # long-tailed training rows; val (or the holdout) untouched
             keep = long_tail(train.y, cfg.imbalance_ratio, cfg.seed, cfg.imbalance_order)
             train = Split(train.X[keep], train.y[keep], train.ids[keep])

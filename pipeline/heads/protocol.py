@@ -24,7 +24,7 @@ from pipeline.evaluate import metrics
 from pipeline.heads import choice, kinds, posthoc, results
 from pipeline.heads.estimators import Preprocessor
 from pipeline.heads.fitting import MemorySource
-from pipeline.heads.runs import Fit, FittedRun, Predictions, Timer
+from pipeline.heads.runs import ChoiceRows, Fit, FittedRun, Predictions, Timer
 
 Report = Callable[[str], None]
 
@@ -37,7 +37,7 @@ class Source(Protocol):
     """Where the protocol's rows live, and how a fit is made on them (`MemorySource`, `StreamSource`)."""
 
     names: list[str]  # the classes the head learns: those with train rows
-    selected_on: str  # "val", or which holdout of train
+    selected_on: ChoiceRows  # val, or a holdout of train
     streams: bool
     views_per_image: int  # augmented views of each train image (--views), 0 without
 
@@ -141,7 +141,7 @@ def _adjust(cfg: HeadConfig, source: Source, fit: Any, prep: Preprocessor) -> po
     final_counts = source.sweep_counts + source.val_counts if cfg.refits_on_val else source.sweep_counts
     train_prior, final_prior = posthoc.log_prior(source.sweep_counts), posthoc.log_prior(final_counts)
     adjustment = posthoc.fit(cfg, y, log_proba, train_prior, final_prior, source.names)
-    adjustment.record["fitted_on"] = source.selected_on.split(" (")[0]
+    adjustment.record["fitted_on"] = source.selected_on.name
     return adjustment
 
 
@@ -176,7 +176,7 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
         report_to(
             f"head: {cfg.head} on {path} ({source.describe()}, {info.dim}-d, {len(source.names)} classes); "
             f"{len(grid)} {kind.setting} values, select by {cfg.select} on "
-            f"{source.selected_on.split(' (')[0]}"
+            f"{source.selected_on.name}"
         )
         # A streamed source shows its own bar (epochs over the file); in memory one tick per fit.
         bar = stack.enter_context(
@@ -212,8 +212,10 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
         if cfg.bootstrap and not cfg.shots:  # few-shot spread is the std over draws instead
             first = predictions[0]
             scored[0]["ci"] = metrics.bootstrap_ci(first.y, first.pred, len(source.names), cfg.bootstrap, cfg.seed)
-    solver = kind.solver(cfg, source.streams)
-    return results.finish(
-        cfg, info, grid, runs, scored, source.names, source.selected_on, solver, source.streams, timer,
-        predictions[0], cell, report_to,
+    record = results.RunRecord(
+        cfg=cfg, info=info, grid=grid, runs=runs, scored=scored, names=source.names,
+        selected_on=source.selected_on if cfg.C is None else ChoiceRows("none"),
+        solver=kind.solver(cfg, source.streams), streamed=source.streams, timer=timer, test=predictions[0],
+        cell=cell or {},
     )  # fmt: skip
+    return results.finish(record, report_to)

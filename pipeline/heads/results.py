@@ -20,7 +20,7 @@ from pipeline.config import HeadConfig
 from pipeline.evaluate import report
 from pipeline.evaluate.gather import RESULT_SCHEMA
 from pipeline.heads import choice, kinds
-from pipeline.heads.runs import FittedRun, Predictions, Timer
+from pipeline.heads.runs import ChoiceRows, FittedRun, Predictions, Timer
 from pipeline.heads.saved import save_head
 from pipeline.registry import SELECT_RULES
 from pipeline.settings import to_dict
@@ -39,37 +39,43 @@ def test_set_digest(ids: np.ndarray, y: np.ndarray) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def finish(
-    cfg: HeadConfig,
-    info: CacheInfo,
-    grid: list[float],
-    runs: list[FittedRun],
-    scored: list[dict[str, Any]],
-    names: list[str],
-    selected_on: str,
-    solver: str,
-    streamed: bool,
-    timer: Timer,
-    test: Predictions,
-    cell: dict[str, Any] | None,
-    say: Any = lambda message: None,
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """Everything a head run decided and measured, as the protocol hands it over to be written."""
+
+    cfg: HeadConfig
+    info: CacheInfo
+    grid: list[float]
+    runs: list[FittedRun]  # one per few-shot draw, else one
+    scored: list[dict[str, Any]]  # each run's test metrics
+    names: list[str]  # the classes the head learned
+    selected_on: ChoiceRows
+    solver: str
+    streamed: bool
+    timer: Timer
+    test: Predictions  # the first run's test predictions
+    cell: dict[str, Any]  # a study's labels: dataset, backbone, head
+
+
+def finish(record: RunRecord, say: Any = lambda message: None) -> dict[str, Any]:
     """Assemble result.json and write every output into a staging folder that replaces ``cfg.out_path``
-    only once complete; `test` holds the (first run's) test predictions."""
-    result = _result(cfg, info, grid, runs, scored, names, selected_on, solver, streamed)
+    only once complete."""
+    cfg, test = record.cfg, record.test
+    result = _result(record)
     result["test_set"] = test_set_digest(test.ids, test.y)
-    result["cell"] = cell or {}
+    result["cell"] = record.cell
     result["run_id"] = uuid.uuid4().hex  # head.json and head.npz carry it too: `load_head` checks they match
     with outputs.staged_folder(cfg.out_path, say) as staging:
-        with timer("write"):
-            _write(cfg, result, runs[0], info, names, staging)
+        with record.timer("write"):
+            _write(cfg, result, record.runs[0], record.info, record.names, staging)
             np.savez(staging / "predictions.npz", ids=test.ids.astype(str), y_true=test.y, y_pred=test.pred)
-        result["timings"] = {k: round(v, 3) for k, v in timer.spans.items()}
+        result["timings"] = {k: round(v, 3) for k, v in record.timer.spans.items()}
         (staging / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, selected_on, solver, streamed) -> dict:
+def _result(record: RunRecord) -> dict[str, Any]:
+    cfg, info, runs, scored = record.cfg, record.info, record.runs, record.scored
     first = runs[0]
     curve, best, final = first.curve, first.best, first.final
     test: dict[str, Any] = dict(scored[0])
@@ -94,10 +100,11 @@ def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, se
             "layer": cfg.layer or "penultimate",  # what the head read: the penultimate features or stored layer(s)
             "rows": {name: n for name, n in info.rows.items() if n},
         },
-        "classes": names,
+        "classes": record.names,
         "protocol": {
             # With --C, nothing is chosen: the one C is trained on train, scored on val, refitted.
-            "selected_on": "none (--C given)" if cfg.C is not None else selected_on,
+            "selected_on": record.selected_on.on,
+            "selected_on_note": record.selected_on.note,
             "select_metric": SELECT_RULES[cfg.select],
             "select": "fixed" if cfg.C is not None else cfg.select,
             "selection": (
@@ -117,14 +124,14 @@ def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, se
             "trained_on": first.trained_on,
             "scored_on": "test",
             "test_read_after_choice": True,
-            "train_counts": dict(zip(names, first.train_counts.tolist(), strict=True)),  # type: ignore[union-attr]
+            "train_counts": dict(zip(record.names, first.train_counts.tolist(), strict=True)),  # type: ignore[union-attr]
             "imbalance": (
                 {"ratio": cfg.imbalance_ratio, "order": cfg.imbalance_order} if cfg.imbalance_ratio else None
             ),
             "few_shot": {"shots": cfg.shots, "repeats": len(runs)} if cfg.shots else None,
-            "rows": "streamed from the cache in blocks" if streamed else "in memory",
+            "rows": "streamed from the cache in blocks" if record.streamed else "in memory",
         },
-        "grid": grid,
+        "grid": record.grid,
         "curve": curve,
         "curves": [run.curve for run in runs] if len(runs) > 1 else None,
         # The chosen setting under its name (C, k or temperature) and as `value`; a list over few-shot draws.
@@ -136,7 +143,7 @@ def _result(cfg, info: CacheInfo, grid, runs: list[FittedRun], scored, names, se
             "log_loss": curve[best]["val_log_loss"],
         },
         "final_fit": {
-            "solver": solver,
+            "solver": record.solver,
             "n_iter": final.n_iter,
             "converged": final.converged,
             "status": final.status,

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -89,6 +89,28 @@ class Fit:
 
     def proba(self, X: np.ndarray) -> np.ndarray:
         return np.exp(self.log_proba(X))
+
+
+@dataclass(frozen=True)
+class ChoiceRows:
+    """Which rows chose the head's setting: the val split, a stratified holdout of train (no val split:
+    its fraction and seed), or none (a fixed --C)."""
+
+    on: Literal["val", "holdout", "none"]
+    fraction: float = 0.0
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        """What the summary and the post-hoc record call these rows."""
+        return {"val": "val", "holdout": "a stratified holdout of train", "none": "none (--C given)"}[self.on]
+
+    @property
+    def note(self) -> str:
+        """The name with what made the rows (result.json's `protocol.selected_on_note`)."""
+        if self.on == "holdout":
+            return f"{self.name} ({self.fraction:.0%}, seed {self.seed}; no val split)"
+        return self.name
 
 
 @dataclass(frozen=True)

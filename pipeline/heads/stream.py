@@ -31,7 +31,7 @@ from pipeline.heads import choice, kinds, minibatch
 from pipeline.heads.estimators import Preprocessor, log_proba_from_decision
 from pipeline.heads.objective import Problem
 from pipeline.heads.options import SolverOptions, penalties
-from pipeline.heads.runs import Fit, Predictions
+from pipeline.heads.runs import ChoiceRows, Fit, Predictions
 from pipeline.splits import stratified_holdout
 
 ADAM_STATE = 4  # parameter, gradient, two moments
@@ -224,7 +224,7 @@ class StreamSource:
         if vb > va:
             self.train = self._blocks(ta, tb, None)
             self.val = self._blocks(va, vb, None)
-            self.selected_on = "val"
+            self.selected_on = ChoiceRows("val")
             self.both = [self.train, self.val]
         else:  # a stratified holdout of train, exactly as in memory (the same rows, the same seed)
             readable = np.flatnonzero(self.f["ok"][ta:tb])  # labels["train"] holds exactly these rows, in order
@@ -233,7 +233,7 @@ class StreamSource:
             held[readable[holdout]] = True
             self.train = self._blocks(ta, tb, ~held)
             self.val = self._blocks(ta, tb, held)
-            self.selected_on = f"a stratified holdout of train ({cfg.val_fraction:.0%}, seed {cfg.seed}; no val split)"
+            self.selected_on = ChoiceRows("holdout", cfg.val_fraction, cfg.seed)
             self.both = [self._blocks(ta, tb, None)]
             train_labels, val_labels = train_labels[~holdout], train_labels[holdout]
         K = len(self.names)

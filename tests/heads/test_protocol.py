@@ -56,6 +56,7 @@ def test_test_split_is_read_only_after_the_choice(synthetic_cache, tmp_path, mon
     assert result["protocol"].pop("train_counts") == {"c0": 91, "c1": 98, "c2": 82, "c3": 89}, "per class, in train"
     assert result["protocol"] | {"few_shot": None} == {
         "selected_on": "val",
+        "selected_on_note": "val",
         "select_metric": "top1",
         "select": "top1-0.5se",
         "trained_on": "train+val",
@@ -114,7 +115,8 @@ def test_holdout_when_the_cache_has_no_val_split(tmp_path):
     split = np.repeat(np.array([0, 2], dtype=np.int8), [240, 60])
     cache = write_cache(tmp_path / "noval.h5", X, y, split)
     result = protocol.run(head_cfg(cache, tmp_path, val_fraction=0.25, seed=7))
-    assert result["protocol"]["selected_on"].startswith("a stratified holdout of train (25%, seed 7")
+    assert result["protocol"]["selected_on"] == "holdout"
+    assert result["protocol"]["selected_on_note"].startswith("a stratified holdout of train (25%, seed 7")
     assert result["cache"]["rows"]["train"] == 240
 
 
@@ -198,7 +200,7 @@ def test_a_fixed_c_says_it_was_given_not_chosen(synthetic_cache, tmp_path):
     from pipeline.evaluate import report
 
     result = protocol.run(head_cfg(synthetic_cache, tmp_path, grid=None, C=0.5, head="torch"))
-    assert result["protocol"]["select"] == "fixed" and result["protocol"]["selected_on"] == "none (--C given)"
+    assert result["protocol"]["select"] == "fixed" and result["protocol"]["selected_on"] == "none"
     assert result["protocol"]["selection"]["rule"] == "fixed" and result["protocol"]["selection"]["C"] == 0.5
     assert "sweep" not in result["timings"] and "fit" in result["timings"]
     table = report.format_table(result)

@@ -107,7 +107,8 @@ def test_streamed_sweep_selects_on_val(big_cache, tmp_path):
         "C", "val_top1", "val_top1_se", "val_balanced_accuracy", "val_balanced_accuracy_se", "val_log_loss", "n_iter",
         "converged", "status",
     ]  # fmt: skip
-    assert result["protocol"]["selected_on"].startswith("a stratified holdout of train (10%")
+    assert result["protocol"]["selected_on"] == "holdout"
+    assert result["protocol"]["selected_on_note"].startswith("a stratified holdout of train (10%")
     assert result["cache"]["rows"] == {"train": 110_000, "test": 10_000}
 
 
