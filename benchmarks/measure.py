@@ -13,8 +13,8 @@ def forward_rate(name: str, precision: str, compiled: bool, device: str, batch: 
     """images/s of the frozen backbone on ready channels-last tensors on `device`."""
     import torch
 
+    from pipeline.backbones import backbone
     from pipeline.devices import autocast
-    from pipeline.features import backbone
 
     model = backbone.build(backbone.describe(name, "none")).to(device, memory_format=torch.channels_last)
     forward = torch.compile(model) if compiled else model

@@ -49,8 +49,8 @@ def measure(backbone: str, dim_dtype: str) -> dict:
     import torch
 
     from benchmarks.images import photo_like
-    from pipeline.features import backbone as bb
-    from pipeline.features.images import load_image
+    from pipeline.backbones import backbone as bb
+    from pipeline.data.images import load_image
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)

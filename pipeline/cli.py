@@ -132,7 +132,7 @@ def _pack(args: argparse.Namespace) -> int:
 
 
 def _backbones(args: argparse.Namespace) -> int:
-    from pipeline.features import catalog
+    from pipeline.backbones import catalog
 
     if args.layers:
         if not args.filter:

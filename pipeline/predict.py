@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from pipeline import outputs
+from pipeline.backbones import backbone
 from pipeline.config import FeaturesConfig
 from pipeline.errors import BadImageError, CacheError, ConfigError, MissingError, WeightsError
-from pipeline.features import backbone
 from pipeline.heads.saved import load_head
 from pipeline.heads.trained import TrainedHead
 
@@ -74,8 +74,8 @@ def predict(
     force: bool = False,
 ) -> dict[str, Any]:
     """Classify every image under `data` (a folder, a CSV with a `path` column, or one file)."""
-    from pipeline.features import forward
-    from pipeline.features.sources import list_images
+    from pipeline.backbones import forward
+    from pipeline.data.sources import list_images
 
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k} must be at least 1")

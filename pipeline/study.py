@@ -91,7 +91,7 @@ def _backbone_label(entry: dict[str, Any]) -> str:
 def plan(path: str | Path) -> Plan:
     """Read and validate the whole study before anything runs."""
     from pipeline import registry
-    from pipeline.features import backbone
+    from pipeline.backbones import backbone
     from pipeline.heads import kinds
 
     source = str(path)

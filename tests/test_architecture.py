@@ -69,14 +69,23 @@ def test_the_cycle_check_finds_a_cycle(monkeypatch):
     assert ["pipeline.cache.reader", "pipeline.cache.schema", "pipeline.cache.reader"] in _cycles()
 
 
-# Which stage may import which: the data flows features -> cache -> heads -> evaluate, and the
-# shared modules (config, registry, errors, fsutil, outputs, devices, splits) sit below them all.
+# Which stage may import which: the data flows data + backbones -> features -> cache -> heads ->
+# evaluate, and the shared modules (config, registry, errors, fsutil, outputs, devices, splits) sit
+# below them all. A backbone runs over samples (`backbones.forward` reads a SampleList); neither data
+# nor backbones knows the extraction run, the cache or the heads.
 ALLOWED = {
+    "pipeline.data": set(),
+    "pipeline.backbones": {"pipeline.data"},
     "pipeline.cache": set(),
-    "pipeline.features": {"pipeline.cache"},
+    "pipeline.features": {"pipeline.data", "pipeline.backbones", "pipeline.cache"},
     "pipeline.evaluate": set(),
     "pipeline.heads": {"pipeline.cache", "pipeline.evaluate"},
 }
+
+
+def test_predict_needs_data_and_backbones_not_the_extraction_run():
+    stages = {m.rsplit(".", 1)[0] for m in GRAPH["pipeline.predict"] if m.count(".") >= 2}
+    assert "pipeline.features" not in stages and {"pipeline.data", "pipeline.backbones"} <= stages
 
 
 @pytest.mark.parametrize("stage", sorted(ALLOWED))

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli, study
+from pipeline.backbones import backbone
 from pipeline.config import FeaturesConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate import compare
-from pipeline.features import backbone
 
 from conftest import REPO, make_folder
 

@@ -1,3 +1,4 @@
-"""The feature stage: images (`sources`, `datasets`, `samples`, `images`) through a frozen backbone
-(`backbone`) into a cache file (`extract` in one process, `distributed` under torchrun; `run`
-chooses)."""
+"""The feature stage: the extraction run. Samples (`pipeline.data`) through a frozen backbone
+(`pipeline.backbones`) into a cache file: `extract` builds or resumes one file in one process,
+`update` reuses the rows of unchanged images, `views` adds augmented train views, `distributed` runs
+under torchrun, and `stage.run` chooses."""

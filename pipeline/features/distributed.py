@@ -28,11 +28,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import fsutil
+from pipeline.backbones import forward
 from pipeline.cache import reader, schema, virtual
 from pipeline.config import FeaturesConfig
 from pipeline.devices import choose_device
 from pipeline.errors import CacheError, ConfigError
-from pipeline.features import extract, forward
+from pipeline.features import extract
 from pipeline.settings import to_dict
 
 BLOCK_ROWS = 8192  # rows per copy when parts are assembled

@@ -1,35 +1,105 @@
 """The expensive stage: every image through the frozen backbone once, rows into the cache file.
 
-DataLoader workers decode and preprocess; the main process moves each batch to the device,
-runs one forward pass and hands the rows to the writer, so memory stays flat in N. This module
-owns one process's run (`run_local`: current, resume or build); the forward loop is `forward`.
-The cache fingerprint is computed before any model is built: a current cache costs one directory scan.
+The forward loop (`pipeline.backbones.forward`) hands its rows to a `RowSink`, which writes them on
+a background thread, so memory stays flat in N. This module owns one process's build or resume of a
+cache file (`fill`) and its fingerprint. The fingerprint is computed before any model is built: a
+current cache costs one directory scan.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline import fsutil
+from pipeline.backbones import backbone
+from pipeline.backbones.forward import forward_rows
 from pipeline.cache import reader, schema
 from pipeline.cache.writer import CacheWriter
 from pipeline.config import FeaturesConfig
+from pipeline.data.samples import SampleList, describe_changes
+from pipeline.data.sources import load_samples
 from pipeline.devices import choose_device
 from pipeline.errors import BadImageError, CacheError, Interrupted
-from pipeline.features import backbone
-from pipeline.features.forward import RowSink, forward_rows
-from pipeline.features.samples import SampleList, describe_changes
-from pipeline.features.sources import load_samples
 from pipeline.settings import to_dict
 
 Report = Callable[[str], None]
+
+
+class RowSink:
+    """Writes rows on a background thread, so device-to-host copies and HDF5 writes overlap the next
+    forward pass. Rows stay in order (one thread, a bounded queue); an error in the thread is raised
+    in the caller at its next `put` or at `close`."""
+
+    def __init__(
+        self,
+        writer: CacheWriter,
+        dim: int,
+        logits_dim: int | None,
+        layer_dims: dict[str, int] | None = None,
+        depth: int = 4,
+    ) -> None:
+        self.writer, self.dim, self.logits_dim, self.layer_dims = writer, dim, logits_dim, layer_dims or {}
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self.thread.start()
+
+    def put(
+        self,
+        start: int,
+        ok: np.ndarray,
+        features: torch.Tensor | None,
+        logits: torch.Tensor | None,
+        layers: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Rows ``start .. start+len(ok)``; `features` (and `logits`, `layers`) hold the rows where `ok` is
+        True, in order."""
+        self._raise()
+        self.queue.put((start, ok, features, logits, layers or {}))
+
+    def close(self, raise_error: bool = True) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if raise_error:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def _rows(self, ok: np.ndarray, values: torch.Tensor | None, width: int) -> np.ndarray:
+        rows = np.full((len(ok), width), np.nan, dtype=np.float32)  # (B, D); NaN where unreadable
+        if values is not None:
+            rows[ok] = values.float().cpu().numpy()
+        return rows
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining so the producer never blocks
+            start, ok, features, logits, layers = item
+            try:
+                self.writer.write(
+                    start,
+                    self._rows(ok, features, self.dim),
+                    ok,
+                    None if logits is None else self._rows(ok, logits, self.logits_dim),  # type: ignore[arg-type]
+                    {name: self._rows(ok, layers.get(name), width) for name, width in self.layer_dims.items()},
+                )
+            except BaseException as exc:  # handed to the producer thread
+                self.error = exc
 
 
 def _quiet(message: str) -> None:

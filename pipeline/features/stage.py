@@ -9,13 +9,13 @@ import os
 import time
 
 from pipeline import fsutil
+from pipeline.backbones.spec import BackboneSpec
 from pipeline.cache import reader, schema
 from pipeline.config import FeaturesConfig
+from pipeline.data.samples import SampleList
 from pipeline.errors import CacheError
 from pipeline.features import distributed, extract, update, views
 from pipeline.features.extract import FeaturesResult, Report
-from pipeline.features.samples import SampleList
-from pipeline.features.spec import BackboneSpec
 
 
 def run(cfg: FeaturesConfig, report: Report = extract._quiet) -> FeaturesResult:

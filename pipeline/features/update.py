@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.backbones import backbone
 from pipeline.cache import reader, schema
 from pipeline.config import FeaturesConfig
-from pipeline.features import backbone, extract
-from pipeline.features.samples import SampleList
+from pipeline.data.samples import SampleList
+from pipeline.features import extract
 
 BLOCK_ROWS = 4096
 

@@ -27,10 +27,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 from pipeline.cache.schema import views_path
-from pipeline.features.samples import SampleList
+from pipeline.data.samples import SampleList
 
 __all__ = ["AugmentedReader", "recipe", "view_samples", "view_spec", "views_path"]
-from pipeline.features.spec import BackboneSpec, describe_transform
+from pipeline.backbones.spec import BackboneSpec, describe_transform
 
 RESAMPLE = {InterpolationMode.BILINEAR: Image.BILINEAR, InterpolationMode.BICUBIC: Image.BICUBIC,
             InterpolationMode.NEAREST: Image.NEAREST}  # fmt: skip

@@ -10,8 +10,8 @@ import torch
 import torchvision
 
 from pipeline import registry
+from pipeline.backbones import architectures, backbone, timm_models
 from pipeline.errors import ConfigError, MissingError, WeightsError
-from pipeline.features import architectures, backbone
 
 
 def _seeded_torchvision(name: str, seed: int) -> torch.nn.Module:
@@ -328,7 +328,7 @@ def test_without_timm_the_error_says_how_to_install_it(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "timm", None)
-    architectures.timm_meta_model.cache_clear()
-    architectures.anatomy.cache_clear()
+    timm_models.meta_model.cache_clear()
+    timm_models.anatomy.cache_clear()
     with pytest.raises(ConfigError, match=r"--backbone timm:NAME needs the timm package; install it with pip install "):
         backbone.describe("timm:resnet34", "none")

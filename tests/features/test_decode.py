@@ -8,7 +8,8 @@ from PIL import Image
 
 from benchmarks.images import photo_like
 from pipeline import read_features
-from pipeline.features import extract, images, stage
+from pipeline.data import images
+from pipeline.features import extract, stage
 
 from conftest import tiny
 

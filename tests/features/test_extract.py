@@ -17,11 +17,12 @@ import torchvision
 from PIL import Image
 
 from pipeline import devices, fsutil, read_features
+from pipeline.backbones import backbone
 from pipeline.cache import reader as cache_reader
 from pipeline.cache import schema
 from pipeline.cache import writer as cache_writer
 from pipeline.errors import BadImageError, CacheError, DeviceError, Interrupted
-from pipeline.features import backbone, extract, stage
+from pipeline.features import extract, stage
 
 from conftest import REPO, SLOW_WRITES, make_folder, tiny, write_image
 from faultkit import rows_done

@@ -41,7 +41,7 @@ def test_cached_features_equal_the_input_of_the_final_linear(tmp_path, name):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
         model = torchvision.models.get_model(name, weights=None).eval()
-    from pipeline.features import backbone
+    from pipeline.backbones import backbone
 
     transform = backbone.describe(name, "none", image_size=size).transform
     assert cached.shape == (12, {"convnext_tiny": 768, "vit_b_16": 768}[name])
@@ -81,12 +81,12 @@ def test_the_shipped_backbone_table_is_current_and_listing_builds_no_model(capsy
     import importlib.metadata
     import json
 
-    from pipeline.features import architectures, catalog
+    from pipeline.backbones import architectures, catalog
 
     shipped = json.loads(catalog.SHIPPED.read_text())
     if shipped["version"] != importlib.metadata.version("torchvision"):
         pytest.skip("the shipped table is for another torchvision; it is computed and cached instead")
-    assert shipped["rows"] == catalog.all_torchvision_rows(), "refresh it: python -m pipeline.features.catalog"
+    assert shipped["rows"] == catalog.all_torchvision_rows(), "refresh it: python -m pipeline.backbones.catalog"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(architectures, "anatomy", lambda name: pytest.fail(f"built {name} to list it"))
     assert cli.main(["backbones", "resnet"]) == 0

@@ -13,10 +13,11 @@ import torchvision
 from PIL import Image
 
 from pipeline import cli, read_features
+from pipeline.backbones import backbone, layers
 from pipeline.cache import writer as cache_writer
 from pipeline.config import FeaturesConfig
 from pipeline.errors import CacheError, ConfigError
-from pipeline.features import backbone, layers, stage
+from pipeline.features import stage
 
 from conftest import make_folder, tiny
 

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from pipeline import cli
+from pipeline.data.shards import index_shard
+from pipeline.data.sources import load_samples
 from pipeline.errors import BadImageError, DataError, MissingError
 from pipeline.features import stage
 from pipeline.features.distributed import World
-from pipeline.features.shards import index_shard
-from pipeline.features.sources import load_samples
 
 from conftest import PALETTE, tiny, write_image
 

@@ -74,7 +74,7 @@ def test_a_symlink_loop_is_entered_once_and_a_linked_class_is_one_class(tmp_path
     (root / "cat" / "loop").symlink_to(root, target_is_directory=True)
     external = make_folder(tmp_path / "ext", classes=("owl",), per_class=2)
     (root / "owl").symlink_to(external / "owl", target_is_directory=True)
-    from pipeline.features.sources import scan_folder
+    from pipeline.data.sources import scan_folder
 
     samples = scan_folder(root, 0.0, 0.0, 0)
     assert len(samples) == 8 and samples.classes == ["cat", "dog", "owl"]
@@ -101,7 +101,7 @@ def test_a_manifest_naming_a_file_twice_is_an_error(tmp_path, rows, pattern):
     manifest = tmp_path / "m.csv"
     manifest.write_text("\n".join(["path,label", *rows, "b.png,dog", "c.png,cat"]) + "\n")
     with pytest.raises(DataError, match=pattern):
-        from pipeline.features.sources import read_manifest
+        from pipeline.data.sources import read_manifest
 
         read_manifest(manifest, 0.0, 0.0, 0)
 
@@ -112,14 +112,14 @@ def test_a_manifest_may_point_outside_its_folder(tmp_path):
     manifest = tmp_path / "lists" / "m.csv"
     rows = [f"../elsewhere/{c}/img{n:02d}.png,{c}" for c in ("cat", "dog") for n in range(2)]
     manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
-    from pipeline.features.sources import read_manifest
+    from pipeline.data.sources import read_manifest
 
     assert len(read_manifest(manifest, 0.0, 0.0, 0)) == 4
 
 
 def test_an_unreadable_folder_or_file_is_named(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "img", per_class=3)
-    from pipeline.features import sources
+    from pipeline.data import sources
 
     real_scandir = os.scandir
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.data.images import load_image
+from pipeline.data.sources import load_samples, read_manifest, scan_folder
 from pipeline.errors import BadImageError, DataError, MissingError
-from pipeline.features.images import load_image
-from pipeline.features.sources import load_samples, read_manifest, scan_folder
 from pipeline.splits import stratified_holdout
 
 from conftest import make_folder, write_image

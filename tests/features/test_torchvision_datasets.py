@@ -7,9 +7,9 @@ import pytest
 import torchvision.datasets as tvd
 
 from pipeline import read_features
+from pipeline.data.sources import load_samples
 from pipeline.errors import ConfigError, MissingError
 from pipeline.features import stage
-from pipeline.features.sources import load_samples
 from pipeline.registry import TORCHVISION_DATASETS as TORCHVISION_SPLITS
 
 from conftest import tiny

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from pipeline.cache import reader
+from pipeline.data.samples import finalize
+from pipeline.data.sources import load_samples
 from pipeline.features import stage, update
-from pipeline.features.samples import finalize
-from pipeline.features.sources import load_samples
 from pipeline.splits import hashed_holdout
 
 from conftest import PALETTE, REPO, SLOW_WRITES, make_folder, tiny, write_image

@@ -49,7 +49,7 @@ def _cached(kind: str, version: str, compute: Any) -> Any:
 
 def all_torchvision_rows() -> list[dict[str, Any]]:
     """Every torchvision classification model's row, computed from meta-device builds (seconds)."""
-    from pipeline.features import architectures
+    from pipeline.backbones import architectures
 
     rows = []
     for name in architectures.available():
@@ -78,17 +78,12 @@ def torchvision_rows(text: str = "") -> list[dict[str, Any]]:
 
 def timm_names(text: str = "") -> list[str] | None:
     """timm models with pretrained weights whose names contain `text`; None without timm."""
-    try:
-        version = importlib.metadata.version("timm")
-    except importlib.metadata.PackageNotFoundError:
+    from pipeline.backbones import timm_models
+
+    version = timm_models.installed_version()
+    if version is None:
         return None
-
-    def every_name() -> list[str]:
-        import timm
-
-        return list(timm.list_models(pretrained=True))
-
-    names = _cached("timm", version, every_name)
+    names = _cached("timm", version, timm_models.pretrained_names)
     return [TIMM_PREFIX + n for n in names if text.lower() in n.lower()]
 
 
@@ -102,7 +97,7 @@ def write_shipped_table() -> Path:
 def format_layers(name: str) -> str:
     """Every module of backbone `name` that --layers accepts, in the order the forward pass finishes them, with
     the width of its pooled output at the default crop size."""
-    from pipeline.features import backbone, layers
+    from pipeline.backbones import backbone, layers
 
     spec = backbone.describe(name, "none")
     found = layers.layout(name, None, spec.crop_size)
@@ -136,5 +131,5 @@ def format_table(text: str = "") -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-if __name__ == "__main__":  # python -m pipeline.features.catalog: refresh the shipped table
+if __name__ == "__main__":  # python -m pipeline.backbones.catalog: refresh the shipped table
     print(f"wrote {write_shipped_table()}")

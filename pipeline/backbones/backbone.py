@@ -1,7 +1,7 @@
 """A frozen classification model that maps an image to the vector feeding its final classification layer.
 
 Any torchvision classification model (`torchvision.models.list_models`) and, with the timm extra,
-any `timm:NAME` (`pipeline.features.timm_models`). One rule for every family: the feature is the
+any `timm:NAME` (`pipeline.backbones.timm_models`). One rule for every family: the feature is the
 input of the model's last `nn.Linear` (`fc` of a ResNet, `heads.head` of a ViT, `classifier.2` of
 a ConvNeXt), or of its last 1x1 `nn.Conv2d` where it has no Linear (SqueezeNet), found on a model
 built on the meta device (`anatomy`: no memory, no initialisation) and replaced by an identity.
@@ -25,10 +25,10 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from pipeline.backbones import architectures, checkpoints
+from pipeline.backbones.layers import check as layer_check
+from pipeline.backbones.spec import BackboneSpec, FeatureExtractor, describe_transform, sized_transform
 from pipeline.errors import ConfigError, WeightsError
-from pipeline.features import architectures, checkpoints
-from pipeline.features.layers import check as layer_check
-from pipeline.features.spec import BackboneSpec, FeatureExtractor, describe_transform, sized_transform
 from pipeline.registry import TIMM_PREFIX
 
 __all__ = ["BackboneSpec", "FeatureExtractor", "build", "describe"]
@@ -40,7 +40,7 @@ def describe(
     """Validate the names and work out identity and preprocessing, without building the model; `layers`
     names modules whose pooled outputs are kept too (their widths from a meta-device forward)."""
     if name.startswith(TIMM_PREFIX):
-        from pipeline.features import timm_models
+        from pipeline.backbones import timm_models
 
         spec = timm_models.describe(name, weights, seed, image_size)
     else:
@@ -109,7 +109,7 @@ def build(spec: BackboneSpec, progress: bool = True) -> FeatureExtractor:
     """The frozen model in eval mode: no grads, ready for `inference_mode`; it keeps the pooled outputs
     of the spec's layers at each forward."""
     if spec.name.startswith(TIMM_PREFIX):
-        from pipeline.features import timm_models
+        from pipeline.backbones import timm_models
 
         extractor = timm_models.build(spec)
     else:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data import shards
+from pipeline.data.datasets import load_torchvision, materialize_digits
+from pipeline.data.images import IMAGE_EXTENSIONS, is_image
+from pipeline.data.samples import SPLIT_ALIASES, SampleList, finalize
 from pipeline.errors import ConfigError, DataError, MissingError
-from pipeline.features import shards
-from pipeline.features.datasets import load_torchvision, materialize_digits
-from pipeline.features.images import IMAGE_EXTENSIONS, is_image
-from pipeline.features.samples import SPLIT_ALIASES, SampleList, finalize
 from pipeline.registry import canonical_dataset_name
 
 

@@ -1,6 +1,6 @@
 """A backbone request once resolved (`BackboneSpec`: identity, preprocessing, the layer the features are)
 and the frozen model built from it (`FeatureExtractor`: images in, features out), whatever library
-the model comes from; `pipeline.features.backbone` makes both.
+the model comes from; `pipeline.backbones.backbone` makes both.
 """
 
 from __future__ import annotations
@@ -14,8 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.features.architectures import RESNET_LAYER
-from pipeline.features.layers import pool
+from pipeline.backbones.architectures import RESNET_LAYER
+
+
+def pool(output: Any, axis: int) -> torch.Tensor:
+    """(B, ...) -> (B, C): the mean over every axis but the batch and channel `axis` (a tuple's first element)."""
+    if isinstance(output, tuple | list):
+        output = output[0]
+    if output.ndim <= 2:
+        return output.flatten(1)
+    return output.mean(dim=tuple(d for d in range(1, output.ndim) if d != axis))
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
+from pipeline.data.images import load_image
+from pipeline.data.samples import SampleList, finalize
 from pipeline.errors import BadImageError, ConfigError, DataError, MissingError
-from pipeline.features.images import load_image
-from pipeline.features.samples import SampleList, finalize
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 MAX_SHARDS = 100_000  # a brace range naming more is a typo, not a data set

@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline import fsutil
+from pipeline.data.images import ArrayReader, load_image
+from pipeline.data.samples import SampleList, finalize
 from pipeline.errors import ConfigError, DataError, MissingError
-from pipeline.features.images import ArrayReader, load_image
-from pipeline.features.samples import SampleList, finalize
 from pipeline.registry import TORCHVISION_DATASETS
 from pipeline.splits import stratified_holdout
 

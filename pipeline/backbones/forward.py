@@ -1,16 +1,15 @@
-"""The forward loop: DataLoader workers decode and preprocess, the main process runs one forward
-pass per batch and hands rows to a sink (a cache writer on a background thread, or memory for
-`predict`). Unreadable images stop the run with their paths, or are recorded and skipped."""
+"""Running a backbone over a sample list: DataLoader workers decode and preprocess, the main process
+runs one forward pass per batch and hands the rows to a sink (`Sink`: memory for `embed` and
+`predict`, or the extraction run's cache writer). Unreadable images stop the run with their paths,
+or are recorded and skipped."""
 
 from __future__ import annotations
 
 import os
-import queue
 import signal
-import threading
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,12 +17,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 from tqdm import tqdm
 
-from pipeline.cache.writer import CacheWriter
+from pipeline.backbones import backbone
 from pipeline.config import FeaturesConfig
+from pipeline.data.samples import SampleList
 from pipeline.devices import autocast, choose_device
 from pipeline.errors import BadImageError, WorkerError
-from pipeline.features import backbone
-from pipeline.features.samples import SampleList
 
 Report = Callable[[str], None]
 
@@ -108,73 +106,6 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-class RowSink:
-    """Writes rows on a background thread, so device-to-host copies and HDF5 writes overlap the next
-    forward pass. Rows stay in order (one thread, a bounded queue); an error in the thread is raised
-    in the caller at its next `put` or at `close`."""
-
-    def __init__(
-        self,
-        writer: CacheWriter,
-        dim: int,
-        logits_dim: int | None,
-        layer_dims: dict[str, int] | None = None,
-        depth: int = 4,
-    ) -> None:
-        self.writer, self.dim, self.logits_dim, self.layer_dims = writer, dim, logits_dim, layer_dims or {}
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
-        self.thread.start()
-
-    def put(
-        self,
-        start: int,
-        ok: np.ndarray,
-        features: torch.Tensor | None,
-        logits: torch.Tensor | None,
-        layers: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        """Rows ``start .. start+len(ok)``; `features` (and `logits`, `layers`) hold the rows where `ok` is
-        True, in order."""
-        self._raise()
-        self.queue.put((start, ok, features, logits, layers or {}))
-
-    def close(self, raise_error: bool = True) -> None:
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-        if raise_error:
-            self._raise()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-    def _rows(self, ok: np.ndarray, values: torch.Tensor | None, width: int) -> np.ndarray:
-        rows = np.full((len(ok), width), np.nan, dtype=np.float32)  # (B, D); NaN where unreadable
-        if values is not None:
-            rows[ok] = values.float().cpu().numpy()
-        return rows
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # keep draining so the producer never blocks
-            start, ok, features, logits, layers = item
-            try:
-                self.writer.write(
-                    start,
-                    self._rows(ok, features, self.dim),
-                    ok,
-                    None if logits is None else self._rows(ok, logits, self.logits_dim),  # type: ignore[arg-type]
-                    {name: self._rows(ok, layers.get(name), width) for name, width in self.layer_dims.items()},
-                )
-            except BaseException as exc:  # handed to the producer thread
-                self.error = exc
-
-
 def decode_on_device(
     payloads: list[tuple[str, np.ndarray]], device: torch.device, transform: Callable[[torch.Tensor], torch.Tensor]
 ) -> tuple[list[torch.Tensor | None], list[str | None]]:
@@ -207,6 +138,21 @@ def decode_on_device(
         if kind == "pixels":
             images[i] = torch.from_numpy(pixels).permute(2, 0, 1).to(device, non_blocking=True)  # (3, H, W) uint8
     return [None if image is None else transform(image) for image in images], errors
+
+
+class Sink(Protocol):
+    """Where `forward_rows` puts the rows it computes, in order."""
+
+    def put(
+        self,
+        start: int,
+        ok: np.ndarray,
+        features: torch.Tensor | None,
+        logits: torch.Tensor | None,
+        layers: dict[str, torch.Tensor] | None = None,
+    ) -> None: ...
+
+    def close(self, raise_error: bool = True) -> None: ...
 
 
 class MemorySink:
@@ -288,7 +234,7 @@ def _worker_error(exc: RuntimeError, cfg: FeaturesConfig) -> BaseException:
 
 
 def forward_rows(
-    sink: RowSink | MemorySink,
+    sink: Sink,
     start_row: int,
     samples: SampleList,
     model: backbone.FeatureExtractor,

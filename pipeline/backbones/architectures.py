@@ -11,7 +11,7 @@ import contextlib
 import difflib
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,9 +101,8 @@ def final_layer(model: nn.Module) -> tuple[str, nn.Module]:
 
 @functools.cache
 def anatomy(name: str) -> Anatomy:
-    """The structure of model `name` (torchvision, or timm:NAME), from a build on the meta device."""
-    if name.startswith(TIMM_PREFIX):
-        return _timm_anatomy(name)
+    """The structure of torchvision model `name`, from a build on the meta device (a timm model's:
+    `pipeline.backbones.timm_models.anatomy`)."""
     weights_enum(name)
     with on_meta():
         model = construct(name, weights=None)
@@ -127,10 +126,16 @@ def size_arguments(name: str, crop: int, weights: Any = None) -> dict[str, int]:
 
 @functools.cache
 def check_input_size(name: str, size: int, **arguments: int) -> None:
-    """A ConfigError when model `name`, built with `arguments`, cannot take `size`-pixel crops (MaxViT's
-    windows, a ViT made for another size or patches that do not divide it), found on the meta device."""
+    """A ConfigError when torchvision model `name`, built with `arguments`, cannot take `size`-pixel crops
+    (MaxViT's windows, a ViT made for another size or patches that do not divide it)."""
+    try_input_size(lambda: meta_model(name, **arguments), name, size)
+
+
+def try_input_size(build: Callable[[], nn.Module], name: str, size: int) -> None:
+    """Run the meta-device model `build()` gives on one `size`-pixel crop; a one-line ConfigError when it
+    cannot take it."""
     try:
-        model = meta_model(name, **arguments)
+        model = build()
         with torch.no_grad():
             model(torch.empty(1, 3, size, size, device="meta"))
     except (RuntimeError, AssertionError, ValueError) as exc:
@@ -142,57 +147,6 @@ def check_input_size(name: str, size: int, **arguments: int) -> None:
 
 
 def meta_model(name: str, **arguments: int) -> nn.Module:
-    """Model `name` (torchvision or timm:NAME) in eval mode with its parameters on the meta device."""
-    if name.startswith(TIMM_PREFIX):
-        return timm_meta_model(name)
+    """Torchvision model `name` in eval mode with its parameters on the meta device."""
     with on_meta():
         return construct(name, weights=None, **arguments).eval()
-
-
-# ------------------------------------------------------------------------------ timm (the extra)
-TIMM_LAYER = "timm forward_head(forward_features(x), pre_logits=True)"
-
-
-def timm() -> Any:
-    """The timm module, or a ConfigError that says how to install it."""
-    try:
-        import timm
-    except ImportError:
-        raise ConfigError(
-            "--backbone timm:NAME needs the timm package; install it with pip install 'pipeline[timm]' "
-            "(or pip install timm), or pick a torchvision backbone"
-        ) from None
-    return timm
-
-
-def timm_name(name: str) -> str:
-    """'timm:resnet18' -> 'resnet18', refusing names timm does not know."""
-    short = name.removeprefix(TIMM_PREFIX)
-    if not timm().is_model(short):
-        close = difflib.get_close_matches(short, timm().list_models(), n=3)
-        hint = f"did you mean {', '.join(TIMM_PREFIX + c for c in close)}? " if close else ""
-        raise ConfigError(f"unknown timm model {short!r}; {hint}timm.list_models() lists them")
-    return short
-
-
-@functools.cache
-def timm_meta_model(name: str) -> nn.Module:
-    """timm model `name` with its parameters on the meta device: structure and pretrained_cfg, no memory."""
-    with on_meta():
-        return timm().create_model(timm_name(name), pretrained=False).eval()
-
-
-def timm_pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.forward_head(model.forward_features(x), pre_logits=True)
-
-
-def _timm_anatomy(name: str) -> Anatomy:
-    model = timm_meta_model(name)
-    heads = model.pretrained_cfg.get("classifier") or ()
-    heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    size = timm().data.resolve_model_data_config(model)["input_size"][-1]
-    with torch.no_grad():
-        dim = timm_pre_logits(model, torch.empty(1, 3, size, size, device="meta")).shape[-1]
-    body = {k: tuple(v.shape) for k, v in model.state_dict().items() if not any(k.startswith(h + ".") for h in heads)}
-    kind = type(model.get_classifier()).__name__
-    return Anatomy(type(model).__name__, heads, kind, int(dim), body, TIMM_LAYER)

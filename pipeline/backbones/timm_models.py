@@ -11,6 +11,9 @@ so decoding, `predict` and `export` treat both alike.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import importlib.metadata
 import math
 from typing import Any
 
@@ -19,9 +22,72 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
+from pipeline.backbones import architectures, checkpoints
+from pipeline.backbones.spec import BackboneSpec, FeatureExtractor, describe_transform
 from pipeline.errors import ConfigError, WeightsError
-from pipeline.features import architectures, checkpoints
-from pipeline.features.spec import BackboneSpec, FeatureExtractor, describe_transform
+from pipeline.registry import TIMM_PREFIX
+
+TIMM_LAYER = "timm forward_head(forward_features(x), pre_logits=True)"
+
+
+def timm() -> Any:
+    """The timm module, or a ConfigError that says how to install it."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(
+            "--backbone timm:NAME needs the timm package; install it with pip install 'pipeline[timm]' "
+            "(or pip install timm), or pick a torchvision backbone"
+        ) from None
+    return timm
+
+
+def installed_version() -> str | None:
+    """The installed timm's version, read without importing it; None without the extra."""
+    try:
+        return importlib.metadata.version("timm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def pretrained_names() -> list[str]:
+    """Every timm model name that has pretrained weights."""
+    return list(timm().list_models(pretrained=True))
+
+
+def short_name(name: str) -> str:
+    """'timm:resnet18' -> 'resnet18', refusing names timm does not know."""
+    short = name.removeprefix(TIMM_PREFIX)
+    if not timm().is_model(short):
+        close = difflib.get_close_matches(short, timm().list_models(), n=3)
+        hint = f"did you mean {', '.join(TIMM_PREFIX + c for c in close)}? " if close else ""
+        raise ConfigError(f"unknown timm model {short!r}; {hint}timm.list_models() lists them")
+    return short
+
+
+@functools.cache
+def meta_model(name: str) -> nn.Module:
+    """timm model `name` with its parameters on the meta device: structure and pretrained_cfg, no memory."""
+    with architectures.on_meta():
+        return timm().create_model(short_name(name), pretrained=False).eval()
+
+
+def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+@functools.cache
+def anatomy(name: str) -> architectures.Anatomy:
+    """The structure of timm model `name`, from a build on the meta device."""
+    model = meta_model(name)
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    size = timm().data.resolve_model_data_config(model)["input_size"][-1]
+    with torch.no_grad():
+        dim = pre_logits(model, torch.empty(1, 3, size, size, device="meta")).shape[-1]
+    body = {k: tuple(v.shape) for k, v in model.state_dict().items() if not any(k.startswith(h + ".") for h in heads)}
+    kind = type(model.get_classifier()).__name__
+    return architectures.Anatomy(type(model).__name__, heads, kind, int(dim), body, TIMM_LAYER)
 
 
 class PreLogits(nn.Module):
@@ -32,15 +98,15 @@ class PreLogits(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return architectures.timm_pre_logits(self.model, x)
+        return pre_logits(self.model, x)
 
 
 def _create(name: str, **kwargs: Any) -> nn.Module:
-    return architectures.timm().create_model(architectures.timm_name(name), **kwargs)
+    return timm().create_model(short_name(name), **kwargs)
 
 
 def _data_config(name: str) -> dict[str, Any]:
-    return architectures.timm().data.resolve_model_data_config(architectures.timm_meta_model(name))
+    return timm().data.resolve_model_data_config(meta_model(name))
 
 
 def _transform(name: str, image_size: int | None) -> ImageClassification:
@@ -60,7 +126,7 @@ def _transform(name: str, image_size: int | None) -> ImageClassification:
 
 
 def describe(name: str, weights: str, seed: int, image_size: int | None) -> BackboneSpec:
-    model = architectures.timm_meta_model(name)
+    model = meta_model(name)
     checkpoint, prefix = None, ""
     if weights.lower() == "none":
         weights_id = f"none (random init, seed {seed})"
@@ -68,21 +134,21 @@ def describe(name: str, weights: str, seed: int, image_size: int | None) -> Back
         cfg = model.pretrained_cfg
         weights_id = f"timm {cfg.get('architecture')}.{cfg.get('tag')} ({cfg.get('hf_hub_id') or cfg.get('url')})"
     elif checkpoints.looks_like_path(weights):
-        checkpoint, prefix, weights_id = checkpoints.identify(name, weights)
+        checkpoint, prefix, weights_id = checkpoints.identify(name, weights, anatomy)
     else:
         raise ConfigError(f"unknown weights {weights!r} for {name}; choose DEFAULT, none, or a path to a checkpoint")
     transform = _transform(name, image_size)
-    architectures.check_input_size(name, int(transform.crop_size[0]))
+    architectures.try_input_size(lambda: meta_model(name), name, int(transform.crop_size[0]))
     return BackboneSpec(
         name, weights, weights_id, transform, describe_transform(transform), checkpoint=checkpoint,
-        seed=seed, prefix=prefix, layer=architectures.TIMM_LAYER,
+        seed=seed, prefix=prefix, layer=TIMM_LAYER,
     )  # fmt: skip
 
 
 def _pretrained(name: str) -> nn.Module:
     from huggingface_hub import constants
 
-    cfg = architectures.timm_meta_model(name).pretrained_cfg
+    cfg = meta_model(name).pretrained_cfg
     where = cfg.get("hf_hub_id") or cfg.get("url")
     try:
         return _create(name, pretrained=True)
@@ -98,13 +164,13 @@ def _pretrained(name: str) -> nn.Module:
 def build(spec: BackboneSpec) -> FeatureExtractor:
     """The frozen timm model as a FeatureExtractor whose body returns the pre-logits vector (timm's hub
     download shows its own progress)."""
-    parts = architectures.anatomy(spec.name)
+    parts = anatomy(spec.name)
     state: dict[str, torch.Tensor] = {}
     if spec.weights == "DEFAULT":
         model = _pretrained(spec.name)
     elif spec.checkpoint is not None:
         state = checkpoints.load(spec.checkpoint)
-        prefix = checkpoints.prefix(spec.name, state, spec.checkpoint)
+        prefix = checkpoints.prefix(spec.name, state, spec.checkpoint, anatomy)
         state = {k.removeprefix(prefix): v for k, v in state.items()}
         key = f"{parts.head}.weight"
         classes = state[key].shape[0] if key in state else 0  # 0: timm builds no classifier

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from pipeline.backbones import architectures
+from pipeline.backbones.architectures import Anatomy
 from pipeline.errors import MissingError, WeightsError
-from pipeline.features import architectures
 from pipeline.registry import RESNETS
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -56,29 +58,28 @@ def load(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     return state
 
 
-def identify(name: str, weights: str) -> tuple[Path, str, str]:
+Anatomies = Callable[[str], Anatomy]  # a backbone's structure by name: torchvision's, or timm's
+
+
+def identify(name: str, weights: str, anatomy: Anatomies = architectures.anatomy) -> tuple[Path, str, str]:
     """(file, key prefix to strip, what the fingerprint records) of the checkpoint `weights` for backbone
-    `name`, checked key by key and shape by shape without reading the tensors."""
+    `name` (whose structure `anatomy` gives), checked key by key and shape by shape without reading the
+    tensors."""
     checkpoint = Path(weights).expanduser()
     if not checkpoint.is_file():
         raise MissingError(f"checkpoint {checkpoint} does not exist; pass --weights with a state-dict file")
-    stripped = prefix(name, load(checkpoint, mmap=True), checkpoint)
+    stripped = prefix(name, load(checkpoint, mmap=True), checkpoint, anatomy)
     weights_id = f"checkpoint sha256:{sha256_file(checkpoint)}"
     if stripped not in ("", "module."):  # DDP's module. was stripped before this was recorded: caches stay current
         weights_id += f" (key prefix {stripped!r} stripped)"
     return checkpoint, stripped, weights_id
 
 
-def _shapes(name: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the backbone's state dict, without the classifier (which may have any size or be absent)."""
-    return architectures.anatomy(name).shapes
-
-
-def _body(state: dict[str, torch.Tensor], prefix: str, name: str) -> dict[str, tuple[int, ...]] | None:
+def _body(state: dict[str, torch.Tensor], prefix: str, parts: Anatomy) -> dict[str, tuple[int, ...]] | None:
     """Key -> shape with `prefix` stripped and the classifier left out; None when some key lacks the prefix."""
     if not all(k.startswith(prefix) for k in state):
         return None
-    return architectures.anatomy(name).body_keys({k[len(prefix) :]: tuple(v.shape) for k, v in state.items()})
+    return parts.body_keys({k[len(prefix) :]: tuple(v.shape) for k, v in state.items()})
 
 
 def _candidate_prefixes(state: dict[str, torch.Tensor]) -> list[str]:
@@ -87,21 +88,23 @@ def _candidate_prefixes(state: dict[str, torch.Tensor]) -> list[str]:
     return [""] + (list(firsts) if len(firsts) == 1 and all("." in k for k in state) else [])
 
 
-def _fitting_prefix(name: str, state: dict[str, torch.Tensor]) -> str | None:
-    """The prefix (possibly '') whose stripping gives exactly this backbone's keys and shapes, if any."""
+def _fitting_prefix(parts: Anatomy, state: dict[str, torch.Tensor]) -> str | None:
+    """The prefix (possibly '') whose stripping gives exactly this backbone's keys and shapes (those of
+    its state dict without the classifier, which may have any size or be absent), if any."""
     for prefix in _candidate_prefixes(state):
-        if _body(state, prefix, name) == _shapes(name):
+        if _body(state, prefix, parts) == parts.shapes:
             return prefix
     return None
 
 
-def prefix(name: str, state: dict[str, torch.Tensor], path: Path) -> str:
+def prefix(name: str, state: dict[str, torch.Tensor], path: Path, anatomy: Anatomies = architectures.anatomy) -> str:
     """The common key prefix to strip so `state` fits backbone `name` exactly; otherwise a WeightsError that
     says whether the keys carry an unexpected prefix or the shapes belong to another architecture."""
-    prefix = _fitting_prefix(name, state)
+    parts = anatomy(name)
+    prefix = _fitting_prefix(parts, state)
     if prefix is not None:
         return prefix
-    expected = _shapes(name)
+    expected = parts.shapes
     candidates = _candidate_prefixes(state)
     stray = _stray_prefix(state, expected)
     if stray is not None and stray not in candidates:  # the keys are there, under a prefix one strip cannot remove
@@ -113,9 +116,9 @@ def prefix(name: str, state: dict[str, torch.Tensor], path: Path) -> str:
             f"common prefix does not resolve for {name}{also}; save the backbone's own state dict "
             "(torch.save(backbone.state_dict(), path))"
         )
-    bodies = [b for b in (_body(state, p, name) for p in candidates) if b is not None]
+    bodies = [b for b in (_body(state, p, parts) for p in candidates) if b is not None]
     body = max(bodies, key=lambda b: len(b.keys() & expected.keys()))  # the reading closest to this backbone
-    fits = [other for other in _relatives(name) if _fitting_prefix(other, state) is not None]
+    fits = [other for other in _relatives(name) if _fitting_prefix(anatomy(other), state) is not None]
     advice = f"its shapes fit {', '.join(fits)}; pass --backbone {fits[0]}" if fits else (
         "no backbone here fits it; pass --backbone with the architecture it was trained as"
     )  # fmt: skip

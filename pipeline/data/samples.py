@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.data.images import IMAGE_EXTENSIONS, load_image
 from pipeline.errors import DataError
-from pipeline.features.images import IMAGE_EXTENSIONS, load_image
 from pipeline.splits import SPLITS, hashed_holdout, stratified_holdout
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}

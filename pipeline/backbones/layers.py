@@ -21,25 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.backbones import architectures, timm_models
 from pipeline.errors import ConfigError
-from pipeline.features import architectures
 from pipeline.registry import TIMM_PREFIX
-
-
-def pool(output: Any, axis: int) -> torch.Tensor:
-    """(B, ...) -> (B, C): the mean over every axis but the batch and channel `axis` (a tuple's first element)."""
-    if isinstance(output, tuple | list):
-        output = output[0]
-    if output.ndim <= 2:
-        return output.flatten(1)
-    return output.mean(dim=tuple(d for d in range(1, output.ndim) if d != axis))
 
 
 def probe_model(name: str, **arguments: int) -> tuple[nn.Module, Callable[[torch.Tensor], Any]]:
     """The meta-device model as the extractor runs it, and how to run it."""
-    model = architectures.meta_model(name, **arguments)
     if name.startswith(TIMM_PREFIX):
-        return model, lambda x: architectures.timm_pre_logits(model, x)
+        model = timm_models.meta_model(name)
+        return model, lambda x: timm_models.pre_logits(model, x)
+    model = architectures.meta_model(name, **arguments)
     parent, _, leaf = architectures.anatomy(name).head.rpartition(".")
     setattr(model.get_submodule(parent), leaf, nn.Identity())
     return model, model
