@@ -101,8 +101,7 @@ def sweep_seconds(cache: Path, device: str) -> dict[str, Any]:
 
 def run(device: str, images: int, names: tuple[str, ...], photos_dir: Path, cache: Path) -> dict[str, Any]:
     """Every measurement on `device`; what gpu.json holds."""
-    from benchmarks.images import write_photo_folder
-    from benchmarks.synthetic import write_synthetic_cache
+    from pipeline.synthetic import write_photo_folder, write_synthetic_cache
 
     report: dict[str, Any] = {"device": device, "forward": [], "features": {}, "sweep": None}
     for name in names:

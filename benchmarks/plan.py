@@ -48,9 +48,9 @@ def per_image(fn, items: list, repeats: int = 1) -> float:
 def measure(backbone: str, dim_dtype: str) -> dict:
     import torch
 
-    from benchmarks.images import photo_like
     from pipeline.backbones import backbone as bb
     from pipeline.data.images import load_image
+    from pipeline.synthetic import photo_like
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.images import write_photo_folder
 from benchmarks.measure import extraction_rate, forward_rate
-from benchmarks.synthetic import matrix_cache, write_synthetic_cache
+from benchmarks.synthetic import matrix_cache
+from pipeline.synthetic import write_photo_folder, write_synthetic_cache
 
 OUT = Path("benchmarks/out")
 ROWS: list[dict] = []

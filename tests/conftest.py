@@ -1,66 +1,14 @@
-"""Shared helpers: tiny image folders made in tmp_path, and a fast resnet18 feature config."""
+"""The tests' shared fixtures. Shared helpers live in `tests/helpers` (`from helpers import ...`)."""
 
 from __future__ import annotations
 
 import subprocess
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from pipeline.config import FeaturesConfig
-
-REPO = Path(__file__).resolve().parents[1]
-PALETTE = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (200, 200, 40), (160, 40, 200)]
-
-
-# Python source that slows every cache write by 0.3 s, so a signal or a kill lands mid-run; a test
-# appends the entry it runs (`python -c SLOW_WRITES + ...`).
-SLOW_WRITES = """
-import sys, time
-from pipeline.cache.writer import CacheWriter
-write = CacheWriter.write
-def slow(self, *a, **k):
-    write(self, *a, **k)
-    time.sleep(0.3)
-CacheWriter.write = slow
-"""
-
-
-def write_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (28, 22)) -> Path:
-    """A small noisy image of one dominant colour (the seed comes from the path: reproducible)."""
-    rng = np.random.default_rng(zlib.crc32(str(path.name).encode()))
-    pixels = np.clip(np.array(color) + rng.integers(-40, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-    return path
-
-
-def make_folder(
-    root: Path,
-    classes: tuple[str, ...] = ("cat", "dog"),
-    per_class: int = 4,
-    splits: tuple[str, ...] | None = None,
-    ext: str = ".png",
-    size: tuple[int, int] = (28, 22),
-) -> Path:
-    """ROOT/<class>/<n>.png, or ROOT/<split>/<class>/<n>.png when `splits` is given."""
-    for s in splits or ("",):
-        for c, name in enumerate(classes):
-            for n in range(per_class):
-                write_image(root / s / name / f"{s or 'img'}{n:02d}{ext}", PALETTE[c % len(PALETTE)], size)
-    return root
-
-
-def tiny(**overrides) -> FeaturesConfig:
-    """resnet18 with random weights at 32 px in this process: a feature run in about a second."""
-    settings = dict(
-        backbone="resnet18", weights="none", image_size=32, batch_size=4, workers=0, progress=False, val_fraction=0.25
-    )
-    settings.update(overrides)
-    return FeaturesConfig(**settings)
+from helpers import make_folder, tiny, write_cache
 
 
 @pytest.fixture
@@ -82,35 +30,6 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     return tmp_path / "torch-home" / "hub" / "checkpoints"
-
-
-def write_cache(
-    path: Path,
-    X: np.ndarray,
-    y: np.ndarray,
-    split: np.ndarray,
-    classes: list[str] | None = None,
-    fingerprint: dict | None = None,
-) -> Path:
-    """A complete cache file from arrays (rows must be sorted by split), written by the real writer."""
-    from pipeline.cache import writer as cache_writer
-
-    order = np.argsort(split, kind="stable")
-    X, y, split = X[order], y[order], split[order]
-    classes = classes or [f"c{i}" for i in range(int(y.max()) + 1)]
-    writer = cache_writer.CacheWriter.open(
-        path,
-        fingerprint=fingerprint or {"backbone": "synthetic", "rows": len(y)},
-        ids=[f"row{i}" for i in range(len(y))],
-        labels=y,
-        split=split,
-        classes=classes,
-        dim=X.shape[1],
-        store_dtype="float32",
-    )
-    writer.write(0, X.astype(np.float32))
-    writer.finish()
-    return path
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from benchmarks import gpu
-from benchmarks.images import write_photo_folder
+from pipeline.synthetic import write_photo_folder
 
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -13,7 +13,7 @@ import pytest
 from pipeline import cli
 from pipeline.config import FeaturesConfig
 
-from conftest import REPO, make_folder, write_image
+from helpers import REPO, make_folder, write_image
 
 FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0", "--no-progress"]
 

@@ -18,7 +18,7 @@ from pipeline.features import stage
 from pipeline.heads import protocol
 from pipeline.heads.saved import load_head
 
-from conftest import make_folder, tiny, write_image
+from helpers import make_folder, tiny, write_image
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pipeline.config import FeaturesConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate import compare
 
-from conftest import REPO, make_folder
+from helpers import REPO, make_folder
 
 STUDY = """
 [study]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import head_folder
+from helpers.faults import head_folder
 
 
 @pytest.fixture(scope="module")

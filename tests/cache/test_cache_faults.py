@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from faultkit import (
+from helpers.faults import (
     ENV,
     FAST,
     HEAD,
@@ -34,7 +34,7 @@ from pipeline.cache import writer as cache_writer
 from pipeline.errors import CacheError
 from pipeline.features import stage
 
-from conftest import make_folder, tiny, write_cache
+from helpers import make_folder, tiny, write_cache
 
 
 @pytest.fixture(scope="module")

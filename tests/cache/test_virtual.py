@@ -13,7 +13,7 @@ from pipeline.cache import virtual
 from pipeline.cache.schema import part_name
 from pipeline.errors import CacheError
 
-from conftest import write_cache
+from helpers import write_cache
 
 
 FINGERPRINT = {"t": 1}

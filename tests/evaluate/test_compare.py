@@ -14,7 +14,7 @@ from pipeline.errors import CacheError, DataError
 from pipeline.evaluate import compare
 from pipeline.heads import protocol
 
-from conftest import write_cache
+from helpers import write_cache
 
 
 def _two_runs(tmp_path, same_test: bool):

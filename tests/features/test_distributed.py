@@ -22,8 +22,8 @@ from pipeline.errors import CacheError
 from pipeline.features import stage
 from pipeline.features.distributed import World
 
-from conftest import REPO, make_folder, tiny
-from faultkit import rows_done
+from helpers import REPO, make_folder, tiny
+from helpers.faults import rows_done
 
 FLAGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "2", "--no-progress"]
 FLAGS += ["--val-fraction", "0.25"]

@@ -24,8 +24,8 @@ from pipeline.cache import writer as cache_writer
 from pipeline.errors import BadImageError, CacheError, DeviceError, Interrupted
 from pipeline.features import extract, stage
 
-from conftest import REPO, SLOW_WRITES, make_folder, tiny, write_image
-from faultkit import rows_done
+from helpers import REPO, SLOW_WRITES, make_folder, tiny, write_image
+from helpers.faults import rows_done
 
 
 def _messages():

@@ -18,8 +18,8 @@ from pipeline.data.sources import load_samples
 from pipeline.features import stage, update
 from pipeline.splits import hashed_holdout
 
-from conftest import PALETTE, REPO, SLOW_WRITES, make_folder, tiny, write_image
-from faultkit import rows_done
+from helpers import PALETTE, REPO, SLOW_WRITES, make_folder, tiny, write_image
+from helpers.faults import rows_done
 
 
 def _rows(path) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ from pipeline.config import FeaturesConfig
 from pipeline.errors import CacheError, ConfigError
 from pipeline.features import distributed, stage, views
 
-from conftest import PALETTE, make_folder, tiny, write_image
+from helpers import PALETTE, make_folder, tiny, write_image
 
 
 def test_a_view_is_a_seeded_crop_resize_and_flip(tmp_path):

@@ -19,7 +19,7 @@ from pipeline.heads.kinds import HeadKind, register
 from pipeline.heads.saved import load_head
 from pipeline.heads.trained import TrainedHead
 
-from conftest import make_folder
+from helpers import make_folder
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pipeline.config import HeadConfig
 from pipeline.evaluate import metrics
 from pipeline.heads import choice, estimators, fitting, protocol, runs
 
-from conftest import write_cache
+from helpers import write_cache
 
 TRUE = -math.log(1e-12)  # 27.631021115928547: the loss of a row whose label has p = 1e-12
 

@@ -16,8 +16,8 @@ import pytest
 from pipeline import outputs
 from pipeline.errors import CacheError
 
-from conftest import make_folder
-from faultkit import (
+from helpers import make_folder
+from helpers.faults import (
     ENV,
     FAST,
     HEAD,

@@ -107,7 +107,7 @@ def _long_tail_cache(tmp_path):
         X.append(means[labels] + rng.normal(0, 1.0, (len(labels), 16)))
         y.append(labels)
         split.append(np.full(len(labels), code, dtype=np.int8))
-    from conftest import write_cache
+    from helpers import write_cache
 
     return write_cache(tmp_path / "lt.h5", np.vstack(X), np.concatenate(y), np.concatenate(split))
 
@@ -170,7 +170,7 @@ def test_temperature_is_not_fitted_when_the_log_loss_has_no_minimum(synthetic_ca
     X = np.repeat(np.eye(3) * 10, 40, axis=0) + rng.normal(0, 0.1, (120, 3))
     y = np.repeat([0, 1, 2], 40)
     split = np.tile(np.array([0, 0, 1, 2], dtype=np.int8), 30)
-    from conftest import write_cache
+    from helpers import write_cache
 
     cache = write_cache(tmp_path / "easy.h5", X, y, split)
     result = protocol.run(HeadConfig(features=str(cache), head="ncm", calibrate="temperature", out=str(tmp_path / "r"),

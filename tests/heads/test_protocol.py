@@ -19,7 +19,7 @@ from pipeline.heads import choice, fitting, kinds, protocol
 from pipeline.heads.saved import load_head
 from pipeline.splits import draw_shots
 
-from conftest import REPO, write_cache
+from helpers import REPO, write_cache
 
 FAST_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 

@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.synthetic import write_synthetic_cache
 from pipeline.config import HeadConfig
 from pipeline.errors import ConfigError
 from pipeline.heads import choice, protocol
 from pipeline.settings import parse_size
+from pipeline.synthetic import write_synthetic_cache
 
-from conftest import REPO
+from helpers import REPO
 
 # Peak memory of one `pipeline head` run above a baseline taken after imports and a warm-up that
 # touches what any run touches once (torch's thread pools and GEMM buffers, matplotlib's fonts).

@@ -12,8 +12,8 @@ import pytest
 from pipeline.errors import DataError
 from pipeline.features import stage
 
-from conftest import make_folder, tiny, write_image
-from faultkit import (
+from helpers import make_folder, tiny, write_image
+from helpers.faults import (
     FAST,
     assert_one_line_error,
     main_here,

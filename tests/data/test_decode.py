@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.images import photo_like
 from pipeline import read_features
 from pipeline.data import images
 from pipeline.features import extract, stage
+from pipeline.synthetic import photo_like
 
-from conftest import tiny
+from helpers import tiny
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pipeline.data.sources import load_samples, read_manifest, scan_folder
 from pipeline.errors import BadImageError, DataError, MissingError
 from pipeline.splits import stratified_holdout
 
-from conftest import make_folder, write_image
+from helpers import make_folder, write_image
 
 CARVE = {"val_fraction": 0.25, "test_fraction": 0.2, "seed": 0}
 

@@ -20,7 +20,7 @@ from pipeline.errors import BadImageError, DataError, MissingError
 from pipeline.features import stage
 from pipeline.features.distributed import World
 
-from conftest import PALETTE, tiny, write_image
+from helpers import PALETTE, tiny, write_image
 
 pytest.importorskip("webdataset")
 

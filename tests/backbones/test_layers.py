@@ -19,7 +19,7 @@ from pipeline.config import FeaturesConfig
 from pipeline.errors import CacheError, ConfigError
 from pipeline.features import stage
 
-from conftest import make_folder, tiny
+from helpers import make_folder, tiny
 
 
 def _pooled_outputs(model: torch.nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, np.ndarray]:

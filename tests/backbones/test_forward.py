@@ -14,8 +14,8 @@ import pytest
 
 from pipeline.cache import schema
 
-from conftest import make_folder
-from faultkit import ENV, assert_one_line_error, rows_done, run_cli
+from helpers import make_folder
+from helpers.faults import ENV, assert_one_line_error, rows_done, run_cli
 
 WORKERS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--batch-size", "16",
            "--workers", "1", "--no-progress"]  # fmt: skip

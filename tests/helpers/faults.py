@@ -16,7 +16,7 @@ import h5py
 
 from pipeline import cli
 
-from conftest import REPO, SLOW_WRITES
+from helpers import REPO, SLOW_WRITES
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0", "--no-progress"]

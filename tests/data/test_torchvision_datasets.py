@@ -12,8 +12,8 @@ from pipeline.errors import ConfigError, MissingError
 from pipeline.features import stage
 from pipeline.registry import TORCHVISION_DATASETS as TORCHVISION_SPLITS
 
-from conftest import tiny
-from tvformats import WRITERS
+from helpers import tiny
+from helpers.tvformats import WRITERS
 
 CARVE = {"val_fraction": 0.34, "test_fraction": 0.34, "split_seed": 0}
 

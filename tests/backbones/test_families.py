@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline import cli
 from pipeline.features import stage
 
-from conftest import make_folder, tiny
+from helpers import make_folder, tiny
 
 
 def _direct(model: torch.nn.Module, transform, root: Path, ids: list[str]) -> np.ndarray:
