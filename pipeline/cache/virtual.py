@@ -29,9 +29,9 @@ from pipeline.cache.schema import (
     SCHEMA_VERSION,
     json_attr,
     open_existing,
+    owned_parts,
     part_files,
     partial_path,
-    owned_parts,
     read_ids,
 )
 from pipeline.cache.writer import CacheWriter
@@ -76,7 +76,9 @@ def assemble(out: Path, parts: list[Path], fingerprint: Mapping[str, Any], attrs
                 "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "complete": False, "rows_done": n,
             })  # fmt: skip
             for key, value in attrs.items():
-                f.attrs[key] = value if isinstance(value, str | int | float | bool) else json.dumps(value, sort_keys=True)
+                f.attrs[key] = (
+                    value if isinstance(value, str | int | float | bool) else json.dumps(value, sort_keys=True)
+                )
     return _finish(partial, out)
 
 

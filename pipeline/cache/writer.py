@@ -21,11 +21,11 @@ from pipeline.cache.schema import (
     LAYERS,
     SCHEMA_VERSION,
     fingerprint_diff,
+    first_bad_row,
     json_attr,
     open_existing,
-    partial_path,
     owned_parts,
-    first_bad_row,
+    partial_path,
     row_crc,
 )
 from pipeline.errors import CacheError, PipelineError

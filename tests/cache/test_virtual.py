@@ -15,7 +15,6 @@ from pipeline.errors import CacheError
 
 from helpers import write_cache
 
-
 FINGERPRINT = {"t": 1}
 
 
@@ -55,7 +54,9 @@ def test_a_missing_part_is_refused_and_a_replacement_retires_the_parts(tmp_path)
     _, parts = _parts(tmp_path)
     out = virtual.assemble(tmp_path / "v.h5", parts, FINGERPRINT, {})
     parts[0].rename(tmp_path / "away")
-    with pytest.raises(CacheError, match=r"v\.h5 reads its rows from .*v\.h5\.part-\w+-000-of-002, which is missing or was moved"):
+    with pytest.raises(
+        CacheError, match=r"v\.h5 reads its rows from .*v\.h5\.part-\w+-000-of-002, which is missing or was moved"
+    ):
         read_features(out)
     (tmp_path / "away").rename(parts[0])
     assert cli.main(["pack", str(out), "--out", str(out)]) == 0  # packed in place: one file, parts no longer needed
@@ -112,10 +113,14 @@ def test_a_part_shared_with_another_cache_is_kept_and_a_swapped_part_is_refused(
     (tmp_path / "b").mkdir()
     _, parts = _parts(tmp_path / "b")
     out = virtual.assemble(tmp_path / "b" / "v.h5", parts, FINGERPRINT, {})
-    other = write_cache(tmp_path / "other.h5", np.zeros((6, 5), np.float32), np.tile([0, 1, 2], 2),
-                        np.repeat(np.array([0, 1, 2], np.int8), 2), fingerprint={"t": 2, "shard": "rank 0"})  # fmt: skip
+    y, split = np.tile([0, 1, 2], 2), np.repeat(np.array([0, 1, 2], np.int8), 2)
+    other = write_cache(
+        tmp_path / "other.h5", np.zeros((6, 5), np.float32), y, split, fingerprint={"t": 2, "shard": "r0"}
+    )
     parts[0].write_bytes(other.read_bytes())  # same shape, rows of another cache
-    with pytest.raises(CacheError, match=r"v\.h5 reads its rows from .*-000-of-002, which holds rows of another cache \(t: 1 -> 2\)"):
+    with pytest.raises(
+        CacheError, match=r"v\.h5 reads its rows from .*-000-of-002, which holds rows of another cache \(t: 1 -> 2\)"
+    ):
         read_features(out)
     assert cli.main(["pack", str(out), "--out", str(tmp_path / "packed.h5")]) == 2
 

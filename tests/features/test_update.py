@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -19,7 +20,7 @@ from pipeline.features import stage, update
 from pipeline.splits import hashed_holdout
 
 from helpers import PALETTE, REPO, SLOW_WRITES, make_folder, tiny, write_image
-from helpers.faults import rows_done
+from helpers.faults import rows_done, wait_rows
 
 
 def _rows(path) -> dict[str, np.ndarray]:
@@ -104,12 +105,7 @@ def test_an_update_killed_midway_resumes_and_ends_equal_to_a_build(tmp_path):
         cwd=REPO, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     delta = update.delta_path(cfg.out_path)
-    for _ in range(200):
-        if os.path.exists(f"{delta}.partial") and rows_done(f"{delta}.partial"):
-            break
-        job.poll()
-        assert job.returncode is None, job.stderr.read()
-        __import__("time").sleep(0.05)
+    wait_rows(job, Path(f"{delta}.partial"), 1)  # killed once the update writes its new rows, however late
     job.kill()
     job.wait()
     assert reader.stored_fingerprint(cfg.out) is not None  # the old cache is whole while the update runs
