@@ -17,7 +17,7 @@ _LAZY = {
     "Split": "pipeline.cache.reader",
     "read_features": "pipeline.cache.reader",
     "load_head": "pipeline.heads.saved",
-    "load_export": "pipeline.predict",
+    "load_export": "pipeline.exportfile",
 }
 __all__ = ["__version__", *_LAZY]
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
-import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,7 @@ import numpy as np
 from pipeline import outputs
 from pipeline.backbones import backbone
 from pipeline.config import FeaturesConfig
-from pipeline.errors import BadImageError, CacheError, ConfigError, MissingError, WeightsError
+from pipeline.errors import BadImageError, CacheError, ConfigError, WeightsError
 from pipeline.heads.saved import load_head
 from pipeline.heads.trained import TrainedHead
 
@@ -215,71 +212,3 @@ def export(
         f"input {meta['input']}"
     )
     return out
-
-
-# An exported classifier holds raw tensor bytes, JSON, and one small torch.save file of sample
-# inputs. torch.export.load falls back to full unpickling for pickled payloads; these are refused.
-_EXPORT_ENTRIES = re.compile(
-    r"[^/]+/(data/weights/weight_\d+|data/(weights|constants)/\w+_config\.json|models/\w+\.json"
-    r"|data/sample_inputs/\w+\.pt|extra/[\w.-]+|archive_format|archive_version|byteorder|\.data/version"
-    r"|\.data/serialization_id)"
-)
-
-
-_MAX_EXPANSION = 16  # an export is stored, not compressed: entries that unpack to far more are a zip bomb
-
-
-def _refuse(path: Path, why: str) -> WeightsError:
-    return WeightsError(f"refusing to load {path}: {why}; load only exports made by `pipeline export`")
-
-
-def load_export(path: str | Path) -> Any:
-    """`torch.export.load` for files from others. The archive may hold only the entries an export of
-    this project has, each once, under one top folder. No payload may be pickled, and the sample
-    inputs must load with ``weights_only=True``. torch then reads a fresh archive made of exactly the
-    entries checked here, so no entry it reads can differ from the one that was checked. Returns the
-    ExportedProgram (``.module()`` gives the callable)."""
-    import torch
-
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = archive.namelist()
-            declared = sum(item.file_size for item in archive.infolist())
-            if declared > _MAX_EXPANSION * len(data) + (1 << 20):
-                raise _refuse(path, f"its entries unpack to {declared / 1e9:.1f} GB from {len(data) / 1e6:.1f} MB")
-            repeated = sorted({name for name in names if names.count(name) > 1})
-            if repeated:
-                raise _refuse(path, f"entry {repeated[0]!r} appears more than once")
-            tops = {name.split("/", 1)[0] for name in names}
-            if len(tops) > 1:
-                raise _refuse(path, f"its entries sit under {len(tops)} top folders ({', '.join(sorted(tops))})")
-            entries = {}
-            for name in names:
-                if not _EXPORT_ENTRIES.fullmatch(name):
-                    raise _refuse(path, f"unexpected entry {name!r}")
-                entries[name] = archive.read(name)  # checks the entry's own header and CRC too
-    except FileNotFoundError:
-        raise MissingError(f"no export at {path}; write one with `pipeline export`") from None
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError):
-        raise _refuse(path, "it is not a torch.export archive") from None
-    for name, data in entries.items():
-        if name.endswith("_config.json"):
-            try:
-                config = json.loads(data)["config"]
-                pickled = any(entry.get("use_pickle", True) for entry in config.values())
-            except (ValueError, TypeError, KeyError, AttributeError):
-                raise _refuse(path, f"{name} is not a payload list") from None
-            if pickled:
-                raise _refuse(path, f"{name} declares pickled payloads")
-        if "/data/sample_inputs/" in name:
-            try:
-                torch.load(io.BytesIO(data), weights_only=True)
-            except Exception:
-                raise _refuse(path, f"{name} is not plain tensors") from None
-    clean = io.BytesIO()
-    with zipfile.ZipFile(clean, "w", zipfile.ZIP_STORED) as archive:
-        for name, data in entries.items():
-            archive.writestr(name, data)
-    return torch.export.load(io.BytesIO(clean.getvalue()))

@@ -74,6 +74,9 @@ def test_export_loads_without_the_package_and_agrees_with_predict(trained, folde
     tmp, data = trained
     exported = tmp / f"classifier-{folder}.pt2"
     assert cli.main(["export", "--head", str(tmp / folder), "--out", str(exported)]) == 0
+    from pipeline import load_export
+
+    load_export(exported)  # every kind's program passes the checks made for files from others
     result = predict.predict(tmp / folder, data / "test", tmp / f"pred-{folder}.csv", force=True)
     code = f"""
 import sys, json, numpy as np, torch
