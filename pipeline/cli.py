@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from pipeline import __version__
 from pipeline.config import FeaturesConfig, HeadConfig
@@ -28,6 +28,14 @@ class _Help(argparse.HelpFormatter):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
         return f"{text} (default: {shown})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line like every other error (`main` prints it, exit status 2), not a
+    usage block; subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message}; see `{self.prog} --help`")
 
 
 def _say(message: str) -> None:
@@ -76,6 +84,7 @@ def _study(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from pipeline.evaluate import compare
 
+    compare.check_alpha(args.alpha)
     if args.pair:
         a, b = (compare.load_run(p) for p in args.pair)
         print(compare.pair(a, b, args.alpha)["statement"])
@@ -183,7 +192,7 @@ def _force_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pipeline",
         description="Cached-embedding linear probing: extract frozen backbone features once, then train heads fast.",
     )

@@ -15,7 +15,6 @@ from typing import Any
 from pipeline import registry
 from pipeline.errors import ConfigError
 from pipeline.settings import (
-    AT_LEAST_ONE,
     POSITIVE,
     check_bounds,
     check_choices,
@@ -80,14 +79,17 @@ class FeaturesConfig:
     )
     seed: int = option(0, "seed of the random initialisation when --weights none", group="backbone")
     image_size: int | None = option(
-        None, "crop size (resize = size*256/224); default: the weights' own preprocessing", group="backbone"
+        None,
+        "crop size (resize = size*256/224); default: the weights' own preprocessing",
+        group="backbone",
+        bounds=(16, 4096, "both"),
     )
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", group="compute")
     precision: str = option("fp32", "compute precision (bf16/fp16 use autocast)", registry.PRECISIONS, group="compute")
     store_dtype: str = option("float32", "dtype of the stored features", registry.STORE_DTYPES, group="output")
-    batch_size: int = option(64, "images per forward pass", group="compute")
+    batch_size: int = option(64, "images per forward pass", group="compute", bounds=(1, 65536, "both"))
     workers: int | None = option(
-        None, "DataLoader worker processes (default: one per core, at most 8)", group="compute"
+        None, "DataLoader worker processes (default: one per core, at most 8)", group="compute", bounds=(0, 256, "both")
     )
     decode: str = option(
         "cpu",
@@ -159,6 +161,7 @@ class FeaturesConfig:
             raise ConfigError(
                 f"--image-size {self.image_size} is too small for these backbones; pass 16 or more (224 is usual)"
             )
+        check_bounds(self)  # the upper limits: more is a typo that would exhaust memory, not a setting
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError(
                 f"--val-fraction {self.val_fraction} + --test-fraction {self.test_fraction} leave no train images; "
@@ -166,6 +169,7 @@ class FeaturesConfig:
             )
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers {self.workers} is negative; pass 0 (load in this process) or more")
+        check_bounds(self)
         check_device(self.device)
 
     @property
@@ -187,7 +191,7 @@ class SolverOptions:
     solver: str = option(
         "lbfgs", "lbfgs (full batch), adam or sgd (mini-batch, cosine schedule)", registry.SOLVERS, group="solver"
     )
-    max_iter: int = option(1000, "L-BFGS iterations at most (both heads)", group="solver", bounds=AT_LEAST_ONE)
+    max_iter: int = option(1000, "L-BFGS iterations at most (both heads)", group="solver", bounds=(1, 10**7, "both"))
     # Tighter than scikit-learn's 1e-4: at 1e-4 both heads stop on the flat, weakly regularised part of
     # the curve wherever their start leaves them, and which C is chosen can follow (docs: findings).
     tol: float = option(
@@ -197,10 +201,13 @@ class SolverOptions:
         group="solver",
         bounds=POSITIVE,
     )
-    epochs: int = option(30, "mini-batch solvers: passes over the data", group="solver", bounds=AT_LEAST_ONE)
-    batch_size: int = option(512, "mini-batch solvers: rows per step", group="solver", bounds=AT_LEAST_ONE)
+    epochs: int = option(30, "mini-batch solvers: passes over the data", group="solver", bounds=(1, 10**5, "both"))
+    batch_size: int = option(512, "mini-batch solvers: rows per step", group="solver", bounds=(1, 10**8, "both"))
     lr: float | None = option(
-        None, "mini-batch solvers: peak learning rate (default 1e-3 adam, 0.1 sgd)", group="solver", bounds=POSITIVE
+        None,
+        "mini-batch solvers: peak learning rate (default 1e-3 adam, 0.1 sgd)",
+        group="solver",
+        bounds=(0.0, 100.0, "right"),
     )
     label_smoothing: float = option(
         0.0, "torch head: label smoothing of the cross-entropy", group="solver", bounds=(0.0, 1.0, "left")
@@ -329,12 +336,15 @@ class HeadConfig(SolverOptions):
     val_fraction: float = option(
         0.1, "stratified holdout from train when the cache has no val split", group="selection"
     )
-    shots: int | None = option(None, "train on this many images per class (few-shot)", group="selection")
-    repeats: int = option(1, "few-shot draws, each with its own seed", group="selection")
+    shots: int | None = option(
+        None, "train on this many images per class (few-shot)", group="selection", bounds=(1, 10**7, "both")
+    )
+    repeats: int = option(1, "few-shot draws, each with its own seed", group="selection", bounds=(1, 1000, "both"))
     sweep_block: int | None = option(
         None,
         "torch L-BFGS: C values trained together along the warm-started path (default: 1 on cpu, all on cuda)",
         group="solver",
+        bounds=(1, 10**4, "both"),
     )
     jobs: int | None = option(None, "logreg sweep: parallel fits (default: one per core)", group="solver")
     joblib_backend: str | None = option(
@@ -346,7 +356,12 @@ class HeadConfig(SolverOptions):
     max_memory: str | None = option(
         None, "bound on the arrays the head holds, e.g. 4GB; above it the torch head streams the cache", group="solver"
     )
-    bootstrap: int = option(1000, "bootstrap resamples for the test confidence intervals (0: none)", group="selection")
+    bootstrap: int = option(
+        1000,
+        "bootstrap resamples for the test confidence intervals (0: none)",
+        group="selection",
+        bounds=(0, 10**6, "both"),
+    )
     force: bool = option(False, "replace an --out folder that `pipeline head` did not write", group="output")
     progress: bool = option(True, "show a progress bar", group="output")
 

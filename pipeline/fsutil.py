@@ -15,6 +15,7 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,12 +207,19 @@ def locked(path: str | Path, what: str = "writing") -> Iterator[None]:
     except OSError as exc:
         raise explain(exc, lock) from None
     while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:  # never through a link: a lock is written and removed, and must be this program's own file
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except IsADirectoryError:
             raise CacheError(f"lock file {lock} is a folder; remove that folder and rerun") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CacheError(f"lock file {lock} is a symbolic link, not this program's lock; remove it") from None
             raise explain(exc, lock) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not re.fullmatch(rb"\d*", os.pread(fd, 64, 0).strip()):
+            os.close(fd)  # a FIFO, or a file of someone's that happens to carry the name
+            raise CacheError(
+                f"{lock} exists and is not a lock file of this program (those hold a process id); move it away"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

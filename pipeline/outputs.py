@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -54,8 +55,12 @@ def results_lock(out: Path) -> Iterator[None]:
     """Held for a whole head run: the second run into the same folder fails at once."""
     out = results_target(out)
     with fsutil.locked(out, "writing results to"):
-        for stale in out.parent.glob(f".{out.name}.staging-*"):  # left by a killed run: ours to remove
-            shutil.rmtree(stale, ignore_errors=True)
+        # Staging folders a killed run left are ours to remove: named as `tempfile.mkdtemp` names them
+        # (8 random characters), real folders, not links. Anything else of that look is someone's.
+        ours = re.compile(re.escape(f".{out.name}.staging-") + r"[a-z0-9_]{8}")
+        for stale in out.parent.glob(f".{out.name}.staging-*"):
+            if ours.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
         yield
 
 

@@ -95,7 +95,11 @@ def predict(
     ok = np.isfinite(features).all(axis=1)
     proba = np.full((len(samples), len(head.classes_)), np.nan, dtype=np.float32)
     if ok.any():
-        proba[ok] = head.predict_proba(features[ok])
+        with np.errstate(all="ignore"):  # an overflow is reported per image below, not warned about
+            proba[ok] = head.predict_proba(features[ok])
+    for row in np.flatnonzero(ok & ~np.isfinite(proba).all(axis=1)):
+        errors[row] = "the head gave no finite probability for this image (do its weights overflow?)"
+    ok &= np.isfinite(proba).all(axis=1)
     k = min(top_k, len(head.classes_))
     header = ["path", "prediction", "probability"]
     header += [f"{name}_{i}" for i in range(2, k + 1) for name in ("class", "probability")] + ["error"]

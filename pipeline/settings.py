@@ -51,7 +51,8 @@ def check_bounds(config: Any) -> None:
         if bounds in (POSITIVE, AT_LEAST_ONE):
             raise ConfigError(f"--{flag(f.name)} {value} must be a positive, finite number")
         left, right = "[" if closed in ("left", "both") else "(", "]" if closed in ("right", "both") else ")"
-        raise ConfigError(f"--{flag(f.name)} {value} is out of range; expected {left}{low:g}, {high:g}{right}")
+        shown = [f"{b:,}" if isinstance(b, int) else f"{b:g}" for b in (low, high)]
+        raise ConfigError(f"--{flag(f.name)} {value} is out of range; expected {left}{shown[0]}, {shown[1]}{right}")
 
 
 def describe_default(f: dataclasses.Field) -> str:

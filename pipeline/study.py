@@ -155,7 +155,42 @@ def plan(path: str | Path) -> Plan:
             raise ConfigError(f"{source} [fewshot]: shots = {shots!r}; expected positive whole numbers, e.g. [1, 2, 4]")
         head = fewshot.get("head", registry.DEFAULT_HEAD)
         fewshot = {"head": head, "shots": shots, "repeats": fewshot.get("repeats", 5)}
-    return Plan(name, results, extractions, heads, fewshot, head_defaults)
+    plan = Plan(name, results, extractions, heads, fewshot, head_defaults)
+    _check_outputs(plan, source)
+    return plan
+
+
+def cell_folder(plan: Plan, data: str, backbone: str, head: str, shots: int | None = None) -> Path:
+    """Where the cell (dataset, backbone, head[, shots]) writes its results."""
+    return plan.results / ("fewshot" if shots else "") / f"{_slug(data)}__{_slug(backbone)}__{_slug(head)}"
+
+
+def _fewshot_labels(plan: Plan) -> list[tuple[str, int]]:
+    if not plan.fewshot:
+        return []
+    return [(f"{plan.fewshot['head']}-{k}shot", k) for k in plan.fewshot["shots"]]
+
+
+def _check_outputs(plan: Plan, source: str) -> None:
+    """No two cells write one results folder, and no two extractions one cache, however their names
+    join (`a__b` + `c` and `a` + `b__c` spell the same folder)."""
+    folders: dict[Path, str] = {}
+    caches: dict[Path, tuple[str, FeaturesConfig]] = {}
+    for data, bb, cfg in plan.extractions:
+        earlier = caches.setdefault(cfg.out_path, (f"{data} / {bb}", cfg))
+        if earlier[1] != cfg:
+            raise ConfigError(
+                f"{source}: {earlier[0]} and {data} / {bb} would both write the cache {cfg.out_path}; give the "
+                "entries names that differ, or set out = ... in one of them"
+            )
+        for head, shots in [(label, None) for label, _ in plan.heads] + _fewshot_labels(plan):
+            cell = f"{data} / {bb} / {head}"
+            other = folders.setdefault(cell_folder(plan, data, bb, head, shots), cell)
+            if other != cell:
+                raise ConfigError(
+                    f"{source}: {other} and {cell} would both write {cell_folder(plan, data, bb, head, shots)}; "
+                    "give the entries names that do not run into each other"
+                )
 
 
 def _extract(fcfg: FeaturesConfig, report: Report) -> Any:
@@ -226,10 +261,9 @@ def run(path: str | Path, report: Report = lambda message: None, progress: bool 
             if p.fewshot:
                 values = {**_defaults_for(p.fewshot["head"], p.head_defaults)}
                 values |= {"head": p.fewshot["head"], "repeats": p.fewshot["repeats"]}
-                jobs += [(f"{p.fewshot['head']}-{k}shot", {**values, "shots": k}, k) for k in p.fewshot["shots"]]
+                jobs += [(label, {**values, "shots": k}, k) for label, k in _fewshot_labels(p)]
             for head_label, values, shots in jobs:
-                folder = "fewshot" if shots else ""
-                out = p.results / folder / f"{_slug(data_label)}__{_slug(bb_label)}__{_slug(head_label)}"
+                out = cell_folder(p, data_label, bb_label, head_label, shots)
                 hcfg = resolve(HeadConfig, {**values, "features": str(fcfg.out_path), "out": str(out)}, {})
                 hcfg = dataclasses.replace(hcfg, progress=False)
                 labels = {"study": p.name, "dataset": data_label, "backbone": bb_label, "head": head_label}

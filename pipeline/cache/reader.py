@@ -16,6 +16,7 @@ from pipeline.cache.schema import (
     columns,
     first_bad_row,
     json_attr,
+    meta_crc,
     open_existing,
     partial_path,
     read_columns,
@@ -90,6 +91,12 @@ def check_rows(path: str | Path) -> None:
     """Every stored row still reads back as written (its CRC): a row edited or damaged after the cache
     was finished is refused where it would be read, never trained on or copied with a fresh CRC."""
     with open_cache(path) as f:
+        if "meta_crc" in f.attrs and int(np.asarray(f.attrs["meta_crc"]).item()) != meta_crc(f):
+            raise CacheError(
+                f"cache {path}: its labels, splits, ids or class names no longer read back as they were written "
+                "(their checksum differs: the file was edited or the disk is failing); rebuild it with "
+                "`pipeline features --force`"
+            )
         bad = first_bad_row(f)
         if bad is None:
             return

@@ -54,6 +54,32 @@ def partial_path(path: str | Path) -> Path:
     return Path(f"{path}.partial")
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def is_hdf5(path: Path) -> bool:
+    """A regular file (not a link) that starts with HDF5's signature."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        with path.open("rb") as fh:
+            return fh.read(8) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def discard_partial(partial: Path) -> None:
+    """Remove a partial cache this program left (an HDF5 file, not a link); whatever else sits at that
+    name is someone's, and is refused in one line, never deleted."""
+    if not partial.exists() and not partial.is_symlink():
+        return
+    if not is_hdf5(partial):
+        raise CacheError(
+            f"{partial} exists and is not a partial cache of this program; move it away (or pass another --out)"
+        )
+    partial.unlink()
+
+
 def views_path(path: str | Path) -> Path:
     """cache/x.h5 -> cache/x.views.h5: the companion cache of the augmented train views of cache `path`."""
     path = Path(path)
@@ -175,6 +201,7 @@ def _check_parts(f: h5py.File, path: Path) -> None:
     if not parts:
         return
     fingerprint = json_attr(f, "fingerprint")
+    shards: dict[str, Path] = {}
     for part in parts:
         if not part.is_file():
             raise CacheError(
@@ -188,12 +215,23 @@ def _check_parts(f: h5py.File, path: Path) -> None:
                 f"cache {path} reads its rows from {part}, which holds rows of another cache "
                 f"({'; '.join(differs[:3]) or 'no fingerprint'}); put back the parts written with it, or rebuild it"
             )
+        shard = str(stored.get("shard"))
+        if shard in shards:  # one part copied over another: the same rows twice, another's missing
+            raise CacheError(
+                f"cache {path} reads the same shard ({shard}) from {shards[shard]} and {part}; put back the parts "
+                "written with it, or rebuild it"
+            )
+        shards[shard] = part
 
 
 def open_existing(path: Path, mode: str = "r") -> h5py.File:
     """Open a cache file and check everything it claims (see `validate`), or say why it cannot be read."""
     if path.is_dir():
         raise CacheError(f"{path} is a folder, not a cache file; pass the .h5 file inside it or another path")
+    if path.exists() and not path.is_file():  # a FIFO or a device would block the read forever
+        raise CacheError(
+            f"{path} is not a regular file (a pipe or a device?); pass a cache file written by `pipeline features`"
+        )
     try:
         # No chunk cache when reading: whole-chunk reads then go straight into the caller's array.
         f = h5py.File(path, mode, rdcc_nbytes=0 if mode == "r" else 1 << 20)
@@ -358,6 +396,18 @@ def row_crc(
             crc = zlib.crc32(np.ascontiguousarray(block[i]).tobytes(), crc)
         out[i] = crc
     return out
+
+
+def meta_crc(f: h5py.File) -> int:
+    """CRC-32 of what each row is besides its vectors: labels, split, ok, ids, and the class names.
+    Stored as the `meta_crc` attribute when a cache is finished; `reader.check_rows` compares it."""
+    crc = zlib.crc32(np.ascontiguousarray(f["labels"][...], dtype="<i8").tobytes())
+    crc = zlib.crc32(np.ascontiguousarray(f["split"][...], dtype="i1").tobytes(), crc)
+    crc = zlib.crc32(np.ascontiguousarray(f["ok"][...], dtype=bool).tobytes(), crc)
+    for name in ("ids", "classes"):
+        for value in read_ids(f[name]):
+            crc = zlib.crc32(str(value).encode() + b"\0", crc)
+    return crc
 
 
 def first_bad_row(f: h5py.File, block_rows: int = 8192) -> int | None:

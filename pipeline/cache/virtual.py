@@ -27,7 +27,9 @@ from pipeline.cache import reader
 from pipeline.cache.schema import (
     LAYERS,
     SCHEMA_VERSION,
+    discard_partial,
     json_attr,
+    meta_crc,
     open_existing,
     owned_parts,
     part_files,
@@ -55,7 +57,7 @@ def assemble(out: Path, parts: list[Path], fingerprint: Mapping[str, Any], attrs
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(reader.open_cache(p)) for p in parts]
         first, n = files[0], sum(f["features"].shape[0] for f in files)
-        partial.unlink(missing_ok=True)
+        discard_partial(partial)
         with h5py.File(partial, "w", locking=False) as f:
             for name in row_datasets(first):
                 widest = max((g[name].dtype for g in files), key=lambda d: d.itemsize)
@@ -89,6 +91,7 @@ def _finish(partial: Path, out: Path) -> Path:
     with open_existing(partial) as f:
         using = set(part_files(f, partial))
     with h5py.File(partial, "r+", locking=False) as f:
+        f.attrs["meta_crc"] = meta_crc(f)
         f.attrs["complete"] = True
     retired = set(owned_parts(out))
     fsutil.replace(partial, out)
@@ -115,6 +118,11 @@ def pack(path: Path, out: Path, report: Any = lambda message: None) -> Path:
     """One self-contained cache file with every row and attribute of the cache at `path` (each checked
     against its stored CRC first: a pack never vouches for a changed row with a fresh CRC)."""
     reader.check_rows(path)
+    with fsutil.locked(out):  # one writer at a time, as for a features run
+        return _pack(path, out, report)
+
+
+def _pack(path: Path, out: Path, report: Any) -> Path:
     with reader.open_cache(path) as f:
         identity = {k: f[k][...] for k in ("file_size", "file_mtime_ns", "file_sha256") if k in f}
         attrs = {k: json_attr(f, k) if k in ("config", "versions", "carved", "distributed") else f.attrs[k]

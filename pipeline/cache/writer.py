@@ -20,9 +20,12 @@ from pipeline.cache.schema import (
     FLOAT16_MAX,
     LAYERS,
     SCHEMA_VERSION,
+    discard_partial,
     fingerprint_diff,
     first_bad_row,
+    is_hdf5,
     json_attr,
+    meta_crc,
     open_existing,
     owned_parts,
     partial_path,
@@ -75,6 +78,11 @@ class CacheWriter:
                     old = json_attr(f, "fingerprint")
                     done = int(f.attrs.get("rows_done", 0))
             except CacheError as exc:
+                if not is_hdf5(partial):
+                    raise CacheError(
+                        f"{partial} exists and is not a partial cache of this program; move it away (or pass "
+                        "another --out)"
+                    ) from None
                 report(f"discarding unreadable partial cache: {exc}")
                 old, done = {}, 0
             if old == dict(fingerprint) and done <= len(ids):
@@ -86,7 +94,7 @@ class CacheWriter:
             if old:
                 report(f"discarding partial cache built differently ({'; '.join(fingerprint_diff(old, fingerprint))})")
         fsutil.check_output_folder(partial, "cache")
-        partial.unlink(missing_ok=True)
+        discard_partial(partial)
         widths = [dim, logits_dim or 0, *(layer_dims or {}).values()]
         fsutil.require_space(partial, _file_bytes(ids, widths, np.dtype(store_dtype)))
         try:
@@ -162,6 +170,7 @@ class CacheWriter:
         partial = self.partial
         try:
             self.f.attrs.update(attrs or {})
+            self.f.attrs["meta_crc"] = meta_crc(self.f)  # labels, splits, ids, classes: checked where read
             self.f.close()
             fsutil.fsync_path(partial)
             verify(partial)
@@ -269,6 +278,7 @@ def _create(
             # needs new file space.
             "extract_seconds": 0.0,
             "extract_rows": 0,
+            "meta_crc": 0,
         }
     )
     for key, value in attrs.items():

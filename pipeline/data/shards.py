@@ -60,19 +60,34 @@ def expand(pattern: str) -> list[str]:
         raise DataError(
             f"--data {pattern!r} names {named:,} shards, more than {MAX_SHARDS:,}; check the numbers in its braces"
         )
-    urls = expand_urls(pattern)
+    try:
+        urls = expand_urls(pattern)
+    except (AssertionError, ValueError, KeyError, TypeError) as exc:  # e.g. ${VAR} webdataset cannot expand
+        reason = str(exc) or type(exc).__name__
+        raise DataError(f"--data {pattern!r} cannot be expanded ({reason[:120]}); write the shard names out") from None
     if not urls:
         raise DataError(f"--data {pattern!r} expands to no shard")
     return list(urls)
 
 
 def _count_names(pattern: str) -> int:
-    """How many names a brace pattern expands to, counted without expanding it: {a..b} ranges and
-    {x,y} lists multiply."""
+    """How many names a brace pattern expands to, counted without expanding it: ranges ({a..b},
+    {a..b..step}, {x..z} of letters) and {x,y} lists multiply; a range of another form counts as
+    more than allowed."""
     count = 1
     for body in re.findall(r"\{([^{}]*)\}", pattern):
-        span = re.fullmatch(r"\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*", body)
-        count *= abs(int(span[2]) - int(span[1])) + 1 if span else body.count(",") + 1
+        if ".." not in body:
+            count *= body.count(",") + 1
+            continue
+        numbers = re.fullmatch(r"\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*(?:\.\.\s*(-?\d+)\s*)?", body)
+        letters = re.fullmatch(r"\s*([A-Za-z])\s*\.\.\s*([A-Za-z])\s*", body)
+        if numbers:
+            step = abs(int(numbers[3] or 1)) or 1
+            count *= abs(int(numbers[2]) - int(numbers[1])) // step + 1
+        elif letters:
+            count *= abs(ord(letters[2]) - ord(letters[1])) + 1
+        else:
+            count *= MAX_SHARDS + 1
     return count
 
 
@@ -136,6 +151,12 @@ def index_shard(url: str, label_key: str) -> list[tuple[str, tuple[int, int, int
                 f"shard {url} ends early: its bytes stop at offset {end}, inside a member or where the end-of-archive "
                 "block should be (a cut-short copy?); copy it again whole"
             )
+        while tail := fh.read(1 << 20):  # after the end of the archive: only the zero padding of the record
+            if tail.count(0) != len(tail):
+                raise DataError(
+                    f"shard {url} holds data after its end-of-archive block (tar files joined with cat?); tar "
+                    "reads only the first archive of such a file: rebuild it as one archive (tar -A joins them)"
+                )
     out = []
     for key, entry in samples.items():
         where = f"sample {key!r} in shard {url}"

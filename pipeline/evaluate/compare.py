@@ -15,7 +15,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from pipeline import outputs
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import report
 from pipeline.evaluate.gather import RESULT_SCHEMA, Run, gather, head_label, load_run  # noqa: F401 (re-exported)
 from pipeline.registry import FREQUENCY_GROUPS
@@ -249,10 +249,27 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
     return "\n".join(lines) + "\n"
 
 
+REPORT_FILES = ("bars.png", "pairs.csv", "fewshot.csv", "fewshot.png")  # beside REPORT.md and REPORT.csv
+
+
+def check_alpha(alpha: float) -> None:
+    if not 0.0 < alpha < 1.0:  # NaN fails too
+        raise ConfigError(f"--alpha {alpha} is out of range; pass a significance level in (0, 1), e.g. 0.05")
+
+
 def write_report(paths: list[str | Path], out: str | Path, alpha: float = 0.05, force: bool = False) -> dict[str, Any]:
     """Markdown + CSV tables and the plots, next to `out`; each file is written whole or not at all."""
+    check_alpha(alpha)
     out = Path(out)
     outputs.check_file_output(out, "report", force)
+    siblings = [out.with_suffix(".csv"), *(out.with_name(f"{out.stem}-{end}") for end in REPORT_FILES)]
+    if not force and not out.exists():  # without its report, a sibling at these names is someone else's
+        taken = [p for p in siblings if p.exists() or p.is_symlink()]
+        if taken:
+            raise ConfigError(
+                f"--out {out}: {taken[0]} exists and was not written with this report; pass another --out, "
+                "or --force to replace it"
+            )
     skipped: list[str] = []
     runs = gather(paths, skipped)
     rows, pairs, few = summary_rows(runs), comparisons(runs, alpha), fewshot_rows(runs)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import CacheError, MissingError, PipelineError
+from pipeline.npz import BadArchive, read_arrays
 
 RESULT_SCHEMA = 1
 
@@ -33,13 +34,24 @@ class Run:
         return f"{self.dataset} / {self.backbone} / {self.head}"
 
     def predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, y_true, y_pred) on the test split."""
+        """(ids, y_true, y_pred) on the test split, checked: three arrays of one length, classes as
+        whole numbers, nothing pickled."""
         if self._pred is None:
             path = self.folder / "predictions.npz"
             if not path.is_file():
                 raise MissingError(f"{path} is missing; rerun `pipeline head` for {self.folder} to write it")
-            with np.load(path, allow_pickle=False) as z:
-                self._pred = (z["ids"], z["y_true"], z["y_pred"])
+            try:
+                arrays = read_arrays(path)
+                ids, y_true, y_pred = arrays["ids"], arrays["y_true"], arrays["y_pred"]
+            except (BadArchive, KeyError) as why:
+                raise CacheError(f"{path} is unreadable ({why}); rerun `pipeline head` for {self.folder}") from None
+            shapes = {a.shape for a in (ids, y_true, y_pred)}
+            if len(shapes) != 1 or ids.ndim != 1 or y_true.dtype.kind not in "iu" or y_pred.dtype.kind not in "iu":
+                raise CacheError(
+                    f"{path} holds arrays of other shapes or kinds than a head writes; rerun `pipeline head` for "
+                    f"{self.folder}"
+                )
+            self._pred = (ids, y_true, y_pred)
         return self._pred
 
 
@@ -50,7 +62,7 @@ def load_run(folder: str | Path) -> Run:
         raise MissingError(f"no result.json in {folder}; pass folders written by `pipeline head`")
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError) as exc:
         raise CacheError(f"result {path} is unreadable ({type(exc).__name__}); rerun `pipeline head` for it") from None
     if not isinstance(result, dict) or result.get("schema") != RESULT_SCHEMA:
         schema = result.get("schema") if isinstance(result, dict) else None
@@ -89,10 +101,33 @@ def _check_fields(result: dict[str, Any]) -> None:
     for key in ("ci", "std", "groups"):
         if not isinstance(test.get(key) or {}, dict):
             raise TypeError(f"'test.{key}'")
+    for name, interval in (test.get("ci") or {}).items():
+        if not (isinstance(interval, list) and len(interval) == 2 and all(_number(v) for v in interval)):
+            raise TypeError(f"'test.ci.{name}'")
+    for name, value in (test.get("std") or {}).items():
+        if not _number(value):
+            raise TypeError(f"'test.std.{name}'")
+    for name, group in (test.get("groups") or {}).items():
+        if not isinstance(group, dict) or not (group.get("top1") is None or _number(group["top1"])):
+            raise TypeError(f"'test.groups.{name}'")
+    cell = result.get("cell") or {}
+    if not isinstance(cell, dict) or not all(isinstance(v, str) for v in cell.values()):
+        raise TypeError("'cell'")
+    config = result["config"]
+    if not isinstance(config.get("head"), str) or not all(
+        config.get(key) is None or _number(config[key]) for key in ("imbalance_ratio", "shots")
+    ):
+        raise TypeError("'config.head', 'config.imbalance_ratio' or 'config.shots'")
+    if not isinstance(result["cache"], dict) or not isinstance(result["cache"].get("fingerprint", {}), dict):
+        raise TypeError("'cache'")
     chosen[chosen.get("param", "C")]
     timings = result.get("timings", {})
-    if not isinstance(timings, dict) or not all(isinstance(v, int | float) for v in timings.values()):
+    if not isinstance(timings, dict) or not all(_number(v) for v in timings.values()):
         raise TypeError("'timings'")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def head_label(config: dict[str, Any]) -> str:
@@ -126,6 +161,8 @@ def gather(paths: list[str | Path], skipped: list[str] | None = None) -> list[Ru
                 if skipped is None:
                     raise
                 skipped.append(str(exc))
+    if not runs and skipped:
+        raise CacheError(f"no readable result under {', '.join(map(str, paths))}: {skipped[0]}")
     if not runs:
         raise MissingError(f"no result.json under {', '.join(map(str, paths))}; run `pipeline head` or a study first")
     return sorted(runs, key=lambda r: (r.dataset, r.backbone, r.shots is not None, r.shots or 0, r.head))

@@ -177,7 +177,7 @@ def assemble(out: Path, size: int, samples: Any, wanted: dict[str, Any], cfg: Fe
         dim = f["features"].shape[1]
         logits_dim = f["logits"].shape[1] if "logits" in f else None
         layer_dims = {name: d.shape[1] for name, d in f.get(schema.LAYERS, {}).items()}
-    schema.partial_path(out).unlink(missing_ok=True)
+    schema.discard_partial(schema.partial_path(out))
     assembly = {"parts": size, "assembly": "copy"}
     writer = extract.open_writer(
         out, cfg, samples, wanted, dim, logits_dim, layer_dims=layer_dims, distributed=assembly

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import DataError
 from pipeline.evaluate import metrics
 from pipeline.heads.runs import Fit
 from pipeline.registry import SELECT_RULES
@@ -52,12 +53,17 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
             edge = "strongest" if index == order[0] else "weakest"
         return {"index": index, param: settings[index], "value": settings[index], "at_edge": edge}
 
+    usable = np.array([row.get("status") != "diverged" for row in curve])  # never chosen, by any rule
+    if not usable.any():
+        raise DataError(
+            f"every fit diverged (non-finite weights) at every {param} tried; lower --lr, or use --solver lbfgs"
+        )
     if select in ("top1", "balanced"):
-        best = first(values == values.max())
+        best = first(usable & (values == values[usable].max()))
         return out | {"rule": "argmax", "best": float(values[best])} | chosen(best)
     eligible = np.array([row.get("status", "converged") in FITTED for row in curve])
-    out["excluded"] = int((~eligible).sum()) if eligible.any() else 0  # fits not converged at their C
-    eligible = eligible if eligible.any() else np.ones(len(curve), dtype=bool)
+    out["excluded"] = int((~eligible).sum()) if eligible.any() else int((~usable).sum())  # not fits at their C
+    eligible = eligible if eligible.any() else usable
     if select == "logloss":
         lowest = values[eligible].min()
         return out | {"rule": "argmin", "best": float(lowest)} | chosen(first(eligible & (values == lowest)))

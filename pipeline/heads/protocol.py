@@ -199,6 +199,11 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
                 continue
             with timer("refit"):
                 prep, final = source.refit(grid[best], init=fits[best])
+            if getattr(final, "status", "") == "diverged":
+                raise DataError(
+                    f"the {cfg.head} head diverged (non-finite weights) when refitted at {final.param} = "
+                    f"{final.value:g}; lower --lr, or use --solver lbfgs"
+                )
             runs.append(FittedRun(curve, best, final, prep, "train+val" + views, adjustment, source.sweep_counts))
         # Every choice is made; only now are the test rows read, and scored once.
         with timer("test"):

@@ -65,8 +65,12 @@ class Fit:
           stopping rule for any larger C too: where the solver stopped on a loss that is flat to within tol,
           which differs between solvers, starts and BLAS threads, not the optimum at this C;
         - `converged`: the optimum at this C, to within tol;
-        - `exact`: computed in closed form (the ncm and knn heads).
+        - `exact`: computed in closed form (the ncm and knn heads);
+        - `diverged`: the weights are not finite (a learning rate too high for the mini-batch solvers):
+          never chosen.
         """
+        if not (np.isfinite(self.coef).all() and np.isfinite(self.intercept).all()):
+            return "diverged"
         if self.exact:
             return "exact"
         if not self.converged:

@@ -170,7 +170,7 @@ def test_load_head_errors(tmp_path):
         ({"tol": -1}, r"The 'tol' parameter of TorchLinearClassifier must be a float in the range \(0(\.0)?, inf\)"),
         ({"solver": "newton"}, r"The 'solver' parameter of TorchLinearClassifier must be a str among \{.*'adam'"),
         ({"C": 0.0}, r"The 'C' parameter of TorchLinearClassifier must be a float in the range \(0(\.0)?, inf\)"),
-        ({"epochs": 0}, r"The 'epochs' parameter of TorchLinearClassifier must be an int in the range \[1, inf\)"),
+        ({"epochs": 0}, r"The 'epochs' parameter of TorchLinearClassifier must be an int in the range \[1, 100000\]"),
         ({"label_smoothing": 1.0}, r"The 'label_smoothing' parameter of TorchLinearClassifier must be a float in"),
         ({"class_weight": "even"}, r"The 'class_weight' parameter of TorchLinearClassifier must be"),
         ({"device": "tpu"}, r"The 'device' parameter of TorchLinearClassifier must be 'auto', 'cpu', 'cuda'"),

@@ -281,14 +281,14 @@ def _huge_coef(folder: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "pattern"),
     [
-        (_huge_coef, r"head\.npz's coef\.npy declares a \(4398046511104, 1024\) float64 array, more than its"),
+        (_huge_coef, r"head\.npz: its coef\.npy declares a \(4398046511104, 1024\) float64 array, more than its"),
         (lambda d: (d / "head.json").write_text("{oops"), "head.json is not JSON"),
         (lambda d: (d / "head.json").write_text("[1, 2]"), "head.json holds a list, expected an object"),
         (lambda d: (d / "head.json").write_text('{"schema": 1}'), "head.json lacks classes, preprocessing, n_features"),
         (lambda d: _rewrite_npz(d, coef=None), "head.npz has no array 'coef'"),
         (lambda d: _rewrite_npz(d, coef=np.zeros((3, 7))), r"coef is \(3, 7\) float64, expected \(3, 512\)"),
         (lambda d: _rewrite_npz(d, intercept=np.array([{"a": 1}], dtype=object)), "holds pickled data"),
-        (lambda d: (d / "head.npz").write_bytes(b"PK\x03\x04garbage"), "head.npz is not a readable .npz archive"),
+        (lambda d: (d / "head.npz").write_bytes(b"PK\x03\x04garbage"), "head.npz: it is not a readable .npz archive"),
     ],
 )
 def test_every_malformed_head_folder_is_one_line(cache, tmp_path, damage, pattern):

@@ -90,6 +90,9 @@ class LinearStorage(HeadKind):
         return Linear()
 
 
+C_RANGE = (1e-12, 1e12)
+
+
 class LinearKind(LinearStorage):
     """What the two heads trained with C share: the C grid and its checks."""
 
@@ -100,6 +103,11 @@ class LinearKind(LinearStorage):
         for value in ([cfg.C] if cfg.C is not None else []) + list(cfg.grid or ()):
             if not value > 0 or value == float("inf"):
                 raise ConfigError(f"C value {value} is not allowed; C must be a positive, finite number")
+            if not C_RANGE[0] <= value <= C_RANGE[1]:  # beyond, the penalty 1 / (C n) over- or underflows
+                raise ConfigError(
+                    f"C value {value:g} is out of range; pass C in [{C_RANGE[0]:g}, {C_RANGE[1]:g}] (the default "
+                    "grid spans 1e-6 to 1e5)"
+                )
 
     def grid(self, cfg: HeadConfig) -> list[float]:
         return sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
