@@ -1,16 +1,17 @@
-"""`make bench-gpu`: the GPU numbers, in one command that finishes in under 5 minutes on a CUDA machine.
+"""`make bench-gpu`: the GPU numbers, in one command that finishes in under 5 minutes on a CUDA
+machine.
 
 1. forward-only images/s of resnet50 and resnet18 at 224 px: fp32, bf16 and fp16 (autocast),
    channels-last, with and without `torch.compile`;
 2. `pipeline features` images/s on 2,000 photo-like 500x375 JPEGs, decoded by PIL in DataLoader
-   workers (`--decode cpu`) and on the GPU (`--decode device`, nvjpeg), with the GPU's
-   utilisation sampled every 0.2 s during each run;
+   workers (`--decode cpu`) and on the GPU (`--decode device`, nvjpeg), with the GPU's utilisation
+   sampled every 0.2 s during each run;
 3. the torch head's 45-value sweep (select, refit, test) on the 50,000 x 2,048 x 100-class cache.
 
 Writes benchmarks/out/gpu.json. Without CUDA it refuses in one line (exit status 2). Every function
 takes the device, so the logic runs on the CPU in the tests (tests/test_benchmarks.py).
 
-    python -m benchmarks.gpu            # or: make bench-gpu
+python -m benchmarks.gpu            # or: make bench-gpu
 """
 
 from __future__ import annotations
@@ -36,8 +37,12 @@ def read_utilisation() -> float | None:
     """The GPU's utilisation in %, from nvidia-smi (None when it cannot be read)."""
     if shutil.which("nvidia-smi") is None:
         return None
-    done = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                          capture_output=True, text=True, timeout=5)  # fmt: skip
+    done = subprocess.run(
+        ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+    )
     try:
         return float(done.stdout.split()[0])
     except (IndexError, ValueError):
@@ -78,10 +83,16 @@ def summary(samples: list[float]) -> dict[str, Any]:
     }
 
 
-def features_rate(photos: Path, count: int, decode: str, device: str, read: Callable[[], float | None],
-                  batch: int = 128) -> dict[str, Any]:  # fmt: skip
-    """`pipeline features` images/s of resnet50 (start-up excluded, see `measure.extraction_rate`) and the
-    utilisation sampled during the run."""
+def features_rate(
+    photos: Path,
+    count: int,
+    decode: str,
+    device: str,
+    read: Callable[[], float | None],
+    batch: int = 128,
+) -> dict[str, Any]:
+    """`pipeline features` images/s of resnet50 (start-up excluded, see `measure.extraction_rate`)
+    and the utilisation sampled during the run."""
     out = OUT / f"gpu-{photos.name}-{decode}.h5"
     with sampled(read) as samples:
         rate = extraction_rate(photos, count, "resnet50", batch, decode, out, device=device)
@@ -92,14 +103,26 @@ def sweep_seconds(cache: Path, device: str) -> dict[str, Any]:
     from pipeline.config import HeadConfig
     from pipeline.heads import protocol
 
-    cfg = HeadConfig(features=str(cache), head="torch", device=device, progress=False, bootstrap=0,
-                     out=str(OUT / f"gpu-sweep-{device.replace(':', '')}"))  # fmt: skip
+    cfg = HeadConfig(
+        features=str(cache),
+        head="torch",
+        device=device,
+        progress=False,
+        bootstrap=0,
+        out=str(OUT / f"gpu-sweep-{device.replace(':', '')}"),
+    )
     start = time.perf_counter()
     result = protocol.run(cfg)
-    return {"seconds": time.perf_counter() - start, "test_top1": result["test"]["top1"], "timings": result["timings"]}
+    return {
+        "seconds": time.perf_counter() - start,
+        "test_top1": result["test"]["top1"],
+        "timings": result["timings"],
+    }
 
 
-def run(device: str, images: int, names: tuple[str, ...], photos_dir: Path, cache: Path) -> dict[str, Any]:
+def run(
+    device: str, images: int, names: tuple[str, ...], photos_dir: Path, cache: Path
+) -> dict[str, Any]:
     """Every measurement on `device`; what gpu.json holds."""
     from pipeline.synthetic import write_photo_folder, write_synthetic_cache
 
@@ -108,9 +131,18 @@ def run(device: str, images: int, names: tuple[str, ...], photos_dir: Path, cach
         for precision in ("fp32", "bf16", "fp16"):
             for compiled in (False, True):
                 rate = forward_rate(name, precision, compiled, device)
-                report["forward"].append({"backbone": name, "precision": precision, "compile": compiled,
-                                          "channels_last": True, "images_per_s": rate})  # fmt: skip
-                print(f"  forward {name} {precision} compile={compiled}: {rate:.0f} img/s", flush=True)
+                report["forward"].append(
+                    {
+                        "backbone": name,
+                        "precision": precision,
+                        "compile": compiled,
+                        "channels_last": True,
+                        "images_per_s": rate,
+                    }
+                )
+                print(
+                    f"  forward {name} {precision} compile={compiled}: {rate:.0f} img/s", flush=True
+                )
     photos = write_photo_folder(photos_dir, images)
     for decode in ("cpu", "device"):
         report["features"][decode] = features_rate(photos, images, decode, device, read_utilisation)
@@ -123,22 +155,32 @@ def run(device: str, images: int, names: tuple[str, ...], photos_dir: Path, cach
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=2000)
     parser.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():
         print(
-            "error: make bench-gpu measures a CUDA GPU, and torch.cuda.is_available() is False here "
-            f"(torch {torch.__version__}); run it on a machine with an NVIDIA GPU and a CUDA build of torch",
+            "error: make bench-gpu measures a CUDA GPU, and torch.cuda.is_available() is False "
+            "here "
+            f"(torch {torch.__version__}); run it on a machine with an NVIDIA GPU and a CUDA build "
+            "of torch",
             file=sys.stderr,
         )
         return 2
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    report = run("cuda", args.images, ("resnet50", "resnet18"), OUT / f"photos-{args.images}", OUT / "cifar100-like.h5")
+    report = run(
+        "cuda",
+        args.images,
+        ("resnet50", "resnet18"),
+        OUT / f"photos-{args.images}",
+        OUT / "cifar100-like.h5",
+    )
     report |= {
         "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__,

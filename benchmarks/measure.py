@@ -8,17 +8,28 @@ import time
 from pathlib import Path
 
 
-def forward_rate(name: str, precision: str, compiled: bool, device: str, batch: int = 128, size: int = 224,
-                 batches: int = 10) -> float:  # fmt: skip
+def forward_rate(
+    name: str,
+    precision: str,
+    compiled: bool,
+    device: str,
+    batch: int = 128,
+    size: int = 224,
+    batches: int = 10,
+) -> float:
     """images/s of the frozen backbone on ready channels-last tensors on `device`."""
     import torch
 
     from pipeline.backbones import backbone
     from pipeline.devices import autocast
 
-    model = backbone.build(backbone.describe(name, "none")).to(device, memory_format=torch.channels_last)
+    model = backbone.build(backbone.describe(name, "none")).to(
+        device, memory_format=torch.channels_last
+    )
     forward = torch.compile(model) if compiled else model
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
     with torch.inference_mode(), autocast(torch.device(device), precision):
         for _ in range(3 if compiled else 1):  # warm-up (compilation happens here)
             forward(x)
@@ -37,17 +48,34 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def extraction_rate(photos: Path, count: int, name: str, batch: int, decode: str, out: Path,
-                    device: str = "auto", layers: str | None = None) -> float:  # fmt: skip
-    """`pipeline features` images/s with its start-up excluded: a full run's time minus a rerun's on the
-    now-current cache (listing the files, the fingerprint, opening the cache)."""
+def extraction_rate(
+    photos: Path,
+    count: int,
+    name: str,
+    batch: int,
+    decode: str,
+    out: Path,
+    device: str = "auto",
+    layers: str | None = None,
+) -> float:
+    """`pipeline features` images/s with its start-up excluded: a full run's time minus a rerun's on
+    the now-current cache (listing the files, the fingerprint, opening the cache)."""
     from pipeline.config import FeaturesConfig
     from pipeline.features import stage
 
     cfg = FeaturesConfig(
-        data=str(photos), backbone=name, weights="none", out=str(out), device=device, batch_size=batch,
-        progress=False, val_fraction=0.0, test_fraction=0.0, decode=decode, layers=layers,
-    )  # fmt: skip
+        data=str(photos),
+        backbone=name,
+        weights="none",
+        out=str(out),
+        device=device,
+        batch_size=batch,
+        progress=False,
+        val_fraction=0.0,
+        test_fraction=0.0,
+        decode=decode,
+        layers=layers,
+    )
     start = time.perf_counter()
     stage.run(dataclasses.replace(cfg, force=True))
     full = time.perf_counter() - start

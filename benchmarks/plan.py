@@ -3,19 +3,22 @@
 What is measured here, in this run, on this machine (one core each, start-up excluded):
   - decoding + preprocessing one photo-like JPEG for the backbone (500x375 web photo; 12-MP phone
     photo reduced by DCT scaling, the default, and in full), through the pipeline's own code;
-  - reading an image file's bytes (all the CPU does per image when the GPU decodes: --decode device);
+  - reading an image file's bytes (all the CPU does per image when the GPU decodes: --decode
+    device);
   - the bytes per cache row, from a cache written by the pipeline's own writer;
   - one pass of the streamed torch head over a block of rows (forward and gradient of the linear
     layer for K classes), per row.
 What is assumed, and cited:
   - the GPU's forward throughput: ResNet-50 inference with mixed precision at batch 256 on one V100,
-    3,382 images/s (NVIDIA DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/README.md,
+    3,382 images/s (NVIDIA DeepLearningExamples,
+    PyTorch/Classification/ConvNets/resnet50v1.5/README.md,
     "Inference performance: NVIDIA DGX-1 (1x V100 16GB)", pytorch-21.03 container). Newer GPUs are
     faster: pass --gpu-rate with your own `make bench-gpu` number. Other backbones scale it by their
     forward cost relative to ResNet-50 measured here on the CPU;
   - that GPUs scale linearly across ranks (each rank writes its own part; no shared bottleneck but
     the file system, which --disk-gbps stands for), and that decoding parallelises across cores;
-  - for --decode device, that the GPU's JPEG decoder keeps up (nvjpeg); the CPU then only reads bytes.
+  - for --decode device, that the GPU's JPEG decoder keeps up (nvjpeg); the CPU then only reads
+    bytes.
 Prints a table and writes benchmarks/out/plan.json.
 """
 
@@ -67,8 +70,12 @@ def measure(backbone: str, dim_dtype: str) -> dict:
     transform = bb.describe("resnet50", "none").transform
     side = 2 * transform.resize_size[0]
     m = {
-        "decode_500x375_s": per_image(lambda p: transform(load_image(p, side)), files["500x375"], 2),
-        "decode_12mp_reduced_s": per_image(lambda p: transform(load_image(p, side)), files["4000x3000"]),
+        "decode_500x375_s": per_image(
+            lambda p: transform(load_image(p, side)), files["500x375"], 2
+        ),
+        "decode_12mp_reduced_s": per_image(
+            lambda p: transform(load_image(p, side)), files["4000x3000"]
+        ),
         "decode_12mp_full_s": per_image(lambda p: transform(load_image(p)), files["4000x3000"]),
         "read_bytes_s": per_image(lambda p: p.read_bytes(), files["500x375"] * 5, 3),
     }
@@ -90,15 +97,24 @@ def measure(backbone: str, dim_dtype: str) -> dict:
 
 
 def row_bytes(dim: int, dtype: str, rows: int = 20_000) -> float:
-    """File bytes per row of a cache written by the pipeline's writer (features plus per-row records)."""
+    """File bytes per row of a cache written by the pipeline's writer (features plus per-row
+    records)."""
     from pipeline.cache.writer import CacheWriter
 
     path = OUT / "plan-rows.h5"
     ids = [f"train-{i // 10000:06d}.tar/{i:012d}" for i in range(rows)]
     facts = {"file_size": np.zeros(rows, np.int64), "file_mtime_ns": np.zeros(rows, np.int64)}
-    writer = CacheWriter.open(path, fingerprint={"plan": rows}, ids=ids, labels=np.zeros(rows, np.int64),
-                              split=np.zeros(rows, np.int8), classes=["a", "b"], dim=dim, store_dtype=dtype,
-                              identity=facts)  # fmt: skip
+    writer = CacheWriter.open(
+        path,
+        fingerprint={"plan": rows},
+        ids=ids,
+        labels=np.zeros(rows, np.int64),
+        split=np.zeros(rows, np.int8),
+        classes=["a", "b"],
+        dim=dim,
+        store_dtype=dtype,
+        identity=facts,
+    )
     for a in range(0, rows, 4096):
         writer.write(a, np.zeros((min(4096, rows - a), dim), np.float32))
     done = writer.finish()
@@ -135,7 +151,9 @@ def plan(images: float, gpus: int, gpu_rate: float, m: dict, disk_gbps: float) -
         "cores_per_gpu_device_decode": rate * m["read_bytes_s"],
         "cache_tb": cache_bytes / 1e12,
         "head_epoch_disk_hours": cache_bytes / (disk_gbps * 1e9) / 3600,  # reading every row once
-        "head_epoch_cpu_hours": images * m["head_pass_per_row_s"] / 3600,  # this machine's compute, one pass
+        "head_epoch_cpu_hours": images
+        * m["head_pass_per_row_s"]
+        / 3600,  # this machine's compute, one pass
     }
 
 
@@ -153,30 +171,45 @@ COLUMNS = {  # column: (header, format)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=float, nargs="+", default=[1e6, 1e8, 1e9])
     parser.add_argument("--gpus", type=int, default=64)
-    parser.add_argument("--gpu-rate", type=float, default=V100_AMP_RESNET50, help="ResNet-50 images/s on one GPU")
+    parser.add_argument(
+        "--gpu-rate", type=float, default=V100_AMP_RESNET50, help="ResNet-50 images/s on one GPU"
+    )
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--store-dtype", default="float16", choices=["float16", "float32"])
-    parser.add_argument("--disk-gbps", type=float, default=2.0, help="read bandwidth for the streamed head, GB/s")
+    parser.add_argument(
+        "--disk-gbps", type=float, default=2.0, help="read bandwidth for the streamed head, GB/s"
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     m = measure(args.backbone, args.store_dtype)
     rows = [plan(n, args.gpus, args.gpu_rate, m, args.disk_gbps) for n in args.images]
-    print(f"measured here (one core): decode+preprocess 500x375 {m['decode_500x375_s'] * 1e3:.1f} ms, 12-MP reduced "
-          f"{m['decode_12mp_reduced_s'] * 1e3:.1f} ms, 12-MP full {m['decode_12mp_full_s'] * 1e3:.1f} ms, read bytes "
-          f"{m['read_bytes_s'] * 1e3:.2f} ms; {m['row_bytes']:.0f} bytes per {m['dim']}-d {args.store_dtype} row; "
-          f"head pass {m['head_pass_per_row_s'] * 1e6:.2f} us per row (1,000 classes); {args.backbone} costs "
-          f"{m['relative_cost']:.2f}x ResNet-50")  # fmt: skip
     print(
-        f"assumed: {args.gpu_rate:.0f} ResNet-50 images/s per GPU, {args.gpus} GPUs scaling linearly, "
+        f"measured here (one core): decode+preprocess 500x375 {m['decode_500x375_s'] * 1e3:.1f} "
+        "ms, 12-MP reduced "
+        f"{m['decode_12mp_reduced_s'] * 1e3:.1f} ms, 12-MP full "
+        f"{m['decode_12mp_full_s'] * 1e3:.1f} ms, read bytes "
+        f"{m['read_bytes_s'] * 1e3:.2f} ms; {m['row_bytes']:.0f} bytes per {m['dim']}-d "
+        f"{args.store_dtype} row; "
+        f"head pass {m['head_pass_per_row_s'] * 1e6:.2f} us per row (1,000 classes); "
+        f"{args.backbone} costs "
+        f"{m['relative_cost']:.2f}x ResNet-50"
+    )
+    print(
+        f"assumed: {args.gpu_rate:.0f} ResNet-50 images/s per GPU, {args.gpus} GPUs scaling "
+        "linearly, "
         f"{args.disk_gbps:g} GB/s disk for the head\n"
     )
     print("  ".join(f"{header:>{len(fmt.format(0.0))}}" for header, fmt in COLUMNS.values()))
     for r in rows:
         print("  ".join(fmt.format(r[key]) for key, (_, fmt) in COLUMNS.items()))
-    (OUT / "plan.json").write_text(json.dumps({"measured": m, "assumed": vars(args), "plan": rows}, indent=2))
+    (OUT / "plan.json").write_text(
+        json.dumps({"measured": m, "assumed": vars(args), "plan": rows}, indent=2)
+    )
     return 0
 
 

@@ -44,7 +44,9 @@ OUT = Path("benchmarks/out")
 ROWS: list[dict] = []
 
 
-def row(name: str, value: float, unit: str, target: str = "", ok: bool | None = None, **detail) -> None:
+def row(
+    name: str, value: float, unit: str, target: str = "", ok: bool | None = None, **detail
+) -> None:
     entry = {"benchmark": name, "value": value, "unit": unit, "target": target, "ok": ok, **detail}
     ROWS.append(entry)
     mark = "" if ok is None else ("PASS" if ok else "MISS")
@@ -55,14 +57,24 @@ def bench_extraction(n: int, batch: int) -> None:
 
     sets = {
         "500x375": (write_photo_folder(OUT / f"photos-{n}", n), n, {"resnet18": 0.85}),
-        "4000x3000": (write_photo_folder(OUT / "photos-12mp-100", 100, size=(4000, 3000)), 100, {"resnet50": 0.9}),
+        "4000x3000": (
+            write_photo_folder(OUT / "photos-12mp-100", 100, size=(4000, 3000)),
+            100,
+            {"resnet50": 0.9},
+        ),
     }
     for label, (photos, count, targets) in sets.items():
-        print(f"extraction: {count} photo-like {label} JPEGs (quality 90), 224 px, batch {batch}, fp32", flush=True)
+        print(
+            f"extraction: {count} photo-like {label} JPEGs (quality 90), 224 px, batch {batch}, "
+            "fp32",
+            flush=True,
+        )
         for name in ("resnet18", "resnet50"):
             before = forward_rate(name, "fp32", False, "cpu", batch, batches=4)
             rates = {
-                mode: extraction_rate(photos, count, name, batch, mode, OUT / f"{photos.name}-{name}-{mode}.h5")
+                mode: extraction_rate(
+                    photos, count, name, batch, mode, OUT / f"{photos.name}-{name}-{mode}.h5"
+                )
                 for mode in ("cpu", "exact")
             }
             reference = (before + forward_rate(name, "fp32", False, "cpu", batch, batches=4)) / 2
@@ -71,8 +83,13 @@ def bench_extraction(n: int, batch: int) -> None:
                 row(f"{name} {label}: pipeline images/s, --decode {mode}", rate, "img/s")
             target = targets.get(name)
             ratio = rates["cpu"] / reference
-            row(f"{name} {label}: pipeline / forward-only", ratio, "ratio", f">= {target}" if target else "",
-                None if target is None else ratio >= target)  # fmt: skip
+            row(
+                f"{name} {label}: pipeline / forward-only",
+                ratio,
+                "ratio",
+                f">= {target}" if target else "",
+                None if target is None else ratio >= target,
+            )
 
 
 def bench_backbones(n: int, batch: int) -> None:
@@ -84,14 +101,33 @@ def bench_backbones(n: int, batch: int) -> None:
         reference = (before + forward_rate(name, "fp32", False, "cpu", batch, batches=4)) / 2
         row(f"{name} 500x375: forward-only images/s (mean of before/after)", reference, "img/s")
         row(f"{name} 500x375: pipeline images/s", rate, "img/s")
-        row(f"{name} 500x375: pipeline / forward-only", rate / reference, "ratio", ">= 0.9", rate / reference >= 0.9)
+        row(
+            f"{name} 500x375: pipeline / forward-only",
+            rate / reference,
+            "ratio",
+            ">= 0.9",
+            rate / reference >= 0.9,
+        )
     layers = "layer1,layer2,layer3,layer4"
-    plain = extraction_rate(photos, n, "resnet50", batch, "cpu", OUT / f"{photos.name}-resnet50-plain.h5")
-    layered = extraction_rate(photos, n, "resnet50", batch, "cpu", OUT / f"{photos.name}-resnet50-layers.h5",
-                              layers=layers)  # fmt: skip
+    plain = extraction_rate(
+        photos, n, "resnet50", batch, "cpu", OUT / f"{photos.name}-resnet50-plain.h5"
+    )
+    layered = extraction_rate(
+        photos,
+        n,
+        "resnet50",
+        batch,
+        "cpu",
+        OUT / f"{photos.name}-resnet50-layers.h5",
+        layers=layers,
+    )
     row("resnet50 500x375: pipeline images/s, features only", plain, "img/s")
     row(f"resnet50 500x375: pipeline images/s, --layers {layers}", layered, "img/s")
-    row("resnet50: extra time per stored layer (of the features-only run)", (plain / layered - 1) / 4, "fraction")
+    row(
+        "resnet50: extra time per stored layer (of the features-only run)",
+        (plain / layered - 1) / 4,
+        "fraction",
+    )
 
 
 # VmHWM is this process's own peak; ru_maxrss survives exec on Linux and can report the parent's.
@@ -99,21 +135,39 @@ _PEAK = """
 import sys
 from pipeline import cli
 code = cli.main(sys.argv[1:])
-print("PEAK_RSS_KB", next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")))
+print("PEAK_RSS_KB", next(int(l.split()[1]) for l in open("/proc/self/status") if
+l.startswith("VmHWM")))
 sys.exit(code)
 """
 
 
 def peak_rss_mb(folder: Path, out: Path, backbone: str = "resnet18") -> float:
-    args = ["features", "--data", str(folder), "--backbone", backbone, "--weights", "none", "--out", str(out)]
+    args = [
+        "features",
+        "--data",
+        str(folder),
+        "--backbone",
+        backbone,
+        "--weights",
+        "none",
+        "--out",
+        str(out),
+    ]
     args += ["--force", "--no-progress", "--val-fraction", "0", "--test-fraction", "0"]
-    done = subprocess.run([sys.executable, "-c", _PEAK, *args], capture_output=True, text=True, check=True)
-    kb = next(int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_KB"))
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, *args], capture_output=True, text=True, check=True
+    )
+    kb = next(
+        int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_KB")
+    )
     return kb / 1024
 
 
 def bench_memory(n: int, backbone: str = "resnet18") -> None:
-    print(f"memory: peak RSS of the main process, {backbone} features on N={n} and 4N={4 * n} images", flush=True)
+    print(
+        f"memory: peak RSS of the main process, {backbone} features on N={n} and 4N={4 * n} images",
+        flush=True,
+    )
     big = write_photo_folder(OUT / f"photos-{4 * n}", 4 * n)
     small = OUT / f"photos-{n}-subset"
     if not small.exists():
@@ -144,8 +198,13 @@ def bench_sweep(sklearn_sweep: bool) -> None:
     cache = OUT / "cifar100-like.h5"
     if not cache.exists():
         write_synthetic_cache(cache)
-    print("sweep: CIFAR-100-shaped cache (50,000 train + 10,000 test, 2,048-d float16, 100 classes)", flush=True)
-    cfg = HeadConfig(features=str(cache), head="torch", out=str(OUT / "sweep-torch"), progress=False, bootstrap=0)
+    print(
+        "sweep: CIFAR-100-shaped cache (50,000 train + 10,000 test, 2,048-d float16, 100 classes)",
+        flush=True,
+    )
+    cfg = HeadConfig(
+        features=str(cache), head="torch", out=str(OUT / "sweep-torch"), progress=False, bootstrap=0
+    )
     result = protocol.run(cfg)
     t = result["timings"]
     ours = t["sweep"] + t["refit"] + t["test"]
@@ -165,12 +224,23 @@ def bench_sweep(sklearn_sweep: bool) -> None:
         start = time.perf_counter()
         model = LogisticRegression(C=C, solver="lbfgs", max_iter=1000, tol=tol).fit(X_fit, y_all)
         fits[tol] = time.perf_counter() - start
-        row(f"scikit-learn: one fit at C = {C:.3g}, tol {tol:g}", fits[tol], "s", n_iter=int(model.n_iter_.max()))
+        row(
+            f"scikit-learn: one fit at C = {C:.3g}, tol {tol:g}",
+            fits[tol],
+            "s",
+            n_iter=int(model.n_iter_.max()),
+        )
         if tol == cfg.tol:
             sk_top1 = float((model.predict(X_test) == test.y).mean())
     single = fits[cfg.tol]
     ratio = ours / single
-    row(f"sweep time / one scikit-learn fit at the same tol ({cfg.tol:g})", ratio, "ratio", "< 1", ratio < 1)
+    row(
+        f"sweep time / one scikit-learn fit at the same tol ({cfg.tol:g})",
+        ratio,
+        "ratio",
+        "< 1",
+        ratio < 1,
+    )
     row("sweep time / one scikit-learn fit at tol 1e-4", ours / fits[1e-4], "ratio")
     gap = abs(result["test"]["top1"] - sk_top1) * 100
     row("test top-1: torch sweep", result["test"]["top1"] * 100, "%")
@@ -178,7 +248,13 @@ def bench_sweep(sklearn_sweep: bool) -> None:
     row("test top-1 gap", gap, "points", "<= 0.5", gap <= 0.5)
     if sklearn_sweep:
         logreg = protocol.run(
-            HeadConfig(features=str(cache), head="logreg", out=str(OUT / "sweep-logreg"), progress=False, bootstrap=0)
+            HeadConfig(
+                features=str(cache),
+                head="logreg",
+                out=str(OUT / "sweep-logreg"),
+                progress=False,
+                bootstrap=0,
+            )
         )
         lt = logreg["timings"]
         theirs = lt["sweep"] + lt["refit"] + lt["test"]
@@ -195,21 +271,33 @@ MATRIX = [(n, d, k) for n in (2_000, 15_000, 50_000) for d in (512, 2048) for k 
 
 
 def bench_matrix(cells: list[tuple[int, int, int]] = MATRIX) -> None:
-    """The torch head's protocol (45-value sweep, refit, test) against the logreg head's on synthetic
-    caches of N train rows (+ N/5 test), D dimensions and K classes, both at their defaults (tol 1e-6);
-    time ratio, top-1 gap and the grid steps between their chosen C. Both heads first run once on the
-    smallest cache, untimed, so neither pays its start-up (joblib's worker processes, torch's threads)
-    inside a cell."""
+    """The torch head's protocol (45-value sweep, refit, test) against the logreg head's on
+    synthetic caches of N train rows (+ N/5 test), D dimensions and K classes, both at their
+    defaults (tol 1e-6); time ratio, top-1 gap and the grid steps between their chosen C. Both heads
+    first run once on the smallest cache, untimed, so neither pays its start-up (joblib's worker
+    processes, torch's threads) inside a cell."""
     from pipeline.config import HeadConfig
     from pipeline.heads import protocol
 
-    print("sweep matrix: torch head vs logreg head, whole protocol (45 C, refit, test), N x D x K", flush=True)
-    table = ["| N x D x K | torch head | logreg head | speed-up | test top-1 torch / logreg | grid steps apart |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    print(
+        "sweep matrix: torch head vs logreg head, whole protocol (45 C, refit, test), N x D x K",
+        flush=True,
+    )
+    table = [
+        "| N x D x K | torch head | logreg head | speed-up | test top-1 torch / logreg | grid "
+        "steps apart |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def run(cache: Path, head: str) -> dict:
-        cfg = HeadConfig(features=str(cache), head=head, out=str(OUT / f"matrix-{head}"), progress=False,
-                         bootstrap=0, force=True)  # fmt: skip
+        cfg = HeadConfig(
+            features=str(cache),
+            head=head,
+            out=str(OUT / f"matrix-{head}"),
+            progress=False,
+            bootstrap=0,
+            force=True,
+        )
         return protocol.run(cfg)
 
     for head in ("torch", "logreg"):  # warm-up, untimed
@@ -225,11 +313,25 @@ def bench_matrix(cells: list[tuple[int, int, int]] = MATRIX) -> None:
         ratio, gap = seconds["logreg"] / seconds["torch"], abs(top1["torch"] - top1["logreg"]) * 100
         steps = abs(index["torch"] - index["logreg"])
         label = f"N={n:,} D={d} K={k}"
-        row(f"{label}: torch / logreg seconds", seconds["torch"], "s", logreg_seconds=seconds["logreg"])
+        row(
+            f"{label}: torch / logreg seconds",
+            seconds["torch"],
+            "s",
+            logreg_seconds=seconds["logreg"],
+        )
         row(f"{label}: torch speed-up over logreg", ratio, "ratio", "> 1", ratio > 1)
-        row(f"{label}: test top-1 gap", gap, "points", "<= 0.3", gap <= 0.3, top1=top1, chosen_index=index)
+        row(
+            f"{label}: test top-1 gap",
+            gap,
+            "points",
+            "<= 0.3",
+            gap <= 0.3,
+            top1=top1,
+            chosen_index=index,
+        )
         table.append(
-            f"| {n:,} x {d:,} x {k} | {seconds['torch']:.2f} s | {seconds['logreg']:.2f} s | **{ratio:.1f}x** | "
+            f"| {n:,} x {d:,} x {k} | {seconds['torch']:.2f} s | {seconds['logreg']:.2f} s | "
+            f"**{ratio:.1f}x** | "
             f"{top1['torch']:.2%} / {top1['logreg']:.2%} ({gap:.2f} points) | {steps} |"
         )
     print("\n".join(table), flush=True)
@@ -249,7 +351,11 @@ def bench_reads() -> None:
         array = f["features"][:50_000]
     npy = OUT / "features-50000.npy"
     np.save(npy, array)
-    print(f"reads: {array.shape} {array.dtype} ({array.nbytes / 1e6:.0f} MB), best of 3, warm page cache", flush=True)
+    print(
+        f"reads: {array.shape} {array.dtype} ({array.nbytes / 1e6:.0f} MB), best of 3, warm page "
+        "cache",
+        flush=True,
+    )
     matrix, full, numpy = [], [], []
     for _ in range(3):
         start = time.perf_counter()
@@ -262,7 +368,9 @@ def bench_reads() -> None:
         start = time.perf_counter()
         Y = np.load(npy)
         numpy.append(time.perf_counter() - start)
-    assert X.shape == Y.shape == (50_000, 2048) and np.array_equal(X, Y) and np.array_equal(split.X, Y)
+    assert (
+        X.shape == Y.shape == (50_000, 2048) and np.array_equal(X, Y) and np.array_equal(split.X, Y)
+    )
     row("the feature matrix from the cache (open + one block read)", min(matrix), "s")
     row("read_features: the matrix + labels + ids (the head's read)", min(full), "s")
     row("np.load of the same array", min(numpy), "s")
@@ -283,53 +391,115 @@ def bench_knn(budget_mb: int = 256) -> None:
     fs = read_features(cache, dtype=np.float32)
     bank, labels = fs["train"].X, fs["train"].y
     queries = fs["test"].X[:10_000]
-    print(f"knn: {bank.shape} bank, {queries.shape[0]} queries, k = 20, {budget_mb} MB of similarities at a time")
+    print(
+        f"knn: {bank.shape} bank, {queries.shape[0]} queries, k = 20, {budget_mb} MB of "
+        "similarities at a time"
+    )
     ours = CosineKNN(n_neighbors=20, max_memory=budget_mb * 2**20).fit(bank, labels)
     start = time.perf_counter()
     pred = ours.predict(queries)
     seconds = time.perf_counter() - start
-    row("knn head: 10,000 queries against a 50,000 x 2,048 bank", seconds, "s", "seconds", seconds < 60)
-    theirs = KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute", n_jobs=-1).fit(bank, labels)
+    row(
+        "knn head: 10,000 queries against a 50,000 x 2,048 bank",
+        seconds,
+        "s",
+        "seconds",
+        seconds < 60,
+    )
+    theirs = KNeighborsClassifier(
+        n_neighbors=20, metric="cosine", algorithm="brute", n_jobs=-1
+    ).fit(bank, labels)
     start = time.perf_counter()
     _, rows = theirs.kneighbors(queries[:2_000])
     sk_seconds = (time.perf_counter() - start) * 5  # 2,000 queries, scaled to 10,000
     row("scikit-learn brute cosine kNN, same queries (from 2,000)", sk_seconds, "s")
-    row("knn head speed / scikit-learn speed", sk_seconds / seconds, "ratio", ">= 1", sk_seconds / seconds >= 1)
+    row(
+        "knn head speed / scikit-learn speed",
+        sk_seconds / seconds,
+        "ratio",
+        ">= 1",
+        sk_seconds / seconds >= 1,
+    )
     mine = np.sort(ours.kneighbors_rows(queries[:2_000]), axis=1)
     agree = float((mine == np.sort(rows, axis=1)).all(axis=1).mean())
-    row("queries whose 20 neighbours equal scikit-learn's", agree, "fraction", ">= 0.99", agree >= 0.99,
-        top1=float((pred == fs["test"].y[:10_000]).mean()))  # fmt: skip
+    row(
+        "queries whose 20 neighbours equal scikit-learn's",
+        agree,
+        "fraction",
+        ">= 0.99",
+        agree >= 0.99,
+        top1=float((pred == fs["test"].y[:10_000]).mean()),
+    )
 
 
 def bench_demo_heads() -> None:
-    print("demo: `pipeline head --config configs/demo.toml` wall time (a fresh process each)", flush=True)
-    subprocess.run([sys.executable, "-m", "pipeline", "features", "--config", "configs/demo.toml", "--no-progress"],
-                   check=True, capture_output=True)  # fmt: skip
+    print(
+        "demo: `pipeline head --config configs/demo.toml` wall time (a fresh process each)",
+        flush=True,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "features",
+            "--config",
+            "configs/demo.toml",
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
     for head in ("logreg", "torch", "knn", "ncm"):
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "pipeline", "head", "--config", "configs/demo.toml", "--head", head,
-             "--out", str(OUT / f"demo-{head}"), "--no-progress"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "head",
+                "--config",
+                "configs/demo.toml",
+                "--head",
+                head,
+                "--out",
+                str(OUT / f"demo-{head}"),
+                "--no-progress",
+            ],
+            check=True,
+            capture_output=True,
+        )
         row(f"make head on the demo cache, {head}", time.perf_counter() - start, "s")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parts = ["extraction", "backbones", "memory", "sweep", "matrix", "reads", "knn", "demo"]
     parser.add_argument("--only", nargs="+", choices=parts)
-    parser.add_argument("--images", type=int, default=1000, help="images for the extraction benchmark")
-    parser.add_argument("--backbone-images", type=int, default=400, help="images for the backbones benchmark")
+    parser.add_argument(
+        "--images", type=int, default=1000, help="images for the extraction benchmark"
+    )
+    parser.add_argument(
+        "--backbone-images", type=int, default=400, help="images for the backbones benchmark"
+    )
     parser.add_argument("--memory-backbones", nargs="+", default=["resnet18", "efficientnet_b0"])
-    parser.add_argument("--memory-images", type=int, default=250, help="N of the memory benchmark (4N too)")
+    parser.add_argument(
+        "--memory-images", type=int, default=250, help="N of the memory benchmark (4N too)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--no-sklearn-sweep", action="store_true", help="skip the (slow) scikit-learn 45-value sweep")
+    parser.add_argument(
+        "--no-sklearn-sweep",
+        action="store_true",
+        help="skip the (slow) scikit-learn 45-value sweep",
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     chosen = set(args.only or parts)
     machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
     )
     print(f"machine: {machine}\n")
     started = time.perf_counter()
@@ -352,11 +522,22 @@ def main() -> int:
         bench_demo_heads()
     import importlib.metadata as md
 
-    versions = {n: md.version(n) for n in ("torch", "torchvision", "numpy", "scikit-learn", "h5py", "pipeline")}
-    report = {"machine": machine, "versions": versions, "seconds": time.perf_counter() - started, "rows": ROWS}
+    versions = {
+        n: md.version(n)
+        for n in ("torch", "torchvision", "numpy", "scikit-learn", "h5py", "pipeline")
+    }
+    report = {
+        "machine": machine,
+        "versions": versions,
+        "seconds": time.perf_counter() - started,
+        "rows": ROWS,
+    }
     (OUT / "bench.json").write_text(json.dumps(report, indent=2))
     missed = [r["benchmark"] for r in ROWS if r["ok"] is False]
-    print(f"\nwrote {OUT / 'bench.json'}; {len(missed)} target(s) missed" + (f": {missed}" if missed else ""))
+    print(
+        f"\nwrote {OUT / 'bench.json'}; {len(missed)} target(s) missed"
+        + (f": {missed}" if missed else "")
+    )
     return 0
 
 

@@ -2,7 +2,8 @@
 
 - `digits`: the offline demo cache (scikit-learn's digits, random resnet18, 64 px);
 - `shapes`: ten procedurally drawn shape and texture classes (random colour, size, place, noise);
-- `patches`: sixteen classes of 48 px crops from sixteen regions of scikit-learn's two sample photos;
+- `patches`: sixteen classes of 48 px crops from sixteen regions of scikit-learn's two sample
+  photos;
 - `gaussian`: ten Gaussian classes written straight into a cache, whose best C is known: it is
   measured on 20,000 fresh rows from the same distribution (and the Bayes rate in closed form).
 
@@ -11,7 +12,8 @@ The image sets are written under benchmarks/out/images and extracted with `pipel
 val, refit on train+val, test once) with `--select top1` (argmax, the published protocol) and with
 the default `top1-1se`; the `logloss` rule's choice is read off the same curves.
 
-    python -m benchmarks.selection            # prints the README table, writes benchmarks/out/selection.json
+python -m benchmarks.selection            # prints the README table, writes
+benchmarks/out/selection.json
 
 About four minutes on a 2-core CPU; caches and image folders are reused when current.
 """
@@ -39,14 +41,26 @@ OUT = Path("benchmarks/out")
 HEADS = ("logreg", "torch")
 RULES = ("top1", "top1-0.5se", "top1-1se", "logloss")
 NAMES = {"top1": "argmax", "top1-0.5se": "half-SE", "top1-1se": "one-SE", "logloss": "log-loss"}
-SHAPES = ("disc", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "diagonal", "checker", "dots")
+SHAPES = (
+    "disc",
+    "square",
+    "triangle",
+    "cross",
+    "ring",
+    "hstripes",
+    "vstripes",
+    "diagonal",
+    "checker",
+    "dots",
+)
 
 
 # ------------------------------------------------------------------------------------- image sets
 
 
 def _draw_shape(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
-    """One shape or texture of class `kind` at a random place, size and colour, on a noisy background."""
+    """One shape or texture of class `kind` at a random place, size and colour, on a noisy
+    background."""
     background = rng.integers(0, 256, 3)
     pixels = np.clip(background + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels)
@@ -80,7 +94,9 @@ def _draw_shape(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
         for i in range(0, size, 2 * step):
             for j in range(0, size, 2 * step):
                 draw.rectangle((i, j, i + step - 1, j + step - 1), fill=colour)
-                draw.rectangle((i + step, j + step, i + 2 * step - 1, j + 2 * step - 1), fill=colour)
+                draw.rectangle(
+                    (i + step, j + step, i + 2 * step - 1, j + 2 * step - 1), fill=colour
+                )
     else:  # dots
         for _ in range(int(rng.integers(6, 14))):
             x, y, d = *rng.uniform(0, size, 2), rng.uniform(1.5, 3.5)
@@ -104,8 +120,9 @@ def write_shapes(root: Path, per_class: int = 200, size: int = 48, seed: int = 0
 
 
 def write_patches(root: Path, per_class: int = 125, size: int = 48, seed: int = 0) -> Path:
-    """``ROOT/<photo>-<region>/<n>.png``: crops from a 2 x 4 grid of regions of each of scikit-learn's two
-    sample photos (china, flower), shifted, flipped, brightness-jittered and noised."""
+    """``ROOT/<photo>-<region>/<n>.png``: crops from a 2 x 4 grid of regions of each of
+    scikit-learn's two sample photos (china, flower), shifted, flipped, brightness-jittered and
+    noised."""
     from sklearn.datasets import load_sample_images
 
     done = root / f".complete-{per_class}-{size}-{seed}"
@@ -125,28 +142,47 @@ def write_patches(root: Path, per_class: int = 125, size: int = 48, seed: int = 
                 crop = photo[y : y + size, x : x + size].astype(np.float32)
                 crop = crop[:, ::-1] if rng.random() < 0.5 else crop
                 crop = crop * rng.uniform(0.7, 1.3) + rng.normal(0, 20, crop.shape)
-                Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8)).save(folder / f"{n:04d}.png")
+                Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8)).save(
+                    folder / f"{n:04d}.png"
+                )
     done.touch()
     return root
 
 
 def extract_folder(root: Path, out: Path, seed: int = 0) -> Path:
     cfg = FeaturesConfig(
-        data=str(root), backbone="resnet18", weights="none", seed=seed, image_size=48, batch_size=128, out=str(out),
+        data=str(root),
+        backbone="resnet18",
+        weights="none",
+        seed=seed,
+        image_size=48,
+        batch_size=128,
+        out=str(out),
         progress=False,
-    )  # fmt: skip
+    )
     stage.run(cfg)
     return out
 
 
 def demo_cache(seed: int = 0) -> Path:
-    """The demo's own cache, exactly as `make features` writes it (configs/demo.toml); another random
-    backbone for `seed` > 0."""
-    out = Path("cache/digits-resnet18.h5") if seed == 0 else OUT / f"selection-digits-resnet18-seed{seed}.h5"
+    """The demo's own cache, exactly as `make features` writes it (configs/demo.toml); another
+    random backbone for `seed` > 0."""
+    out = (
+        Path("cache/digits-resnet18.h5")
+        if seed == 0
+        else OUT / f"selection-digits-resnet18-seed{seed}.h5"
+    )
     cfg = FeaturesConfig(
-        dataset="digits", root="cache/datasets", backbone="resnet18", weights="none", seed=seed, image_size=64,
-        batch_size=128, out=str(out), progress=False,
-    )  # fmt: skip
+        dataset="digits",
+        root="cache/datasets",
+        backbone="resnet18",
+        weights="none",
+        seed=seed,
+        image_size=64,
+        batch_size=128,
+        out=str(out),
+        progress=False,
+    )
     stage.run(cfg)
     return out
 
@@ -155,10 +191,18 @@ def demo_cache(seed: int = 0) -> Path:
 
 
 class Gaussians:
-    """Ten classes N(mu_k, I) in 128-d, signal in the first 16 dimensions only: a linear problem with a
-    Bayes-optimal linear rule, where 112 pure-noise features make the regularisation matter."""
+    """Ten classes N(mu_k, I) in 128-d, signal in the first 16 dimensions only: a linear problem
+    with a Bayes-optimal linear rule, where 112 pure-noise features make the regularisation matter.
+    """
 
-    def __init__(self, classes: int = 10, dim: int = 128, signal: int = 16, scale: float = 0.75, seed: int = 0):
+    def __init__(
+        self,
+        classes: int = 10,
+        dim: int = 128,
+        signal: int = 16,
+        scale: float = 0.75,
+        seed: int = 0,
+    ):
         rng = np.random.default_rng(seed)
         self.means = np.zeros((classes, dim))
         self.means[:, :signal] = rng.normal(0, scale, (classes, signal))
@@ -195,8 +239,8 @@ def gaussian_cache(path: Path, g: Gaussians) -> Path:
 
 
 def oracle(path: Path, g: Gaussians, fresh: int = 20_000) -> dict[str, Any]:
-    """The C whose head, trained as the protocol trains it (standardised train+val, logreg), scores best on
-    `fresh` new rows; and the Bayes rate on those rows."""
+    """The C whose head, trained as the protocol trains it (standardised train+val, logreg), scores
+    best on `fresh` new rows; and the Bayes rate on those rows."""
     from pipeline.heads import estimators
 
     fs = cache_reader.read_features(path, dtype=np.float32)
@@ -224,7 +268,9 @@ def oracle(path: Path, g: Gaussians, fresh: int = 20_000) -> dict[str, Any]:
 
 def run_head(cache: Path, head: str, select: str) -> dict[str, Any]:
     out = OUT / "selection" / f"{cache.stem}-{head}-{select}"
-    cfg = HeadConfig(features=str(cache), head=head, select=select, out=str(out), progress=False, bootstrap=0)
+    cfg = HeadConfig(
+        features=str(cache), head=head, select=select, out=str(out), progress=False, bootstrap=0
+    )
     start = time.perf_counter()
     result = protocol.run(cfg)
     status = [row["status"] for row in result["curve"]]
@@ -241,14 +287,19 @@ def run_head(cache: Path, head: str, select: str) -> dict[str, Any]:
 
 
 def run_rules(cache: Path, head: str) -> dict[str, Any]:
-    """Every rule on one cache and head. The curve does not depend on the rule, so a rule that chooses the
-    C another already chose shares its run; the others run the whole protocol with their own --select."""
+    """Every rule on one cache and head. The curve does not depend on the rule, so a rule that
+    chooses the C another already chose shares its run; the others run the whole protocol with their
+    own --select."""
     runs = {"top1-1se": run_head(cache, head, "top1-1se")}
     for rule in RULES:
         if rule in runs:
             continue
-        same = [r for r in runs.values() if r["index"] == choice.choose(runs["top1-1se"]["curve"], rule)]
-        runs[rule] = dict(same[0], selection=choice.selection(same[0]["curve"], rule)) if same else None
+        same = [
+            r for r in runs.values() if r["index"] == choice.choose(runs["top1-1se"]["curve"], rule)
+        ]
+        runs[rule] = (
+            dict(same[0], selection=choice.selection(same[0]["curve"], rule)) if same else None
+        )
         runs[rule] = runs[rule] or run_head(cache, head, rule)
     return {rule: {k: v for k, v in runs[rule].items() if k != "curve"} for rule in RULES} | {
         "curve": runs["top1-1se"]["curve"]
@@ -256,17 +307,21 @@ def run_rules(cache: Path, head: str) -> dict[str, Any]:
 
 
 def build_caches(seed: int = 0) -> dict[str, Path]:
-    """The four caches. `seed` > 0 draws four new ones of the same kinds (other images, another random
-    backbone, other Gaussian means): caches to test a rule on that it was not chosen on."""
+    """The four caches. `seed` > 0 draws four new ones of the same kinds (other images, another
+    random backbone, other Gaussian means): caches to test a rule on that it was not chosen on."""
     tag = "" if seed == 0 else f"-seed{seed}"
     images = OUT / f"images{tag}"
     return {
         "digits": demo_cache(seed),
         "shapes": extract_folder(
-            write_shapes(images / "shapes", seed=seed), OUT / f"selection-shapes-resnet18{tag}.h5", seed
+            write_shapes(images / "shapes", seed=seed),
+            OUT / f"selection-shapes-resnet18{tag}.h5",
+            seed,
         ),
         "patches": extract_folder(
-            write_patches(images / "patches", seed=seed), OUT / f"selection-patches-resnet18{tag}.h5", seed
+            write_patches(images / "patches", seed=seed),
+            OUT / f"selection-patches-resnet18{tag}.h5",
+            seed,
         ),
         "gaussian": gaussian_cache(OUT / f"selection-gaussian{tag}.h5", Gaussians(seed=seed)),
     }
@@ -279,7 +334,8 @@ def steps(a: float, b: float) -> int:
 
 
 def one_image_sensitivity(curve: list[dict[str, Any]], rule: str, n: int) -> int:
-    """The most grid steps the rule's choice moves when one C's validation top-1 (n rows) changes by one image."""
+    """The most grid steps the rule's choice moves when one C's validation top-1 (n rows) changes by
+    one image."""
     base, most = choice.choose(curve, rule), 0
     for k in range(len(curve)):
         for delta in (-1 / n, 1 / n):
@@ -294,29 +350,51 @@ def one_image_sensitivity(curve: list[dict[str, Any]], rule: str, n: int) -> int
 
 def table(results: dict[str, Any]) -> str:
     head_row = " | ".join(f"{NAMES[r]}: C | {NAMES[r]}: test top-1" for r in RULES)
-    lines = [f"| cache (train/val/test) | head | {head_row} |", "|---|---|" + "---|---|" * len(RULES)]
+    lines = [
+        f"| cache (train/val/test) | head | {head_row} |",
+        "|---|---|" + "---|---|" * len(RULES),
+    ]
     for name, entry in results["caches"].items():
         rows = entry["rows"]
         for head in HEADS:
-            cells = " | ".join(f"{entry[head][r]['C']:.3g} | {entry[head][r]['test_top1']:.2%}" for r in RULES)
-            lines.append(f"| {name} ({rows['train']}/{rows['val']}/{rows['test']}) | {head} | {cells} |")
+            cells = " | ".join(
+                f"{entry[head][r]['C']:.3g} | {entry[head][r]['test_top1']:.2%}" for r in RULES
+            )
+            lines.append(
+                f"| {name} ({rows['train']}/{rows['val']}/{rows['test']}) | {head} | {cells} |"
+            )
     return "\n".join(lines)
 
 
 def summary(results: dict[str, Any]) -> list[str]:
     caches = results["caches"]
-    means = {r: np.mean([e[h][r]["test_top1"] for e in caches.values() for h in HEADS]) for r in RULES}
-    lines = ["mean test top-1 over caches and heads: " + ", ".join(f"{NAMES[r]} {means[r]:.2%}" for r in RULES)]
+    means = {
+        r: np.mean([e[h][r]["test_top1"] for e in caches.values() for h in HEADS]) for r in RULES
+    }
+    lines = [
+        "mean test top-1 over caches and heads: "
+        + ", ".join(f"{NAMES[r]} {means[r]:.2%}" for r in RULES)
+    ]
     for name, entry in caches.items():
-        gaps = ", ".join(f"{NAMES[r]} {steps(entry['logreg'][r]['C'], entry['torch'][r]['C'])}" for r in RULES)
+        gaps = ", ".join(
+            f"{NAMES[r]} {steps(entry['logreg'][r]['C'], entry['torch'][r]['C'])}" for r in RULES
+        )
         lines.append(f"{name}: grid steps between the heads' C: {gaps}")
     for rule in ("top1", "top1-1se"):
-        moves = [one_image_sensitivity(e[h]["curve"], rule, e["rows"]["val"]) for e in caches.values() for h in HEADS]
-        lines.append(f"{NAMES[rule]}: most grid steps one image at one C moves the choice, per curve: {moves}")
+        moves = [
+            one_image_sensitivity(e[h]["curve"], rule, e["rows"]["val"])
+            for e in caches.values()
+            for h in HEADS
+        ]
+        lines.append(
+            f"{NAMES[rule]}: most grid steps one image at one C moves the choice, per curve: "
+            f"{moves}"
+        )
     o = caches["gaussian"]["oracle"]
     expected = {r: o["accuracy_by_index"][caches["gaussian"]["logreg"][r]["index"]] for r in RULES}
     lines.append(
-        f"gaussian: best C on {o['fresh_rows']:,} fresh rows {o['C']:.3g} ({o['accuracy']:.2%}; Bayes rate "
+        f"gaussian: best C on {o['fresh_rows']:,} fresh rows {o['C']:.3g} ({o['accuracy']:.2%}; "
+        "Bayes rate "
         f"{o['bayes_accuracy']:.2%}); on those rows the logreg head's choices score "
         + ", ".join(f"{NAMES[r]} {expected[r]:.2%}" for r in RULES)
     )
@@ -324,7 +402,9 @@ def summary(results: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=str(OUT / "selection.json"))
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -333,11 +413,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"caches": {}}
     for name, path in caches.items():
         info = cache_reader.cache_info(path)
-        entry: dict[str, Any] = {"path": str(path), "rows": {k: v for k, v in info.rows.items() if v}}
+        entry: dict[str, Any] = {
+            "path": str(path),
+            "rows": {k: v for k, v in info.rows.items() if v},
+        }
         for head in HEADS:
             entry[head] = run_rules(path, head)
-            choices = ", ".join(f"{NAMES[r]} C={entry[head][r]['C']:.3g} test {entry[head][r]['test_top1']:.2%}"
-                                for r in RULES)  # fmt: skip
+            choices = ", ".join(
+                f"{NAMES[r]} C={entry[head][r]['C']:.3g} test {entry[head][r]['test_top1']:.2%}"
+                for r in RULES
+            )
             print(f"{name:>9} {head:>6}: {choices}", flush=True)
         if name == "gaussian":
             entry["oracle"] = oracle(path, Gaussians())

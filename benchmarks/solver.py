@@ -52,7 +52,9 @@ def measure(X: np.ndarray, y: np.ndarray, n_classes: int, tol: float, block: int
     try:
         start = time.perf_counter()
         grid = np.logspace(-6, 5, 45)
-        sol = solver.solve(X, y, grid, n_classes=n_classes, options=SolverOptions(tol=tol), block=block)
+        sol = solver.solve(
+            X, y, grid, n_classes=n_classes, options=SolverOptions(tol=tol), block=block
+        )
         seconds = time.perf_counter() - start
     finally:
         Problem.loss_grad = original
@@ -66,7 +68,9 @@ def measure(X: np.ndarray, y: np.ndarray, n_classes: int, tol: float, block: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("cells", nargs="+", help="NxDxK, e.g. 2000x512x10")
     parser.add_argument("--tol", type=float, nargs="+", default=[1e-6])
     parser.add_argument("--block", type=int, nargs="+", default=[1])
@@ -78,8 +82,10 @@ def main(argv: list[str] | None = None) -> None:
             for block in args.block:
                 m = measure(X, y, k, tol, block)
                 print(
-                    f"{n:,} x {d} x {k}, tol {tol:g}, block {block}: {m['seconds']:.2f} s, {m['passes']} data passes, "
-                    f"{m['iterations']} iterations, {m['converged']}/45 converged (max |grad| {m['grad_max']:.1e})",
+                    f"{n:,} x {d} x {k}, tol {tol:g}, block {block}: {m['seconds']:.2f} s, "
+                    f"{m['passes']} data passes, "
+                    f"{m['iterations']} iterations, {m['converged']}/45 converged (max |grad| "
+                    f"{m['grad_max']:.1e})",
                     flush=True,
                 )
 

@@ -1,5 +1,6 @@
-"""The program entry (`pipeline ...`, `python -m pipeline ...`): signals are handled before any import
-that takes time, so Ctrl-C or SIGTERM at any instant ends with one line, never a traceback."""
+"""The program entry (`pipeline ...`, `python -m pipeline ...`): signals are handled before any
+import that takes time, so Ctrl-C or SIGTERM at any instant ends with one line, never a traceback.
+"""
 
 from __future__ import annotations
 

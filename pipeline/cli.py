@@ -44,7 +44,9 @@ def _say(message: str) -> None:
 
 def _config(args: argparse.Namespace, cls: type, table: str) -> Any:
     """defaults < the config file's [table] < flags given on the command line."""
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    flags = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
+    }
     file_values = load_table(args.config, table) if args.config else {}
     return resolve(cls, file_values, flags, source=f"{args.config} [{table}]")
 
@@ -62,7 +64,9 @@ def _head(args: argparse.Namespace) -> int:
 
     if args.cache is not None:
         if getattr(args, "features", args.cache) != args.cache:
-            raise ConfigError(f"two caches given: {args.cache} and --features {args.features}; pass one")
+            raise ConfigError(
+                f"two caches given: {args.cache} and --features {args.features}; pass one"
+            )
         args.features = args.cache
     result = protocol.run(_config(args, HeadConfig, "head"), report_to=_say)
     print(report.format_table(result))
@@ -76,7 +80,10 @@ def _study(args: argparse.Namespace) -> int:
 
     summary = study.run(args.file, report=_say, progress=args.progress)
     if summary["failed"]:
-        _say(f"error: {len(summary['failed'])} cell(s) failed: " + "; ".join(f["cell"] for f in summary["failed"]))
+        _say(
+            f"error: {len(summary['failed'])} cell(s) failed: "
+            + "; ".join(f["cell"] for f in summary["failed"])
+        )
         return 2
     return 0
 
@@ -102,10 +109,20 @@ def _predict(args: argparse.Namespace) -> int:
     from pipeline import predict
 
     overrides = {
-        k: getattr(args, k) for k in ("device", "batch_size", "workers", "progress") if getattr(args, k) is not None
+        k: getattr(args, k)
+        for k in ("device", "batch_size", "workers", "progress")
+        if getattr(args, k) is not None
     }
     done = predict.predict(
-        args.head, args.data, args.out, args.top_k, args.strict, args.weights, overrides, report=_say, force=args.force
+        args.head,
+        args.data,
+        args.out,
+        args.top_k,
+        args.strict,
+        args.weights,
+        overrides,
+        report=_say,
+        force=args.force,
     )
     print(predict.format_predictions(done, args.top_k))
     return 0
@@ -122,7 +139,9 @@ def _info(args: argparse.Namespace) -> int:
     from pipeline.cache import reader
 
     if args.path is None and args.config is None:
-        raise ConfigError("info needs a cache file: pass its path, or --config with a [features] table")
+        raise ConfigError(
+            "info needs a cache file: pass its path, or --config with a [features] table"
+        )
     path = args.path or _config(args, FeaturesConfig, "features").out_path
     print(format_summary(reader.summary(path)))
     return 0
@@ -145,7 +164,9 @@ def _backbones(args: argparse.Namespace) -> int:
 
     if args.layers:
         if not args.filter:
-            raise ConfigError("--layers lists the modules of one backbone: pipeline backbones resnet50 --layers")
+            raise ConfigError(
+                "--layers lists the modules of one backbone: pipeline backbones resnet50 --layers"
+            )
         print(catalog.format_layers(args.filter))
     else:
         print(catalog.format_table(args.filter))
@@ -158,15 +179,25 @@ def _short_list(names: list[str], most: int = 10) -> str:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    state = "complete" if s["complete"] else f"INCOMPLETE ({s['rows_done']} of {s['shape'][0]} rows written)"
+    state = (
+        "complete"
+        if s["complete"]
+        else f"INCOMPLETE ({s['rows_done']} of {s['shape'][0]} rows written)"
+    )
     carved = "; ".join(
-        f"{name} carved from {c['from']} ({c['fraction']:.0%}, seed {c['seed']})" for name, c in s["carved"].items()
+        f"{name} carved from {c['from']} ({c['fraction']:.0%}, seed {c['seed']})"
+        for name, c in s["carved"].items()
     )
     splits = ", ".join(f"{name} {n}" for name, n in s["splits"].items() if n)
     lines = [
         f"{s['path']}: {state}, {s['bytes'] / 1e6:.1f} MB",
-        f"  features     {s['shape']} {s['dtype']}" + (f"; logits {s['logits']}" if s["logits"] else ""),
-        *(["  layers       " + ", ".join(f"{k} {v}" for k, v in s["layers"].items())] if s["layers"] else []),
+        f"  features     {s['shape']} {s['dtype']}"
+        + (f"; logits {s['logits']}" if s["logits"] else ""),
+        *(
+            ["  layers       " + ", ".join(f"{k} {v}" for k, v in s["layers"].items())]
+            if s["layers"]
+            else []
+        ),
         f"  classes      {len(s['classes'])}: {_short_list(s['classes'])}",
         f"  splits       {splits}" + (f" ({carved})" if carved else ""),
         f"  skipped      {len(s['skipped'])} unreadable images"
@@ -174,7 +205,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  source       {s['source']}",
         "  fingerprint",
         *(f"    {key:<14} {value}" for key, value in s["fingerprint"].items()),
-        f"  created      {s['created']} with " + ", ".join(f"{k} {v}" for k, v in s["versions"].items()),
+        f"  created      {s['created']} with "
+        + ", ".join(f"{k} {v}" for k, v in s["versions"].items()),
     ]
     return "\n".join(lines)
 
@@ -182,19 +214,26 @@ def format_summary(s: dict[str, Any]) -> str:
 def _head_arguments(parser: argparse.ArgumentParser) -> None:
     """What `predict` and `export` both need: the trained head, and where its weights are now."""
     parser.add_argument("--head", required=True, help="a results folder written by `pipeline head`")
-    parser.add_argument("--weights", help="where the backbone weights are now (checked against the cache)")
+    parser.add_argument(
+        "--weights", help="where the backbone weights are now (checked against the cache)"
+    )
     _force_argument(parser)
 
 
 def _force_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
-                        help="replace an existing --out file that this command did not write")  # fmt: skip
+    parser.add_argument(
+        "--force",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="replace an existing --out file that this command did not write",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pipeline",
-        description="Cached-embedding linear probing: extract frozen backbone features once, then train heads fast.",
+        description="Cached-embedding linear probing: extract frozen backbone features once, then "
+        "train heads fast.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -205,23 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
             FeaturesConfig,
             _features,
             "extract backbone features of an image set into an HDF5 cache",
-            "Pass every image through a frozen torchvision or timm model once and cache its penultimate features.",
-            "pipeline features (--data PATH | --dataset NAME) [--backbone NAME] [--weights W] [--out FILE] [...]",
+            "Pass every image through a frozen torchvision or timm model once and cache its "
+            "penultimate features.",
+            "pipeline features (--data PATH | --dataset NAME) [--backbone NAME] [--weights W] "
+            "[--out FILE] [...]",
         ),
         (
             "head",
             HeadConfig,
             _head,
             "train a head on a cache: choose its setting on val, refit, test once",
-            "Train a head (linear, kNN or nearest class mean) on cached features: choose its setting (C, k) "
+            "Train a head (linear, kNN or nearest class mean) on cached features: choose its "
+            "setting (C, k) "
             "on validation, refit on train+val, score the test split once.",
             "pipeline head CACHE [--head torch|logreg|knn|ncm] [--out DIR] [...]",
         ),
     ):
-        stage = commands.add_parser(name, help=help_text, description=description, usage=usage, formatter_class=_Help)
+        stage = commands.add_parser(
+            name, help=help_text, description=description, usage=usage, formatter_class=_Help
+        )
         if name == "head":
             stage.add_argument("cache", nargs="?", help="the cache file (the same as --features)")
-        stage.add_argument("--config", help=f"TOML file whose [{name}] table sets any of these flags")
+        stage.add_argument(
+            "--config", help=f"TOML file whose [{name}] table sets any of these flags"
+        )
         add_arguments(stage, cls)
         stage.set_defaults(handler=handler)
 
@@ -229,22 +275,34 @@ def build_parser() -> argparse.ArgumentParser:
         "study",
         formatter_class=_Help,
         help="run a study: datasets x backbones x heads through the cache, then compare",
-        description="Run every cell of a study file (TOML): extraction through the cache, then each head.",
+        description="Run every cell of a study file (TOML): extraction through the cache, then "
+        "each head.",
     )
     study.add_argument("file", help="the study file, e.g. configs/transfer-suite.toml")
-    study.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress")
+    study.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress"
+    )
     study.set_defaults(handler=_study)
 
     compare = commands.add_parser(
         "compare",
         formatter_class=_Help,
         help="one table (Markdown + CSV) from many head results, with paired tests and plots",
-        description="Gather result.json files into one comparison with 95% intervals and paired tests.",
+        description="Gather result.json files into one comparison with 95% intervals and paired "
+        "tests.",
     )
-    compare.add_argument("paths", nargs="*", default=["results"], help="result folders, searched recursively")
-    compare.add_argument("--out", default="results/report.md", help="the Markdown report (CSV and PNGs beside it)")
-    compare.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired tests")
-    compare.add_argument("--pair", nargs=2, metavar="RESULT", help="compare just these two runs, paired")
+    compare.add_argument(
+        "paths", nargs="*", default=["results"], help="result folders, searched recursively"
+    )
+    compare.add_argument(
+        "--out", default="results/report.md", help="the Markdown report (CSV and PNGs beside it)"
+    )
+    compare.add_argument(
+        "--alpha", type=float, default=0.05, help="significance level of the paired tests"
+    )
+    compare.add_argument(
+        "--pair", nargs=2, metavar="RESULT", help="compare just these two runs, paired"
+    )
     _force_argument(compare)
     compare.set_defaults(handler=_compare)
 
@@ -252,37 +310,60 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         formatter_class=_Help,
         help="classify new images with a trained head (rebuilds its backbone)",
-        description="Rebuild the head's backbone and preprocessing, classify images, write top-k to a CSV.",
+        description="Rebuild the head's backbone and preprocessing, classify images, write top-k "
+        "to a CSV.",
     )
     _head_arguments(predict)
-    predict.add_argument("--data", required=True, help="a folder of images, a CSV with a path column, or one image")
+    predict.add_argument(
+        "--data", required=True, help="a folder of images, a CSV with a path column, or one image"
+    )
     predict.add_argument("--out", default="predictions.csv", help="the CSV to write")
     predict.add_argument("--top-k", type=int, default=5, help="classes per image in the CSV")
-    predict.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
-                         help="stop on an unreadable image instead of listing it")  # fmt: skip
-    predict.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: as the cache was made)")
     predict.add_argument(
-        "--batch-size", type=int, metavar="N", help="images per forward pass (default: as the cache was made)"
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="stop on an unreadable image instead of listing it",
     )
     predict.add_argument(
-        "--workers", type=int, metavar="N", help="DataLoader worker processes (default: as the cache was made)"
+        "--device", help="auto, cpu, cuda, cuda:N or mps (default: as the cache was made)"
     )
-    predict.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                         help="show a progress bar (default: as the cache was made)")  # fmt: skip
+    predict.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="images per forward pass (default: as the cache was made)",
+    )
+    predict.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="DataLoader worker processes (default: as the cache was made)",
+    )
+    predict.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar (default: as the cache was made)",
+    )
     predict.set_defaults(handler=_predict)
 
     export = commands.add_parser(
         "export",
         formatter_class=_Help,
         help="one torch file with backbone, preprocessing constants and head",
-        description="Write a torch.export program (uint8 crops -> probabilities) that loads without this package.",
+        description="Write a torch.export program (uint8 crops -> probabilities) that loads "
+        "without this package.",
     )
     _head_arguments(export)
     export.add_argument("--out", required=True, help="the file to write, e.g. classifier.pt2")
     export.set_defaults(handler=_export)
 
     info = commands.add_parser(
-        "info", help="describe a cache file", description="Summarise a feature cache file.", formatter_class=_Help
+        "info",
+        help="describe a cache file",
+        description="Summarise a feature cache file.",
+        formatter_class=_Help,
     )
     info.add_argument("path", nargs="?", help="the .h5 cache file")
     info.add_argument("--config", help="or: the TOML file whose [features] table names the cache")
@@ -291,8 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     pack = commands.add_parser(
         "pack",
         formatter_class=_Help,
-        help="copy a cache (a virtual one over torchrun part files, or any) into one self-contained file",
-        description="Write every row and attribute of a cache into one ordinary file (verified, then renamed).",
+        help="copy a cache (a virtual one over torchrun part files, or any) into one "
+        "self-contained file",
+        description="Write every row and attribute of a cache into one ordinary file (verified, "
+        "then renamed).",
     )
     pack.add_argument("cache", help="the cache to pack, e.g. cache/big.h5")
     pack.add_argument("--out", required=True, help="the single file to write")
@@ -302,11 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     backbones = commands.add_parser(
         "backbones",
         formatter_class=_Help,
-        help="list the backbones: family, feature dimension, the layer it is the input of, weights, preprocessing",
-        description="List the torchvision classification models (and timm ones, with the extra) by name.",
+        help="list the backbones: family, feature dimension, the layer it is the input of, "
+        "weights, preprocessing",
+        description="List the torchvision classification models (and timm ones, with the extra) by "
+        "name.",
     )
-    backbones.add_argument("filter", nargs="?", default="", help="only names containing this, e.g. vit or resnet")
-    backbones.add_argument("--layers", action="store_true", help="list the modules of the backbone FILTER names")
+    backbones.add_argument(
+        "filter", nargs="?", default="", help="only names containing this, e.g. vit or resnet"
+    )
+    backbones.add_argument(
+        "--layers", action="store_true", help="list the modules of the backbone FILTER names"
+    )
     backbones.set_defaults(handler=_backbones)
     return parser
 

@@ -19,16 +19,25 @@ def choose_device(request: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(request)
     if device.type == "cuda":
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        build = (
+            "a CPU-only build"
+            if torch.version.cuda is None
+            else f"built for CUDA {torch.version.cuda}"
+        )
         if not torch.cuda.is_available():
             raise DeviceError(
-                f"--device {request} asked for, but CUDA is not available (torch {torch.__version__}, {build}); "
+                f"--device {request} asked for, but CUDA is not available (torch "
+                f"{torch.__version__}, {build}); "
                 "use --device cpu or --device auto"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {request}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise DeviceError(
+                f"--device {request}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError(f"--device {request} asked for, but MPS is not available; use --device cpu or auto")
+        raise DeviceError(
+            f"--device {request} asked for, but MPS is not available; use --device cpu or auto"
+        )
     return device
 
 

@@ -33,7 +33,9 @@ ENTRIES = re.compile(
     r"|data/sample_inputs/\w+\.pt|extra/[\w.-]+|archive_format|archive_version|byteorder|\.data/version"
     r"|\.data/serialization_id)"
 )
-MAX_EXPANSION = 16  # an export is stored, not compressed: entries that unpack to far more are a zip bomb
+MAX_EXPANSION = (
+    16  # an export is stored, not compressed: entries that unpack to far more are a zip bomb
+)
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PATH = re.compile(r"[A-Za-z0-9_.]*")  # a module path ("" for the root, "body.layer1.0")
 TARGET = re.compile(r"torch\.ops\.aten\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+|_operator\.getitem")
@@ -48,12 +50,15 @@ class Refused(Exception):
 
 
 def _refuse(path: Path, why: str) -> WeightsError:
-    return WeightsError(f"refusing to load {path}: {why}; load only exports made by `pipeline export`")
+    return WeightsError(
+        f"refusing to load {path}: {why}; load only exports made by `pipeline export`"
+    )
 
 
 def load_export(path: str | Path) -> Any:
     """`torch.export.load` for a file from others, after the checks above. Returns the
-    ExportedProgram (``.module()`` gives the callable); anything refused is a one-line WeightsError."""
+    ExportedProgram (``.module()`` gives the callable); anything refused is a one-line WeightsError.
+    """
     path = Path(path)
     try:
         entries = _read_entries(path)
@@ -81,13 +86,17 @@ def _read_entries(path: Path) -> dict[str, bytes]:
             names = archive.namelist()
             declared = sum(item.file_size for item in archive.infolist())
             if declared > MAX_EXPANSION * len(data) + (1 << 20):
-                raise Refused(f"its entries unpack to {declared / 1e9:.1f} GB from {len(data) / 1e6:.1f} MB")
+                raise Refused(
+                    f"its entries unpack to {declared / 1e9:.1f} GB from {len(data) / 1e6:.1f} MB"
+                )
             repeated = sorted({name for name in names if names.count(name) > 1})
             if repeated:
                 raise Refused(f"entry {repeated[0]!r} appears more than once")
             tops = {name.split("/", 1)[0] for name in names}
             if len(tops) != 1:
-                raise Refused(f"its entries sit under {len(tops)} top folders ({', '.join(sorted(tops))})")
+                raise Refused(
+                    f"its entries sit under {len(tops)} top folders ({', '.join(sorted(tops))})"
+                )
             entries = {}
             for name in names:
                 if not ENTRIES.fullmatch(name):
@@ -162,7 +171,8 @@ def _check_program(program: dict[str, Any]) -> None:
 
 
 def _walk(value: Any, where: tuple[str, ...]) -> None:
-    """Every string printable ASCII; names identifiers and module paths dotted, wherever they sit."""
+    """Every string printable ASCII; names identifiers and module paths dotted, wherever they
+    sit."""
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str) or not PRINTABLE.fullmatch(key):
@@ -176,7 +186,9 @@ def _walk(value: Any, where: tuple[str, ...]) -> None:
     elif isinstance(value, str):
         key = where[-1] if where else ""
         if not PRINTABLE.fullmatch(value):
-            raise Refused(f"its program has a string of unexpected characters at {'/'.join(where)[-60:]}")
+            raise Refused(
+                f"its program has a string of unexpected characters at {'/'.join(where)[-60:]}"
+            )
         if key in NAME_KEYS and not NAME.fullmatch(value):
             raise Refused(f"its program has a name {value[:40]!r} that is not an identifier")
         if key in PATH_KEYS and not PATH.fullmatch(value):
@@ -195,7 +207,8 @@ def _check_pytree(spec: Any) -> None:
 
 
 def _torch_load(path: Path, data: bytes) -> Any:
-    """torch.export.load of checked bytes; its own refusals (and the tracebacks it logs) become one line."""
+    """torch.export.load of checked bytes; its own refusals (and the tracebacks it logs) become one
+    line."""
     import torch
 
     quiet = logging.getLogger("torch")

@@ -36,7 +36,8 @@ os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class WriteError(PipelineError, OSError):
-    """A write that the file system refused: full disk, read-only mount, file size limit, I/O error."""
+    """A write that the file system refused: full disk, read-only mount, file size limit, I/O
+    error."""
 
 
 def umask() -> int:
@@ -53,7 +54,8 @@ def private_to_shared(path: Path, directory: bool = False) -> None:
 
 
 def explain(exc: BaseException, path: str | Path, needed: int | None = None) -> WriteError:
-    """A one-line error for a failed write to `path`, with the free space when the disk is the problem."""
+    """A one-line error for a failed write to `path`, with the free space when the disk is the
+    problem."""
     code = getattr(exc, "errno", None)
     text = str(exc)
     if code is None:  # HDF5 reports the OS error inside its message text
@@ -72,7 +74,11 @@ def explain(exc: BaseException, path: str | Path, needed: int | None = None) -> 
     room = ""
     if needed is not None or code in (errno.ENOSPC, errno.EDQUOT):
         free = free_bytes(Path(path).parent)
-        room = f" (needs about {_mb(needed)} MB, {_mb(free)} MB free)" if needed else f" ({_mb(free)} MB free)"
+        room = (
+            f" (needs about {_mb(needed)} MB, {_mb(free)} MB free)"
+            if needed
+            else f" ({_mb(free)} MB free)"
+        )
     return WriteError(f"cannot write {path}: {reason}{room}; {hint}")
 
 
@@ -97,7 +103,8 @@ def require_space(path: Path, needed: int) -> None:
     free = free_bytes(path.parent)
     if free is not None and free < needed * 1.05:
         raise WriteError(
-            f"cannot write {path}: it needs about {_mb(needed)} MB and {path.parent} has {_mb(free)} MB free; "
+            f"cannot write {path}: it needs about {_mb(needed)} MB and {path.parent} has "
+            f"{_mb(free)} MB free; "
             "free space there or pass another --out"
         )
     try:
@@ -134,7 +141,9 @@ def check_output_folder(path: Path, what: str = "output") -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocking = next(p for p in (parent, *parent.parents) if p.exists() and not p.is_dir())
-        raise WriteError(f"cannot write {what} {path}: {blocking} is a file, not a folder; pass another path") from None
+        raise WriteError(
+            f"cannot write {what} {path}: {blocking} is a file, not a folder; pass another path"
+        ) from None
     except OSError as exc:
         raise explain(exc, path) from None
     if not parent.is_dir():
@@ -152,7 +161,10 @@ def fsync_path(path: Path, directory: bool = False) -> None:
     try:
         os.fsync(fd)
     except OSError as exc:
-        if not directory or exc.errno not in (errno.EINVAL, errno.EBADF):  # some file systems cannot fsync folders
+        if not directory or exc.errno not in (
+            errno.EINVAL,
+            errno.EBADF,
+        ):  # some file systems cannot fsync folders
             raise
     finally:
         os.close(fd)
@@ -182,7 +194,8 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def swap_in_folder(staging: Path, target: Path) -> None:
-    """Make `staging` the folder `target` in one step; the previous `target` is removed afterwards."""
+    """Make `staging` the folder `target` in one step; the previous `target` is removed
+    afterwards."""
     for child in staging.iterdir():
         if child.is_file():
             fsync_path(child)
@@ -207,18 +220,26 @@ def locked(path: str | Path, what: str = "writing") -> Iterator[None]:
     except OSError as exc:
         raise explain(exc, lock) from None
     while True:
-        try:  # never through a link: a lock is written and removed, and must be this program's own file
+        # never through a link: a lock is written and removed, and must be this program's own file
+        try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except IsADirectoryError:
-            raise CacheError(f"lock file {lock} is a folder; remove that folder and rerun") from None
+            raise CacheError(
+                f"lock file {lock} is a folder; remove that folder and rerun"
+            ) from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise CacheError(f"lock file {lock} is a symbolic link, not this program's lock; remove it") from None
+                raise CacheError(
+                    f"lock file {lock} is a symbolic link, not this program's lock; remove it"
+                ) from None
             raise explain(exc, lock) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or not re.fullmatch(rb"\d*", os.pread(fd, 64, 0).strip()):
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not re.fullmatch(
+            rb"\d*", os.pread(fd, 64, 0).strip()
+        ):
             os.close(fd)  # a FIFO, or a file of someone's that happens to carry the name
             raise CacheError(
-                f"{lock} exists and is not a lock file of this program (those hold a process id); move it away"
+                f"{lock} exists and is not a lock file of this program (those hold a process id); "
+                "move it away"
             )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -226,7 +247,8 @@ def locked(path: str | Path, what: str = "writing") -> Iterator[None]:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise CacheError(
-                f"another run (pid {holder}) is {what} {path}; wait for it to finish or stop it, then rerun"
+                f"another run (pid {holder}) is {what} {path}; wait for it to finish or stop it, "
+                "then rerun"
             ) from None
         # The previous holder may have unlinked the file between our open and flock: retry then.
         with contextlib.suppress(FileNotFoundError):

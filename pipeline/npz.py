@@ -1,6 +1,7 @@
 """Reading `.npz` files that someone else may have made (head.npz, predictions.npz): nothing
 pickled, no array header that claims more bytes than its entry holds (which would be allocated
-before anything else could be checked). Numpy only; callers turn `BadArchive` into their own error."""
+before anything else could be checked). Numpy only; callers turn `BadArchive` into their own error.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +24,16 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
                 with archive.open(info) as fh:
                     fmt = np.lib.format
                     version = fmt.read_magic(fh)
-                    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                    read = (
+                        fmt.read_array_header_1_0
+                        if version == (1, 0)
+                        else fmt.read_array_header_2_0
+                    )
                     shape, _, dtype = read(fh)
                 if math.prod(shape) * dtype.itemsize > info.file_size:
                     raise BadArchive(
-                        f"its {info.filename} declares a {shape} {dtype} array, more than its {info.file_size} bytes"
+                        f"its {info.filename} declares a {shape} {dtype} array, more than its "
+                        f"{info.file_size} bytes"
                     )
     except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
         if isinstance(exc, BadArchive):
@@ -37,6 +43,8 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
     except ValueError:
-        raise BadArchive("it holds pickled data (or is no .npz archive); nothing pickled is loaded") from None
+        raise BadArchive(
+            "it holds pickled data (or is no .npz archive); nothing pickled is loaded"
+        ) from None
     except (OSError, zipfile.BadZipFile, EOFError):
         raise BadArchive("it is not a readable .npz archive") from None

@@ -24,10 +24,23 @@ from pathlib import Path
 from pipeline import fsutil
 from pipeline.errors import ConfigError
 
-HEAD_FILES = ("result.json", "head.json")  # a folder holding one of these was written by `pipeline head`
+HEAD_FILES = (
+    "result.json",
+    "head.json",
+)  # a folder holding one of these was written by `pipeline head`
 # Every name a head run may write; anything else in a results folder is the user's and is kept.
-HEAD_OUTPUTS = frozenset({*HEAD_FILES, "head.npz", "curve.csv", "predictions.npz", "fewshot.csv",
-                          "validation_curve.png", "confusion_matrix.png", "reliability.png"})  # fmt: skip
+HEAD_OUTPUTS = frozenset(
+    {
+        *HEAD_FILES,
+        "head.npz",
+        "curve.csv",
+        "predictions.npz",
+        "fewshot.csv",
+        "validation_curve.png",
+        "confusion_matrix.png",
+        "reliability.png",
+    }
+)
 
 
 def results_target(out: Path) -> Path:
@@ -36,15 +49,19 @@ def results_target(out: Path) -> Path:
 
 
 def check_results_folder(out: Path, force: bool) -> None:
-    """Before any work: `out` is absent, empty, a previous head run's folder, or --force was given."""
+    """Before any work: `out` is absent, empty, a previous head run's folder, or --force was
+    given."""
     out = results_target(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; the head stage writes a folder there: pass another --out")
+        raise ConfigError(
+            f"--out {out} is a file; the head stage writes a folder there: pass another --out"
+        )
     if out.is_dir() and not force:
         entries = sorted(p.name for p in out.iterdir())
         if entries and not any(name in entries for name in HEAD_FILES):
             raise ConfigError(
-                f"--out {out} holds files that `pipeline head` did not write (e.g. {entries[0]!r}); "
+                f"--out {out} holds files that `pipeline head` did not write (e.g. "
+                f"{entries[0]!r}); "
                 "pass another --out, or --force to write the head's files beside them"
             )
     fsutil.check_output_folder(out, "results")
@@ -55,7 +72,8 @@ def results_lock(out: Path) -> Iterator[None]:
     """Held for a whole head run: the second run into the same folder fails at once."""
     out = results_target(out)
     with fsutil.locked(out, "writing results to"):
-        # Staging folders a killed run left are ours to remove: named as `tempfile.mkdtemp` names them
+        # Staging folders a killed run left are ours to remove: named as `tempfile.mkdtemp` names
+        # them
         # (8 random characters), real folders, not links. Anything else of that look is someone's.
         ours = re.compile(re.escape(f".{out.name}.staging-") + r"[a-z0-9_]{8}")
         for stale in out.parent.glob(f".{out.name}.staging-*"):
@@ -72,9 +90,11 @@ def foreign_entries(folder: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, report: Callable[[str], None] = lambda message: None) -> Iterator[Path]:
-    """A fresh hidden sibling to write into; on success it becomes `out` in one step, on any error it
-    is removed and the previous `out` stays as it was. Entries of `out` that a head run does not
+def staged_folder(
+    out: Path, report: Callable[[str], None] = lambda message: None
+) -> Iterator[Path]:
+    """A fresh hidden sibling to write into; on success it becomes `out` in one step, on any error
+    it is removed and the previous `out` stays as it was. Entries of `out` that a head run does not
     write are linked (or copied) into the new folder first, so nothing of the user's is lost."""
     out = results_target(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
@@ -106,8 +126,8 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    """`src` (a file, link or folder) at `dst` again: hard links where the file system allows, so the old
-    folder can go without taking the data."""
+    """`src` (a file, link or folder) at `dst` again: hard links where the file system allows, so
+    the old folder can go without taking the data."""
     if src.is_symlink():
         os.symlink(os.readlink(src), dst)
     elif src.is_dir():
@@ -122,7 +142,8 @@ def _starts_with(path: Path, prefix: bytes) -> bool:
 
 
 def _is_our_export(path: Path) -> bool:
-    """An export's meta.json says `"format": "pipeline ... torch.export program"` (any head kind)."""
+    """An export's meta.json says `"format": "pipeline ... torch.export program"` (any head
+    kind)."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith("extra/meta.json")]
@@ -134,7 +155,9 @@ def _is_our_export(path: Path) -> bool:
 
 
 OURS: dict[str, Callable[[Path], bool]] = {
-    "pack": lambda p: False,  # only the cache being packed itself, or a pack of it: `virtual.same_cache`
+    "pack": lambda p: (
+        False
+    ),  # only the cache being packed itself, or a pack of it: `virtual.same_cache`
     "predictions": lambda p: _starts_with(p, b"path,prediction,probability"),
     "export": _is_our_export,
     "report": lambda p: _starts_with(p, b"# Comparison"),
@@ -142,18 +165,23 @@ OURS: dict[str, Callable[[Path], bool]] = {
 
 
 def check_file_output(path: Path, kind: str, force: bool) -> None:
-    """Before any work: `path` may be written (a new file, one of ours of this `kind`, or --force)."""
+    """Before any work: `path` may be written (a new file, one of ours of this `kind`, or
+    --force)."""
     if path.is_dir():
-        raise ConfigError(f"--out {path} is a folder; pass a file path inside it, e.g. {path / ('out.' + kind)}")
+        raise ConfigError(
+            f"--out {path} is a folder; pass a file path inside it, e.g. {path / ('out.' + kind)}"
+        )
     if path.exists() and not force and not OURS[kind](path):
         raise ConfigError(
-            f"--out {path} exists and was not written by this command; pass another --out, or --force to replace it"
+            f"--out {path} exists and was not written by this command; pass another --out, or "
+            "--force to replace it"
         )
     fsutil.check_output_folder(path, kind)
 
 
 def replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` a temporary sibling, then move it over `path` (fsynced); removed on any error."""
+    """`write(tmp)` a temporary sibling, then move it over `path` (fsynced); removed on any
+    error."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:

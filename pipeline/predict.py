@@ -27,34 +27,45 @@ def _settings(head: TrainedHead, folder: Path) -> tuple[dict[str, Any], dict[str
     fingerprint, settings = head.meta.get("cache_fingerprint"), head.meta.get("features_config")
     if not fingerprint or not settings:
         raise CacheError(
-            f"head {folder} does not record how its features were made (saved by an older pipeline); "
+            f"head {folder} does not record how its features were made (saved by an older "
+            "pipeline); "
             "retrain it with `pipeline head`"
         )
     return fingerprint, settings
 
 
-def rebuild_spec(head: TrainedHead, folder: Path, weights: str | None = None) -> backbone.BackboneSpec:
+def rebuild_spec(
+    head: TrainedHead, folder: Path, weights: str | None = None
+) -> backbone.BackboneSpec:
     """The head's backbone and preprocessing, verified against its cache fingerprint."""
     layer = (head.meta.get("config") or {}).get("layer")
     if layer not in (None, "", "penultimate"):
         raise ConfigError(
-            f"head {folder} was trained on layer {layer!r} of its cache; predict and export rebuild the penultimate "
+            f"head {folder} was trained on layer {layer!r} of its cache; predict and export "
+            "rebuild the penultimate "
             "features only, so use a head trained on them (without --layer)"
         )
     fingerprint, settings = _settings(head, folder)
     spec = backbone.describe(
-        fingerprint["backbone"], weights or settings["weights"], settings.get("seed", 0), settings.get("image_size")
+        fingerprint["backbone"],
+        weights or settings["weights"],
+        settings.get("seed", 0),
+        settings.get("image_size"),
     )
     if spec.weights_id != fingerprint["weights"]:
         raise WeightsError(
-            f"cannot rebuild the backbone of head {folder}: its features came from weights {fingerprint['weights']!r}, "
-            f"these are {spec.weights_id!r}; pass --weights with the very same weights (a checkpoint is matched by "
+            f"cannot rebuild the backbone of head {folder}: its features came from weights "
+            f"{fingerprint['weights']!r}, "
+            f"these are {spec.weights_id!r}; pass --weights with the very same weights (a "
+            "checkpoint is matched by "
             "its sha256)"
         )
     if spec.preprocessing != fingerprint["preprocessing"]:
         raise WeightsError(
-            f"cannot rebuild the preprocessing of head {folder}: it was {fingerprint['preprocessing']!r}, this "
-            f"torchvision gives {spec.preprocessing!r}; use the torchvision version recorded in the head's cache"
+            f"cannot rebuild the preprocessing of head {folder}: it was "
+            f"{fingerprint['preprocessing']!r}, this "
+            f"torchvision gives {spec.preprocessing!r}; use the torchvision version recorded in "
+            "the head's cache"
         )
     return spec
 
@@ -85,24 +96,32 @@ def predict(
     samples = list_images(data)
     fields = {f.name for f in dataclasses.fields(FeaturesConfig)}
     values = {k: v for k, v in settings.items() if k in fields and k not in ("dataset", "out")}
-    values.update(data=str(data), weights=weights or settings["weights"], skip_bad_images=not strict)
+    values.update(
+        data=str(data), weights=weights or settings["weights"], skip_bad_images=not strict
+    )
     values.update(overrides or {})
     cfg = FeaturesConfig(**values)
     try:
         features, errors = forward.embed(cfg, samples, spec, report)
     except BadImageError as exc:
-        raise BadImageError(f"{exc}; fix or remove them, or drop --strict to list them in the CSV and go on") from None
+        raise BadImageError(
+            f"{exc}; fix or remove them, or drop --strict to list them in the CSV and go on"
+        ) from None
     ok = np.isfinite(features).all(axis=1)
     proba = np.full((len(samples), len(head.classes_)), np.nan, dtype=np.float32)
     if ok.any():
         with np.errstate(all="ignore"):  # an overflow is reported per image below, not warned about
             proba[ok] = head.predict_proba(features[ok])
     for row in np.flatnonzero(ok & ~np.isfinite(proba).all(axis=1)):
-        errors[row] = "the head gave no finite probability for this image (do its weights overflow?)"
+        errors[row] = (
+            "the head gave no finite probability for this image (do its weights overflow?)"
+        )
     ok &= np.isfinite(proba).all(axis=1)
     k = min(top_k, len(head.classes_))
     header = ["path", "prediction", "probability"]
-    header += [f"{name}_{i}" for i in range(2, k + 1) for name in ("class", "probability")] + ["error"]
+    header += [f"{name}_{i}" for i in range(2, k + 1) for name in ("class", "probability")] + [
+        "error"
+    ]
 
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as fh:
@@ -118,16 +137,23 @@ def predict(
 
     outputs.replace_file(out, write)
     bad = [samples.ids[r] for r in sorted(errors)]
-    report(f"wrote {out}: {int(ok.sum())} images classified" + (f", {len(bad)} unreadable: {bad[:5]}" if bad else ""))
+    report(
+        f"wrote {out}: {int(ok.sum())} images classified"
+        + (f", {len(bad)} unreadable: {bad[:5]}" if bad else "")
+    )
     return {
-        "out": str(out), "classified": int(ok.sum()), "unreadable": bad, "proba": proba, "ids": samples.ids,
+        "out": str(out),
+        "classified": int(ok.sum()),
+        "unreadable": bad,
+        "proba": proba,
+        "ids": samples.ids,
         "classes": [str(c) for c in head.classes_],
-    }  # fmt: skip
+    }
 
 
 def format_predictions(done: dict[str, Any], top_k: int = 5, most: int = 10) -> str:
-    """What `pipeline predict` prints: one image's top-k classes, or for many how many images each class
-    got (the CSV has every image)."""
+    """What `pipeline predict` prints: one image's top-k classes, or for many how many images each
+    class got (the CSV has every image)."""
     proba, ids, classes = done["proba"], done["ids"], done["classes"]
     readable = np.isfinite(proba).all(axis=1)
     if len(ids) == 1:
@@ -135,8 +161,14 @@ def format_predictions(done: dict[str, Any], top_k: int = 5, most: int = 10) -> 
             return f"{ids[0]}: unreadable (the error column of {done['out']} says why)"
         order = np.argsort(-proba[0])[: min(top_k, len(classes))]
         return f"{ids[0]}: " + ", ".join(f"{classes[c]} {proba[0, c]:.1%}" for c in order)
-    counts = np.bincount(proba[readable].argmax(axis=1), minlength=len(classes)) if readable.any() else []
-    ranked = sorted(((int(n), classes[c]) for c, n in enumerate(counts) if n), key=lambda t: (-t[0], t[1]))
+    counts = (
+        np.bincount(proba[readable].argmax(axis=1), minlength=len(classes))
+        if readable.any()
+        else []
+    )
+    ranked = sorted(
+        ((int(n), classes[c]) for c, n in enumerate(counts) if n), key=lambda t: (-t[0], t[1])
+    )
     lines = [f"{int(readable.sum())} images classified ({done['out']} has each one's top {top_k}):"]
     lines += [f"  {name:<24} {n:>7} images" for n, name in ranked[:most]]
     if len(ranked) > most:
@@ -173,7 +205,8 @@ def export(
     report: Any = lambda m: None,
     force: bool = False,
 ) -> Path:
-    """One file that `torch.export.load` opens without this package: module + preprocessing in meta.json."""
+    """One file that `torch.export.load` opens without this package: module + preprocessing in
+    meta.json."""
     import torch
 
     out = Path(out)
@@ -189,8 +222,10 @@ def export(
     program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: batch}})
     t = spec.transform
     meta = {
-        "format": f"pipeline {head.kind.model} classifier ({head.kind.name} head), torch.export program",
-        "input": f"uint8 tensor (B, 3, {size}, {size}): RGB image resized (shorter side {t.resize_size[0]}, "
+        "format": f"pipeline {head.kind.model} classifier ({head.kind.name} head), torch.export "
+        "program",
+        "input": f"uint8 tensor (B, 3, {size}, {size}): RGB image resized (shorter side "
+        f"{t.resize_size[0]}, "
         f"{t.interpolation.value}, antialias) and centre-cropped to {size}",
         "output": "float32 (B, C) class probabilities, columns in the order of `classes`",
         "classes": [str(c) for c in head.classes_],
@@ -209,10 +244,14 @@ def export(
         "usage": "p = torch.export.load(path).module()(images_uint8)",
     }
     outputs.replace_file(
-        out, lambda tmp: torch.export.save(program, str(tmp), extra_files={"meta.json": json.dumps(meta, indent=2)})
+        out,
+        lambda tmp: torch.export.save(
+            program, str(tmp), extra_files={"meta.json": json.dumps(meta, indent=2)}
+        ),
     )
     report(
-        f"wrote {out}: {spec.name} + {head.meta.get('head', 'linear')} head, {len(head.classes_)} classes; "
+        f"wrote {out}: {spec.name} + {head.meta.get('head', 'linear')} head, {len(head.classes_)} "
+        "classes; "
         f"input {meta['input']}"
     )
     return out

@@ -12,9 +12,12 @@ from pipeline.errors import ConfigError
 
 # ----------------------------------------------------------------------------------- features
 
-# Backbones: any torchvision classification model (`pipeline backbones` lists them), or timm:NAME with
-# the timm extra; the feature is the input of the model's final classification layer. The ResNets are
-# the first family: the fast tests' backbones, and the candidates named when a checkpoint fits another.
+# Backbones: any torchvision classification model (`pipeline backbones` lists them), or timm:NAME
+# with
+# the timm extra; the feature is the input of the model's final classification layer. The ResNets
+# are
+# the first family: the fast tests' backbones, and the candidates named when a checkpoint fits
+# another.
 TIMM_PREFIX = "timm:"
 RESNETS = (
     "resnet18",
@@ -39,12 +42,19 @@ TORCHVISION_DATASETS: dict[str, dict[str, dict[str, Any]]] = {
     "OxfordIIITPet": {"train": {"split": "trainval"}, "test": {"split": "test"}},
     "DTD": {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
     "Food101": {"train": {"split": "train"}, "test": {"split": "test"}},
-    "FGVCAircraft": {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
+    "FGVCAircraft": {
+        "train": {"split": "train"},
+        "val": {"split": "val"},
+        "test": {"split": "test"},
+    },
     "Caltech101": {"train": {}},
     "SUN397": {"train": {}},
     "ImageNet": {"train": {"split": "train"}, "test": {"split": "val"}},
 }
-DATASETS = ("digits", *TORCHVISION_DATASETS)  # digits: the offline demo (scikit-learn's digits as images)
+DATASETS = (
+    "digits",
+    *TORCHVISION_DATASETS,
+)  # digits: the offline demo (scikit-learn's digits as images)
 
 
 def canonical_dataset_name(name: str) -> str:
@@ -55,8 +65,10 @@ def canonical_dataset_name(name: str) -> str:
     return by_lower[name.lower()]
 
 
-# Carving val/test from train (pipeline.splits): by a hash of each id (stable as images are added) or
-# stratified (exact fractions); auto: hash for --data folders and CSVs, stratified for named datasets.
+# Carving val/test from train (pipeline.splits): by a hash of each id (stable as images are added)
+# or
+# stratified (exact fractions); auto: hash for --data folders and CSVs, stratified for named
+# datasets.
 CARVINGS = ("auto", "hash", "stratified")
 # --augment: the recipe of the --views of each train image (pipeline.features.views).
 AUGMENTATIONS = ("crop-flip",)
@@ -66,7 +78,8 @@ STORE_DTYPES = ("float32", "float16")
 # device: torchvision.io (nvjpeg on CUDA), full size.
 DECODERS = ("cpu", "exact", "device")
 ON_MISMATCH = ("rebuild", "refuse")
-# Under torchrun: the final cache as a virtual dataset over the ranks' part files, or one copied file.
+# Under torchrun: the final cache as a virtual dataset over the ranks' part files, or one copied
+# file.
 ASSEMBLIES = ("virtual", "copy")
 
 # -------------------------------------------------------------------------------------- heads
@@ -82,12 +95,16 @@ PREPROCESSING = ("standardize", "l2", "center-l2", "none")
 HEAD_PREPROCESSING = ("auto", *PREPROCESSING)
 COSINE_PREPROCESSING = ("l2", "center-l2")
 CLASS_WEIGHTS = ("none", "balanced")
-CALIBRATIONS = ("none", "temperature")  # temperature: one T fitted on val by NLL (pipeline.heads.posthoc)
+CALIBRATIONS = (
+    "none",
+    "temperature",
+)  # temperature: one T fitted on val by NLL (pipeline.heads.posthoc)
 # --logit-adjust auto: the TAU values tried on val (Menon et al. use 1).
 LOGIT_ADJUST_GRID = tuple(0.25 * i for i in range(9))  # 0, 0.25, ..., 2
 # --imbalance-ratio: which class keeps the most rows: a seeded order, or the most frequent first.
 IMBALANCE_ORDERS = ("seeded", "frequency")
-# Frequency groups of the test metrics, by train images per class: many > 100, few < 20, medium between.
+# Frequency groups of the test metrics, by train images per class: many > 100, few < 20, medium
+# between.
 FREQUENCY_GROUPS = {"many": (101, None), "medium": (20, 100), "few": (0, 19)}
 SOLVERS = ("lbfgs", "adam", "sgd")
 # `auto`: lbfgs when the rows fit in memory, adam when the head streams them from the file.

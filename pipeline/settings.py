@@ -1,6 +1,7 @@
 """How a stage's frozen config dataclass is declared (`option`: default, help, choices), read
 (defaults < TOML file < command-line flags: `resolve`, `load_table`, `add_arguments`) and checked
-(`check_choices`, `check_positive`, `parse_size`). The configs themselves live in `pipeline.config`."""
+(`check_choices`, `check_positive`, `parse_size`). The configs themselves live in `pipeline.config`.
+"""
 
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ def option(
     group: str = "options",
     bounds: tuple[float, float, str] | None = None,
 ) -> Any:
-    """A dataclass field that also describes its command-line flag: its help, its allowed values, the
-    group of flags `--help` lists it under, and for a number its range `bounds` = (low, high, closed),
-    closed as scikit-learn's `Interval` says it ("left", "right", "both", "neither"; inf: no limit).
-    `check_bounds` checks the range, and an estimator derives its parameter constraints from it."""
+    """A dataclass field that also describes its command-line flag: its help, its allowed values,
+    the group of flags `--help` lists it under, and for a number its range `bounds` = (low, high,
+    closed), closed as scikit-learn's `Interval` says it ("left", "right", "both", "neither"; inf:
+    no limit). `check_bounds` checks the range, and an estimator derives its parameter constraints
+    from it."""
     metadata = {"help": help, "choices": choices, "group": group, "bounds": bounds}
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -50,14 +52,20 @@ def check_bounds(config: Any) -> None:
             continue
         if bounds in (POSITIVE, AT_LEAST_ONE):
             raise ConfigError(f"--{flag(f.name)} {value} must be a positive, finite number")
-        left, right = "[" if closed in ("left", "both") else "(", "]" if closed in ("right", "both") else ")"
+        left, right = (
+            "[" if closed in ("left", "both") else "(",
+            "]" if closed in ("right", "both") else ")",
+        )
         shown = [f"{b:,}" if isinstance(b, int) else f"{b:g}" for b in (low, high)]
-        raise ConfigError(f"--{flag(f.name)} {value} is out of range; expected {left}{shown[0]}, {shown[1]}{right}")
+        raise ConfigError(
+            f"--{flag(f.name)} {value} is out of range; expected {left}{shown[0]}, "
+            f"{shown[1]}{right}"
+        )
 
 
 def describe_default(f: dataclasses.Field) -> str:
-    """The default as `--help` and the CLI reference show it, once: a help text that already says what
-    the default is keeps its own words; None and empty values say nothing."""
+    """The default as `--help` and the CLI reference show it, once: a help text that already says
+    what the default is keeps its own words; None and empty values say nothing."""
     if "default" in f.metadata["help"] or f.default in (None, "", ()):
         return ""
     if isinstance(f.default, bool):
@@ -86,14 +94,18 @@ def check_choices(config: Any) -> None:
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)
         if choices and value is not None and value not in choices:
-            raise ConfigError(f"--{flag(f.name)} {value!r} is not allowed; choose one of: {', '.join(choices)}")
+            raise ConfigError(
+                f"--{flag(f.name)} {value!r} is not allowed; choose one of: {', '.join(choices)}"
+            )
 
 
 def parse_size(text: str) -> int:
     """'4GB', '512 MiB', '1.5G', '1000000' -> bytes (decimal and binary units both accepted)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
     if not match:
-        raise ConfigError(f"--max-memory {text!r} is not a size; write it like 4GB, 512MB or 1.5GiB")
+        raise ConfigError(
+            f"--max-memory {text!r} is not a size; write it like 4GB, 512MB or 1.5GiB"
+        )
     number, unit, binary = match.groups()
     base = 1024 if binary else 1000
     return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
@@ -101,7 +113,9 @@ def parse_size(text: str) -> int:
 
 def check_device(device: str) -> None:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
-        raise ConfigError(f"--device {device!r} is not a device; choose auto, cpu, cuda, cuda:N or mps")
+        raise ConfigError(
+            f"--device {device!r} is not a device; choose auto, cpu, cuda, cuda:N or mps"
+        )
 
 
 def check_positive(config: Any, *names: str) -> None:
@@ -143,7 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         elif kind is tuple:
             kwargs.update(nargs="+", type=float, metavar="X")
         else:
-            # Choices are listed in the help and checked by the config (one line, exit 2), not by argparse.
+            # Choices are listed in the help and checked by the config (one line, exit 2), not by
+            # argparse.
             choices = f.metadata["choices"]
             kwargs["type"] = kind
             if choices:
@@ -155,14 +170,18 @@ def load_document(path: str | Path) -> dict[str, Any]:
     """A whole TOML file, or a one-line error saying why it cannot be read."""
     path = Path(path)
     if not path.is_file():
-        raise MissingError(f"config file {path} does not exist; pass a TOML file such as configs/demo.toml")
+        raise MissingError(
+            f"config file {path} does not exist; pass a TOML file such as configs/demo.toml"
+        )
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix the syntax") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text; pass a TOML file such as configs/demo.toml") from None
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text; pass a TOML file such as configs/demo.toml"
+        ) from None
 
 
 def load_table(path: str | Path, table: str) -> dict[str, Any]:
@@ -170,12 +189,18 @@ def load_table(path: str | Path, table: str) -> dict[str, Any]:
     document = load_document(path)
     section = document.get(table, {})
     if not isinstance(section, dict):
-        raise ConfigError(f"config file {path}: '{table}' must be a table ([{table}]), got {type(section).__name__}")
+        raise ConfigError(
+            f"config file {path}: '{table}' must be a table ([{table}]), got "
+            f"{type(section).__name__}"
+        )
     return section
 
 
-def resolve(cls: type, file_values: Mapping[str, Any], flags: Mapping[str, Any], source: str = "config") -> Any:
-    """Build ``cls`` from defaults, then the file's values, then the flags given on the command line."""
+def resolve(
+    cls: type, file_values: Mapping[str, Any], flags: Mapping[str, Any], source: str = "config"
+) -> Any:
+    """Build ``cls`` from defaults, then the file's values, then the flags given on the command
+    line."""
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     values: dict[str, Any] = {}
@@ -199,7 +224,9 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
         return tuple(float(v) for v in value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{source}: {name} = {value!r} should be {kind.__name__}; fix the value in the file")
+    raise ConfigError(
+        f"{source}: {name} = {value!r} should be {kind.__name__}; fix the value in the file"
+    )
 
 
 def to_dict(config: Any) -> dict[str, Any]:

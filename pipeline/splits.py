@@ -1,7 +1,8 @@
 """Split names and seeded, stratified row selection shared by the feature and head stages.
 
-Carving val/test out of train: `stratified_holdout` (a seeded permutation per class: exact fractions;
-adding images re-draws) and `hashed_holdout` (a seeded hash per id: stable as images are added)."""
+Carving val/test out of train: `stratified_holdout` (a seeded permutation per class: exact
+fractions; adding images re-draws) and `hashed_holdout` (a seeded hash per id: stable as images are
+added)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ SPLITS = ("train", "val", "test")  # the codes 0, 1, 2 stored in a cache's `spli
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int, salt: int = 0) -> np.ndarray:
-    """Boolean mask taking `fraction` of each class (rounded half up), always leaving one row per class behind."""
+    """Boolean mask taking `fraction` of each class (rounded half up), always leaving one row per
+    class behind."""
     rng = np.random.default_rng([seed, salt])
     mask = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):
@@ -23,11 +25,14 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int, salt: int
     return mask
 
 
-def hashed_holdout(ids: list[str], labels: np.ndarray, fraction: float, seed: int, salt: int = 0) -> np.ndarray:
-    """Boolean mask of the rows whose seeded hash of their id falls under `fraction`: each row's fate depends
-    on its own id only, so adding rows never moves an existing one. Per class, two guards: a class with
-    no row under `fraction` (one smaller than about 1/fraction) gives its lowest-hash row, so every carved
-    split sees every class; and one row per class (its highest-hash) always stays behind."""
+def hashed_holdout(
+    ids: list[str], labels: np.ndarray, fraction: float, seed: int, salt: int = 0
+) -> np.ndarray:
+    """Boolean mask of the rows whose seeded hash of their id falls under `fraction`: each row's
+    fate depends on its own id only, so adding rows never moves an existing one. Per class, two
+    guards: a class with no row under `fraction` (one smaller than about 1/fraction) gives its
+    lowest-hash row, so every carved split sees every class; and one row per class (its
+    highest-hash) always stays behind."""
     u = np.array([_unit_hash(f"{seed}:{salt}:{i}") for i in ids])
     mask = u < fraction
     for c in np.unique(labels):
@@ -55,13 +60,15 @@ def draw_shots(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
 
 
 def long_tail(labels: np.ndarray, ratio: float, seed: int, order: str = "seeded") -> np.ndarray:
-    """Sorted row indices of a long-tailed subset (CIFAR-LT): the class at place i of the order keeps
-    int(n_max * ratio ** (-i / (K - 1))) of its rows (at least one, at most all it has), drawn with
-    `seed`; n_max is the largest class's count. `order`: `seeded` (a permutation of the classes by
-    `seed`) or `frequency` (the most frequent first, ties by class)."""
+    """Sorted row indices of a long-tailed subset (CIFAR-LT): the class at place i of the order
+    keeps int(n_max * ratio ** (-i / (K - 1))) of its rows (at least one, at most all it has), drawn
+    with `seed`; n_max is the largest class's count. `order`: `seeded` (a permutation of the classes
+    by `seed`) or `frequency` (the most frequent first, ties by class)."""
     classes, counts = np.unique(labels, return_counts=True)
     rng = np.random.default_rng([seed, 5])
-    ranked = rng.permutation(len(classes)) if order == "seeded" else np.argsort(-counts, kind="stable")
+    ranked = (
+        rng.permutation(len(classes)) if order == "seeded" else np.argsort(-counts, kind="stable")
+    )
     n_max, last = int(counts.max()), max(len(classes) - 1, 1)
     picked = []
     for place, c in enumerate(ranked):

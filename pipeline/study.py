@@ -46,8 +46,14 @@ class Plan:
 
 def _entries(document: dict[str, Any], key: str, source: str) -> list[dict[str, Any]]:
     entries = document.get(key, [])
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
-        raise ConfigError(f"{source}: needs at least one [[{key}]] table; see configs/demo-study.toml")
+    if (
+        not isinstance(entries, list)
+        or not entries
+        or not all(isinstance(e, dict) for e in entries)
+    ):
+        raise ConfigError(
+            f"{source}: needs at least one [[{key}]] table; see configs/demo-study.toml"
+        )
     return entries
 
 
@@ -65,14 +71,15 @@ def _check_unique(labels: list[str], table: str, source: str) -> None:
         j = seen.setdefault(_slug(label), i)
         if j != i:
             raise ConfigError(
-                f"{source}: [[{table}]] #{j + 1} and #{i + 1} are both named {label!r}; give each a distinct name"
+                f"{source}: [[{table}]] #{j + 1} and #{i + 1} are both named {label!r}; give each "
+                "a distinct name"
             )
 
 
 def _defaults_for(head: str, defaults: dict[str, Any]) -> dict[str, Any]:
     """The [head] defaults that apply to `head`: a C grid, C and class weights set there are for the
-    kinds trained with C (and a preprocessing only for the kinds that take it); a [[heads]] entry sets
-    its own."""
+    kinds trained with C (and a preprocessing only for the kinds that take it); a [[heads]] entry
+    sets its own."""
     from pipeline.heads import kinds
 
     kind = kinds.get(head)
@@ -85,7 +92,10 @@ def _defaults_for(head: str, defaults: dict[str, Any]) -> dict[str, Any]:
 
 
 def _backbone_label(entry: dict[str, Any]) -> str:
-    return entry.get("name") or f"{entry.get('backbone', 'resnet50')}-{entry.get('weights', 'DEFAULT')}"
+    return (
+        entry.get("name")
+        or f"{entry.get('backbone', 'resnet50')}-{entry.get('weights', 'DEFAULT')}"
+    )
 
 
 def plan(path: str | Path) -> Plan:
@@ -114,15 +124,19 @@ def plan(path: str | Path) -> Plan:
     datasets = _entries(document, "datasets", source)
     backbones = _entries(document, "backbones", source)
     extractions = []
-    labels = [ds.get("name") or ds.get("dataset") or Path(str(ds.get("data", f"data{i}"))).stem
-              for i, ds in enumerate(datasets)]  # fmt: skip
+    labels = [
+        ds.get("name") or ds.get("dataset") or Path(str(ds.get("data", f"data{i}"))).stem
+        for i, ds in enumerate(datasets)
+    ]
     _check_unique(labels, "datasets", source)
     _check_unique([_backbone_label(bb) for bb in backbones], "backbones", source)
     for i, ds in enumerate(datasets):
         where = f"{source} [[datasets]] #{i + 1}"
         _check_keys(ds, ["name", *feature_fields], where)
         if "dataset" in ds:
-            registry.canonical_dataset_name(ds["dataset"])  # unknown names fail here, listing the valid ones
+            registry.canonical_dataset_name(
+                ds["dataset"]
+            )  # unknown names fail here, listing the valid ones
         label = labels[i]
         for j, bb in enumerate(backbones):
             _check_keys(bb, ["name", *feature_fields], f"{source} [[backbones]] #{j + 1}")
@@ -132,15 +146,22 @@ def plan(path: str | Path) -> Plan:
             values.setdefault("out", str(cache / f"{_slug(label)}-{_slug(bb_label)}.h5"))
             values["progress"] = False
             cfg = resolve(FeaturesConfig, values, {}, source=where)
-            backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size)  # names checked up front
+            backbone.describe(
+                cfg.backbone, cfg.weights, cfg.seed, cfg.image_size
+            )  # names checked up front
             extractions.append((label, bb_label, cfg))
     heads = []
     for k, hd in enumerate(_entries(document, "heads", source)):
         where = f"{source} [[heads]] #{k + 1}"
         _check_keys(hd, ["name", *head_fields], where)
         head = hd.get("head", head_defaults.get("head", registry.DEFAULT_HEAD))
-        values = {**_defaults_for(head, head_defaults), **{key: v for key, v in hd.items() if key != "name"}}
-        checked = resolve(HeadConfig, {**values, "features": "check.h5"}, {}, source=where)  # validate now
+        values = {
+            **_defaults_for(head, head_defaults),
+            **{key: v for key, v in hd.items() if key != "name"},
+        }
+        checked = resolve(
+            HeadConfig, {**values, "features": "check.h5"}, {}, source=where
+        )  # validate now
         try:
             kinds.validate(checked)  # and with the rules of the head's kind
         except ConfigError as exc:
@@ -152,7 +173,10 @@ def plan(path: str | Path) -> Plan:
         _check_keys(fewshot, list(FEWSHOT_KEYS), f"{source} [fewshot]")
         shots = fewshot.get("shots", [1, 2, 4, 8, 16])
         if not shots or not all(isinstance(s, int) and s > 0 for s in shots):
-            raise ConfigError(f"{source} [fewshot]: shots = {shots!r}; expected positive whole numbers, e.g. [1, 2, 4]")
+            raise ConfigError(
+                f"{source} [fewshot]: shots = {shots!r}; expected positive whole numbers, e.g. [1, "
+                "2, 4]"
+            )
         head = fewshot.get("head", registry.DEFAULT_HEAD)
         fewshot = {"head": head, "shots": shots, "repeats": fewshot.get("repeats", 5)}
     plan = Plan(name, results, extractions, heads, fewshot, head_defaults)
@@ -162,7 +186,11 @@ def plan(path: str | Path) -> Plan:
 
 def cell_folder(plan: Plan, data: str, backbone: str, head: str, shots: int | None = None) -> Path:
     """Where the cell (dataset, backbone, head[, shots]) writes its results."""
-    return plan.results / ("fewshot" if shots else "") / f"{_slug(data)}__{_slug(backbone)}__{_slug(head)}"
+    return (
+        plan.results
+        / ("fewshot" if shots else "")
+        / f"{_slug(data)}__{_slug(backbone)}__{_slug(head)}"
+    )
 
 
 def _fewshot_labels(plan: Plan) -> list[tuple[str, int]]:
@@ -180,7 +208,8 @@ def _check_outputs(plan: Plan, source: str) -> None:
         earlier = caches.setdefault(cfg.out_path, (f"{data} / {bb}", cfg))
         if earlier[1] != cfg:
             raise ConfigError(
-                f"{source}: {earlier[0]} and {data} / {bb} would both write the cache {cfg.out_path}; give the "
+                f"{source}: {earlier[0]} and {data} / {bb} would both write the cache "
+                f"{cfg.out_path}; give the "
                 "entries names that differ, or set out = ... in one of them"
             )
         for head, shots in [(label, None) for label, _ in plan.heads] + _fewshot_labels(plan):
@@ -188,15 +217,16 @@ def _check_outputs(plan: Plan, source: str) -> None:
             other = folders.setdefault(cell_folder(plan, data, bb, head, shots), cell)
             if other != cell:
                 raise ConfigError(
-                    f"{source}: {other} and {cell} would both write {cell_folder(plan, data, bb, head, shots)}; "
+                    f"{source}: {other} and {cell} would both write "
+                    f"{cell_folder(plan, data, bb, head, shots)}; "
                     "give the entries names that do not run into each other"
                 )
 
 
 def _extract(fcfg: FeaturesConfig, report: Report) -> Any:
-    """The cell's cache made current, never at the cost of a file the study did not write: a cache at its
-    name that holds other features (another model or preprocessing) is refused, naming the keys; a
-    cache of the very same features under another name in the folder is used as it is."""
+    """The cell's cache made current, never at the cost of a file the study did not write: a cache
+    at its name that holds other features (another model or preprocessing) is refused, naming the
+    keys; a cache of the very same features under another name in the folder is used as it is."""
     from pipeline.cache import reader, schema
     from pipeline.features import extract, stage
 
@@ -206,9 +236,12 @@ def _extract(fcfg: FeaturesConfig, report: Report) -> Any:
         with reader.open_cache(out) as f:
             existing = schema.json_attr(f, "fingerprint")
         if schema.model_part(existing) != schema.model_part(wanted):
-            differs = "; ".join(schema.fingerprint_diff(schema.model_part(existing), schema.model_part(wanted)))
+            differs = "; ".join(
+                schema.fingerprint_diff(schema.model_part(existing), schema.model_part(wanted))
+            )
             raise ConfigError(
-                f"{out} holds other features ({differs}) and a study never replaces a cache; move it, or give "
+                f"{out} holds other features ({differs}) and a study never replaces a cache; move "
+                "it, or give "
                 'this cell its own file with out = "..." in its [[datasets]] or [[backbones]] entry'
             )
     if reader.stored_fingerprint(out) != wanted:
@@ -223,7 +256,9 @@ def _extract(fcfg: FeaturesConfig, report: Report) -> Any:
     return stage.run_local(fcfg, prepared=prepared)
 
 
-def run(path: str | Path, report: Report = lambda message: None, progress: bool = True) -> dict[str, Any]:
+def run(
+    path: str | Path, report: Report = lambda message: None, progress: bool = True
+) -> dict[str, Any]:
     """Run every cell; returns {computed, reused, failed, runs} and writes the comparison report."""
     from pipeline.evaluate import compare
     from pipeline.heads import protocol
@@ -233,7 +268,10 @@ def run(path: str | Path, report: Report = lambda message: None, progress: bool 
     steps = len(p.extractions) * (1 + len(p.heads) + n_fewshot)
     summary: dict[str, Any] = {"computed": [], "reused": [], "failed": [], "runs": []}
     started = time.perf_counter()
-    report(f"study {p.name}: {len(p.extractions)} caches x {len(p.heads)} heads (+{n_fewshot} few-shot runs each)")
+    report(
+        f"study {p.name}: {len(p.extractions)} caches x {len(p.heads)} heads (+{n_fewshot} "
+        "few-shot runs each)"
+    )
     bar = tqdm(total=steps, unit="step", desc=f"study {p.name}", disable=not progress)
 
     def attempt(label: str, job: Callable[[], Any]) -> Any:
@@ -255,8 +293,12 @@ def run(path: str | Path, report: Report = lambda message: None, progress: bool 
             if done is None:
                 bar.update(len(p.heads) + n_fewshot)  # nothing to train on
                 continue
-            fcfg = dataclasses.replace(fcfg, out=done.path)  # a twin cache of the same features, when reused
-            (summary["reused"] if done.status == "current" else summary["computed"]).append(str(fcfg.out_path))
+            fcfg = dataclasses.replace(
+                fcfg, out=done.path
+            )  # a twin cache of the same features, when reused
+            (summary["reused"] if done.status == "current" else summary["computed"]).append(
+                str(fcfg.out_path)
+            )
             jobs = [(head_label, values, None) for head_label, values in p.heads]
             if p.fewshot:
                 values = {**_defaults_for(p.fewshot["head"], p.head_defaults)}
@@ -264,10 +306,19 @@ def run(path: str | Path, report: Report = lambda message: None, progress: bool 
                 jobs += [(label, {**values, "shots": k}, k) for label, k in _fewshot_labels(p)]
             for head_label, values, shots in jobs:
                 out = cell_folder(p, data_label, bb_label, head_label, shots)
-                hcfg = resolve(HeadConfig, {**values, "features": str(fcfg.out_path), "out": str(out)}, {})
+                hcfg = resolve(
+                    HeadConfig, {**values, "features": str(fcfg.out_path), "out": str(out)}, {}
+                )
                 hcfg = dataclasses.replace(hcfg, progress=False)
-                labels = {"study": p.name, "dataset": data_label, "backbone": bb_label, "head": head_label}
-                result = attempt(f"{cell} / {head_label}", lambda h=hcfg, c=labels: protocol.run(h, cell=c))
+                labels = {
+                    "study": p.name,
+                    "dataset": data_label,
+                    "backbone": bb_label,
+                    "head": head_label,
+                }
+                result = attempt(
+                    f"{cell} / {head_label}", lambda h=hcfg, c=labels: protocol.run(h, cell=c)
+                )
                 if result is not None:
                     summary["runs"].append(str(out))
     if summary["runs"]:
@@ -275,7 +326,8 @@ def run(path: str | Path, report: Report = lambda message: None, progress: bool 
     seconds = time.perf_counter() - started
     report(
         f"study {p.name} done in {seconds:.0f} s: {len(summary['computed'])} caches computed, "
-        f"{len(summary['reused'])} reused, {len(summary['runs'])} head runs, {len(summary['failed'])} failed; "
+        f"{len(summary['reused'])} reused, {len(summary['runs'])} head runs, "
+        f"{len(summary['failed'])} failed; "
         f"report: {p.results / 'report.md'}"
     )
     return summary

@@ -1,8 +1,9 @@
-"""Synthetic data for tests, benchmarks and notebooks, made the way real data is, through the real writers.
+"""Synthetic data for tests, benchmarks and notebooks, made the way real data is, through the real
+writers.
 
-- Image folders: `write_image` (a small noisy image of one colour), `make_folder` (ROOT/<class>/<n>.png,
-  with split folders when asked), `photo_like` and `write_photo_folder` (JPEGs that decode like
-  camera photos: gradients, soft blobs, sensor noise).
+- Image folders: `write_image` (a small noisy image of one colour), `make_folder`
+  (ROOT/<class>/<n>.png, with split folders when asked), `photo_like` and `write_photo_folder`
+  (JPEGs that decode like camera photos: gradients, soft blobs, sensor noise).
 - Caches: `write_cache` (a complete cache from arrays, through `CacheWriter`) and
   `write_synthetic_cache` (one shaped like CIFAR-100 under a ResNet-50, written in blocks).
 
@@ -23,9 +24,12 @@ PALETTE = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (200, 200, 40), (160, 40
 
 
 def write_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (28, 22)) -> Path:
-    """A small noisy image of one dominant colour (the seed comes from the file name: reproducible)."""
+    """A small noisy image of one dominant colour (the seed comes from the file name:
+    reproducible)."""
     rng = np.random.default_rng(zlib.crc32(str(path.name).encode()))
-    pixels = np.clip(np.array(color) + rng.integers(-40, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    pixels = np.clip(np.array(color) + rng.integers(-40, 40, (size[1], size[0], 3)), 0, 255).astype(
+        np.uint8
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return path
@@ -43,7 +47,9 @@ def make_folder(
     for s in splits or ("",):
         for c, name in enumerate(classes):
             for n in range(per_class):
-                write_image(root / s / name / f"{s or 'img'}{n:02d}{ext}", PALETTE[c % len(PALETTE)], size)
+                write_image(
+                    root / s / name / f"{s or 'img'}{n:02d}{ext}", PALETTE[c % len(PALETTE)], size
+                )
     return root
 
 
@@ -84,16 +90,23 @@ def write_synthetic_cache(
     sep: float = 0.3,
     seed: int = 0,
 ) -> Path:
-    """A cache shaped like CIFAR-100 under a ResNet-50 by default: class structure from a low-dimensional
-    latent space plus noise, ReLU'd like pooled features, so a linear head lands well above chance and
-    well below 100%; float16, written in blocks of 10,000 rows."""
+    """A cache shaped like CIFAR-100 under a ResNet-50 by default: class structure from a
+    low-dimensional latent space plus noise, ReLU'd like pooled features, so a linear head lands
+    well above chance and well below 100%; float16, written in blocks of 10,000 rows."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(classes, latent)).astype(np.float32)
     mixing = (rng.normal(size=(latent, dim)) / np.sqrt(latent)).astype(np.float32)
     n = n_train + n_test
     split = np.repeat(np.array([0, 2], dtype=np.int8), [n_train, n_test])
     labels = rng.integers(0, classes, n)  # drawn up front so rows can be written in blocks
-    fingerprint = {"backbone": "synthetic", "rows": n, "dim": dim, "classes": classes, "sep": sep, "seed": seed}
+    fingerprint = {
+        "backbone": "synthetic",
+        "rows": n,
+        "dim": dim,
+        "classes": classes,
+        "sep": sep,
+        "seed": seed,
+    }
     writer = cache_writer.CacheWriter.open(
         path,
         fingerprint=fingerprint,
@@ -113,9 +126,15 @@ def write_synthetic_cache(
 
 
 def photo_like(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:
-    if width * height > 1_000_000:  # large photos: the scene at a quarter, upscaled, then full-size noise
-        scene = photo_like(rng, width // 4, height // 4).resize((width, height), Image.Resampling.BICUBIC)
-        pixels = np.asarray(scene, dtype=np.int16) + rng.integers(-6, 7, (height, width, 3), dtype=np.int16)
+    if (
+        width * height > 1_000_000
+    ):  # large photos: the scene at a quarter, upscaled, then full-size noise
+        scene = photo_like(rng, width // 4, height // 4).resize(
+            (width, height), Image.Resampling.BICUBIC
+        )
+        pixels = np.asarray(scene, dtype=np.int16) + rng.integers(
+            -6, 7, (height, width, 3), dtype=np.int16
+        )
         return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     image = np.empty((height, width, 3), dtype=np.float32)
@@ -133,7 +152,8 @@ def photo_like(rng: np.random.Generator, width: int = 500, height: int = 375) ->
 def write_photo_folder(
     root: str | Path, n: int, classes: int = 10, seed: int = 0, size: tuple[int, int] = (500, 375)
 ) -> Path:
-    """``ROOT/class_k/img_nnnnn.jpg``, n images of `size` in all, quality 90; kept when already there."""
+    """``ROOT/class_k/img_nnnnn.jpg``, n images of `size` in all, quality 90; kept when already
+    there."""
     root = Path(root)
     done = root / f".complete-{n}"
     if done.exists():

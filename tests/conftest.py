@@ -1,4 +1,5 @@
-"""The tests' shared fixtures. Shared helpers live in `tests/helpers` (`from helpers import ...`)."""
+"""The tests' shared fixtures. Shared helpers live in `tests/helpers` (`from helpers import
+...`)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def tmpfs(tmp_path):
     """A 600 KiB tmpfs; skipped where this process may not mount."""
     point = tmp_path / "small"
     point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(point)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(point)], capture_output=True
+    )
     if done.returncode:
         pytest.skip("mounting a tmpfs is not permitted here")
     yield point

@@ -24,14 +24,17 @@ MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def _imports(name: str) -> set[str]:
-    """Every pipeline module `name` imports, anywhere in the file (top level, functions, TYPE_CHECKING).
-    `from pipeline.x import y` counts as importing `pipeline.x.y` when that is a module, else `pipeline.x`."""
+    """Every pipeline module `name` imports, anywhere in the file (top level, functions,
+    TYPE_CHECKING). `from pipeline.x import y` counts as importing `pipeline.x.y` when that is a
+    module, else `pipeline.x`."""
     tree = ast.parse(MODULES[name].read_text())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.startswith("pipeline")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+        elif (
+            isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline")
+        ):
             for alias in node.names:
                 child = f"{node.module}.{alias.name}"
                 found.add(child if child in MODULES else node.module)
@@ -65,13 +68,16 @@ def test_no_module_imports_a_module_that_imports_it():
 
 
 def test_the_cycle_check_finds_a_cycle(monkeypatch):
-    monkeypatch.setitem(GRAPH, "pipeline.cache.schema", GRAPH["pipeline.cache.schema"] | {"pipeline.cache.reader"})
+    monkeypatch.setitem(
+        GRAPH, "pipeline.cache.schema", GRAPH["pipeline.cache.schema"] | {"pipeline.cache.reader"}
+    )
     assert ["pipeline.cache.reader", "pipeline.cache.schema", "pipeline.cache.reader"] in _cycles()
 
 
 # Which stage may import which: the data flows data + backbones -> features -> cache -> heads ->
 # evaluate, and the shared modules (config, registry, errors, fsutil, outputs, devices, splits) sit
-# below them all. A backbone runs over samples (`backbones.forward` reads a SampleList); neither data
+# below them all. A backbone runs over samples (`backbones.forward` reads a SampleList); neither
+# data
 # nor backbones knows the extraction run, the cache or the heads.
 ALLOWED = {
     "pipeline.data": set(),
@@ -106,7 +112,9 @@ def test_every_module_says_what_it_owns():
         if name != "pipeline.__main__":
             assert ast.get_docstring(tree), f"{path} has no module docstring"
         lines = len(path.read_text().splitlines())
-        assert lines <= SMELL_LINES, f"{path} has {lines} lines: does it hold more than one concern?"
+        assert lines <= SMELL_LINES, (
+            f"{path} has {lines} lines: does it hold more than one concern?"
+        )
 
 
 def test_choice_lists_come_from_the_registry():
@@ -115,15 +123,24 @@ def test_choice_lists_come_from_the_registry():
         for cls in (FeaturesConfig, HeadConfig)
         for f in cls.__dataclass_fields__.values()
     }
-    assert fields["backbone"] is None  # any torchvision or timm model: checked where it is described
-    assert fields["head"] is None  # any registered head kind: checked by `pipeline.heads.kinds.validate`
-    assert fields["solver"] == registry.HEAD_SOLVERS and set(registry.SOLVERS) < set(fields["solver"])
-    assert fields["preprocess"] == registry.HEAD_PREPROCESSING and set(registry.PREPROCESSING) < set(
-        fields["preprocess"]
+    assert (
+        fields["backbone"] is None
+    )  # any torchvision or timm model: checked where it is described
+    assert (
+        fields["head"] is None
+    )  # any registered head kind: checked by `pipeline.heads.kinds.validate`
+    assert fields["solver"] == registry.HEAD_SOLVERS and set(registry.SOLVERS) < set(
+        fields["solver"]
     )
+    assert fields["preprocess"] == registry.HEAD_PREPROCESSING and set(
+        registry.PREPROCESSING
+    ) < set(fields["preprocess"])
     assert fields["joblib_backend"] == registry.JOBLIB_BACKENDS
     assert fields["select"] == tuple(registry.SELECT_RULES)
-    assert fields["precision"] == registry.PRECISIONS and fields["store_dtype"] == registry.STORE_DTYPES
+    assert (
+        fields["precision"] == registry.PRECISIONS
+        and fields["store_dtype"] == registry.STORE_DTYPES
+    )
     assert len(registry.DEFAULT_GRID) == 45 and registry.DEFAULT_GRID[0] == 1e-6
     assert registry.DEFAULT_GRID_TEXT in HeadConfig.__dataclass_fields__["grid"].metadata["help"]
 

@@ -17,7 +17,9 @@ from helpers import REPO
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_bench_gpu_refuses_without_cuda_in_one_line():
-    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu"], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu"], cwd=REPO, capture_output=True, text=True
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("error: make bench-gpu measures a CUDA GPU")
     assert len(done.stderr.strip().splitlines()) == 1
@@ -28,7 +30,9 @@ def test_utilisation_is_sampled_while_the_block_runs():
     import time
 
     with gpu.sampled(lambda: next(values), every=0.01) as samples:
-        deadline = time.monotonic() + 60  # until three samples are in: a busy machine samples late, not wrong
+        deadline = (
+            time.monotonic() + 60
+        )  # until three samples are in: a busy machine samples late, not wrong
         while len(samples) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
     assert samples[:3] == [50.0, 70.0, 90.0], "unreadable samples (None) are dropped"
@@ -53,9 +57,16 @@ def test_the_plan_scales_measured_costs_by_the_cited_gpu_rate():
     from benchmarks import plan
 
     measured = {"relative_cost": 2.0, "decode_500x375_s": 0.003, "decode_12mp_reduced_s": 0.03}
-    measured |= {"decode_12mp_full_s": 0.13, "read_bytes_s": 1e-5, "row_bytes": 4250.0, "head_pass_per_row_s": 5e-5}
+    measured |= {
+        "decode_12mp_full_s": 0.13,
+        "read_bytes_s": 1e-5,
+        "row_bytes": 4250.0,
+        "head_pass_per_row_s": 5e-5,
+    }
     row = plan.plan(1e9, 64, 3382.0, measured, disk_gbps=2.0)
-    assert row["extraction_hours"] == pytest.approx(1e9 / (1691.0 * 64) / 3600)  # half the rate: twice the cost
+    assert row["extraction_hours"] == pytest.approx(
+        1e9 / (1691.0 * 64) / 3600
+    )  # half the rate: twice the cost
     assert row["cores_per_gpu_500x375"] == pytest.approx(1691.0 * 0.003)
     assert row["cache_tb"] == pytest.approx(4.25) and row["head_epoch_disk_hours"] == pytest.approx(
         4.25e12 / 2e9 / 3600

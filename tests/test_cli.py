@@ -1,4 +1,5 @@
-"""The command line: one-line errors with exit status 2, config precedence, info, the Makefile demo."""
+"""The command line: one-line errors with exit status 2, config precedence, info, the Makefile
+demo."""
 
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ from pipeline.config import FeaturesConfig
 
 from helpers import REPO, make_folder, write_image
 
-FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0", "--no-progress"]
+FAST = [
+    "--backbone",
+    "resnet18",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--workers",
+    "0",
+    "--no-progress",
+]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -35,9 +46,15 @@ def assert_user_error(capsys, pattern: str, *argv: str) -> None:
 @pytest.mark.parametrize(
     ("setup", "pattern"),
     [
-        (lambda p: p / "missing", r"data folder .*missing does not exist; expected ROOT/<class>/<image>"),
+        (
+            lambda p: p / "missing",
+            r"data folder .*missing does not exist; expected ROOT/<class>/<image>",
+        ),
         (lambda p: (p / "empty").mkdir() or p / "empty", r"contains no class folders"),
-        (lambda p: make_folder(p / "one", classes=("solo",)), r"has 1 class \(solo\); a classifier needs at least two"),
+        (
+            lambda p: make_folder(p / "one", classes=("solo",)),
+            r"has 1 class \(solo\); a classifier needs at least two",
+        ),
         (
             lambda p: (make_folder(p / "d"), (p / "d" / "bird").mkdir())[0],
             r"class folder .*d/bird contains no images; add images or remove the folder",
@@ -65,7 +82,8 @@ def test_csv_row_with_missing_file(capsys, tmp_path):
 def test_unknown_backbone_and_weights(capsys, folder):
     assert_user_error(
         capsys,
-        r"unknown backbone 'resnet9'; did you mean resnet50, resnet34, resnet18\? `pipeline backbones` lists",
+        r"unknown backbone 'resnet9'; did you mean resnet50, resnet34, resnet18\? `pipeline "
+        r"backbones` lists",
         "features",
         "--data",
         str(folder),
@@ -108,12 +126,16 @@ def test_corrupt_images_stop_the_run(capsys, tmp_path, kind):
         str(out),
         *FAST,
     )
-    code, _, err = run_cli(capsys, "features", "--data", str(root), "--out", str(out), "--skip-bad-images", *FAST)
+    code, _, err = run_cli(
+        capsys, "features", "--data", str(root), "--out", str(out), "--skip-bad-images", *FAST
+    )
     assert code == 0 and "skipped 1 unreadable images" in err
 
 
 def test_bad_options(capsys, folder, tmp_path):
-    assert_user_error(capsys, r"no images given; pass --data FOLDER_OR_CSV or --dataset NAME", "features")
+    assert_user_error(
+        capsys, r"no images given; pass --data FOLDER_OR_CSV or --dataset NAME", "features"
+    )
     assert_user_error(
         capsys,
         r"--val-fraction 1.5 is out of range; expected a fraction in \[0, 1\)",
@@ -134,18 +156,29 @@ def test_bad_options(capsys, folder, tmp_path):
     )
     assert_user_error(
         capsys,
-        r"no cache at .*nothing\.h5; build it with `pipeline features --data YOUR_IMAGES --out .*nothing\.h5`",
+        r"no cache at .*nothing\.h5; build it with `pipeline features --data YOUR_IMAGES --out "
+        r".*nothing\.h5`",
         "info",
         str(tmp_path / "nothing.h5"),
     )
-    assert_user_error(  # a choice is checked by the config, in one line, not by argparse's usage screen
-        capsys, r"--precision 'fp8' is not allowed; choose one of: fp32, bf16, fp16", "features", "--precision", "fp8"
+    # A choice is checked by the config, in one line, not by argparse's usage screen.
+    assert_user_error(
+        capsys,
+        r"--precision 'fp8' is not allowed; choose one of: fp32, bf16, fp16",
+        "features",
+        "--precision",
+        "fp8",
     )
     assert_user_error(  # argparse's own errors (a missing value) are one line too, exit status 2
-        capsys, r"pipeline features: argument --precision: expected one argument; see `pipeline features --help`",
-        "features", "--precision",
-    )  # fmt: skip
-    assert_user_error(capsys, r"pipeline: argument COMMAND: invalid choice: 'frobnicate'", "frobnicate")
+        capsys,
+        r"pipeline features: argument --precision: expected one argument; see `pipeline features "
+        r"--help`",
+        "features",
+        "--precision",
+    )
+    assert_user_error(
+        capsys, r"pipeline: argument COMMAND: invalid choice: 'frobnicate'", "frobnicate"
+    )
 
 
 def test_config_file_errors(capsys, tmp_path):
@@ -153,7 +186,8 @@ def test_config_file_errors(capsys, tmp_path):
     bad_key.write_text('[features]\ndataset = "digits"\nbatchsize = 3\n')
     assert_user_error(
         capsys,
-        r"a\.toml \[features\]: unknown key 'batchsize'; valid keys: data, data_val, data_test, label_key, dataset",
+        r"a\.toml \[features\]: unknown key 'batchsize'; valid keys: data, data_val, data_test, "
+        r"label_key, dataset",
         "features",
         "--config",
         str(bad_key),
@@ -161,29 +195,54 @@ def test_config_file_errors(capsys, tmp_path):
     bad_type = tmp_path / "b.toml"
     bad_type.write_text('[features]\ndataset = "digits"\nbatch_size = "big"\n')
     assert_user_error(
-        capsys, r"batch_size = 'big' should be int; fix the value in the file", "features", "--config", str(bad_type)
+        capsys,
+        r"batch_size = 'big' should be int; fix the value in the file",
+        "features",
+        "--config",
+        str(bad_type),
     )
     broken = tmp_path / "c.toml"
     broken.write_text("[features\n")
-    assert_user_error(capsys, r"config file .*c\.toml is not valid TOML", "features", "--config", str(broken))
     assert_user_error(
-        capsys, r"config file .*none\.toml does not exist", "features", "--config", str(tmp_path / "none.toml")
+        capsys, r"config file .*c\.toml is not valid TOML", "features", "--config", str(broken)
+    )
+    assert_user_error(
+        capsys,
+        r"config file .*none\.toml does not exist",
+        "features",
+        "--config",
+        str(tmp_path / "none.toml"),
     )
 
 
 def test_flags_override_the_file_which_overrides_defaults(tmp_path):
     path = tmp_path / "x.toml"
-    path.write_text('[features]\ndataset = "digits"\nbatch_size = 4\nimage-size = 48\nval_fraction = 0\n')
+    path.write_text(
+        '[features]\ndataset = "digits"\nbatch_size = 4\nimage-size = 48\nval_fraction = 0\n'
+    )
     args = cli.build_parser().parse_args(["features", "--config", str(path), "--batch-size", "8"])
     cfg = cli._config(args, FeaturesConfig, "features")
-    assert (cfg.batch_size, cfg.image_size, cfg.val_fraction, cfg.backbone) == (8, 48, 0.0, "resnet50")
+    assert (cfg.batch_size, cfg.image_size, cfg.val_fraction, cfg.backbone) == (
+        8,
+        48,
+        0.0,
+        "resnet50",
+    )
     assert cfg.out_path.name == "digits-resnet50.h5"
 
 
 def test_info_describes_the_cache(capsys, folder, tmp_path):
     out = tmp_path / "c.h5"
     code, _, err = run_cli(
-        capsys, "features", "--data", str(folder), "--out", str(out), "--val-fraction", "0.25", *FAST
+        capsys,
+        "features",
+        "--data",
+        str(folder),
+        "--out",
+        str(out),
+        "--val-fraction",
+        "0.25",
+        *FAST,
     )
     assert code == 0 and "wrote" in err
     code, text, _ = run_cli(capsys, "info", str(out))
@@ -203,34 +262,72 @@ def test_info_describes_the_cache(capsys, folder, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_features_and_make_head_run_the_offline_demo(tmp_path):
-    """The README's `make features && make head`, with this interpreter, in a scratch working directory."""
-    make = ["make", "-s", "-f", str(REPO / "Makefile"), f"PY={sys.executable}", f"CONFIG={REPO / 'configs/demo.toml'}"]
+    """The README's `make features && make head`, with this interpreter, in a scratch working
+    directory."""
+    make = [
+        "make",
+        "-s",
+        "-f",
+        str(REPO / "Makefile"),
+        f"PY={sys.executable}",
+        f"CONFIG={REPO / 'configs/demo.toml'}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    first = subprocess.run([*make, "features"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        [*make, "features"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert first.returncode == 0, first.stderr
-    assert "random initialisation (seed 0)" in first.stderr and "wrote cache/digits-resnet18.h5" in first.stderr
-    again = subprocess.run([*make, "features"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert (
+        "random initialisation (seed 0)" in first.stderr
+        and "wrote cache/digits-resnet18.h5" in first.stderr
+    )
+    again = subprocess.run(
+        [*make, "features"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 0 and "is current (1797 rows); nothing to do" in again.stderr
-    info = subprocess.run([*make, "info"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    info = subprocess.run(
+        [*make, "info"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert info.returncode == 0 and "(1797, 512) float32" in info.stdout
-    head = subprocess.run([*make, "head"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    head = subprocess.run(
+        [*make, "head"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert head.returncode == 0, head.stderr
-    assert "chosen on val by top1-0.5se from 45 values; trained on train+val; scored once on test" in head.stdout
-    top1 = float(next(line for line in head.stdout.splitlines() if line.startswith("top-1")).split()[2])
+    assert (
+        "chosen on val by top1-0.5se from 45 values; trained on train+val; scored once on test"
+        in head.stdout
+    )
+    top1 = float(
+        next(line for line in head.stdout.splitlines() if line.startswith("top-1")).split()[2]
+    )
     assert top1 > 0.9, "random resnet18 features still separate the digits"
-    for name in ("result.json", "curve.csv", "head.json", "head.npz", "validation_curve.png", "confusion_matrix.png"):
+    for name in (
+        "result.json",
+        "curve.csv",
+        "head.json",
+        "head.npz",
+        "validation_curve.png",
+        "confusion_matrix.png",
+    ):
         assert (tmp_path / "results" / "digits-logreg" / name).exists(), name
 
 
 @pytest.mark.parametrize(
     ("argv", "pattern"),
     [
-        (["--joblib-backend", "spark"], r"--joblib-backend 'spark' is not allowed; choose one of: loky, threading"),
-        (["--solver", "newton"], r"--solver 'newton' is not allowed; choose one of: auto, lbfgs, adam, sgd"),
+        (
+            ["--joblib-backend", "spark"],
+            r"--joblib-backend 'spark' is not allowed; choose one of: loky, threading",
+        ),
+        (
+            ["--solver", "newton"],
+            r"--solver 'newton' is not allowed; choose one of: auto, lbfgs, adam, sgd",
+        ),
         (["--select", "best"], r"--select 'best' is not allowed; choose one of: top1-1se"),
         (
             ["--preprocess", "zscore"],
-            r"--preprocess 'zscore' is not allowed; choose one of: auto, standardize, l2, center-l2, none",
+            r"--preprocess 'zscore' is not allowed; choose one of: auto, standardize, l2, "
+            r"center-l2, none",
         ),
         (["--tol", "nan"], r"--tol nan must be a positive, finite number"),
         (["--lr", "inf"], r"--lr inf is out of range; expected \(0, 100\]"),
@@ -242,17 +339,29 @@ def test_a_bad_choice_or_number_is_one_line_from_the_registry(capsys, argv, patt
 
 
 @pytest.mark.parametrize(
-    "command", ["features", "head", "study", "compare", "predict", "export", "info", "pack", "backbones"]
+    "command",
+    ["features", "head", "study", "compare", "predict", "export", "info", "pack", "backbones"],
 )
 def test_help_reads_grouped_with_one_default_each(capsys, command):
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
     text = capsys.readouterr().out
-    assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text.replace("\n", " "))
-    assert not re.search(r"^  --[\w-]+(?: \S+)?\s*$\n(?!  {10,})", text, re.MULTILINE), "every flag has help"
+    assert "(default: None)" not in text and not re.search(
+        r"\(default: [^)]*\) \(default:", text.replace("\n", " ")
+    )
+    assert not re.search(r"^  --[\w-]+(?: \S+)?\s*$\n(?!  {10,})", text, re.MULTILINE), (
+        "every flag has help"
+    )
     groups = {
         "features": ("data:", "backbone:", "compute:", "output:"),
-        "head": ("input:", "head kind:", "selection:", "solver:", "long tail and calibration:", "output:"),
+        "head": (
+            "input:",
+            "head kind:",
+            "selection:",
+            "solver:",
+            "long tail and calibration:",
+            "output:",
+        ),
     }
     for group in groups.get(command, ()):
         assert f"\n{group}\n" in text, group
@@ -260,10 +369,26 @@ def test_help_reads_grouped_with_one_default_each(capsys, command):
 
 def test_head_takes_the_cache_as_its_first_argument(capsys, synthetic_cache, tmp_path):
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "head", str(synthetic_cache), "--out", str(out), "--grid", "0.1", "1",
-                                 "--bootstrap", "0")  # fmt: skip
+    code, _, err = run_cli(
+        capsys,
+        "head",
+        str(synthetic_cache),
+        "--out",
+        str(out),
+        "--grid",
+        "0.1",
+        "1",
+        "--bootstrap",
+        "0",
+    )
     assert code == 0 and (out / "result.json").exists()
     header, sweep = err.index("head: torch on"), err.find("sweep")
     assert sweep == -1 or header < sweep, "the header is printed before the progress bar"
-    assert_user_error(capsys, r"two caches given: .* and --features other\.h5; pass one",
-                      "head", str(synthetic_cache), "--features", "other.h5")  # fmt: skip
+    assert_user_error(
+        capsys,
+        r"two caches given: .* and --features other\.h5; pass one",
+        "head",
+        str(synthetic_cache),
+        "--features",
+        "other.h5",
+    )

@@ -45,11 +45,17 @@ def test_a_program_that_would_become_code_is_refused_and_runs_nothing(good, tmp_
     payload = f"a=1) if 0 else None\rimport os; os.system('touch {marker}')\rdef h(*a, **k): #"
 
     def hop(program):  # a higher-order op whose keyword name FX would paste into generated source
-        _nodes(program).insert(0, {
-            "target": "torch.ops.higher_order.wrap", "name": "evil", "metadata": {},
-            "inputs": [{"name": payload, "arg": {"as_string": "v"}, "kind": 2}],
-            "outputs": [{"as_none": True}], "is_hop_single_tensor_return": True,
-        })  # fmt: skip
+        _nodes(program).insert(
+            0,
+            {
+                "target": "torch.ops.higher_order.wrap",
+                "name": "evil",
+                "metadata": {},
+                "inputs": [{"name": payload, "arg": {"as_string": "v"}, "kind": 2}],
+                "outputs": [{"as_none": True}],
+                "is_hop_single_tensor_return": True,
+            },
+        )
 
     def keyword(program):  # the same keyword name on an ordinary ATen node
         _nodes(program)[0]["inputs"][0]["name"] = payload
@@ -62,18 +68,23 @@ def test_a_program_that_would_become_code_is_refused_and_runs_nothing(good, tmp_
 
     def pytree(program):
         call_graph = program["graph_module"]["module_call_graph"][0]["signature"]
-        call_graph["in_spec"] = json.dumps([1, {"type": "os.system", "context": "null", "children_spec": []}])
+        call_graph["in_spec"] = json.dumps(
+            [1, {"type": "os.system", "context": "null", "children_spec": []}]
+        )
 
     cases = {
         hop: r"its program calls 'torch\.ops\.higher_order\.wrap', not an ATen operator",
-        keyword: r"its program has a string of unexpected characters at graph_module/graph/nodes/inputs/name",
+        keyword: r"its program has a string of unexpected characters at "
+        r"graph_module/graph/nodes/inputs/name",
         name: r"its program has a name 'x; import os' that is not an identifier",
         guards: r"its program carries guard code",
         pytree: r"its program's inputs or outputs are of type 'os\.system'",
     }
     for change, pattern in cases.items():
         crafted = _rewrite(good, tmp_path / f"{change.__name__}.pt2", change)
-        with pytest.raises(WeightsError, match=rf"refusing to load .*{change.__name__}\.pt2: {pattern}"):
+        with pytest.raises(
+            WeightsError, match=rf"refusing to load .*{change.__name__}\.pt2: {pattern}"
+        ):
             load_export(crafted)
     assert not marker.exists(), "no code ran"
 
@@ -82,7 +93,9 @@ def test_debug_metadata_is_dropped_and_torchs_own_refusals_are_one_line(good, tm
     marker = tmp_path / "owned"
 
     def trace(program):  # a stack trace is printed into generated comments: dropped, never read
-        _nodes(program)[0]["metadata"] = {"stack_trace": f"File x\r__import__('os').system('touch {marker}')"}
+        _nodes(program)[0]["metadata"] = {
+            "stack_trace": f"File x\r__import__('os').system('touch {marker}')"
+        }
 
     program = load_export(_rewrite(good, tmp_path / "trace.pt2", trace))
     x = torch.ones(2, 3)
@@ -91,10 +104,14 @@ def test_debug_metadata_is_dropped_and_torchs_own_refusals_are_one_line(good, tm
     def empty(program):
         program["graph_module"]["graph"]["nodes"] = []
 
-    with pytest.raises(WeightsError, match=r"refusing to load .*empty\.pt2: torch cannot read it \("):
+    with pytest.raises(
+        WeightsError, match=r"refusing to load .*empty\.pt2: torch cannot read it \("
+    ):
         load_export(_rewrite(good, tmp_path / "empty.pt2", empty))
     with pytest.raises(WeightsError, match=r"refusing to load .*: it is a folder"):
         load_export(tmp_path)
     os.mkfifo(tmp_path / "pipe.pt2")
-    with pytest.raises(WeightsError, match=r"refusing to load .*pipe\.pt2: it is not a regular file"):
+    with pytest.raises(
+        WeightsError, match=r"refusing to load .*pipe\.pt2: it is not a regular file"
+    ):
         load_export(tmp_path / "pipe.pt2")

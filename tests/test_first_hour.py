@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 
 
 def _clone(tmp_path: Path) -> Path:
-    """The files a fresh clone has that these commands read: the Makefile, the package, its configs."""
+    """The files a fresh clone has that these commands read: the Makefile, the package, its
+    configs."""
     clone = tmp_path / "clone"
     clone.mkdir()
     for name in ("Makefile", "pyproject.toml", "configs", "pipeline"):
@@ -31,8 +32,8 @@ def _clone(tmp_path: Path) -> Path:
 
 
 def _fake_python(tmp_path: Path) -> Path:
-    """A `python3` whose `-m venv DIR` makes DIR/bin/python: this interpreter with the package on its
-    path, whose `-m pip` only logs (the real install runs in CI). Every call is logged."""
+    """A `python3` whose `-m venv DIR` makes DIR/bin/python: this interpreter with the package on
+    its path, whose `-m pip` only logs (the real install runs in CI). Every call is logged."""
     log = tmp_path / "installs.log"
     real = sys.executable
     inner = f"""#!/bin/sh
@@ -56,7 +57,9 @@ exec {real} "$@"
 
 def _make(clone: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "VIRTUAL_ENV")}
-    return subprocess.run(["make", "-s", *args], cwd=clone, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["make", "-s", *args], cwd=clone, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_the_readme_opens_with_the_two_commands_and_fits_one_screen():
@@ -65,7 +68,9 @@ def test_the_readme_opens_with_the_two_commands_and_fits_one_screen():
     first_block = re.search(r"```bash\n(.*?)```", text, re.DOTALL)[1]
     commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
     assert commands == ["make demo", "make test"]
-    assert ".venv/bin/pipeline" in text and "source .venv/bin/activate" in text and "TORCH=cpu" in text
+    assert (
+        ".venv/bin/pipeline" in text and "source .venv/bin/activate" in text and "TORCH=cpu" in text
+    )
 
 
 def test_every_target_that_runs_the_package_installs_first_and_only_once(tmp_path):
@@ -84,9 +89,16 @@ def test_every_target_that_runs_the_package_installs_first_and_only_once(tmp_pat
 def test_the_cpu_only_torch_build_is_one_flag_away(tmp_path):
     clone = _clone(tmp_path)
     plan = _make(clone, "-n", "install", "TORCH=cpu", f"PYTHON={sys.executable}").stdout
-    cpu = plan.index("--index-url https://download.pytorch.org/whl/cpu 'torch>=2.1' 'torchvision>=0.16'")
-    assert cpu < plan.index("pip install -e '.[dev]'"), "the CPU wheels first, so the package's pins find them"
-    assert "download.pytorch.org" not in _make(clone, "-n", "install", f"PYTHON={sys.executable}").stdout
+    cpu = plan.index(
+        "--index-url https://download.pytorch.org/whl/cpu 'torch>=2.1' 'torchvision>=0.16'"
+    )
+    assert cpu < plan.index("pip install -e '.[dev]'"), (
+        "the CPU wheels first, so the package's pins find them"
+    )
+    assert (
+        "download.pytorch.org"
+        not in _make(clone, "-n", "install", f"PYTHON={sys.executable}").stdout
+    )
 
 
 def test_the_cli_reference_is_generated_and_current():
@@ -94,18 +106,24 @@ def test_the_cli_reference_is_generated_and_current():
     import cli_reference
 
     committed = (REPO / "docs" / "reference" / "cli.md").read_text()
-    assert committed == cli_reference.render(), "stale: run `make docs` (or python tools/cli_reference.py)"
+    assert committed == cli_reference.render(), (
+        "stale: run `make docs` (or python tools/cli_reference.py)"
+    )
     assert "## pipeline head" in committed and "**long tail and calibration**" in committed
 
 
 @pytest.mark.slow
 def test_make_demo_on_a_fresh_clone_installs_once_and_runs_the_demo(tmp_path):
-    """`make demo` twice on a clone without .venv: the (stubbed) install runs once, the demo twice."""
+    """`make demo` twice on a clone without .venv: the (stubbed) install runs once, the demo
+    twice."""
     clone = _clone(tmp_path)
     python = _fake_python(tmp_path)
     first = _make(clone, "demo", f"PYTHON={python}")
     assert first.returncode == 0, first.stderr
-    assert "wrote cache/digits-resnet18.h5" in first.stderr and "results in results/digits-logreg/" in first.stderr
+    assert (
+        "wrote cache/digits-resnet18.h5" in first.stderr
+        and "results in results/digits-logreg/" in first.stderr
+    )
     assert "pipeline is .venv/bin/pipeline" in first.stdout
     for name in ("result.json", "validation_curve.png", "confusion_matrix.png", "reliability.png"):
         assert (clone / "results" / "digits-logreg" / name).exists(), name

@@ -1,4 +1,5 @@
-"""predict and export agree with each other and with the head on cached features of the same images."""
+"""predict and export agree with each other and with the head on cached features of the same
+images."""
 
 from __future__ import annotations
 
@@ -26,23 +27,38 @@ def trained(tmp_path_factory):
     """A tiny cache (3 classes, train/test folders) and a logreg head trained on it."""
     tmp = tmp_path_factory.mktemp("trained")
     data = make_folder(
-        tmp / "data", classes=("cat", "dog", "owl"), per_class=6, splits=("train", "test"), size=(40, 30)
+        tmp / "data",
+        classes=("cat", "dog", "owl"),
+        per_class=6,
+        splits=("train", "test"),
+        size=(40, 30),
     )
     cfg = tiny(data=str(data), out=str(tmp / "c.h5"), image_size=40)
     stage.run(cfg)
     protocol.run(
         HeadConfig(
-            features=cfg.out, head="logreg", out=str(tmp / "head"), grid=(0.1, 1.0, 10.0), progress=False, bootstrap=0
+            features=cfg.out,
+            head="logreg",
+            out=str(tmp / "head"),
+            grid=(0.1, 1.0, 10.0),
+            progress=False,
+            bootstrap=0,
         )
     )
     cosine = dict(features=cfg.out, progress=False, bootstrap=0)
-    knn = HeadConfig(head="knn", grid=(3, 5), calibrate="temperature", out=str(tmp / "knn"), **cosine)  # type: ignore[arg-type]
+    knn = HeadConfig(
+        head="knn", grid=(3, 5), calibrate="temperature", out=str(tmp / "knn"), **cosine
+    )  # type: ignore[arg-type]
     protocol.run(knn)
     protocol.run(HeadConfig(head="ncm", preprocess="center-l2", out=str(tmp / "ncm"), **cosine))  # type: ignore[arg-type]
     return tmp, data
 
 
-HEADS = ["head", "knn", "ncm"]  # the logreg head, and the cosine heads (knn calibrated, ncm centred) of one cache
+HEADS = [
+    "head",
+    "knn",
+    "ncm",
+]  # the logreg head, and the cosine heads (knn calibrated, ncm centred) of one cache
 
 
 def _rows(path):
@@ -57,9 +73,19 @@ def test_predict_matches_the_head_on_cached_features(trained, folder):
     out = tmp / f"pred-{folder}.csv"
     result = predict.predict(tmp / folder, data / "test", out, top_k=3)
     rows = _rows(out)
-    assert [r["path"] for r in rows] == [f"{c}/test{n:02d}.png" for c in ("cat", "dog", "owl") for n in range(6)]
-    assert list(rows[0]) == ["path", "prediction", "probability", "class_2", "probability_2", "class_3",
-                             "probability_3", "error"]  # fmt: skip
+    assert [r["path"] for r in rows] == [
+        f"{c}/test{n:02d}.png" for c in ("cat", "dog", "owl") for n in range(6)
+    ]
+    assert list(rows[0]) == [
+        "path",
+        "prediction",
+        "probability",
+        "class_2",
+        "probability_2",
+        "class_3",
+        "probability_3",
+        "error",
+    ]
     head, fs = load_head(tmp / folder), read_features(tmp / "c.h5")
     cached = head.predict_proba(fs["test"].X)  # the same images, through the cache
     by_id = {f"{i.split('/', 1)[1]}": k for k, i in enumerate(fs["test"].ids)}
@@ -97,7 +123,12 @@ proba = program.module()(torch.stack(crops))
 np.save(sys.argv[1], proba.detach().numpy())
 print(",".join(meta["classes"]))
 """
-    done = subprocess.run([sys.executable, "-c", code, str(tmp / "p.npy")], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp / "p.npy")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "cat,dog,owl"
     np.testing.assert_allclose(np.load(tmp / "p.npy"), result["proba"], atol=1e-5)
@@ -111,9 +142,22 @@ def test_unreadable_images_are_listed_unless_strict(trained, capsys):
     result = predict.predict(tmp / "head", new, tmp / "new.csv")
     assert result["unreadable"] == ["b.jpg"] and result["classified"] == 1
     rows = _rows(tmp / "new.csv")
-    assert rows[1]["path"] == "b.jpg" and rows[1]["prediction"] == "" and "cannot identify image" in rows[1]["error"]
+    assert (
+        rows[1]["path"] == "b.jpg"
+        and rows[1]["prediction"] == ""
+        and "cannot identify image" in rows[1]["error"]
+    )
     code = cli.main(
-        ["predict", "--head", str(tmp / "head"), "--data", str(new), "--out", str(tmp / "x.csv"), "--strict"]
+        [
+            "predict",
+            "--head",
+            str(tmp / "head"),
+            "--data",
+            str(new),
+            "--out",
+            str(tmp / "x.csv"),
+            "--strict",
+        ]
     )
     err = capsys.readouterr().err
     assert code == 2 and "b.jpg: cannot identify image file" in err and "Traceback" not in err
@@ -122,17 +166,50 @@ def test_unreadable_images_are_listed_unless_strict(trained, capsys):
 def test_predict_prints_one_images_classes_and_a_folders_summary(trained, tmp_path, capsys):
     tmp, data = trained
     one = data / "test" / "dog" / "test00.png"
-    assert cli.main(["predict", "--head", str(tmp / "head"), "--data", str(one), "--out", str(tmp_path / "one.csv"),
-                     "--top-k", "2", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--head",
+                str(tmp / "head"),
+                "--data",
+                str(one),
+                "--out",
+                str(tmp_path / "one.csv"),
+                "--top-k",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out.strip()
     row = _rows(tmp_path / "one.csv")[0]
     assert printed.startswith(f"test00.png: {row['prediction']} ") and printed.count("%") == 2
-    assert cli.main(["predict", "--head", str(tmp / "head"), "--data", str(data / "test"),
-                     "--out", str(tmp_path / "all.csv"), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--head",
+                str(tmp / "head"),
+                "--data",
+                str(data / "test"),
+                "--out",
+                str(tmp_path / "all.csv"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     rows = _rows(tmp_path / "all.csv")
-    assert printed.startswith(f"18 images classified ({tmp_path / 'all.csv'} has each one's top 5):")
-    counts = {name: [r["prediction"] for r in rows].count(name) for name in {r["prediction"] for r in rows}}
+    assert printed.startswith(
+        f"18 images classified ({tmp_path / 'all.csv'} has each one's top 5):"
+    )
+    counts = {
+        name: [r["prediction"] for r in rows].count(name)
+        for name in {r["prediction"] for r in rows}
+    }
     top = min(counts, key=lambda name: (-counts[name], name))  # most images; ties by name
     assert f"  {top}" in printed.splitlines()[1]
 
@@ -158,5 +235,7 @@ def test_head_without_feature_settings_is_refused(trained, tmp_path):
     meta = json.loads((old / "head.json").read_text())
     del meta["features_config"]
     (old / "head.json").write_text(json.dumps(meta))
-    with pytest.raises(CacheError, match=r"head .*old does not record how its features were made .*; retrain it"):
+    with pytest.raises(
+        CacheError, match=r"head .*old does not record how its features were made .*; retrain it"
+    ):
         predict.predict(old, data / "test", tmp_path / "p.csv")

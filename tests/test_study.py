@@ -73,8 +73,15 @@ repeats = 2
 
 
 def write_study(tmp_path, extra_dataset: str = "", **replace) -> str:
-    data = make_folder(tmp_path / "data", classes=("cat", "dog", "owl"), per_class=8, splits=("train", "test"))
-    text = STUDY.format(results=tmp_path / "results", cache=tmp_path / "cache", data=data, extra_dataset=extra_dataset)
+    data = make_folder(
+        tmp_path / "data", classes=("cat", "dog", "owl"), per_class=8, splits=("train", "test")
+    )
+    text = STUDY.format(
+        results=tmp_path / "results",
+        cache=tmp_path / "cache",
+        data=data,
+        extra_dataset=extra_dataset,
+    )
     for old, new in replace.items():
         text = text.replace(old, new)
     path = tmp_path / "study.toml"
@@ -103,17 +110,28 @@ def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch)
     rows = compare.summary_rows(compare.gather([tmp_path / "results" / "tiny"]))
     assert len(rows) == 12
     for row in rows:
-        result = json.loads((tmp_path / row["folder"].split(str(tmp_path) + "/")[-1] / "result.json").read_text())
+        result = json.loads(
+            (tmp_path / row["folder"].split(str(tmp_path) + "/")[-1] / "result.json").read_text()
+        )
         assert row["test_top1"] == result["test"]["top1"]
         assert row["dataset"] == "shapes" and row["backbone"] in ("r18-a", "r18-b")
     few = compare.fewshot_rows(compare.gather([tmp_path / "results" / "tiny"]))
-    assert {(r["backbone"], r["shots"]) for r in few} == {(b, s) for b in ("r18-a", "r18-b") for s in (1, 2, "all")}
+    assert {(r["backbone"], r["shots"]) for r in few} == {
+        (b, s) for b in ("r18-a", "r18-b") for s in (1, 2, "all")
+    }
     assert (tmp_path / "results" / "tiny" / "report-fewshot.png").exists()
     text = report.read_text()
     assert "| shapes | r18-a | logreg | all |" in text and "## Few-shot" in text
-    assert "| shapes | r18-a | knn | all |" in text and "| k = " in text and "| temperature = 0.07 |" in text
+    assert (
+        "| shapes | r18-a | knn | all |" in text
+        and "| k = " in text
+        and "| temperature = 0.07 |" in text
+    )
     # The cosine heads are compared with the linear heads on the same test rows (paired tests).
-    assert "knn" in text.split("## Paired comparisons")[1] and "ncm" in text.split("## Paired comparisons")[1]
+    assert (
+        "knn" in text.split("## Paired comparisons")[1]
+        and "ncm" in text.split("## Paired comparisons")[1]
+    )
 
 
 def test_a_study_never_replaces_a_hand_made_cache_and_reuses_an_identical_one(tmp_path, capsys):
@@ -122,20 +140,47 @@ def test_a_study_never_replaces_a_hand_made_cache_and_reuses_an_identical_one(tm
     path = write_study(tmp_path, **{'[[backbones]]\nname = "r18-b"': '[[skip]]\nname = "r18-b"'})
     path = Path(path)
     text = path.read_text().split("[[skip]]")[0] + '[[heads]]\nhead = "ncm"\n'
-    text = text.replace('[[heads]]\nhead = "logreg"\n\n[[heads]]\nhead = "torch"\n\n[[heads]]\nhead = "knn"\n', "")
+    text = text.replace(
+        '[[heads]]\nhead = "logreg"\n\n[[heads]]\nhead = "torch"\n\n[[heads]]\nhead = "knn"\n', ""
+    )
     path.write_text(text)
     data = tmp_path / "data"
-    mine = tmp_path / "cache" / "shapes-r18-a.h5"  # the study's own name, made by hand at another size
-    stage.run(FeaturesConfig(data=str(data), backbone="resnet18", weights="none", image_size=48, workers=0,
-                             progress=False, out=str(mine), val_fraction=0.25))  # fmt: skip
+    mine = (
+        tmp_path / "cache" / "shapes-r18-a.h5"
+    )  # the study's own name, made by hand at another size
+    stage.run(
+        FeaturesConfig(
+            data=str(data),
+            backbone="resnet18",
+            weights="none",
+            image_size=48,
+            workers=0,
+            progress=False,
+            out=str(mine),
+            val_fraction=0.25,
+        )
+    )
     before = mine.read_bytes()
     assert cli.main(["study", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{mine} holds other features (preprocessing: 'ImageClassification(crop_size=[48]" in err
     assert "a study never replaces a cache" in err and mine.read_bytes() == before
-    mine.rename(tmp_path / "cache" / "hand-made.h5")  # the same features as the study's, under another name
-    stage.run(FeaturesConfig(data=str(data), backbone="resnet18", weights="none", image_size=32, workers=0,
-                             progress=False, out=str(mine), val_fraction=0.25, batch_size=8))  # fmt: skip
+    mine.rename(
+        tmp_path / "cache" / "hand-made.h5"
+    )  # the same features as the study's, under another name
+    stage.run(
+        FeaturesConfig(
+            data=str(data),
+            backbone="resnet18",
+            weights="none",
+            image_size=32,
+            workers=0,
+            progress=False,
+            out=str(mine),
+            val_fraction=0.25,
+            batch_size=8,
+        )
+    )
     twin = mine.rename(tmp_path / "cache" / "twin.h5")
     said: list[str] = []
     summary = study.run(str(path), report=said.append, progress=False)
@@ -146,36 +191,62 @@ def test_a_study_never_replaces_a_hand_made_cache_and_reuses_an_identical_one(tm
 
 @pytest.mark.slow
 def test_a_failing_cell_is_reported_and_the_rest_go_on(tmp_path, capsys):
-    path = write_study(tmp_path, extra_dataset=f'\n[[datasets]]\nname = "gone"\ndata = "{tmp_path / "missing"}"\n')
+    path = write_study(
+        tmp_path, extra_dataset=f'\n[[datasets]]\nname = "gone"\ndata = "{tmp_path / "missing"}"\n'
+    )
     summary = study.run(path, progress=False)
-    assert {f["cell"] for f in summary["failed"]} == {"gone / r18-a: features", "gone / r18-b: features"}
+    assert {f["cell"] for f in summary["failed"]} == {
+        "gone / r18-a: features",
+        "gone / r18-b: features",
+    }
     assert all("does not exist" in f["error"] for f in summary["failed"])
     assert len(summary["runs"]) == 12, "the good cells all ran"
     assert cli.main(["study", path, "--no-progress"]) == 2
-    assert "error: 2 cell(s) failed: gone / r18-a: features; gone / r18-b: features" in capsys.readouterr().err
+    assert (
+        "error: 2 cell(s) failed: gone / r18-a: features; gone / r18-b: features"
+        in capsys.readouterr().err
+    )
 
 
 def test_study_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown table 'model'; valid ones: study, features, head, datasets"):
+    with pytest.raises(
+        ConfigError, match=r"unknown table 'model'; valid ones: study, features, head, datasets"
+    ):
         study.plan(write_study(tmp_path, extra_dataset="[model]\nx = 1"))
-    with pytest.raises(ConfigError, match=r"\[\[datasets\]\] #1: unknown key 'folder'; valid keys: name, data"):
+    with pytest.raises(
+        ConfigError, match=r"\[\[datasets\]\] #1: unknown key 'folder'; valid keys: name, data"
+    ):
         study.plan(write_study(tmp_path, **{"data = ": "folder = "}))
-    with pytest.raises(ConfigError, match=r"unknown dataset 'CIFAR11'; choose one of: digits, CIFAR10, CIFAR100"):
+    with pytest.raises(
+        ConfigError, match=r"unknown dataset 'CIFAR11'; choose one of: digits, CIFAR10, CIFAR100"
+    ):
         study.plan(write_study(tmp_path, extra_dataset='\n[[datasets]]\ndataset = "CIFAR11"\n'))
     with pytest.raises(ConfigError, match=r"unknown backbone 'resnet9'; did you mean resnet50"):
         study.plan(
-            write_study(tmp_path, **{'backbone = "resnet18"\nweights = "none"\nseed = 1': 'backbone = "resnet9"'})
+            write_study(
+                tmp_path,
+                **{'backbone = "resnet18"\nweights = "none"\nseed = 1': 'backbone = "resnet9"'},
+            )
         )
-    with pytest.raises(ConfigError, match=r"\[fewshot\]: shots = \[0\]; expected positive whole numbers"):
+    with pytest.raises(
+        ConfigError, match=r"\[fewshot\]: shots = \[0\]; expected positive whole numbers"
+    ):
         study.plan(write_study(tmp_path, **{"shots = [1, 2]": "shots = [0]"}))
     twin = '\n[[datasets]]\nname = "shapes"\ndata = "elsewhere"\n'
-    with pytest.raises(ConfigError, match=r"\[\[datasets\]\] #1 and #2 are both named 'shapes'; give each a distinct"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\[\[datasets\]\] #1 and #2 are both named 'shapes'; give each a distinct",
+    ):
         study.plan(write_study(tmp_path, extra_dataset=twin))
     with pytest.raises(ConfigError, match=r"\[\[backbones\]\] #1 and #2 are both named 'r18-a'"):
         study.plan(write_study(tmp_path, **{'name = "r18-b"': 'name = "r18-a"'}))
     with pytest.raises(ConfigError, match=r"\[\[heads\]\] #1 and #4 are both named 'logreg'"):
         study.plan(
-            write_study(tmp_path, extra_dataset="", **{'head = "knn"': 'head = "knn"\n\n[[heads]]\nhead = "logreg"'})
+            write_study(
+                tmp_path,
+                extra_dataset="",
+                **{'head = "knn"': 'head = "knn"\n\n[[heads]]\nhead = "logreg"'},
+            )
         )
 
 
@@ -186,10 +257,18 @@ def test_make_study_runs_the_offline_demo(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     (tmp_path / "configs").mkdir()
     shutil.copy(REPO / "configs" / "demo-study.toml", tmp_path / "configs")
-    done = subprocess.run([*make, "study"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*make, "study"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "results" / "demo"
-    for name in ("report.md", "report.csv", "report-bars.png", "report-fewshot.png", "report-fewshot.csv"):
+    for name in (
+        "report.md",
+        "report.csv",
+        "report-bars.png",
+        "report-fewshot.png",
+        "report-fewshot.csv",
+    ):
         assert (out / name).exists(), name
     assert "2 caches computed, 0 reused, 14 head runs, 0 failed" in done.stderr
     assert "resnet34-random" in (out / "report.md").read_text()
@@ -198,9 +277,16 @@ def test_make_study_runs_the_offline_demo(tmp_path):
 def test_the_long_tail_study_file_is_valid_and_mixes_heads_safely(tmp_path):
     plan = study.plan(REPO / "configs" / "long-tail.toml")
     labels = [label for label, _ in plan.heads]
-    assert labels == [f"R{r}-{m}" for r in (1, 10, 100) for m in ("none", "class-weight", "sampler", "logit-adjust")]
+    assert labels == [
+        f"R{r}-{m}"
+        for r in (1, 10, 100)
+        for m in ("none", "class-weight", "sampler", "logit-adjust")
+    ]
     values = dict(plan.heads)
-    assert values["R100-sampler"]["balanced_sampler"] is True and values["R10-logit-adjust"]["logit_adjust"] == "auto"
+    assert (
+        values["R100-sampler"]["balanced_sampler"] is True
+        and values["R10-logit-adjust"]["logit_adjust"] == "auto"
+    )
     # [head] defaults that only suit the linear heads are left out of a cosine head's cell.
     path = tmp_path / "mixed.toml"
     path.write_text(
@@ -210,7 +296,10 @@ def test_the_long_tail_study_file_is_valid_and_mixes_heads_safely(tmp_path):
     )
     heads = dict(study.plan(path).heads)
     assert heads["logreg"]["grid"] == [0.1, 1.0] and heads["logreg"]["class_weight"] == "balanced"
-    assert not {"grid", "class_weight", "preprocess"} & set(heads["knn"]) and "grid" not in heads["ncm"]
+    assert (
+        not {"grid", "class_weight", "preprocess"} & set(heads["knn"])
+        and "grid" not in heads["ncm"]
+    )
 
 
 def test_the_backbone_suite_names_five_families_that_all_resolve():
@@ -223,11 +312,12 @@ def test_the_backbone_suite_names_five_families_that_all_resolve():
 def test_a_study_sweeps_layers_as_head_entries(tmp_path):
     path = tmp_path / "layers.toml"
     path.write_text(
-        '[[datasets]]\ndataset = "digits"\n[[backbones]]\nbackbone = "resnet18"\nweights = "none"\nlayers = "layer3"\n'
+        '[[datasets]]\ndataset = "digits"\n[[backbones]]\nbackbone = "resnet18"\nweights = '
+        '"none"\nlayers = "layer3"\n'
         '[[heads]]\nname = "penultimate"\n[[heads]]\nname = "layer3"\nlayer = "layer3"\n'
     )
     plan = study.plan(path)
-    assert [label for label, _ in plan.heads] == ["penultimate", "layer3"] and dict(plan.heads)["layer3"][
-        "layer"
-    ] == "layer3"
+    assert [label for label, _ in plan.heads] == ["penultimate", "layer3"] and dict(plan.heads)[
+        "layer3"
+    ]["layer"] == "layer3"
     assert plan.extractions[0][2].layers == "layer3"

@@ -1,4 +1,5 @@
-"""The CI helpers in tools/: lower bounds read from pyproject.toml, and the torch stack linked, not copied."""
+"""The CI helpers in tools/: lower bounds read from pyproject.toml, and the torch stack linked, not
+copied."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import min_requirements
 def fake_distribution(site: Path, name: str, files: dict[str, str]) -> None:
     info = site / f"{name}-1.0.dist-info"
     info.mkdir(parents=True)
-    rows = [f"{path},sha256=x,1" for path in files] + ["../../../bin/script,sha256=x,1", f"{info.name}/RECORD,,"]
+    rows = [f"{path},sha256=x,1" for path in files] + [
+        "../../../bin/script,sha256=x,1",
+        f"{info.name}/RECORD,,",
+    ]
     (info / "RECORD").write_text("\n".join(rows) + "\n")
     for path, text in files.items():
         (site / path).parent.mkdir(parents=True, exist_ok=True)
@@ -29,7 +33,9 @@ def test_the_torch_stack_is_hard_linked_and_nothing_else(tmp_path):
     fake_distribution(source, "nvidia_cublas", {"nvidia/cublas/lib.so": "z"})
     fake_distribution(source, "numpy", {"numpy/__init__.py": "n"})
     assert link_torch.link(source, target) == 5  # three files and two RECORDs
-    assert (target / "torch/lib/big.so").stat().st_ino == (source / "torch/lib/big.so").stat().st_ino
+    assert (target / "torch/lib/big.so").stat().st_ino == (
+        source / "torch/lib/big.so"
+    ).stat().st_ino
     assert (target / "torch-1.0.dist-info/RECORD").is_file()
     assert not (target / "numpy").exists() and not (tmp_path / "b/bin/script").exists()
     assert link_torch.link(source, target) == 0  # idempotent

@@ -1,4 +1,5 @@
-"""Loading what others send: a tampered export runs no code, and the package's safe loaders exist."""
+"""Loading what others send: a tampered export runs no code, and the package's safe loaders
+exist."""
 
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def test_a_tampered_export_is_refused_and_runs_no_code(tmp_path):
         with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
             for item in src.infolist():
                 data = src.read(item.filename)
-                dst.writestr(item, replace(item.filename, data) if name_filter(item.filename) else data)
+                dst.writestr(
+                    item, replace(item.filename, data) if name_filter(item.filename) else data
+                )
         return bad
 
     def pickled_weights(name, data):
@@ -61,10 +64,14 @@ def test_a_tampered_export_is_refused_and_runs_no_code(tmp_path):
         return buffer.getvalue()
 
     bad = tamper(lambda n: "data/weights/" in n, pickled_weights)
-    with pytest.raises(Exception, match=r"refusing to load .*bad\.pt2: .*declares pickled payloads"):
+    with pytest.raises(
+        Exception, match=r"refusing to load .*bad\.pt2: .*declares pickled payloads"
+    ):
         load_export(bad)
     bad = tamper(lambda n: "sample_inputs" in n, lambda n, d: pickle.dumps(Payload()))
-    with pytest.raises(Exception, match=r"refusing to load .*bad\.pt2: .*model\.pt is not plain tensors"):
+    with pytest.raises(
+        Exception, match=r"refusing to load .*bad\.pt2: .*model\.pt is not plain tensors"
+    ):
         load_export(bad)
     assert not marker.exists(), "no code ran"
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(tmp_path / "extra.pt2", "w") as dst:
@@ -104,7 +111,9 @@ def test_an_export_whose_entries_disagree_runs_no_code(tmp_path):
     def write(name: str, entries) -> Path:
         path = tmp_path / name
         with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as dst:
-            warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it is asked to write
+            warnings.simplefilter(
+                "ignore"
+            )  # zipfile warns of the duplicate name it is asked to write
             for entry, data in entries:
                 dst.writestr(entry, data)
         return path
@@ -114,11 +123,15 @@ def test_an_export_whose_entries_disagree_runs_no_code(tmp_path):
         if name.endswith("model_weights_config.json"):
             config = json.loads(data)
             evil = {"config": {k: {**v, "use_pickle": True} for k, v in config["config"].items()}}
-            twin.append((name, json.dumps(evil).encode()))  # which copy a reader takes is its own choice
+            twin.append(
+                (name, json.dumps(evil).encode())
+            )  # which copy a reader takes is its own choice
         elif "/data/weights/weight_" in name:
             data = pickled.getvalue()
         twin.append((name, data))
-    twice = r"refusing to load .*twin\.pt2: entry '.*model_weights_config\.json' appears more than once"
+    twice = (
+        r"refusing to load .*twin\.pt2: entry '.*model_weights_config\.json' appears more than once"
+    )
     with pytest.raises(WeightsError, match=twice):
         load_export(write("twin.pt2", twin))
     two_tops = [*items, ("other/extra/meta.json", b"{}")]

@@ -23,18 +23,24 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 
 def _cell(text: str) -> str:
-    """Help text as one Markdown table cell: pipes escaped, and angle brackets (ROOT/<class>) kept as
-    text rather than read as HTML tags."""
+    """Help text as one Markdown table cell: pipes escaped, and angle brackets (ROOT/<class>) kept
+    as text rather than read as HTML tags."""
     return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _flag(action: argparse.Action) -> str:
     if not action.option_strings:
         return f"`{action.dest.upper()}`" + (" (optional)" if action.nargs == "?" else "")
-    names = [name for name in action.option_strings if not name.startswith("--no-")] or action.option_strings
+    names = [
+        name for name in action.option_strings if not name.startswith("--no-")
+    ] or action.option_strings
     shown = ", ".join(f"`{name}`" for name in names)
     if isinstance(action, argparse.BooleanOptionalAction):
-        return shown + " / " + ", ".join(f"`{n}`" for n in action.option_strings if n.startswith("--no-"))
+        return (
+            shown
+            + " / "
+            + ", ".join(f"`{n}`" for n in action.option_strings if n.startswith("--no-"))
+        )
     if action.nargs == 0:
         return shown
     metavar = action.metavar or action.dest.upper()
@@ -54,8 +60,10 @@ def render() -> str:
     lines = [
         "# Command-line reference",
         "",
-        "Generated from the program's own parser (`python tools/cli_reference.py`); `pipeline COMMAND --help`",
-        "prints the same. Every flag of `features` and `head` can also be set in a TOML file's `[features]`",
+        "Generated from the program's own parser (`python tools/cli_reference.py`); `pipeline "
+        "COMMAND --help`",
+        "prints the same. Every flag of `features` and `head` can also be set in a TOML file's "
+        "`[features]`",
         "or `[head]` table (see [Config files](../guide/features.md#config-files)).",
         "",
     ]
@@ -75,10 +83,14 @@ def render() -> str:
             actions = [a for a in group._group_actions if not isinstance(a, argparse._HelpAction)]
             if not actions:
                 continue
-            title = {"positional arguments": "arguments", "options": "general"}.get(group.title, group.title)
+            title = {"positional arguments": "arguments", "options": "general"}.get(
+                group.title, group.title
+            )
             lines += [f"**{title}**", "", "| flag | what it does |", "|---|---|"]
             for action in actions:
-                lines.append(f"| {_flag(action)} | {_cell(formatter._get_help_string(action) or '')} |")
+                lines.append(
+                    f"| {_flag(action)} | {_cell(formatter._get_help_string(action) or '')} |"
+                )
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

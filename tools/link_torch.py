@@ -1,12 +1,12 @@
-"""Hard-link the pinned torch stack of one virtual environment into another: `link_torch.py FROM TO`.
+"""Hard-link the pinned torch stack of one virtual environment into another: `link_torch.py FROM
+TO`.
 
-`make test-min` builds a second environment whose torch and torchvision are the same pinned
-releases as the main one (TORCH_PINS); installing them again costs about 6 GB of disk (the CUDA
-libraries), which is what filled the CI machine. Linking every file that the installed
-distributions' RECORDs name (torch, torchvision, triton, nvidia-*, cuda-*) costs no space, and pip
-then sees them installed and only adds what is missing. Files outside site-packages (console
-scripts, whose first line names the other interpreter) are skipped; a link across file systems
-falls back to a copy.
+`make test-min` builds a second environment whose torch and torchvision are the same pinned releases
+as the main one (TORCH_PINS); installing them again costs about 6 GB of disk (the CUDA libraries),
+which is what filled the CI machine. Linking every file that the installed distributions' RECORDs
+name (torch, torchvision, triton, nvidia-*, cuda-*) costs no space, and pip then sees them installed
+and only adds what is missing. Files outside site-packages (console scripts, whose first line names
+the other interpreter) are skipped; a link across file systems falls back to a copy.
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ LINKED = re.compile(r"^(torch|torchvision|triton|nvidia[-_].*|cuda[-_].*)$", re.
 def site_packages(venv: Path) -> Path:
     found = sorted(venv.glob("lib/python3*/site-packages"))
     if len(found) != 1:
-        raise SystemExit(f"{venv}: expected one lib/python3*/site-packages, found {len(found)}; create the venv first")
+        raise SystemExit(
+            f"{venv}: expected one lib/python3*/site-packages, found {len(found)}; create the venv "
+            "first"
+        )
     return found[0]
 
 
 def distribution_files(site: Path) -> list[Path]:
-    """Every file, relative to `site`, that a RECORD of a LINKED distribution names inside `site`."""
+    """Every file, relative to `site`, that a RECORD of a LINKED distribution names inside
+    `site`."""
     files: list[Path] = []
     for info in sorted(site.glob("*.dist-info")):
         name = info.name.split("-", 1)[0]  # NAME-VERSION.dist-info, NAME with underscores
@@ -38,7 +42,11 @@ def distribution_files(site: Path) -> list[Path]:
         with open(info / "RECORD", newline="") as f:
             for row in csv.reader(f):
                 relative = Path(row[0]) if row else None
-                if relative is not None and not relative.is_absolute() and ".." not in relative.parts:
+                if (
+                    relative is not None
+                    and not relative.is_absolute()
+                    and ".." not in relative.parts
+                ):
                     files.append(relative)
     return files
 

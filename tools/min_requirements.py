@@ -1,8 +1,10 @@
-"""Print the declared lower bound of each checked dependency as an exact pin, one `name==version` a line.
+"""Print the declared lower bound of each checked dependency as an exact pin, one `name==version` a
+line.
 
 pyproject.toml is the one source of the bounds: `make test-min` installs this output into a separate
-environment and runs the fast tests there, so a `>=` that is not true fails CI. torch and torchvision
-are pinned by the Makefile instead (TORCH_PINS): only those releases can be installed here.
+environment and runs the fast tests there, so a `>=` that is not true fails CI. torch and
+torchvision are pinned by the Makefile instead (TORCH_PINS): only those releases can be installed
+here.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ def canonical(name: str) -> str:
 
 
 def lower_bounds(pyproject: Path) -> dict[str, str]:
-    """{name: version} for each CHECKED dependency; an error if one is missing or not a plain `>=X`."""
+    """{name: version} for each CHECKED dependency; an error if one is missing or not a plain
+    `>=X`."""
     deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     found: dict[str, str] = {}
     for dep in deps:
@@ -31,7 +34,9 @@ def lower_bounds(pyproject: Path) -> dict[str, str]:
         specs = [s.strip() for s in m[2].split(",") if s.strip()]
         lows = [s[2:].strip() for s in specs if s.startswith(">=")]
         if len(lows) != 1:
-            raise SystemExit(f"{pyproject}: {dep!r} needs exactly one '>=' lower bound to be checked")
+            raise SystemExit(
+                f"{pyproject}: {dep!r} needs exactly one '>=' lower bound to be checked"
+            )
         found[canonical(m[1])] = lows[0]
     missing = [n for n in CHECKED if n not in found]
     if missing:
@@ -40,7 +45,11 @@ def lower_bounds(pyproject: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "pyproject.toml"
+    path = (
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).resolve().parents[1] / "pyproject.toml"
+    )
     for name, version in lower_bounds(path).items():
         print(f"{name}=={version}")
 

@@ -1,16 +1,18 @@
-"""A frozen classification model that maps an image to the vector feeding its final classification layer.
+"""A frozen classification model that maps an image to the vector feeding its final classification
+layer.
 
 Any torchvision classification model (`torchvision.models.list_models`) and, with the timm extra,
 any `timm:NAME` (`pipeline.backbones.timm_models`). One rule for every family: the feature is the
-input of the model's last `nn.Linear` (`fc` of a ResNet, `heads.head` of a ViT, `classifier.2` of
-a ConvNeXt), or of its last 1x1 `nn.Conv2d` where it has no Linear (SqueezeNet), found on a model
+input of the model's last `nn.Linear` (`fc` of a ResNet, `heads.head` of a ViT, `classifier.2` of a
+ConvNeXt), or of its last 1x1 `nn.Conv2d` where it has no Linear (SqueezeNet), found on a model
 built on the meta device (`anatomy`: no memory, no initialisation) and replaced by an identity.
 
-`describe` resolves a (backbone, weights) request without building anything, which is all the
-cache fingerprint needs, so a current cache is recognised in a second or two. `build` then makes
-the model. Preprocessing always comes from a torchvision weights object (`weights.transforms()`),
-never from copied constants; random or checkpoint weights use the standard ImageNet evaluation
-preprocessing of the model's IMAGENET1K_V1 weights (DEFAULT where it has none) at the requested size.
+`describe` resolves a (backbone, weights) request without building anything, which is all the cache
+fingerprint needs, so a current cache is recognised in a second or two. `build` then makes the
+model. Preprocessing always comes from a torchvision weights object (`weights.transforms()`), never
+from copied constants; random or checkpoint weights use the standard ImageNet evaluation
+preprocessing of the model's IMAGENET1K_V1 weights (DEFAULT where it has none) at the requested
+size.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ from torch import nn
 
 from pipeline.backbones import architectures, checkpoints
 from pipeline.backbones.layers import check as layer_check
-from pipeline.backbones.spec import BackboneSpec, FeatureExtractor, describe_transform, sized_transform
+from pipeline.backbones.spec import (
+    BackboneSpec,
+    FeatureExtractor,
+    describe_transform,
+    sized_transform,
+)
 from pipeline.errors import ConfigError, WeightsError
 from pipeline.registry import TIMM_PREFIX
 
@@ -35,10 +42,15 @@ __all__ = ["BackboneSpec", "FeatureExtractor", "build", "describe"]
 
 
 def describe(
-    name: str, weights: str = "DEFAULT", seed: int = 0, image_size: int | None = None, layers: tuple[str, ...] = ()
+    name: str,
+    weights: str = "DEFAULT",
+    seed: int = 0,
+    image_size: int | None = None,
+    layers: tuple[str, ...] = (),
 ) -> BackboneSpec:
-    """Validate the names and work out identity and preprocessing, without building the model; `layers`
-    names modules whose pooled outputs are kept too (their widths from a meta-device forward)."""
+    """Validate the names and work out identity and preprocessing, without building the model;
+    `layers` names modules whose pooled outputs are kept too (their widths from a meta-device
+    forward)."""
     if name.startswith(TIMM_PREFIX):
         from pipeline.backbones import timm_models
 
@@ -47,7 +59,11 @@ def describe(
         spec = _describe(name, weights, seed, image_size)
     if not layers:
         return spec
-    sizes = {} if name.startswith(TIMM_PREFIX) else _size_arguments(name, spec.transform, spec.enum, spec.checkpoint)
+    sizes = (
+        {}
+        if name.startswith(TIMM_PREFIX)
+        else _size_arguments(name, spec.transform, spec.enum, spec.checkpoint)
+    )
     found = layer_check(name, tuple(layers), spec.crop_size, **sizes)
     return dataclasses.replace(
         spec,
@@ -70,29 +86,43 @@ def _describe(name: str, weights: str, seed: int, image_size: int | None) -> Bac
     else:
         names = ", ".join(enum_cls.__members__)
         raise ConfigError(
-            f"unknown weights {weights!r} for {name}; choose one of: {names}, none, or a path to a checkpoint"
+            f"unknown weights {weights!r} for {name}; choose one of: {names}, none, or a path to a "
+            "checkpoint"
         )
     # random/checkpoint: the standard ImageNet eval preprocessing
     preset = enum or enum_cls.__members__.get("IMAGENET1K_V1", enum_cls.DEFAULT)
     transform = sized_transform(preset.transforms, image_size)
-    architectures.check_input_size(name, transform.crop_size[0], **_size_arguments(name, transform, enum, checkpoint))
+    architectures.check_input_size(
+        name, transform.crop_size[0], **_size_arguments(name, transform, enum, checkpoint)
+    )
     return BackboneSpec(
-        name, weights, weights_id, transform, describe_transform(transform), enum=enum, checkpoint=checkpoint,
-        seed=seed, prefix=prefix, layer=architectures.anatomy(name).layer,
-    )  # fmt: skip
+        name,
+        weights,
+        weights_id,
+        transform,
+        describe_transform(transform),
+        enum=enum,
+        checkpoint=checkpoint,
+        seed=seed,
+        prefix=prefix,
+        layer=architectures.anatomy(name).layer,
+    )
 
 
-def _size_arguments(name: str, transform: Any, enum: Any, checkpoint: Path | None) -> dict[str, int]:
-    """How the model is built for its input size: named weights say theirs, random weights take the crop, and a
-    checkpoint is built as the architecture's default (what its keys and shapes were checked against)."""
+def _size_arguments(
+    name: str, transform: Any, enum: Any, checkpoint: Path | None
+) -> dict[str, int]:
+    """How the model is built for its input size: named weights say theirs, random weights take the
+    crop, and a checkpoint is built as the architecture's default (what its keys and shapes were
+    checked against)."""
     if checkpoint is not None:
         return {}
     return architectures.size_arguments(name, int(transform.crop_size[0]), enum)
 
 
 def _download(enum: Any, make: Callable[[], nn.Module]) -> nn.Module:
-    """``make()``, which downloads `enum`'s file into the torch hub cache unless it is there; a download
-    that fails names the file's place and the checkpoint alternative."""
+    """``make()``, which downloads `enum`'s file into the torch hub cache unless it is there; a
+    download that fails names the file's place and the checkpoint alternative."""
     filename = os.path.basename(urlparse(enum.url).path)
     local = Path(torch.hub.get_dir()) / "checkpoints" / filename
     try:
@@ -106,8 +136,8 @@ def _download(enum: Any, make: Callable[[], nn.Module]) -> nn.Module:
 
 
 def build(spec: BackboneSpec, progress: bool = True) -> FeatureExtractor:
-    """The frozen model in eval mode: no grads, ready for `inference_mode`; it keeps the pooled outputs
-    of the spec's layers at each forward."""
+    """The frozen model in eval mode: no grads, ready for `inference_mode`; it keeps the pooled
+    outputs of the spec's layers at each forward."""
     if spec.name.startswith(TIMM_PREFIX):
         from pipeline.backbones import timm_models
 
@@ -122,11 +152,18 @@ def _build(spec: BackboneSpec, progress: bool) -> FeatureExtractor:
     parts = architectures.anatomy(spec.name)
     sizes = _size_arguments(spec.name, spec.transform, spec.enum, spec.checkpoint)
     state: dict[str, torch.Tensor] = {}
-    if spec.enum is not None:  # the builder applies what the weights imply (GoogLeNet's transform_input, ...)
-        model = _download(spec.enum, lambda: architectures.construct(spec.name, weights=spec.enum, progress=progress))
+    if (
+        spec.enum is not None
+    ):  # the builder applies what the weights imply (GoogLeNet's transform_input, ...)
+        model = _download(
+            spec.enum,
+            lambda: architectures.construct(spec.name, weights=spec.enum, progress=progress),
+        )
     elif spec.checkpoint is not None:
         state = checkpoints.load(spec.checkpoint)
-        prefix = checkpoints.prefix(spec.name, state, spec.checkpoint)  # as in describe, unless the file changed
+        prefix = checkpoints.prefix(
+            spec.name, state, spec.checkpoint
+        )  # as in describe, unless the file changed
         state = {k.removeprefix(prefix): v for k, v in state.items()}
         key = f"{parts.head}.weight"
         classes = state[key].shape[0] if key in state else 1000
@@ -134,10 +171,13 @@ def _build(spec: BackboneSpec, progress: bool) -> FeatureExtractor:
         fc_in = state[key].shape[1] if key in state else parts.dim
         if fc_in != parts.dim:
             raise WeightsError(
-                f"checkpoint {spec.checkpoint} does not fit {spec.name}: {key!r} takes {fc_in} inputs in the "
+                f"checkpoint {spec.checkpoint} does not fit {spec.name}: {key!r} takes {fc_in} "
+                "inputs in the "
                 f"checkpoint and {parts.dim} in {spec.name}; pass the matching --backbone"
             )
-        model.load_state_dict(state, strict=False)  # keys and shapes checked above; only the head may be absent
+        model.load_state_dict(
+            state, strict=False
+        )  # keys and shapes checked above; only the head may be absent
     else:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(spec.seed)

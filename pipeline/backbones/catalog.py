@@ -17,7 +17,8 @@ from pipeline.registry import TIMM_PREFIX
 
 TIMM_SHOWN = 30
 # The table for the torchvision this package was released with, so listing builds no model (and
-# imports no torch); any other torchvision gets its table computed once and kept in the user's cache.
+# imports no torch); any other torchvision gets its table computed once and kept in the user's
+# cache.
 SHIPPED = Path(__file__).with_name("backbones.json")
 
 
@@ -28,7 +29,10 @@ def _cache_dir() -> Path:
 def _cached(kind: str, version: str, compute: Any) -> Any:
     """`compute()` for this `kind` at this library `version`: from the shipped table or the user's
     cache when they hold it, else computed and kept in the user's cache (best effort)."""
-    for path in (SHIPPED if kind == "torchvision" else None, _cache_dir() / f"{kind}-{version}.json"):
+    for path in (
+        SHIPPED if kind == "torchvision" else None,
+        _cache_dir() / f"{kind}-{version}.json",
+    ):
         try:
             document = json.loads(path.read_text()) if path else None
         except (OSError, ValueError):
@@ -61,7 +65,8 @@ def all_torchvision_rows() -> list[dict[str, Any]]:
                 "name": name,
                 "family": parts.family,
                 "dim": parts.dim,
-                "feature": f"input of {parts.head}" + (" (pooled)" if parts.kind == "Conv2d" else ""),
+                "feature": f"input of {parts.head}"
+                + (" (pooled)" if parts.kind == "Conv2d" else ""),
                 "weights": ", ".join(m for m in enum.__members__ if m != "DEFAULT"),
                 "preprocessing": f"crop {preset.crop_size[0]}, resize {preset.resize_size[0]}, "
                 f"{preset.interpolation.value}",
@@ -71,7 +76,8 @@ def all_torchvision_rows() -> list[dict[str, Any]]:
 
 
 def torchvision_rows(text: str = "") -> list[dict[str, Any]]:
-    """The rows of the models whose names contain `text` (no model is built when the table is known)."""
+    """The rows of the models whose names contain `text` (no model is built when the table is
+    known)."""
     rows = _cached("torchvision", importlib.metadata.version("torchvision"), all_torchvision_rows)
     return [row for row in rows if text.lower() in row["name"].lower()]
 
@@ -88,15 +94,18 @@ def timm_names(text: str = "") -> list[str] | None:
 
 
 def write_shipped_table() -> Path:
-    """Write backbones.json for the installed torchvision (run when the pinned torchvision changes)."""
+    """Write backbones.json for the installed torchvision (run when the pinned torchvision
+    changes)."""
     version = importlib.metadata.version("torchvision")
-    SHIPPED.write_text(json.dumps({"version": version, "rows": all_torchvision_rows()}, indent=1) + "\n")
+    SHIPPED.write_text(
+        json.dumps({"version": version, "rows": all_torchvision_rows()}, indent=1) + "\n"
+    )
     return SHIPPED
 
 
 def format_layers(name: str) -> str:
-    """Every module of backbone `name` that --layers accepts, in the order the forward pass finishes them, with
-    the width of its pooled output at the default crop size."""
+    """Every module of backbone `name` that --layers accepts, in the order the forward pass finishes
+    them, with the width of its pooled output at the default crop size."""
     from pipeline.backbones import backbone, layers
 
     spec = backbone.describe(name, "none")
@@ -104,9 +113,15 @@ def format_layers(name: str) -> str:
     widths = {path: width for path, (width, _) in found.items()}
     kinds = dict(layers.probe_model(name)[0].named_modules())
     width = max(len(path) for path in widths)
-    lines = [f"{name}: modules for --layers at {spec.crop_size} px (path, type, pooled width); the features are "
-             f"{spec.layer}"]  # fmt: skip
-    lines += [f"  {path.ljust(width)}  {type(kinds[path]).__name__:<20} {dim}" for path, dim in widths.items()]
+    lines = [
+        f"{name}: modules for --layers at {spec.crop_size} px (path, type, pooled width); the "
+        "features are "
+        f"{spec.layer}"
+    ]
+    lines += [
+        f"  {path.ljust(width)}  {type(kinds[path]).__name__:<20} {dim}"
+        for path, dim in widths.items()
+    ]
     return "\n".join(lines)
 
 
@@ -120,13 +135,17 @@ def format_table(text: str = "") -> str:
         lines = [f"no torchvision classification model matches {text!r}"]
     names = timm_names(text.removeprefix(TIMM_PREFIX))
     if names is None:
-        lines.append("timm models: install the extra (pip install 'pipeline[timm]') to use --backbone timm:NAME")
+        lines.append(
+            "timm models: install the extra (pip install 'pipeline[timm]') to use --backbone "
+            "timm:NAME"
+        )
     else:
         shown = ", ".join(names[:TIMM_SHOWN]) + (
             f", ... ({len(names) - TIMM_SHOWN} more)" if len(names) > TIMM_SHOWN else ""
         )
         lines.append(
-            f"timm models with pretrained weights matching {text!r}: {len(names)}" + (f": {shown}" if names else "")
+            f"timm models with pretrained weights matching {text!r}: {len(names)}"
+            + (f": {shown}" if names else "")
         )
     return "\n".join(line.rstrip() for line in lines)
 

@@ -38,12 +38,18 @@ class ImageDataset:
     """
 
     def __init__(
-        self, samples: SampleList, transform: Callable[[Image.Image], Any], start: int = 0, min_short_side: int = 0
+        self,
+        samples: SampleList,
+        transform: Callable[[Image.Image], Any],
+        start: int = 0,
+        min_short_side: int = 0,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.start = start
-        self.min_short_side = min_short_side  # JPEGs decoded reduced, short side >= this (0: in full)
+        self.min_short_side = (
+            min_short_side  # JPEGs decoded reduced, short side >= this (0: in full)
+        )
 
     def __len__(self) -> int:
         return len(self.samples) - self.start
@@ -70,7 +76,11 @@ class EncodedDataset(ImageDataset):
                 with open(item, "rb") as fh:
                     head = fh.read(3)
                     if head == b"\xff\xd8\xff":
-                        return row, ("jpeg", np.frombuffer(bytearray(head + fh.read()), dtype=np.uint8)), None
+                        return (
+                            row,
+                            ("jpeg", np.frombuffer(bytearray(head + fh.read()), dtype=np.uint8)),
+                            None,
+                        )
             except OSError as exc:
                 return row, None, f"{item}: {exc.strerror or exc}"
         try:
@@ -80,12 +90,15 @@ class EncodedDataset(ImageDataset):
         return row, ("pixels", np.asarray(image)), None
 
 
-def collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+def collate(
+    batch: list[tuple[int, Any, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
     """(rows, stacked images of the readable rows, [(row, error)] of the unreadable ones).
 
-    In a worker the batch goes into shared memory here, as torch's own collate does. A batch that cannot
-    be shared (``ulimit -f``, a full /dev/shm) then fails where the loader reports it. Left to the
-    queue's feeder thread, that failure would drop the batch and leave the run waiting forever.
+    In a worker the batch goes into shared memory here, as torch's own collate does. A batch that
+    cannot be shared (``ulimit -f``, a full /dev/shm) then fails where the loader reports it. Left
+    to the queue's feeder thread, that failure would drop the batch and leave the run waiting
+    forever.
     """
     rows, images, errors = collate_encoded(batch)
     if not images:
@@ -94,7 +107,9 @@ def collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], torch.
     return rows, (stacked.share_memory_() if get_worker_info() is not None else stacked), errors
 
 
-def collate_encoded(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], list[Any], list[tuple[int, str]]]:
+def collate_encoded(
+    batch: list[tuple[int, Any, str | None]],
+) -> tuple[list[int], list[Any], list[tuple[int, str]]]:
     """(rows, the readable rows' payloads as a list, [(row, error)] of the unreadable ones)."""
     rows = [row for row, _, _ in batch]
     payloads = [payload for _, payload, _ in batch if payload is not None]
@@ -107,16 +122,23 @@ def default_workers() -> int:
 
 
 def decode_on_device(
-    payloads: list[tuple[str, np.ndarray]], device: torch.device, transform: Callable[[torch.Tensor], torch.Tensor]
+    payloads: list[tuple[str, np.ndarray]],
+    device: torch.device,
+    transform: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[list[torch.Tensor | None], list[str | None]]:
-    """JPEG bytes decoded by torchvision.io on `device` (nvjpeg on CUDA, batched); pixels moved there.
-    Returns the preprocessed (3, H, W) image or None per payload, and the decode error or None."""
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+    """JPEG bytes decoded by torchvision.io on `device` (nvjpeg on CUDA, batched); pixels moved
+    there. Returns the preprocessed (3, H, W) image or None per payload, and the decode error or
+    None."""
+    with (
+        warnings.catch_warnings()
+    ):  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_jpeg
 
         def decode(data: Any) -> Any:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+            return decode_jpeg(
+                data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True
+            )
 
         images: list[torch.Tensor | None] = [None] * len(payloads)
         errors: list[str | None] = [None] * len(payloads)
@@ -136,7 +158,9 @@ def decode_on_device(
         images[i] = image
     for i, (kind, pixels) in enumerate(payloads):
         if kind == "pixels":
-            images[i] = torch.from_numpy(pixels).permute(2, 0, 1).to(device, non_blocking=True)  # (3, H, W) uint8
+            images[i] = (
+                torch.from_numpy(pixels).permute(2, 0, 1).to(device, non_blocking=True)
+            )  # (3, H, W) uint8
     return [None if image is None else transform(image) for image in images], errors
 
 
@@ -179,7 +203,8 @@ class MemorySink:
 def embed(
     cfg: FeaturesConfig, samples: SampleList, spec: backbone.BackboneSpec, report: Report = _quiet
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Features of `samples` in memory, no cache file: (N, D) float32 and {row: error} of unreadable ones."""
+    """Features of `samples` in memory, no cache file: (N, D) float32 and {row: error} of unreadable
+    ones."""
     device = choose_device(cfg.device)
     model = backbone.build(spec, progress=cfg.progress)
     sink = MemorySink(len(samples), model.dim)
@@ -189,7 +214,8 @@ def embed(
 
 
 def reduced_decode_side(cfg: FeaturesConfig, spec: backbone.BackboneSpec) -> int:
-    """`--decode cpu`: JPEGs decoded reduced to twice the resize target on the short side (0: in full)."""
+    """`--decode cpu`: JPEGs decoded reduced to twice the resize target on the short side (0: in
+    full)."""
     return 2 * spec.transform.resize_size[0] if cfg.decode == "cpu" else 0
 
 
@@ -204,7 +230,8 @@ def _quiet_worker(worker_id: int) -> None:
 
 
 def _batches(loader: DataLoader, cfg: FeaturesConfig) -> Any:
-    """The loader's batches; a worker that dies or cannot hand over a batch ends the run in one line."""
+    """The loader's batches; a worker that dies or cannot hand over a batch ends the run in one
+    line."""
     batches = iter(loader)
     while True:
         try:
@@ -221,14 +248,20 @@ def _worker_error(exc: RuntimeError, cfg: FeaturesConfig) -> BaseException:
     if "DataLoader worker" not in text:
         return exc
     last = text.strip().splitlines()[-1]
-    if any(reason in text for reason in ("File too large", "No space left", "Cannot allocate memory")):
+    if any(
+        reason in text for reason in ("File too large", "No space left", "Cannot allocate memory")
+    ):
         return WorkerError(
-            f"DataLoader workers cannot hand a batch to the main process through shared memory ({last}); "
-            f"the file size limit (ulimit -f) or the free space in /dev/shm is too small for a batch of "
-            f"{cfg.batch_size} images: raise it, lower --batch-size, or pass --workers 0 (finished rows are kept)"
+            "DataLoader workers cannot hand a batch to the main process through shared memory "
+            f"({last}); "
+            "the file size limit (ulimit -f) or the free space in /dev/shm is too small for a "
+            "batch of "
+            f"{cfg.batch_size} images: raise it, lower --batch-size, or pass --workers 0 (finished "
+            "rows are kept)"
         )
     return WorkerError(
-        f"a DataLoader worker died ({text.splitlines()[0]}); out of memory, or killed? lower --workers or "
+        f"a DataLoader worker died ({text.splitlines()[0]}); out of memory, or killed? lower "
+        "--workers or "
         "--batch-size and rerun the same command (finished rows are kept)"
     )
 
@@ -248,8 +281,10 @@ def forward_rows(
     """Forward every row from `start_row` on into `sink`; returns the rows skipped as unreadable."""
     workers = default_workers() if cfg.workers is None else cfg.workers
     report(
-        f"backbone: {spec.name} ({model.dim}-d), weights {spec.weights_id}; device {device}, {cfg.precision}, "
-        f"batch {cfg.batch_size}, {workers} workers, decode on {cfg.decode}" + (", compiled" if cfg.compile else "")
+        f"backbone: {spec.name} ({model.dim}-d), weights {spec.weights_id}; device {device}, "
+        f"{cfg.precision}, "
+        f"batch {cfg.batch_size}, {workers} workers, decode on {cfg.decode}"
+        + (", compiled" if cfg.compile else "")
     )
     model = model.to(device, memory_format=torch.channels_last)
     forward = torch.compile(model) if cfg.compile else model
@@ -284,7 +319,11 @@ def forward_rows(
                     readable = [r for r in rows if r not in dict(errors)]
                     errors = sorted(
                         errors
-                        + [(r, f"{samples.items[r]}: {e}") for r, e in zip(readable, decode_errors, strict=True) if e]
+                        + [
+                            (r, f"{samples.items[r]}: {e}")
+                            for r, e in zip(readable, decode_errors, strict=True)
+                            if e
+                        ]
                     )
                     tensors = [t for t in tensors if t is not None]
                     x = torch.stack(tensors) if tensors else None
@@ -295,11 +334,15 @@ def forward_rows(
                 f = logits = None
                 layers: dict[str, torch.Tensor] = {}
                 if x is not None:
-                    f = forward(x.contiguous(memory_format=torch.channels_last))  # (B_ok, 3, H, W) -> (B_ok, D)
+                    f = forward(
+                        x.contiguous(memory_format=torch.channels_last)
+                    )  # (B_ok, 3, H, W) -> (B_ok, D)
                     logits = model.classifier(f) if cfg.logits else None
                     layers = dict(model.captured)  # the --layers outputs of this same forward pass
                 if errors and not cfg.skip_bad_images:
-                    keep = errors[0][0] - start  # the rows before the first bad image are good: save them
+                    keep = (
+                        errors[0][0] - start
+                    )  # the rows before the first bad image are good: save them
                     sink.put(
                         start,
                         ok[:keep],
@@ -318,6 +361,14 @@ def forward_rows(
                 bar.update(n)
                 if on_batch is not None:
                     on_batch(start + n)
+    except RuntimeError as exc:
+        sink.close(raise_error=False)  # keep every row already computed
+        # torch reports a dead worker from its SIGCHLD handler, in whatever the main thread runs
+        # then (a forward pass, a write), not only where a batch is fetched.
+        error = _worker_error(exc, cfg)
+        if error is exc:
+            raise
+        raise error from None
     except BaseException:
         sink.close(raise_error=False)  # keep every row already computed
         raise

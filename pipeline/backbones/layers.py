@@ -42,13 +42,18 @@ def module_paths(name: str) -> list[str]:
     return [path for path, _ in probe_model(name)[0].named_modules() if path]
 
 
-def _shapes(name: str, paths: tuple[str, ...] | None, size: int, arguments: dict[str, int]) -> dict[str, tuple]:
-    """{path: output shape} of the modules that a meta forward of `size`-pixel crops runs, in finishing order."""
+def _shapes(
+    name: str, paths: tuple[str, ...] | None, size: int, arguments: dict[str, int]
+) -> dict[str, tuple]:
+    """{path: output shape} of the modules that a meta forward of `size`-pixel crops runs, in
+    finishing order."""
     model, run = probe_model(name, **arguments)
     shapes: dict[str, tuple] = {}
 
     def record(path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:  # returns None: the output is unchanged
+        def hook(
+            module: nn.Module, inputs: Any, output: Any
+        ) -> None:  # returns None: the output is unchanged
             out = output[0] if isinstance(output, tuple | list) else output
             if isinstance(out, torch.Tensor):
                 shapes.setdefault(path, tuple(out.shape))
@@ -76,8 +81,9 @@ def _sized(name: str, size: int) -> dict[str, Any]:
 
 
 def channel_axis(shape: tuple, grown: tuple | None) -> int:
-    """The axis of `shape` that holds the channels: one that keeps its size (> 1) when the input grows
-    (`grown`), the second in 4-D when it does, else the last that does; by convention without `grown`."""
+    """The axis of `shape` that holds the channels: one that keeps its size (> 1) when the input
+    grows (`grown`), the second in 4-D when it does, else the last that does; by convention without
+    `grown`."""
     if len(shape) <= 2:
         return 1
     if grown is not None and len(grown) == len(shape):
@@ -88,9 +94,11 @@ def channel_axis(shape: tuple, grown: tuple | None) -> int:
 
 
 @functools.cache
-def layout(name: str, layers: tuple[str, ...] | None, size: int, **arguments: int) -> dict[str, tuple[int, int]]:
-    """{path: (width of its pooled output, channel axis)} of `layers` (every module the forward runs when
-    None), for `size`-pixel crops."""
+def layout(
+    name: str, layers: tuple[str, ...] | None, size: int, **arguments: int
+) -> dict[str, tuple[int, int]]:
+    """{path: (width of its pooled output, channel axis)} of `layers` (every module the forward runs
+    when None), for `size`-pixel crops."""
     first = _shapes(name, layers, size, arguments)
     try:  # models made for one input size (ViT, MaxViT) are built anew for the larger one
         grown = _shapes(name, layers, 2 * size, {**arguments, **_sized(name, 2 * size)})
@@ -103,23 +111,30 @@ def layout(name: str, layers: tuple[str, ...] | None, size: int, **arguments: in
     return out
 
 
-def check(name: str, layers: tuple[str, ...], size: int, **arguments: int) -> dict[str, tuple[int, int]]:
+def check(
+    name: str, layers: tuple[str, ...], size: int, **arguments: int
+) -> dict[str, tuple[int, int]]:
     """`layout` of `layers`, or a ConfigError naming a module that does not exist or never runs."""
     paths = set(module_paths(name))
     head = None if name.startswith(TIMM_PREFIX) else architectures.anatomy(name).head
     for layer in layers:
         if head is not None and (layer == head or layer.startswith(head + ".")):
-            raise ConfigError(f"--layers: {layer!r} is {name}'s classification layer, which the features replace "
-                              "(they are its input); name a module before it")  # fmt: skip
+            raise ConfigError(
+                f"--layers: {layer!r} is {name}'s classification layer, which the features replace "
+                "(they are its input); name a module before it"
+            )
         if layer not in paths:
             close = difflib.get_close_matches(layer, sorted(paths), n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
             raise ConfigError(
-                f"--layers: {name} has no module {layer!r}; {hint}`pipeline backbones {name} --layers` lists them"
+                f"--layers: {name} has no module {layer!r}; {hint}`pipeline backbones {name} "
+                "--layers` lists them"
             )
     found = layout(name, tuple(layers), size, **arguments)
     unused = [layer for layer in layers if layer not in found]
     if unused:
-        raise ConfigError(f"--layers: {name} does not run {', '.join(unused)} on the way to its features; pick "
-                          "another module")  # fmt: skip
+        raise ConfigError(
+            f"--layers: {name} does not run {', '.join(unused)} on the way to its features; pick "
+            "another module"
+        )
     return {layer: found[layer] for layer in layers}

@@ -1,6 +1,6 @@
-"""A backbone request once resolved (`BackboneSpec`: identity, preprocessing, the layer the features are)
-and the frozen model built from it (`FeatureExtractor`: images in, features out), whatever library
-the model comes from; `pipeline.backbones.backbone` makes both.
+"""A backbone request once resolved (`BackboneSpec`: identity, preprocessing, the layer the features
+are) and the frozen model built from it (`FeatureExtractor`: images in, features out), whatever
+library the model comes from; `pipeline.backbones.backbone` makes both.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pipeline.backbones.architectures import RESNET_LAYER
 
 
 def pool(output: Any, axis: int) -> torch.Tensor:
-    """(B, ...) -> (B, C): the mean over every axis but the batch and channel `axis` (a tuple's first element)."""
+    """(B, ...) -> (B, C): the mean over every axis but the batch and channel `axis` (a tuple's
+    first element)."""
     if isinstance(output, tuple | list):
         output = output[0]
     if output.ndim <= 2:
@@ -40,8 +41,12 @@ class BackboneSpec:
     seed: int = 0
     prefix: str = ""  # stripped from every key of the checkpoint (e.g. 'backbone.')
     layer: str = RESNET_LAYER  # which activation the features are, as the fingerprint records it
-    layer_dims: tuple[tuple[str, int], ...] = ()  # --layers: (module path, pooled width), stored beside it
-    layer_axes: tuple[tuple[str, int], ...] = ()  # --layers: (module path, the axis of its output's channels)
+    layer_dims: tuple[
+        tuple[str, int], ...
+    ] = ()  # --layers: (module path, pooled width), stored beside it
+    layer_axes: tuple[
+        tuple[str, int], ...
+    ] = ()  # --layers: (module path, the axis of its output's channels)
 
     @property
     def pretrained(self) -> bool:
@@ -53,18 +58,20 @@ class BackboneSpec:
 
 
 class FeatureExtractor(nn.Module):
-    """A body that maps images to features, and the classification layer kept aside for optional logits
-    (only a Linear: SqueezeNet's convolution is followed by a ReLU and a pooling)."""
+    """A body that maps images to features, and the classification layer kept aside for optional
+    logits (only a Linear: SqueezeNet's convolution is followed by a ReLU and a pooling)."""
 
-    def __init__(self, body: nn.Module, dim: int, classifier: nn.Linear | None, root: nn.Module | None = None) -> None:
+    def __init__(
+        self, body: nn.Module, dim: int, classifier: nn.Linear | None, root: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.body, self.dim, self.classifier = body, dim, classifier
         self.root = body if root is None else root  # the model whose module paths --layers names
         self.captured: dict[str, torch.Tensor] = {}
 
     def watch(self, axes: dict[str, int]) -> None:
-        """Keep the output of each named module, averaged over all but its channel axis, at every forward
-        (`captured`, in that order)."""
+        """Keep the output of each named module, averaged over all but its channel axis, at every
+        forward (`captured`, in that order)."""
         for layer, axis in axes.items():
             self.root.get_submodule(layer).register_forward_hook(
                 lambda module, inputs, output, layer=layer, axis=axis: self.captured.__setitem__(
@@ -81,13 +88,16 @@ class FeatureExtractor(nn.Module):
         setattr(owner, leaf, nn.Identity())
         return cls(model, dim, layer if isinstance(layer, nn.Linear) else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, D); watched layers -> captured
+    def forward(
+        self, x: torch.Tensor
+    ) -> torch.Tensor:  # (B, 3, H, W) -> (B, D); watched layers -> captured
         self.captured = {}
         return self.body(x)
 
 
 def sized_transform(make: Callable[..., Any], image_size: int | None) -> Any:
-    """``make()``, or at crop `image_size` keeping the weights' resize/crop ratio (256/224 or 232/224)."""
+    """``make()``, or at crop `image_size` keeping the weights' resize/crop ratio (256/224 or
+    232/224)."""
     transform = make()
     if image_size is None:
         return transform

@@ -36,7 +36,8 @@ def timm() -> Any:
         import timm
     except ImportError:
         raise ConfigError(
-            "--backbone timm:NAME needs the timm package; install it with pip install 'pipeline[timm]' "
+            "--backbone timm:NAME needs the timm package; install it with pip install "
+            "'pipeline[timm]' "
             "(or pip install timm), or pick a torchvision backbone"
         ) from None
     return timm
@@ -67,7 +68,8 @@ def short_name(name: str) -> str:
 
 @functools.cache
 def meta_model(name: str) -> nn.Module:
-    """timm model `name` with its parameters on the meta device: structure and pretrained_cfg, no memory."""
+    """timm model `name` with its parameters on the meta device: structure and pretrained_cfg, no
+    memory."""
     with architectures.on_meta():
         return timm().create_model(short_name(name), pretrained=False).eval()
 
@@ -85,7 +87,11 @@ def anatomy(name: str) -> architectures.Anatomy:
     size = timm().data.resolve_model_data_config(model)["input_size"][-1]
     with torch.no_grad():
         dim = pre_logits(model, torch.empty(1, 3, size, size, device="meta")).shape[-1]
-    body = {k: tuple(v.shape) for k, v in model.state_dict().items() if not any(k.startswith(h + ".") for h in heads)}
+    body = {
+        k: tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if not any(k.startswith(h + ".") for h in heads)
+    }
     kind = type(model.get_classifier()).__name__
     return architectures.Anatomy(type(model).__name__, heads, kind, int(dim), body, TIMM_LAYER)
 
@@ -110,11 +116,13 @@ def _data_config(name: str) -> dict[str, Any]:
 
 
 def _transform(name: str, image_size: int | None) -> ImageClassification:
-    """timm's eval recipe: resize the short side to floor(crop / crop_pct), centre-crop `crop` (the model's,
-    or `image_size`), normalise."""
+    """timm's eval recipe: resize the short side to floor(crop / crop_pct), centre-crop `crop` (the
+    model's, or `image_size`), normalise."""
     data = _data_config(name)
     if data.get("crop_mode", "center") != "center":
-        raise ConfigError(f"timm model {name} crops by {data['crop_mode']!r}; only centre cropping is supported")
+        raise ConfigError(
+            f"timm model {name} crops by {data['crop_mode']!r}; only centre cropping is supported"
+        )
     crop = int(image_size or data["input_size"][-1])
     return ImageClassification(
         crop_size=crop,
@@ -132,17 +140,28 @@ def describe(name: str, weights: str, seed: int, image_size: int | None) -> Back
         weights_id = f"none (random init, seed {seed})"
     elif weights == "DEFAULT":
         cfg = model.pretrained_cfg
-        weights_id = f"timm {cfg.get('architecture')}.{cfg.get('tag')} ({cfg.get('hf_hub_id') or cfg.get('url')})"
+        where = cfg.get("hf_hub_id") or cfg.get("url")
+        weights_id = f"timm {cfg.get('architecture')}.{cfg.get('tag')} ({where})"
     elif checkpoints.looks_like_path(weights):
         checkpoint, prefix, weights_id = checkpoints.identify(name, weights, anatomy)
     else:
-        raise ConfigError(f"unknown weights {weights!r} for {name}; choose DEFAULT, none, or a path to a checkpoint")
+        raise ConfigError(
+            f"unknown weights {weights!r} for {name}; choose DEFAULT, none, or a path to a "
+            "checkpoint"
+        )
     transform = _transform(name, image_size)
     architectures.try_input_size(lambda: meta_model(name), name, int(transform.crop_size[0]))
     return BackboneSpec(
-        name, weights, weights_id, transform, describe_transform(transform), checkpoint=checkpoint,
-        seed=seed, prefix=prefix, layer=TIMM_LAYER,
-    )  # fmt: skip
+        name,
+        weights,
+        weights_id,
+        transform,
+        describe_transform(transform),
+        checkpoint=checkpoint,
+        seed=seed,
+        prefix=prefix,
+        layer=TIMM_LAYER,
+    )
 
 
 def _pretrained(name: str) -> nn.Module:
@@ -152,18 +171,24 @@ def _pretrained(name: str) -> nn.Module:
     where = cfg.get("hf_hub_id") or cfg.get("url")
     try:
         return _create(name, pretrained=True)
-    except (OSError, RuntimeError, ValueError) as exc:  # no network, no cached file, a refused download
+    except (
+        OSError,
+        RuntimeError,
+        ValueError,
+    ) as exc:  # no network, no cached file, a refused download
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise WeightsError(
-            f"cannot download the weights of {name} from {where} ({reason}); either download them into the "
-            f"Hugging Face cache {constants.HF_HUB_CACHE} where there is internet, or pass --weights "
+            f"cannot download the weights of {name} from {where} ({reason}); either download them "
+            "into the "
+            f"Hugging Face cache {constants.HF_HUB_CACHE} where there is internet, or pass "
+            "--weights "
             "/path/to/checkpoint.pth"
         ) from None
 
 
 def build(spec: BackboneSpec) -> FeatureExtractor:
-    """The frozen timm model as a FeatureExtractor whose body returns the pre-logits vector (timm's hub
-    download shows its own progress)."""
+    """The frozen timm model as a FeatureExtractor whose body returns the pre-logits vector (timm's
+    hub download shows its own progress)."""
     parts = anatomy(spec.name)
     state: dict[str, torch.Tensor] = {}
     if spec.weights == "DEFAULT":
@@ -175,11 +200,17 @@ def build(spec: BackboneSpec) -> FeatureExtractor:
         key = f"{parts.head}.weight"
         classes = state[key].shape[0] if key in state else 0  # 0: timm builds no classifier
         model = _create(spec.name, pretrained=False, num_classes=classes)
-        model.load_state_dict(state, strict=False)  # keys and shapes checked; only the classifier may be absent
+        model.load_state_dict(
+            state, strict=False
+        )  # keys and shapes checked; only the classifier may be absent
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             model = _create(spec.name, pretrained=False)
     classifier = model.get_classifier()
     linear = classifier if isinstance(classifier, nn.Linear) else None
-    return FeatureExtractor(PreLogits(model), parts.dim, linear, root=model).eval().requires_grad_(False)
+    return (
+        FeatureExtractor(PreLogits(model), parts.dim, linear, root=model)
+        .eval()
+        .requires_grad_(False)
+    )

@@ -1,6 +1,7 @@
 """Reading complete caches: `open_cache`, the arrays per split (`read_features`), what the head
 stage needs before reading any features (`cache_info`, a `CacheInfo`), and what `pipeline info`
-shows (`summary`). Every open goes through `schema.open_existing`, so what a file claims is checked once."""
+shows (`summary`). Every open goes through `schema.open_existing`, so what a file claims is checked
+once."""
 
 from __future__ import annotations
 
@@ -83,18 +84,24 @@ def open_cache(path: str | Path) -> h5py.File:
     if not bool(f.attrs.get("complete")):
         done, n = int(f.attrs.get("rows_done", 0)), f["features"].shape[0]
         f.close()
-        raise CacheError(f"cache {path} is incomplete ({done} of {n} rows); rerun `pipeline features` to resume it")
+        raise CacheError(
+            f"cache {path} is incomplete ({done} of {n} rows); rerun `pipeline features` to resume "
+            "it"
+        )
     return f
 
 
 def check_rows(path: str | Path) -> None:
-    """Every stored row still reads back as written (its CRC): a row edited or damaged after the cache
-    was finished is refused where it would be read, never trained on or copied with a fresh CRC."""
+    """Every stored row still reads back as written (its CRC): a row edited or damaged after the
+    cache was finished is refused where it would be read, never trained on or copied with a fresh
+    CRC."""
     with open_cache(path) as f:
         if "meta_crc" in f.attrs and int(np.asarray(f.attrs["meta_crc"]).item()) != meta_crc(f):
             raise CacheError(
-                f"cache {path}: its labels, splits, ids or class names no longer read back as they were written "
-                "(their checksum differs: the file was edited or the disk is failing); rebuild it with "
+                f"cache {path}: its labels, splits, ids or class names no longer read back as they "
+                "were written "
+                "(their checksum differs: the file was edited or the disk is failing); rebuild it "
+                "with "
                 "`pipeline features --force`"
             )
         bad = first_bad_row(f)
@@ -102,7 +109,8 @@ def check_rows(path: str | Path) -> None:
             return
         sample = read_ids(f["ids"], bad, bad + 1)[0]
     raise CacheError(
-        f"cache {path}: row {bad} ({sample}) no longer reads back as it was written (its CRC differs: the file "
+        f"cache {path}: row {bad} ({sample}) no longer reads back as it was written (its CRC "
+        "differs: the file "
         "was edited or the disk is failing); rebuild it with `pipeline features --force`"
     )
 
@@ -117,22 +125,33 @@ def stored_fingerprint(path: str | Path) -> dict[str, Any] | None:
 
 
 def partial_state(path: str | Path) -> tuple[dict[str, Any], int, int] | None:
-    """(fingerprint, rows done, rows) of ``PATH.partial``, or None when there is none or it is unreadable."""
+    """(fingerprint, rows done, rows) of ``PATH.partial``, or None when there is none or it is
+    unreadable."""
     partial = partial_path(path)
     if not partial.exists():
         return None
     try:
         with open_existing(partial) as f:
-            return json_attr(f, "fingerprint"), int(f.attrs.get("rows_done", 0)), int(f["features"].shape[0])
+            return (
+                json_attr(f, "fingerprint"),
+                int(f.attrs.get("rows_done", 0)),
+                int(f["features"].shape[0]),
+            )
     except CacheError:
         return None
 
 
 def stored_rows(path: str | Path) -> dict[str, np.ndarray]:
-    """Each row's identity as the cache recorded it: ids, labels, split, whether it was read (ok), and file
-    size, mtime, sha256 where recorded. Lets a rebuild say which files changed, and an update reuse rows."""
+    """Each row's identity as the cache recorded it: ids, labels, split, whether it was read (ok),
+    and file size, mtime, sha256 where recorded. Lets a rebuild say which files changed, and an
+    update reuse rows."""
     with open_existing(Path(path)) as f:
-        rows = {"ids": read_ids(f["ids"]), "labels": f["labels"][...], "split": f["split"][...], "ok": f["ok"][...]}
+        rows = {
+            "ids": read_ids(f["ids"]),
+            "labels": f["labels"][...],
+            "split": f["split"][...],
+            "ok": f["ok"][...],
+        }
         for key in ("file_size", "file_mtime_ns", "file_sha256"):
             if key in f:
                 rows[key] = f[key][...]
@@ -194,8 +213,8 @@ class CacheInfo:
 
 
 def cache_info(path: str | Path, layer: str | None = None) -> CacheInfo:
-    """The `CacheInfo` of a complete cache (reads labels and attributes, no features); `dim` is that of
-    `layer` (see `read_features`)."""
+    """The `CacheInfo` of a complete cache (reads labels and attributes, no features); `dim` is that
+    of `layer` (see `read_features`)."""
     with open_cache(path) as f:
         split_codes, ok, labels = f["split"][...], f["ok"][...], f["labels"][...]
         return CacheInfo(
@@ -204,10 +223,14 @@ def cache_info(path: str | Path, layer: str | None = None) -> CacheInfo:
             labels={name: labels[(split_codes == code) & ok] for code, name in enumerate(SPLITS)},
             fingerprint=json_attr(f, "fingerprint"),
             config=json_attr(f, "config"),
-            extract_seconds=float(f.attrs["extract_seconds"]) if "extract_seconds" in f.attrs else None,
+            extract_seconds=float(f.attrs["extract_seconds"])
+            if "extract_seconds" in f.attrs
+            else None,
             dim=sum(int(d.shape[1]) for d in columns(f, layer)),
             ranges=row_ranges(split_codes),
-            rows={name: int((ok & (split_codes == code)).sum()) for code, name in enumerate(SPLITS)},
+            rows={
+                name: int((ok & (split_codes == code)).sum()) for code, name in enumerate(SPLITS)
+            },
         )
 
 

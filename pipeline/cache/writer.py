@@ -36,8 +36,9 @@ from pipeline.splits import SPLITS
 
 
 class CacheWriter:
-    """Rows arrive in order; each batch is flushed before `rows_done` says it is there, and each row's
-    CRC is stored with it so `finish` can re-read the file and prove every row before marking it complete."""
+    """Rows arrive in order; each batch is flushed before `rows_done` says it is there, and each
+    row's CRC is stored with it so `finish` can re-read the file and prove every row before marking
+    it complete."""
 
     def __init__(self, f: h5py.File, path: Path) -> None:
         self.f = f
@@ -67,9 +68,9 @@ class CacheWriter:
         report: Any = lambda message: None,
         layer_dims: Mapping[str, int] | None = None,
     ) -> CacheWriter:
-        """Resume ``PATH.partial`` when it was started with the same fingerprint; else start it afresh.
-        `identity` holds per-row file facts (``file_size``, ``file_mtime_ns``, ``file_sha256``);
-        `layer_dims` the width of each extra layer stored under ``layers/``."""
+        """Resume ``PATH.partial`` when it was started with the same fingerprint; else start it
+        afresh. `identity` holds per-row file facts (``file_size``, ``file_mtime_ns``,
+        ``file_sha256``); `layer_dims` the width of each extra layer stored under ``layers/``."""
         path = Path(path)
         partial = partial_path(path)
         if partial.exists():
@@ -80,7 +81,8 @@ class CacheWriter:
             except CacheError as exc:
                 if not is_hdf5(partial):
                     raise CacheError(
-                        f"{partial} exists and is not a partial cache of this program; move it away (or pass "
+                        f"{partial} exists and is not a partial cache of this program; move it "
+                        "away (or pass "
                         "another --out)"
                     ) from None
                 report(f"discarding unreadable partial cache: {exc}")
@@ -92,22 +94,40 @@ class CacheWriter:
                 except OSError as exc:
                     raise fsutil.explain(exc, partial) from None
             if old:
-                report(f"discarding partial cache built differently ({'; '.join(fingerprint_diff(old, fingerprint))})")
+                report(
+                    "discarding partial cache built differently "
+                    f"({'; '.join(fingerprint_diff(old, fingerprint))})"
+                )
         fsutil.check_output_folder(partial, "cache")
         discard_partial(partial)
         widths = [dim, logits_dim or 0, *(layer_dims or {}).values()]
         fsutil.require_space(partial, _file_bytes(ids, widths, np.dtype(store_dtype)))
         try:
-            # HDF5's own lock would be inherited by forked DataLoader workers and outlive a kill -9 of
-            # this process; writers are kept apart by ``PATH.lock`` instead, which workers never hold.
+            # HDF5's own lock would be inherited by forked DataLoader workers and outlive a kill -9
+            # of
+            # this process; writers are kept apart by ``PATH.lock`` instead, which workers never
+            # hold.
             f = h5py.File(partial, "w", locking=False)
         except OSError as exc:
             raise fsutil.explain(exc, partial) from None
         try:
-            _create(f, fingerprint, ids, labels, split, classes, dim, store_dtype, logits_dim, attrs or {}, identity)
+            _create(
+                f,
+                fingerprint,
+                ids,
+                labels,
+                split,
+                classes,
+                dim,
+                store_dtype,
+                logits_dim,
+                attrs or {},
+                identity,
+            )
             for name, width in (layer_dims or {}).items():
                 _row_dataset(f, f"{LAYERS}/{name}", len(ids), width, np.dtype(store_dtype))
-            # Every block the rows will use is claimed now: a disk that fills up later cannot reach them.
+            # Every block the rows will use is claimed now: a disk that fills up later cannot reach
+            # them.
             fsutil.reserve(partial, f.id.get_filesize())
         except (OSError, RuntimeError) as exc:
             _close_quietly(f)
@@ -127,9 +147,11 @@ class CacheWriter:
         logits: np.ndarray | None = None,
         layers: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Rows ``start .. start+len(features)`` of the features (and logits and layers); rows with ``ok``
-        False hold NaN."""
-        assert start == self.rows_done, f"rows must arrive in order: expected {self.rows_done}, got {start}"
+        """Rows ``start .. start+len(features)`` of the features (and logits and layers); rows with
+        ``ok`` False hold NaN."""
+        assert start == self.rows_done, (
+            f"rows must arrive in order: expected {self.rows_done}, got {start}"
+        )
         stop = start + len(features)
         dtype = self.f["features"].dtype
         blocks = [features, *(layers or {}).values()]
@@ -144,7 +166,10 @@ class CacheWriter:
         logits = None if logits is None else np.asarray(logits, dtype=dtype)
         layers = {name: np.asarray(block, dtype=dtype) for name, block in (layers or {}).items()}
         if set(layers) != set(self.f.get(LAYERS, {})):
-            raise CacheError(f"rows for layers {sorted(layers)}, but the cache stores {sorted(self.f.get(LAYERS, {}))}")
+            raise CacheError(
+                f"rows for layers {sorted(layers)}, but the cache stores "
+                f"{sorted(self.f.get(LAYERS, {}))}"
+            )
         try:
             self.f["features"][start:stop] = features
             if logits is not None:
@@ -165,18 +190,23 @@ class CacheWriter:
 
     def finish(self, attrs: Mapping[str, Any] | None = None) -> Path:
         """Close, fsync, re-read every row against its CRC, mark complete, and move into place under
-        the final name (then fsync the folder). Nothing is marked complete that was not read back."""
+        the final name (then fsync the folder). Nothing is marked complete that was not read back.
+        """
         assert self.rows_done == self.n_rows, "finish() before every row was written"
         partial = self.partial
         try:
             self.f.attrs.update(attrs or {})
-            self.f.attrs["meta_crc"] = meta_crc(self.f)  # labels, splits, ids, classes: checked where read
+            self.f.attrs["meta_crc"] = meta_crc(
+                self.f
+            )  # labels, splits, ids, classes: checked where read
             self.f.close()
             fsutil.fsync_path(partial)
             verify(partial)
             with h5py.File(partial, "r+", locking=False) as f:
                 f.attrs["complete"] = True
-            retired = owned_parts(self.path)  # a virtual cache replaced by this one: its own parts go with it
+            retired = owned_parts(
+                self.path
+            )  # a virtual cache replaced by this one: its own parts go with it
             fsutil.replace(partial, self.path)
             for part in retired:
                 part.unlink(missing_ok=True)
@@ -225,16 +255,20 @@ def verify(path: Path) -> None:
         f.attrs["rows_done"] = first
     raise CacheError(
         f"cache {path} failed verification: row {first} reads back different from what was written "
-        "(a full or failing disk?); check the disk and rerun the same command to rewrite from that row"
+        "(a full or failing disk?); check the disk and rerun the same command to rewrite from that "
+        "row"
     )
 
 
 def _row_dataset(f: h5py.File, name: str, n: int, width: int, dtype: np.dtype) -> None:
-    """An (n, width) dataset in chunks of whole rows, allocated early so row writes never change metadata."""
+    """An (n, width) dataset in chunks of whole rows, allocated early so row writes never change
+    metadata."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     chunks = (_chunk_rows(n, width, dtype), width)
-    f.create_dataset(name, shape=(n, width), dtype=dtype, chunks=chunks, dcpl=dcpl, fill_time="never")
+    f.create_dataset(
+        name, shape=(n, width), dtype=dtype, chunks=chunks, dcpl=dcpl, fill_time="never"
+    )
 
 
 def _create(
@@ -282,5 +316,9 @@ def _create(
         }
     )
     for key, value in attrs.items():
-        f.attrs[key] = value if isinstance(value, str | int | float | bool) else json.dumps(value, sort_keys=True)
+        f.attrs[key] = (
+            value
+            if isinstance(value, str | int | float | bool)
+            else json.dumps(value, sort_keys=True)
+        )
     f.flush()

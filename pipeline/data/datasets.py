@@ -21,13 +21,20 @@ from pipeline.registry import TORCHVISION_DATASETS
 from pipeline.splits import stratified_holdout
 
 
-def _dataset_items(ds: Any, split_key: str, root: Path) -> tuple[list[str], list[Any], list[int], bool]:
+def _dataset_items(
+    ds: Any, split_key: str, root: Path
+) -> tuple[list[str], list[Any], list[int], bool]:
     """(ids, items, labels, in_memory) of one constructed torchvision dataset."""
     if isinstance(getattr(ds, "data", None), np.ndarray):  # CIFAR (N, H, W, C), STL10 (N, C, H, W)
         labels = getattr(ds, "targets", None)
         labels = ds.labels if labels is None else labels
         n = len(ds.data)
-        return [f"{split_key}/{i}" for i in range(n)], [(split_key, i) for i in range(n)], list(map(int, labels)), True
+        return (
+            [f"{split_key}/{i}" for i in range(n)],
+            [(split_key, i) for i in range(n)],
+            list(map(int, labels)),
+            True,
+        )
     if hasattr(ds, "samples"):  # ImageFolder-based: ImageNet
         paths, labels = zip(*ds.samples, strict=True) if ds.samples else ((), ())
     elif hasattr(ds, "_image_files"):  # Flowers102, DTD, Food101, FGVCAircraft, SUN397
@@ -36,10 +43,15 @@ def _dataset_items(ds: Any, split_key: str, root: Path) -> tuple[list[str], list
         paths, labels = ds._images, ds._labels
     elif hasattr(ds, "categories") and hasattr(ds, "y"):  # Caltech101
         folder = Path(ds.root) / "101_ObjectCategories"
-        paths = [folder / ds.categories[y] / f"image_{i:04d}.jpg" for y, i in zip(ds.y, ds.index, strict=True)]
+        paths = [
+            folder / ds.categories[y] / f"image_{i:04d}.jpg"
+            for y, i in zip(ds.y, ds.index, strict=True)
+        ]
         labels = ds.y
     else:
-        raise DataError(f"torchvision dataset {type(ds).__name__} exposes no image list this version can read")
+        raise DataError(
+            f"torchvision dataset {type(ds).__name__} exposes no image list this version can read"
+        )
     paths = [str(p) for p in paths]
     return [os.path.relpath(p, root) for p in paths], paths, list(map(int, labels)), False
 
@@ -69,7 +81,8 @@ def load_torchvision(
     accepts_download = "download" in inspect.signature(cls).parameters
     if download and not accepts_download:
         raise ConfigError(
-            f"torchvision cannot download {name}; get it from its official site and pass --root to the local copy"
+            f"torchvision cannot download {name}; get it from its official site and pass --root to "
+            "the local copy"
         )
     ids, items, labels, splits, arrays = [], [], [], [], {}
     classes: list[str] = []
@@ -78,9 +91,15 @@ def load_torchvision(
         try:
             ds = cls(str(root), **kwargs, **extra)
         except (RuntimeError, FileNotFoundError, OSError) as exc:
-            fix = "pass --download to fetch it" if accepts_download else "place the official files there"
+            fix = (
+                "pass --download to fetch it"
+                if accepts_download
+                else "place the official files there"
+            )
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise MissingError(f"{name} not found under {root} ({reason}); {fix}, or point --root at a copy") from None
+            raise MissingError(
+                f"{name} not found under {root} ({reason}); {fix}, or point --root at a copy"
+            ) from None
         s_ids, s_items, s_labels, in_memory = _dataset_items(ds, split, root)
         if in_memory:
             arrays[split] = ds.data
@@ -92,12 +111,24 @@ def load_torchvision(
     reader = ArrayReader(arrays, channels_first=name == "STL10") if arrays else load_image
     source = f"{name} in {root}"
     return finalize(
-        ids, items, labels, splits, classes, source, val_fraction, test_fraction, seed, reader, verify_content, rule
+        ids,
+        items,
+        labels,
+        splits,
+        classes,
+        source,
+        val_fraction,
+        test_fraction,
+        seed,
+        reader,
+        verify_content,
+        rule,
     )
 
 
 def materialize_digits(root: str | Path) -> Path:
-    """scikit-learn's bundled 8x8 digits as ``ROOT/digits/{train,test}/<digit>/<n>.png`` (written once)."""
+    """scikit-learn's bundled 8x8 digits as ``ROOT/digits/{train,test}/<digit>/<n>.png`` (written
+    once)."""
     target = Path(root).expanduser() / "digits"
     if (target / "train").is_dir():
         return target

@@ -34,16 +34,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def draft_scale(size: tuple[int, int], min_short_side: int) -> int:
-    """The largest JPEG DCT scale (1, 2, 4 or 8) that leaves the short side at least `min_short_side`."""
+    """The largest JPEG DCT scale (1, 2, 4 or 8) that leaves the short side at least
+    `min_short_side`."""
     short = min(size)
     return max((s for s in (1, 2, 4, 8) if -(-short // s) >= min_short_side), default=1)
 
 
 def load_image(
-    path: str | os.PathLike[str] | IO[bytes], min_short_side: int | None = None, name: str | None = None
+    path: str | os.PathLike[str] | IO[bytes],
+    min_short_side: int | None = None,
+    name: str | None = None,
 ) -> Image.Image:
-    """Decode an image file (or file object, called `name` in errors) as RGB, raising BadImageError (with
-    the path or name) when it cannot.
+    """Decode an image file (or file object, called `name` in errors) as RGB, raising BadImageError
+    (with the path or name) when it cannot.
 
     With `min_short_side`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8, libjpeg's
     scaled IDCT through PIL's `draft`) whose short side is still at least that many pixels; the
@@ -67,7 +70,8 @@ def load_image(
 
 
 class ArrayReader:
-    """Images held in memory by a torchvision dataset (CIFAR, STL10), addressed by (split, index)."""
+    """Images held in memory by a torchvision dataset (CIFAR, STL10), addressed by (split,
+    index)."""
 
     def __init__(self, arrays: dict[str, np.ndarray], channels_first: bool) -> None:
         self.arrays = arrays

@@ -21,7 +21,13 @@ from pipeline.data.images import IMAGE_EXTENSIONS, load_image
 from pipeline.errors import DataError
 from pipeline.splits import SPLITS, hashed_holdout, stratified_holdout
 
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,8 @@ class SampleList:
     reader: Callable[[Any], Image.Image] = load_image
     source: str = ""
     carved: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Per-row facts of image files (file_size, file_mtime_ns[, file_sha256]); None for in-memory arrays.
+    # Per-row facts of image files (file_size, file_mtime_ns[, file_sha256]); None for in-memory
+    # arrays.
     identity: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -64,15 +71,24 @@ class SampleList:
             reader=self.reader,
             source=self.source,
             carved=self.carved,
-            identity=None if self.identity is None else {k: v[rows] for k, v in self.identity.items()},
+            identity=None
+            if self.identity is None
+            else {k: v[rows] for k, v in self.identity.items()},
         )
 
     def group_starts(self) -> np.ndarray | None:
-        """Rows where another container starts (tar shards: items are (shard, ...) tuples), else None."""
-        if not self.items or not isinstance(self.items[0], tuple) or not isinstance(self.items[0][0], str):
+        """Rows where another container starts (tar shards: items are (shard, ...) tuples), else
+        None."""
+        if (
+            not self.items
+            or not isinstance(self.items[0], tuple)
+            or not isinstance(self.items[0][0], str)
+        ):
             return None
         shard = [item[0] for item in self.items]
-        return np.array([0, *(i for i in range(1, len(shard)) if shard[i] != shard[i - 1])], dtype=np.int64)
+        return np.array(
+            [0, *(i for i in range(1, len(shard)) if shard[i] != shard[i - 1])], dtype=np.int64
+        )
 
     def split_sizes(self) -> dict[str, int]:
         counts = np.bincount(self.split, minlength=len(SPLITS))
@@ -106,14 +122,20 @@ def finalize(
     rule: str = "stratified",
     identity: dict[str, np.ndarray] | None = None,
 ) -> SampleList:
-    """Carve missing val/test splits out of train (`rule`: stratified or hash, see `pipeline.splits`), then
-    order rows by split. `identity`: per-row facts of sources that are not files (tar members)."""
+    """Carve missing val/test splits out of train (`rule`: stratified or hash, see
+    `pipeline.splits`), then order rows by split. `identity`: per-row facts of sources that are not
+    files (tar members)."""
     if not ids:
-        raise DataError(f"{source} holds no images; add images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DataError(
+            f"{source} holds no images; add images (extensions: "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
     present = sorted(set(labels))
     if len(present) < 2:
         only = ", ".join(classes[c] for c in present)
-        raise DataError(f"{source} has {len(present)} class ({only}); a classifier needs at least two classes")
+        raise DataError(
+            f"{source} has {len(present)} class ({only}); a classifier needs at least two classes"
+        )
     labels_arr = np.asarray(labels, dtype=np.int64)
     split = np.array([SPLITS.index(s) for s in splits], dtype=np.int8)
     carved: dict[str, dict[str, Any]] = {}
@@ -123,7 +145,9 @@ def finalize(
             continue
         train_rows = np.flatnonzero(split == 0)
         if rule == "hash":
-            held = hashed_holdout([ids[i] for i in train_rows], labels_arr[train_rows], fraction, seed, salt)
+            held = hashed_holdout(
+                [ids[i] for i in train_rows], labels_arr[train_rows], fraction, seed, salt
+            )
         else:
             held = stratified_holdout(labels_arr[train_rows], fraction, seed, salt)
         if held.any():
@@ -143,10 +167,12 @@ def finalize(
         reader=reader,
         source=source,
         carved=carved,
-        identity=file_identity(items, verify_content) if files else (
+        identity=file_identity(items, verify_content)
+        if files
+        else (
             None if identity is None else {key: values[order] for key, values in identity.items()}
         ),
-    )  # fmt: skip
+    )
 
 
 def file_identity(paths: Sequence[str], content: bool = False) -> dict[str, np.ndarray]:
@@ -160,9 +186,15 @@ def file_identity(paths: Sequence[str], content: bool = False) -> dict[str, np.n
         except OSError as exc:
             raise DataError(f"cannot read image {path}: {exc.strerror}; fix or remove it") from None
         if not stat.S_ISREG(st.st_mode):
-            raise DataError(f"image {path} is not a regular file (a FIFO, socket or device?); remove it from the data")
+            raise DataError(
+                f"image {path} is not a regular file (a FIFO, socket or device?); remove it from "
+                "the data"
+            )
         if not os.access(path, os.R_OK):
-            raise DataError(f"image {path} is not readable (permission denied); fix its permissions or remove it")
+            raise DataError(
+                f"image {path} is not readable (permission denied); fix its permissions or remove "
+                "it"
+            )
         sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
     identity = {"file_size": sizes, "file_mtime_ns": mtimes}
     if content:
@@ -180,7 +212,8 @@ def _sha256(path: str) -> str:
 
 def describe_changes(old: dict[str, np.ndarray], new: SampleList, most: int = 5) -> str:
     """Which files were added, removed or changed (label, split, size, time, content) between the
-    rows a cache recorded (`reader.stored_rows`) and a new sample list; "" when the rows are equal."""
+    rows a cache recorded (`reader.stored_rows`) and a new sample list; "" when the rows are equal.
+    """
     before = {str(i): row for row, i in enumerate(old["ids"])}
     after = {i: row for row, i in enumerate(new.ids)}
     added = [i for i in new.ids if i not in before]
@@ -192,12 +225,24 @@ def describe_changes(old: dict[str, np.ndarray], new: SampleList, most: int = 5)
         o = before[sample_id]
         what = [
             name
-            for name, a, b in (("label", old["labels"][o], new.labels[row]), ("split", old["split"][o], new.split[row]))
+            for name, a, b in (
+                ("label", old["labels"][o], new.labels[row]),
+                ("split", old["split"][o], new.split[row]),
+            )
             if a != b
         ]
         for key in ("file_size", "file_mtime_ns", "file_sha256"):
-            if key in old and new.identity and key in new.identity and old[key][o] != new.identity[key][row]:
-                what.append({"file_size": "size", "file_mtime_ns": "modified", "file_sha256": "content"}[key])
+            if (
+                key in old
+                and new.identity
+                and key in new.identity
+                and old[key][o] != new.identity[key][row]
+            ):
+                what.append(
+                    {"file_size": "size", "file_mtime_ns": "modified", "file_sha256": "content"}[
+                        key
+                    ]
+                )
         if what:
             changed.append(f"{sample_id} ({', '.join(what)})")
     parts = [

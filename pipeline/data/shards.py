@@ -1,6 +1,6 @@
-"""WebDataset tar shards as a source: ``--data 'shards/train-{000000..000099}.tar'`` (brace notation,
-local paths or any URL fsspec opens), with ``--data-val`` / ``--data-test`` patterns for the other
-splits or val/test carved from train as for folders.
+"""WebDataset tar shards as a source: ``--data 'shards/train-{000000..000099}.tar'`` (brace
+notation, local paths or any URL fsspec opens), with ``--data-val`` / ``--data-test`` patterns for
+the other splits or val/test carved from train as for folders.
 
 A sample is the members of a shard that share a key (webdataset's rule: the name up to the first dot
 of its last path part): one image (``.jpg``, ``.jpeg``, ``.png`` or ``.webp``) and its label, in
@@ -33,13 +33,19 @@ from pipeline.errors import BadImageError, ConfigError, DataError, MissingError
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 MAX_SHARDS = 100_000  # a brace range naming more is a typo, not a data set
-MAX_MTIME = 2**33  # seconds (the year 2242): a member's time beyond it is stored as 0, not overflowed
+MAX_MTIME = (
+    2**33
+)  # seconds (the year 2242): a member's time beyond it is stored as 0, not overflowed
 _BLOCK = tarfile.BLOCKSIZE
 
 
 def is_shards(data: str) -> bool:
     """Whether --data names tar shards (a .tar path or pattern) rather than a folder or CSV."""
-    return data.rstrip("}").lower().endswith(".tar") or ".tar}" in data.lower() or "}.tar" in data.lower()
+    return (
+        data.rstrip("}").lower().endswith(".tar")
+        or ".tar}" in data.lower()
+        or "}.tar" in data.lower()
+    )
 
 
 def is_compressed(data: str) -> bool:
@@ -52,19 +58,28 @@ def expand(pattern: str) -> list[str]:
         from webdataset.shardlists import expand_urls
     except ImportError:
         raise ConfigError(
-            f"--data {pattern!r} names tar shards, which need the webdataset package; install it with "
+            f"--data {pattern!r} names tar shards, which need the webdataset package; install it "
+            "with "
             "pip install 'pipeline[webdataset]' (or pip install webdataset)"
         ) from None
     named = _count_names(pattern)
     if named > MAX_SHARDS:
         raise DataError(
-            f"--data {pattern!r} names {named:,} shards, more than {MAX_SHARDS:,}; check the numbers in its braces"
+            f"--data {pattern!r} names {named:,} shards, more than {MAX_SHARDS:,}; check the "
+            "numbers in its braces"
         )
     try:
         urls = expand_urls(pattern)
-    except (AssertionError, ValueError, KeyError, TypeError) as exc:  # e.g. ${VAR} webdataset cannot expand
+    except (
+        AssertionError,
+        ValueError,
+        KeyError,
+        TypeError,
+    ) as exc:  # e.g. ${VAR} webdataset cannot expand
         reason = str(exc) or type(exc).__name__
-        raise DataError(f"--data {pattern!r} cannot be expanded ({reason[:120]}); write the shard names out") from None
+        raise DataError(
+            f"--data {pattern!r} cannot be expanded ({reason[:120]}); write the shard names out"
+        ) from None
     if not urls:
         raise DataError(f"--data {pattern!r} expands to no shard")
     return list(urls)
@@ -97,7 +112,9 @@ def opened(url: str) -> Iterator[IO[bytes]]:
     if "://" not in url or url.startswith("file://"):
         path = url.removeprefix("file://")
         if not os.path.isfile(path):
-            raise MissingError(f"shard {url} does not exist or is not a file; check the --data pattern")
+            raise MissingError(
+                f"shard {url} does not exist or is not a file; check the --data pattern"
+            )
         with open(path, "rb") as fh:
             yield fh
         return
@@ -107,7 +124,9 @@ def opened(url: str) -> Iterator[IO[bytes]]:
         with fsspec.open(url, "rb") as fh:
             yield fh
     except (OSError, ValueError, ImportError) as exc:
-        raise MissingError(f"shard {url}: {str(exc).splitlines()[0]}; check the URL and its access") from None
+        raise MissingError(
+            f"shard {url}: {str(exc).splitlines()[0]}; check the URL and its access"
+        ) from None
 
 
 def _key(name: str) -> tuple[str, str]:
@@ -118,9 +137,10 @@ def _key(name: str) -> tuple[str, str]:
 
 
 def index_shard(url: str, label_key: str) -> list[tuple[str, tuple[int, int, int, str], Any]]:
-    """[(key, (data offset, size, mtime, member name) of its image, its label)] in the shard's order.
-    A shard must end as a tar file ends (every member whole, then the end-of-archive block): Python's
-    tarfile takes a header cut short for the end, so a truncated shard would read as fewer samples."""
+    """[(key, (data offset, size, mtime, member name) of its image, its label)] in the shard's
+    order. A shard must end as a tar file ends (every member whole, then the end-of-archive block):
+    Python's tarfile takes a header cut short for the end, so a truncated shard would read as fewer
+    samples."""
     samples: dict[str, dict[str, Any]] = {}
     with opened(url) as fh:
         try:
@@ -134,7 +154,8 @@ def index_shard(url: str, label_key: str) -> list[tuple[str, tuple[int, int, int
                     if ext in IMAGE_SUFFIXES:
                         if "image" in entry:
                             raise DataError(
-                                f"sample {key!r} in shard {url} has two images ({entry['image'][3]}, {member.name}); "
+                                f"sample {key!r} in shard {url} has two images "
+                                f"({entry['image'][3]}, {member.name}); "
                                 "keep one image per key"
                             )
                         mtime = int(member.mtime) if 0 <= member.mtime < MAX_MTIME else 0
@@ -148,20 +169,27 @@ def index_shard(url: str, label_key: str) -> list[tuple[str, tuple[int, int, int
         fh.seek(end)
         if fh.read(_BLOCK) != bytes(_BLOCK):
             raise DataError(
-                f"shard {url} ends early: its bytes stop at offset {end}, inside a member or where the end-of-archive "
+                f"shard {url} ends early: its bytes stop at offset {end}, inside a member or where "
+                "the end-of-archive "
                 "block should be (a cut-short copy?); copy it again whole"
             )
-        while tail := fh.read(1 << 20):  # after the end of the archive: only the zero padding of the record
+        while tail := fh.read(
+            1 << 20
+        ):  # after the end of the archive: only the zero padding of the record
             if tail.count(0) != len(tail):
                 raise DataError(
-                    f"shard {url} holds data after its end-of-archive block (tar files joined with cat?); tar "
-                    "reads only the first archive of such a file: rebuild it as one archive (tar -A joins them)"
+                    f"shard {url} holds data after its end-of-archive block (tar files joined with "
+                    "cat?); tar "
+                    "reads only the first archive of such a file: rebuild it as one archive (tar "
+                    "-A joins them)"
                 )
     out = []
     for key, entry in samples.items():
         where = f"sample {key!r} in shard {url}"
         if "image" not in entry:
-            raise DataError(f"{where} has no image member (.{', .'.join(IMAGE_SUFFIXES)}); fix the shard")
+            raise DataError(
+                f"{where} has no image member (.{', .'.join(IMAGE_SUFFIXES)}); fix the shard"
+            )
         out.append((key, entry["image"], _label(entry, label_key, where)))
     return out
 
@@ -171,7 +199,9 @@ def _check_name(name: str, url: str) -> None:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raw = name.encode("utf-8", "surrogateescape")
-        raise DataError(f"shard {url} has a member whose name is not UTF-8 ({raw!r}); rename it in the shard") from None
+        raise DataError(
+            f"shard {url} has a member whose name is not UTF-8 ({raw!r}); rename it in the shard"
+        ) from None
 
 
 def _label(entry: dict[str, Any], label_key: str, where: str) -> Any:
@@ -184,18 +214,25 @@ def _label(entry: dict[str, Any], label_key: str, where: str) -> Any:
                 raise TypeError(type(value).__name__)
             return value
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise DataError(f"{where}: cannot read its label ({type(exc).__name__}: {exc}); expected an integer .cls "
-                        f"or a .json with a {label_key!r} field (--label-key)") from None  # fmt: skip
-    raise DataError(f"{where} has no label: add KEY.cls, or KEY.json with a {label_key!r} field (--label-key)")
+        raise DataError(
+            f"{where}: cannot read its label ({type(exc).__name__}: {exc}); expected an integer "
+            ".cls "
+            f"or a .json with a {label_key!r} field (--label-key)"
+        ) from None
+    raise DataError(
+        f"{where} has no label: add KEY.cls, or KEY.json with a {label_key!r} field (--label-key)"
+    )
 
 
 class ShardReader:
-    """Reads one image member by seeking to its bytes in the shard; decoded like a file (reduced JPEG
-    decoding included). A plain class, so DataLoader workers can pickle it."""
+    """Reads one image member by seeking to its bytes in the shard; decoded like a file (reduced
+    JPEG decoding included). A plain class, so DataLoader workers can pickle it."""
 
     reduces = True  # takes `min_short_side` like `load_image`
 
-    def __call__(self, item: tuple[str, int, int, str], min_short_side: int | None = None) -> Image.Image:
+    def __call__(
+        self, item: tuple[str, int, int, str], min_short_side: int | None = None
+    ) -> Image.Image:
         url, offset, size, name = item
         label = f"{os.path.basename(url)}/{name}"
         with opened(url) as fh:
@@ -207,9 +244,14 @@ class ShardReader:
 
 
 def load_shards(
-    patterns: dict[str, str], label_key: str, val_fraction: float, test_fraction: float, seed: int,
-    verify_content: bool = False, rule: str = "hash",
-) -> SampleList:  # fmt: skip
+    patterns: dict[str, str],
+    label_key: str,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    verify_content: bool = False,
+    rule: str = "hash",
+) -> SampleList:
     """The sample list of shard patterns per split ({"train": ..., "val": ..., "test": ...})."""
     ids, items, raw, splits, sizes, mtimes, urls = [], [], [], [], [], [], []
     for split, pattern in patterns.items():
@@ -231,7 +273,8 @@ def load_shards(
         number = next(ids[i] for i, v in enumerate(raw) if isinstance(v, int))
         name = next(ids[i] for i, v in enumerate(raw) if not isinstance(v, int))
         raise DataError(
-            f"labels mix class numbers ({number}) and class names ({name}); label every sample one way "
+            f"labels mix class numbers ({number}) and class names ({name}); label every sample one "
+            "way "
             "(all .cls numbers, or all names under --label-key)"
         )
     classes = sorted(set(raw), key=lambda v: (not isinstance(v, int), v))
@@ -244,9 +287,20 @@ def load_shards(
                 fh.seek(offset)
                 digests.append(hashlib.sha256(fh.read(size)).hexdigest().encode())
         identity["file_sha256"] = np.array(digests, dtype="S64")
-    # The shards' folder: a grown pattern (more shards) is the same source, so an update reuses its rows.
+    # The shards' folder: a grown pattern (more shards) is the same source, so an update reuses its
+    # rows.
     source = "tar shards in " + ", ".join(sorted({os.path.dirname(url) or "." for url in urls}))
     return finalize(
-        ids, items, [index[v] for v in raw], splits, [str(c) for c in classes] if numeric else classes, source,
-        val_fraction, test_fraction, seed, reader=ShardReader(), rule=rule, identity=identity,
-    )  # fmt: skip
+        ids,
+        items,
+        [index[v] for v in raw],
+        splits,
+        [str(c) for c in classes] if numeric else classes,
+        source,
+        val_fraction,
+        test_fraction,
+        seed,
+        reader=ShardReader(),
+        rule=rule,
+        identity=identity,
+    )

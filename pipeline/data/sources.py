@@ -24,7 +24,8 @@ def _check_name(folder: Path | str, name: str) -> str:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise DataError(
-            f"file name {os.fsencode(name)!r} in {folder} is not valid UTF-8; rename it (e.g. with `convmv`)"
+            f"file name {os.fsencode(name)!r} in {folder} is not valid UTF-8; rename it (e.g. with "
+            "`convmv`)"
         ) from None
     return name
 
@@ -34,15 +35,22 @@ def _scandir(folder: Path | str) -> list[os.DirEntry[str]]:
         with os.scandir(folder) as entries:
             return list(entries)
     except OSError as exc:
-        raise DataError(f"cannot read folder {folder}: {exc.strerror}; fix its permissions or remove it") from None
+        raise DataError(
+            f"cannot read folder {folder}: {exc.strerror}; fix its permissions or remove it"
+        ) from None
 
 
 def _subdirs(folder: Path) -> list[str]:
-    return sorted(_check_name(folder, e.name) for e in _scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    return sorted(
+        _check_name(folder, e.name)
+        for e in _scandir(folder)
+        if e.is_dir() and not e.name.startswith(".")
+    )
 
 
 class _Seen:
-    """Real folders and files met so far: a symlink loop is entered once, and no file is listed twice."""
+    """Real folders and files met so far: a symlink loop is entered once, and no file is listed
+    twice."""
 
     def __init__(self) -> None:
         self.folders: set[tuple[int, int]] = set()
@@ -64,7 +72,8 @@ class _Seen:
         key = (st.st_dev, st.st_ino)
         if key in self.files:
             raise DataError(
-                f"{path} and {self.files[key]} are the same file (a link); an image may appear once, "
+                f"{path} and {self.files[key]} are the same file (a link); an image may appear "
+                "once, "
                 "or it can leak between splits: remove one of them"
             )
         self.files[key] = path
@@ -128,13 +137,21 @@ def scan_folder(
         for c in classes_of[name]:
             if not seen.new_folder(str(folder / c)):
                 raise DataError(
-                    f"folder {folder / c} is a link to a folder already read; an image may appear once, or it "
+                    f"folder {folder / c} is a link to a folder already read; an image may appear "
+                    "once, or it "
                     "can leak between classes and splits: remove the link"
                 )
-    per_split = {name: {c: _walk(folder / c, seen) for c in classes_of[name]} for name, folder in parts.items()}
+    per_split = {
+        name: {c: _walk(folder / c, seen) for c in classes_of[name]}
+        for name, folder in parts.items()
+    }
     if not any(per_split.values()):
         loose = [e.name for e in _scandir(root) if is_image(e.name)]
-        extra = f" (found {len(loose)} images directly in it; move them into class folders)" if loose else ""
+        extra = (
+            f" (found {len(loose)} images directly in it; move them into class folders)"
+            if loose
+            else ""
+        )
         raise DataError(f"data folder {root} contains no class folders{extra}; {hint}")
     classes = sorted({c for found in per_split.values() for c in found})
     index = {c: i for i, c in enumerate(classes)}
@@ -144,7 +161,8 @@ def scan_folder(
         for c, files in found.items():
             if not files:
                 raise DataError(
-                    f"class folder {parts[name] / c} contains no images; add images or remove the folder "
+                    f"class folder {parts[name] / c} contains no images; add images or remove the "
+                    "folder "
                     f"(extensions read: {', '.join(sorted(IMAGE_EXTENSIONS))})"
                 )
             for f in files:
@@ -154,9 +172,18 @@ def scan_folder(
                 labels.append(index[c])
                 splits.append(name)
     return finalize(
-        ids, items, labels, splits, classes, str(root), val_fraction, test_fraction, seed,
-        verify_content=verify_content, rule=rule,
-    )  # fmt: skip
+        ids,
+        items,
+        labels,
+        splits,
+        classes,
+        str(root),
+        val_fraction,
+        test_fraction,
+        seed,
+        verify_content=verify_content,
+        rule=rule,
+    )
 
 
 def _sorted_labels(names: set[str]) -> list[str]:
@@ -167,9 +194,12 @@ def _sorted_labels(names: set[str]) -> list[str]:
         return sorted(names)
 
 
-def read_csv(path: Path, required: tuple[str, ...], expected: str) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of a UTF-8 CSV with a header naming at least `required`; encoding and format
-    slips (Latin-1 bytes, a NUL byte, an oversized field) are one-line errors naming the line."""
+def read_csv(
+    path: Path, required: tuple[str, ...], expected: str
+) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of a UTF-8 CSV with a header naming at least `required`; encoding and
+    format slips (Latin-1 bytes, a NUL byte, an oversized field) are one-line errors naming the
+    line."""
     if path.is_dir():
         raise DataError(f"manifest {path} is a folder; pass a CSV file with columns {expected}")
     if not path.is_file():
@@ -179,17 +209,22 @@ def read_csv(path: Path, required: tuple[str, ...], expected: str) -> list[tuple
             reader = csv.DictReader(fh)
             columns = [c.strip() for c in reader.fieldnames or []]
             if not set(required) <= set(columns):
-                raise DataError(f"manifest {path} has columns {columns}; expected a header row {expected}")
+                raise DataError(
+                    f"manifest {path} has columns {columns}; expected a header row {expected}"
+                )
             reader.fieldnames = columns
             rows = []
             for row in reader:
                 if any("\0" in (value or "") for value in row.values() if isinstance(value, str)):
-                    raise DataError(f"manifest {path} line {reader.line_num}: contains a NUL byte; fix that row")
+                    raise DataError(
+                        f"manifest {path} line {reader.line_num}: contains a NUL byte; fix that row"
+                    )
                 rows.append((reader.line_num, row))
             return rows
     except UnicodeDecodeError as exc:
         raise DataError(
-            f"manifest {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            f"manifest {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); "
             "save it as UTF-8"
         ) from None
     except csv.Error as exc:
@@ -216,15 +251,20 @@ def read_manifest(
     for line, row in rows:
         rel, label = (row["path"] or "").strip(), (row["label"] or "").strip()
         if not rel or not label:
-            raise DataError(f"manifest {path} line {line}: empty path or label; every row needs both")
+            raise DataError(
+                f"manifest {path} line {line}: empty path or label; every row needs both"
+            )
         split = (row.get("split") or "train").strip().lower()
         if split not in SPLIT_ALIASES:
-            raise DataError(f"manifest {path} line {line}: split {split!r} is not one of train, val, test")
+            raise DataError(
+                f"manifest {path} line {line}: split {split!r} is not one of train, val, test"
+            )
         full = base / rel
         real = os.path.realpath(full)
         if real in first_line:
             raise DataError(
-                f"manifest {path} lines {first_line[real]} and {line} name the same file {rel!r}; list each image "
+                f"manifest {path} lines {first_line[real]} and {line} name the same file {rel!r}; "
+                "list each image "
                 "once (with one label), or it leaks between splits"
             )
         first_line[real] = line
@@ -245,9 +285,18 @@ def read_manifest(
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[n] for n in names]
     return finalize(
-        ids, items, labels, splits, classes, str(path), val_fraction, test_fraction, seed,
-        verify_content=verify_content, rule=rule,
-    )  # fmt: skip
+        ids,
+        items,
+        labels,
+        splits,
+        classes,
+        str(path),
+        val_fraction,
+        test_fraction,
+        seed,
+        verify_content=verify_content,
+        rule=rule,
+    )
 
 
 def load_samples(
@@ -265,8 +314,9 @@ def load_samples(
     data_test: str | None = None,
     label_key: str = "label",
 ) -> SampleList:
-    """The sample list of whichever source is named (exactly one of `data` or `dataset`). `carve` auto:
-    by hash for folders and CSVs (which grow), stratified for named datasets (which do not)."""
+    """The sample list of whichever source is named (exactly one of `data` or `dataset`). `carve`
+    auto: by hash for folders and CSVs (which grow), stratified for named datasets (which do not).
+    """
     rule = carve if carve != "auto" else ("stratified" if dataset is not None else "hash")
     carve_args = {
         "val_fraction": val_fraction,
@@ -283,16 +333,22 @@ def load_samples(
     assert data is not None, "FeaturesConfig guarantees one source"
     if shards.is_compressed(data):
         raise ConfigError(
-            f"--data {data!r} names compressed shards, which cannot be read by seeking; decompress them to .tar "
+            f"--data {data!r} names compressed shards, which cannot be read by seeking; decompress "
+            "them to .tar "
             "(gunzip keeps the tar inside)"
         )
     if shards.is_shards(data):
         patterns = (
-            {"train": data} | ({"val": data_val} if data_val else {}) | ({"test": data_test} if data_test else {})
+            {"train": data}
+            | ({"val": data_val} if data_val else {})
+            | ({"test": data_test} if data_test else {})
         )
         return shards.load_shards(patterns, label_key, **carve_args)
     if data_val or data_test:
-        raise ConfigError("--data-val and --data-test name shard patterns; use them with --data '...{000..009}.tar'")
+        raise ConfigError(
+            "--data-val and --data-test name shard patterns; use them with --data "
+            "'...{000..009}.tar'"
+        )
     path = Path(data).expanduser()
     if path.suffix.lower() == ".csv":
         return read_manifest(path, **carve_args)
@@ -315,13 +371,22 @@ def list_images(path: str | Path) -> SampleList:
         ids = _images_under(path)
         items = [str(path / i) for i in ids]
     else:
-        raise MissingError(f"{path} does not exist; pass a folder of images, a CSV manifest or an image file")
-    for item in items:  # a FIFO or device would hang the reader: refuse it up front (missing files are listed)
+        raise MissingError(
+            f"{path} does not exist; pass a folder of images, a CSV manifest or an image file"
+        )
+    for item in (
+        items
+    ):  # a FIFO or device would hang the reader: refuse it up front (missing files are listed)
         if os.path.exists(item) and not os.path.isfile(item):
             raise DataError(
-                f"{item} is not a regular file (a folder, FIFO, socket or device?); remove it from the list"
+                f"{item} is not a regular file (a folder, FIFO, socket or device?); remove it from "
+                "the list"
             )
     if not ids:
-        raise DataError(f"{path} holds no images (extensions read: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DataError(
+            f"{path} holds no images (extensions read: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
     n = len(ids)
-    return SampleList(ids, np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int8), ["?"], items, source=str(path))
+    return SampleList(
+        ids, np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int8), ["?"], items, source=str(path)
+    )

@@ -32,7 +32,11 @@ def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> tuple[int, int, flo
 
 
 def paired_bootstrap(
-    a_correct: np.ndarray, b_correct: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95
+    a_correct: np.ndarray,
+    b_correct: np.ndarray,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> tuple[float, float, float]:
     """Accuracy difference A - B and its percentile interval, resampling the same rows for both."""
     diff = a_correct.astype(np.float64) - b_correct.astype(np.float64)
@@ -44,7 +48,8 @@ def paired_bootstrap(
 
 
 def pair(a: Run, b: Run, alpha: float = 0.05) -> dict[str, Any]:
-    """Paired comparison of two runs on the same test rows; refuses runs scored on different rows."""
+    """Paired comparison of two runs on the same test rows; refuses runs scored on different
+    rows."""
     if a.result.get("test_set") != b.result.get("test_set"):
         ids_a, ids_b = a.predictions()[0], b.predictions()[0]
         raise DataError(
@@ -66,9 +71,11 @@ def pair(a: Run, b: Run, alpha: float = 0.05) -> dict[str, Any]:
     where = f"{a.dataset}" + (f" ({context})" if context else "")
     interval = f"{diff * 100:+.2f} points [{lo * 100:+.2f}, {hi * 100:+.2f}]"
     statement = (
-        f"{what} beats {than} on {where}: {abs(diff) * 100:.2f} points better, A-B = {interval}, McNemar p = {p:.3g}"
+        f"{what} beats {than} on {where}: {abs(diff) * 100:.2f} points better, A-B = {interval}, "
+        f"McNemar p = {p:.3g}"
         if significant
-        else f"no significant difference between {a.name} and {b.name}: A-B = {interval}, McNemar p = {p:.3g}"
+        else f"no significant difference between {a.name} and {b.name}: A-B = {interval}, McNemar "
+        f"p = {p:.3g}"
     )
     return {
         "dataset": a.dataset,
@@ -86,7 +93,8 @@ def pair(a: Run, b: Run, alpha: float = 0.05) -> dict[str, Any]:
 
 
 def group_classes(run: Run) -> dict[str, list[int]]:
-    """Encoded classes of each frequency group, from the run's train counts ({} for older results)."""
+    """Encoded classes of each frequency group, from the run's train counts ({} for older
+    results)."""
     counts = run.result.get("protocol", {}).get("train_counts")
     if not counts:
         return {}
@@ -97,7 +105,9 @@ def group_classes(run: Run) -> dict[str, list[int]]:
     }
 
 
-def _paired_groups(a: Run, b: Run, y: np.ndarray, ca: np.ndarray, cb: np.ndarray, alpha: float) -> dict[str, Any]:
+def _paired_groups(
+    a: Run, b: Run, y: np.ndarray, ca: np.ndarray, cb: np.ndarray, alpha: float
+) -> dict[str, Any]:
     """The paired test within each frequency group the two runs share (the same classes in it)."""
     ga, gb = group_classes(a), group_classes(b)
     out = {}
@@ -107,14 +117,19 @@ def _paired_groups(a: Run, b: Run, y: np.ndarray, ca: np.ndarray, cb: np.ndarray
             continue
         *_, p = mcnemar(ca[rows], cb[rows])
         diff = float(ca[rows].mean() - cb[rows].mean())
-        out[group] = {"classes": len(classes), "n": int(rows.sum()), "diff_top1": diff, "p_value": p,
-                      "significant": p < alpha}  # fmt: skip
+        out[group] = {
+            "classes": len(classes),
+            "n": int(rows.sum()),
+            "diff_top1": diff,
+            "p_value": p,
+            "significant": p < alpha,
+        }
     return out
 
 
 def comparisons(runs: list[Run], alpha: float = 0.05) -> list[dict[str, Any]]:
-    """Every pair of full (not few-shot) runs on the same test rows that differ in backbone or head only,
-    and were trained on the same rows (not long-tailed at different ratios)."""
+    """Every pair of full (not few-shot) runs on the same test rows that differ in backbone or head
+    only, and were trained on the same rows (not long-tailed at different ratios)."""
     full = [r for r in runs if r.shots is None]
     out = []
     for a, b in combinations(full, 2):
@@ -152,7 +167,8 @@ def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
                 "balanced_lo": bal_ci[0],
                 "balanced_hi": bal_ci[1],
                 **{
-                    f"{group}_top1": (test.get("groups") or {}).get(group, {}).get("top1") for group in FREQUENCY_GROUPS
+                    f"{group}_top1": (test.get("groups") or {}).get(group, {}).get("top1")
+                    for group in FREQUENCY_GROUPS
                 },
                 "setting": param,
                 "chosen": chosen if not isinstance(chosen, list) else float(np.median(chosen)),
@@ -171,7 +187,10 @@ def fewshot_rows(runs: list[Run]) -> list[dict[str, Any]]:
         if r.shots is None:
             continue
         key = (r.dataset, r.backbone, r.result["config"]["head"])
-        curves.setdefault(key, {})[r.shots] = (r.result["test"]["top1"], r.result["test"].get("std", {}).get("top1", 0))
+        curves.setdefault(key, {})[r.shots] = (
+            r.result["test"]["top1"],
+            r.result["test"].get("std", {}).get("top1", 0),
+        )
     for r in runs:  # the full-data point, when a plain run of the same head exists
         key = (r.dataset, r.backbone, r.result["config"]["head"])
         if r.shots is None and key in curves:
@@ -179,7 +198,9 @@ def fewshot_rows(runs: list[Run]) -> list[dict[str, Any]]:
     return [
         {"dataset": d, "backbone": b, "head": h, "shots": k, "top1_mean": m, "top1_std": s}
         for (d, b, h), points in sorted(curves.items())
-        for k, (m, s) in sorted(points.items(), key=lambda kv: (kv[0] == "all", kv[0] if kv[0] != "all" else 0))
+        for k, (m, s) in sorted(
+            points.items(), key=lambda kv: (kv[0] == "all", kv[0] if kv[0] != "all" else 0)
+        )
     ]
 
 
@@ -198,9 +219,11 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
     lines = [
         "# Comparison",
         "",
-        f"{len(rows)} runs. Test accuracy in %, with 95% bootstrap intervals (± std over draws for few-shot).",
+        f"{len(rows)} runs. Test accuracy in %, with 95% bootstrap intervals (± std over draws for "
+        "few-shot).",
         "",
-        "| dataset | backbone | head | shots | test top-1 | balanced accuracy | chosen | cache s | head s |",
+        "| dataset | backbone | head | shots | test top-1 | balanced accuracy | chosen | cache s | "
+        "head s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -216,25 +239,49 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
     if not pairs:
         lines.append("No two runs share a test set and differ in exactly one of backbone or head.")
     for p in pairs:
-        lines.append(f"- {'**' if p['significant'] else ''}{p['statement']}{'**' if p['significant'] else ''}")
+        lines.append(
+            "- "
+            f"{'**' if p['significant'] else ''}{p['statement']}{'**' if p['significant'] else ''}"
+        )
         if len(p["groups"]) > 1:  # a long tail: the paired test within each frequency group too
-            lines.append("  - by group (A-B, McNemar p): " + "; ".join(
-                f"{'**' if g['significant'] else ''}{name} {g['diff_top1'] * 100:+.1f} points, p = {g['p_value']:.3g}"
-                f"{'**' if g['significant'] else ''}" for name, g in p["groups"].items()
-            ))  # fmt: skip
+            lines.append(
+                "  - by group (A-B, McNemar p): "
+                + "; ".join(
+                    f"{'**' if g['significant'] else ''}{name} {g['diff_top1'] * 100:+.1f} points, "
+                    f"p = {g['p_value']:.3g}"
+                    f"{'**' if g['significant'] else ''}"
+                    for name, g in p["groups"].items()
+                )
+            )
     grouped = [r for r in rows if r["medium_top1"] is not None or r["few_top1"] is not None]
     if grouped:
-        lines += ["", "## Top-1 (%) by class frequency (train images: many > 100, medium 20-100, few < 20)", ""]
-        lines += ["| dataset | backbone | head | many | medium | few |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Top-1 (%) by class frequency (train images: many > 100, medium 20-100, few < 20)",
+            "",
+        ]
+        lines += [
+            "| dataset | backbone | head | many | medium | few |",
+            "|---|---|---|---|---|---|",
+        ]
         lines += [
             f"| {r['dataset']} | {r['backbone']} | {r['head']} | "
-            + " | ".join("-" if r[f"{g}_top1"] is None else f"{r[f'{g}_top1'] * 100:.1f}" for g in FREQUENCY_GROUPS)
+            + " | ".join(
+                "-" if r[f"{g}_top1"] is None else f"{r[f'{g}_top1'] * 100:.1f}"
+                for g in FREQUENCY_GROUPS
+            )
             + " |"
             for r in grouped
         ]
     if few:
-        shots = sorted({r["shots"] for r in few}, key=lambda s: (s == "all", s if s != "all" else 0))
-        lines += ["", "## Few-shot: test top-1 (%) against images per class, mean ± std over draws", ""]
+        shots = sorted(
+            {r["shots"] for r in few}, key=lambda s: (s == "all", s if s != "all" else 0)
+        )
+        lines += [
+            "",
+            "## Few-shot: test top-1 (%) against images per class, mean ± std over draws",
+            "",
+        ]
         lines += [
             "| dataset | backbone | head | " + " | ".join(map(str, shots)) + " |",
             "|---|---|---|" + "---|" * len(shots),
@@ -243,31 +290,50 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
         for r in few:
             by_curve.setdefault((r["dataset"], r["backbone"], r["head"]), {})[r["shots"]] = r
         for (d, b, h), points in by_curve.items():
-            cells = [_pct(points[s]["top1_mean"], std=points[s]["top1_std"]) if s in points else "-" for s in shots]
+            cells = [
+                _pct(points[s]["top1_mean"], std=points[s]["top1_std"]) if s in points else "-"
+                for s in shots
+            ]
             lines.append(f"| {d} | {b} | {h} | " + " | ".join(cells) + " |")
     lines += [""] + [f"![{Path(i).stem}]({Path(i).name})" for i in images]
     return "\n".join(lines) + "\n"
 
 
-REPORT_FILES = ("bars.png", "pairs.csv", "fewshot.csv", "fewshot.png")  # beside REPORT.md and REPORT.csv
+REPORT_FILES = (
+    "bars.png",
+    "pairs.csv",
+    "fewshot.csv",
+    "fewshot.png",
+)  # beside REPORT.md and REPORT.csv
 
 
 def check_alpha(alpha: float) -> None:
     if not 0.0 < alpha < 1.0:  # NaN fails too
-        raise ConfigError(f"--alpha {alpha} is out of range; pass a significance level in (0, 1), e.g. 0.05")
+        raise ConfigError(
+            f"--alpha {alpha} is out of range; pass a significance level in (0, 1), e.g. 0.05"
+        )
 
 
-def write_report(paths: list[str | Path], out: str | Path, alpha: float = 0.05, force: bool = False) -> dict[str, Any]:
-    """Markdown + CSV tables and the plots, next to `out`; each file is written whole or not at all."""
+def write_report(
+    paths: list[str | Path], out: str | Path, alpha: float = 0.05, force: bool = False
+) -> dict[str, Any]:
+    """Markdown + CSV tables and the plots, next to `out`; each file is written whole or not at
+    all."""
     check_alpha(alpha)
     out = Path(out)
     outputs.check_file_output(out, "report", force)
-    siblings = [out.with_suffix(".csv"), *(out.with_name(f"{out.stem}-{end}") for end in REPORT_FILES)]
-    if not force and not out.exists():  # without its report, a sibling at these names is someone else's
+    siblings = [
+        out.with_suffix(".csv"),
+        *(out.with_name(f"{out.stem}-{end}") for end in REPORT_FILES),
+    ]
+    if (
+        not force and not out.exists()
+    ):  # without its report, a sibling at these names is someone else's
         taken = [p for p in siblings if p.exists() or p.is_symlink()]
         if taken:
             raise ConfigError(
-                f"--out {out}: {taken[0]} exists and was not written with this report; pass another --out, "
+                f"--out {out}: {taken[0]} exists and was not written with this report; pass "
+                "another --out, "
                 "or --force to replace it"
             )
     skipped: list[str] = []
@@ -286,6 +352,15 @@ def write_report(paths: list[str | Path], out: str | Path, alpha: float = 0.05, 
         put(out.with_name(out.stem + "-pairs.csv"), lambda tmp: report.write_csv(pairs, tmp))
     if few:
         put(out.with_name(out.stem + "-fewshot.csv"), lambda tmp: report.write_csv(few, tmp))
-        images.append(put(out.with_name(out.stem + "-fewshot.png"), lambda tmp: report.plot_fewshot(few, tmp)))
+        images.append(
+            put(out.with_name(out.stem + "-fewshot.png"), lambda tmp: report.plot_fewshot(few, tmp))
+        )
     put(out, lambda tmp: tmp.write_text(markdown(rows, pairs, few, images), encoding="utf-8"))
-    return {"runs": len(runs), "rows": rows, "pairs": pairs, "fewshot": few, "report": str(out), "skipped": skipped}
+    return {
+        "runs": len(runs),
+        "rows": rows,
+        "pairs": pairs,
+        "fewshot": few,
+        "report": str(out),
+        "skipped": skipped,
+    }

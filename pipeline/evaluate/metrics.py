@@ -50,7 +50,8 @@ def binomial_se(p: float, n: int) -> float:
 
 def balanced_accuracy_se(y: np.ndarray, pred: np.ndarray) -> float:
     """Standard error of the balanced accuracy (mean recall over the classes present in y):
-    sqrt(sum_c r_c (1 - r_c) / n_c) / K, each class's recall a binomial proportion on its n_c rows."""
+    sqrt(sum_c r_c (1 - r_c) / n_c) / K, each class's recall a binomial proportion on its n_c rows.
+    """
     classes, counts = np.unique(y, return_counts=True)
     if not len(classes):
         return float("nan")
@@ -59,7 +60,8 @@ def balanced_accuracy_se(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def reliability(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> dict[str, Any]:
-    """Confidence histogram: per equal-width bin, mean confidence, accuracy and count; and the ECE."""
+    """Confidence histogram: per equal-width bin, mean confidence, accuracy and count; and the
+    ECE."""
     confidence = proba.max(axis=1)
     correct = proba.argmax(axis=1) == y
     which = np.clip((confidence * bins).astype(int), 0, bins - 1)
@@ -79,9 +81,15 @@ def reliability(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> dict[str, A
 
 
 def bootstrap_ci(
-    y: np.ndarray, pred: np.ndarray, n_classes: int, resamples: int = 1000, seed: int = 0, level: float = 0.95
+    y: np.ndarray,
+    pred: np.ndarray,
+    n_classes: int,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> dict[str, list[float]]:
-    """Percentile intervals for top-1 and balanced accuracy over `resamples` resamplings of the rows."""
+    """Percentile intervals for top-1 and balanced accuracy over `resamples` resamplings of the
+    rows."""
     if resamples <= 0 or len(y) == 0:
         return {}
     rng = np.random.default_rng(seed)
@@ -115,7 +123,9 @@ def frequency_groups(y: np.ndarray, pred: np.ndarray, train_counts: np.ndarray) 
     counts = np.asarray(train_counts)
     out = {}
     for name, (low, high) in FREQUENCY_GROUPS.items():
-        classes = np.flatnonzero((counts >= low) & (counts <= (high if high is not None else np.inf)))
+        classes = np.flatnonzero(
+            (counts >= low) & (counts <= (high if high is not None else np.inf))
+        )
         rows = np.isin(y, classes)
         top1 = float((pred[rows] == y[rows]).mean()) if rows.any() else None
         out[name] = {"classes": len(classes), "n": int(rows.sum()), "top1": top1}
@@ -123,7 +133,11 @@ def frequency_groups(y: np.ndarray, pred: np.ndarray, train_counts: np.ndarray) 
 
 
 def evaluate(
-    y: np.ndarray, proba: np.ndarray, classes: list[str], detail: bool = True, log_proba: np.ndarray | None = None
+    y: np.ndarray,
+    proba: np.ndarray,
+    classes: list[str],
+    detail: bool = True,
+    log_proba: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Top-1, top-5 (5+ classes), balanced accuracy, macro-F1, log-loss, ECE; with `detail` also
     per-class precision/recall, the confusion matrix and the reliability table. `log_proba`
@@ -142,7 +156,9 @@ def evaluate(
         "ece": calib["ece"],
     }
     if detail:
-        precision, recall, _, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+        precision, recall, _, support = precision_recall_fscore_support(
+            y, pred, labels=labels, zero_division=0
+        )
         out["per_class"] = {
             name: {"precision": float(p), "recall": float(r), "support": int(s)}
             for name, p, r, s in zip(classes, precision, recall, support, strict=True)

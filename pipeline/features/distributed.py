@@ -51,13 +51,16 @@ class World:
         env = os.environ
         size = int(env.get("WORLD_SIZE", "1"))
         return cls(
-            int(env.get("RANK", "0")), size, int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", size))
+            int(env.get("RANK", "0")),
+            size,
+            int(env.get("LOCAL_RANK", "0")),
+            int(env.get("LOCAL_WORLD_SIZE", size)),
         )
 
     def shard(self, n: int, starts: np.ndarray | None = None) -> tuple[int, int]:
-        """This rank's contiguous rows: the first ``n % size`` ranks take one more. With `starts` (the rows
-        where each tar shard's rows begin), each cut moves to the nearest shard start, so whole shards go
-        to ranks, balanced by their sample counts."""
+        """This rank's contiguous rows: the first ``n % size`` ranks take one more. With `starts`
+        (the rows where each tar shard's rows begin), each cut moves to the nearest shard start, so
+        whole shards go to ranks, balanced by their sample counts."""
         cuts = [r * (n // self.size) + min(r, n % self.size) for r in range(self.size + 1)]
         if starts is not None and len(starts) > 1:
             edges = np.r_[starts, n]
@@ -67,8 +70,8 @@ class World:
 
 
 def part_path(out: Path, rank: int, size: int, wanted: dict[str, Any]) -> Path:
-    """Rank `rank`'s part of the cache `wanted` describes: a new build never writes over the parts that
-    the current (virtual) cache reads."""
+    """Rank `rank`'s part of the cache `wanted` describes: a new build never writes over the parts
+    that the current (virtual) cache reads."""
     return schema.part_name(out, wanted, rank, size)
 
 
@@ -94,7 +97,9 @@ def _read_progress(out: Path, size: int) -> int:
 def run(cfg: FeaturesConfig, report: Any) -> Any:
     """One rank's share of a `torchrun` extraction; rank 0 assembles the final cache."""
     if cfg.views:
-        raise ConfigError("--views runs in one process, after the cache: extract the views without torchrun")
+        raise ConfigError(
+            "--views runs in one process, after the cache: extract the views without torchrun"
+        )
     world = World.from_env()
     t0 = time.perf_counter()
     say = report if world.rank == 0 else (lambda message: None)
@@ -102,21 +107,32 @@ def run(cfg: FeaturesConfig, report: Any) -> Any:
     if device.type == "cpu":  # ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
     if cfg.workers is None:
-        cfg = dataclasses.replace(cfg, workers=max(0, forward.default_workers() // world.local_size - 1))
+        cfg = dataclasses.replace(
+            cfg, workers=max(0, forward.default_workers() // world.local_size - 1)
+        )
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=dt.timedelta(hours=24))  # waits span whole shards
     try:
         samples, spec, wanted = extract.prepare(cfg, say)
         out, n = cfg.out_path, len(samples)
-        if extract.is_current(cfg, wanted, samples, say):  # every rank reads the same file: the same answer
+        if extract.is_current(
+            cfg, wanted, samples, say
+        ):  # every rank reads the same file: the same answer
             return extract.FeaturesResult(str(out), "current", n, 0, time.perf_counter() - t0, [])
-        say(f"distributed: {world.size} ranks ({backend}), {n} rows in contiguous shards, device {device} on rank 0")
+        say(
+            f"distributed: {world.size} ranks ({backend}), {n} rows in contiguous shards, device "
+            f"{device} on rank 0"
+        )
         start, stop = world.shard(n, samples.group_starts())
         part = part_path(out, world.rank, world.size, wanted)
-        shard_fp = {**wanted, "shard": f"rows {start}:{stop} of {n}, rank {world.rank} of {world.size}"}
+        shard_fp = {
+            **wanted,
+            "shard": f"rows {start}:{stop} of {n}, rank {world.rank} of {world.size}",
+        }
         quiet = dataclasses.replace(cfg, progress=False)
         with fsutil.locked(part):
-            # Parts exist only until assembly, so any part here belongs to this (possibly --force) run: keep it.
+            # Parts exist only until assembly, so any part here belongs to this (possibly --force)
+            # run: keep it.
             done = reader.stored_fingerprint(part) == shard_fp
             _write_progress(out, world.rank, (stop - start) if done else 0)
             bar = tqdm(
@@ -134,9 +150,23 @@ def run(cfg: FeaturesConfig, report: Any) -> Any:
 
                 if not done:
                     shard = samples.subset(start, stop)
-                    extract.fill(quiet, shard, spec, shard_fp, say, t0, out=part, device=device, on_batch=on_batch)
-                if world.rank == 0:  # one bar for the job: follow the other ranks until all parts exist
-                    while not all(part_path(out, r, world.size, wanted).exists() for r in range(world.size)):
+                    extract.fill(
+                        quiet,
+                        shard,
+                        spec,
+                        shard_fp,
+                        say,
+                        t0,
+                        out=part,
+                        device=device,
+                        on_batch=on_batch,
+                    )
+                if (
+                    world.rank == 0
+                ):  # one bar for the job: follow the other ranks until all parts exist
+                    while not all(
+                        part_path(out, r, world.size, wanted).exists() for r in range(world.size)
+                    ):
                         on_batch(stop - start)
                         time.sleep(0.5)
                     on_batch(stop - start)
@@ -146,10 +176,15 @@ def run(cfg: FeaturesConfig, report: Any) -> Any:
                 path = assemble(out, world.size, samples, wanted, cfg, time.perf_counter() - t0)
             for rank in range(world.size):
                 _progress_path(out, rank).unlink(missing_ok=True)
-            say(f"wrote {path} ({n} rows) from {world.size} parts in {time.perf_counter() - t0:.1f} s")
+            say(
+                f"wrote {path} ({n} rows) from {world.size} parts in "
+                f"{time.perf_counter() - t0:.1f} s"
+            )
         dist.barrier()
         skipped = [] if world.rank else reader.summary(out)["skipped"]
-        return extract.FeaturesResult(str(out), "built", n, stop - start, time.perf_counter() - t0, skipped)
+        return extract.FeaturesResult(
+            str(out), "built", n, stop - start, time.perf_counter() - t0, skipped
+        )
     finally:
         dist.destroy_process_group()
 
@@ -161,17 +196,27 @@ def _device(request: str, world: World) -> torch.device:
     return device
 
 
-def assemble(out: Path, size: int, samples: Any, wanted: dict[str, Any], cfg: FeaturesConfig, seconds: float) -> Path:
-    """The complete parts, in rank order (= canonical row order), as one cache: virtual over the parts,
-    or (--assemble copy) copied into one file, the parts then removed."""
+def assemble(
+    out: Path, size: int, samples: Any, wanted: dict[str, Any], cfg: FeaturesConfig, seconds: float
+) -> Path:
+    """The complete parts, in rank order (= canonical row order), as one cache: virtual over the
+    parts, or (--assemble copy) copied into one file, the parts then removed."""
     parts = [part_path(out, r, size, wanted) for r in range(size)]
     missing = [str(p) for p in parts if not p.exists()]
     if missing:
-        raise CacheError(f"cannot assemble {out}: parts {missing} are missing; rerun the same torchrun command")
+        raise CacheError(
+            f"cannot assemble {out}: parts {missing} are missing; rerun the same torchrun command"
+        )
     if cfg.assemble == "virtual":
-        attrs = {"config": to_dict(cfg), "versions": extract.versions(), "carved": samples.carved,
-                 "source": samples.source, "distributed": {"parts": size, "assembly": "virtual"},
-                 "extract_seconds": seconds, "extract_rows": len(samples)}  # fmt: skip
+        attrs = {
+            "config": to_dict(cfg),
+            "versions": extract.versions(),
+            "carved": samples.carved,
+            "source": samples.source,
+            "distributed": {"parts": size, "assembly": "virtual"},
+            "extract_seconds": seconds,
+            "extract_rows": len(samples),
+        }
         return virtual.assemble(out, parts, wanted, attrs)
     with reader.open_cache(parts[0]) as f:
         dim = f["features"].shape[1]
@@ -184,7 +229,9 @@ def assemble(out: Path, size: int, samples: Any, wanted: dict[str, Any], cfg: Fe
     )
     try:
         with contextlib.ExitStack() as stack:
-            virtual.copy_rows([stack.enter_context(reader.open_cache(part)) for part in parts], writer)
+            virtual.copy_rows(
+                [stack.enter_context(reader.open_cache(part)) for part in parts], writer
+            )
         path = writer.finish({"extract_seconds": seconds, "extract_rows": len(samples)})
     finally:
         writer.close()

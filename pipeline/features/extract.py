@@ -48,7 +48,12 @@ class RowSink:
         layer_dims: dict[str, int] | None = None,
         depth: int = 4,
     ) -> None:
-        self.writer, self.dim, self.logits_dim, self.layer_dims = writer, dim, logits_dim, layer_dims or {}
+        self.writer, self.dim, self.logits_dim, self.layer_dims = (
+            writer,
+            dim,
+            logits_dim,
+            layer_dims or {},
+        )
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
@@ -62,8 +67,8 @@ class RowSink:
         logits: torch.Tensor | None,
         layers: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Rows ``start .. start+len(ok)``; `features` (and `logits`, `layers`) hold the rows where `ok` is
-        True, in order."""
+        """Rows ``start .. start+len(ok)``; `features` (and `logits`, `layers`) hold the rows where
+        `ok` is True, in order."""
         self._raise()
         self.queue.put((start, ok, features, logits, layers or {}))
 
@@ -96,7 +101,10 @@ class RowSink:
                     self._rows(ok, features, self.dim),
                     ok,
                     None if logits is None else self._rows(ok, logits, self.logits_dim),  # type: ignore[arg-type]
-                    {name: self._rows(ok, layers.get(name), width) for name, width in self.layer_dims.items()},
+                    {
+                        name: self._rows(ok, layers.get(name), width)
+                        for name, width in self.layer_dims.items()
+                    },
                 )
             except BaseException as exc:  # handed to the producer thread
                 self.error = exc
@@ -111,17 +119,22 @@ def versions() -> dict[str, str]:
     return {n: importlib.metadata.version(n) for n in names}
 
 
-# How the pixels were decoded changes them: part of the fingerprint. `exact` keeps the wording of caches
+# How the pixels were decoded changes them: part of the fingerprint. `exact` keeps the wording of
+# caches
 # from before reduced decoding, so they stay current under --decode exact.
 DECODE_FINGERPRINT = {
-    "cpu": "PIL in DataLoader workers; JPEG reduced by DCT scaling to a short side >= twice the resize",
+    "cpu": "PIL in DataLoader workers; JPEG reduced by DCT scaling to a short side >= twice the "
+    "resize",
     "exact": "PIL in DataLoader workers",
     "device": "torchvision.io on the device",
 }
 
 
-def fingerprint(cfg: FeaturesConfig, samples: SampleList, spec: backbone.BackboneSpec) -> dict[str, Any]:
-    """Everything that changes the stored numbers, and nothing that does not (paths, devices, versions)."""
+def fingerprint(
+    cfg: FeaturesConfig, samples: SampleList, spec: backbone.BackboneSpec
+) -> dict[str, Any]:
+    """Everything that changes the stored numbers, and nothing that does not (paths, devices,
+    versions)."""
     return {
         "schema": schema.SCHEMA_VERSION,
         "backbone": spec.name,
@@ -132,10 +145,15 @@ def fingerprint(cfg: FeaturesConfig, samples: SampleList, spec: backbone.Backbon
         "store_dtype": cfg.store_dtype,
         "samples": f"sha256:{samples.digest()}",
         "rows": len(samples),
-        "identity": "ids, labels, splits, file size and mtime" + (", sha256 of content" if cfg.verify_content else ""),
+        "identity": "ids, labels, splits, file size and mtime"
+        + (", sha256 of content" if cfg.verify_content else ""),
         "logits": cfg.logits,
         "decode": DECODE_FINGERPRINT[cfg.decode],
-    } | ({"layers": f"{', '.join(cfg.layer_names)} (outputs averaged over space or tokens)"} if cfg.layers else {})
+    } | (
+        {"layers": f"{', '.join(cfg.layer_names)} (outputs averaged over space or tokens)"}
+        if cfg.layers
+        else {}
+    )
 
 
 @dataclass(frozen=True)
@@ -148,7 +166,9 @@ class FeaturesResult:
     skipped: list[str]
 
 
-def prepare(cfg: FeaturesConfig, report: Report = _quiet) -> tuple[SampleList, backbone.BackboneSpec, dict[str, Any]]:
+def prepare(
+    cfg: FeaturesConfig, report: Report = _quiet
+) -> tuple[SampleList, backbone.BackboneSpec, dict[str, Any]]:
     """The sample list, the backbone spec and the fingerprint they give: no model is built."""
     # A wrong backbone, weights or layer name fails here, before the images are scanned.
     spec = backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size, cfg.layer_names)
@@ -167,29 +187,41 @@ def prepare(cfg: FeaturesConfig, report: Report = _quiet) -> tuple[SampleList, b
         label_key=cfg.label_key,
     )
     sizes = ", ".join(f"{k} {v}" for k, v in samples.split_sizes().items())
-    report(f"data: {len(samples)} images, {len(samples.classes)} classes ({sizes}) from {samples.source}")
+    report(
+        f"data: {len(samples)} images, {len(samples.classes)} classes ({sizes}) from "
+        f"{samples.source}"
+    )
     if spec.enum is None and spec.checkpoint is None:
         report(
-            f"note: --weights none: random initialisation (seed {spec.seed}), so these features are not pretrained; "
+            f"note: --weights none: random initialisation (seed {spec.seed}), so these features "
+            "are not pretrained; "
             "pretrained weights need a download (use --weights DEFAULT where there is internet)"
         )
     return samples, spec, fingerprint(cfg, samples, spec)
 
 
-def is_current(cfg: FeaturesConfig, wanted: dict[str, Any], samples: SampleList, report: Report = _quiet) -> bool:
+def is_current(
+    cfg: FeaturesConfig, wanted: dict[str, Any], samples: SampleList, report: Report = _quiet
+) -> bool:
     """True when the cache at ``cfg.out_path`` already holds these features (and --force is off);
     otherwise says why it will be (re)built, or refuses under ``--on-mismatch refuse``."""
     out = cfg.out_path
     existing = reader.stored_fingerprint(out)
     pending = reader.partial_state(out)
     if existing == wanted and not cfg.force:
-        if pending is not None and pending[0] == wanted:  # an interrupted --force rebuild of the same features
+        if (
+            pending is not None and pending[0] == wanted
+        ):  # an interrupted --force rebuild of the same features
             report(
-                f"cache {out} is complete and matches; an interrupted --force rebuild ({pending[1]} of {pending[2]} "
-                f"rows) waits in {schema.partial_path(out)}: rerun with --force to finish it, or delete that file"
+                f"cache {out} is complete and matches; an interrupted --force rebuild "
+                f"({pending[1]} of {pending[2]} "
+                f"rows) waits in {schema.partial_path(out)}: rerun with --force to finish it, or "
+                "delete that file"
             )
         else:
-            report(f"cache {out} is current ({wanted['rows']} rows); nothing to do (--force rebuilds)")
+            report(
+                f"cache {out} is current ({wanted['rows']} rows); nothing to do (--force rebuilds)"
+            )
         return True
     if existing is not None and existing != wanted:
         differences = "; ".join(schema.fingerprint_diff(existing, wanted))
@@ -198,10 +230,14 @@ def is_current(cfg: FeaturesConfig, wanted: dict[str, Any], samples: SampleList,
             differences += f" ({files})" if files else ""
         if cfg.on_mismatch == "refuse":
             raise CacheError(
-                f"cache {out} was built differently ({differences}); pass --on-mismatch rebuild or another --out"
+                f"cache {out} was built differently ({differences}); pass --on-mismatch rebuild or "
+                "another --out"
             )
         if schema.model_part(existing) == schema.model_part(wanted) and not cfg.force:
-            report(f"cache {out} holds another image set ({differences}); updating it, reusing unchanged rows")
+            report(
+                f"cache {out} holds another image set ({differences}); updating it, reusing "
+                "unchanged rows"
+            )
         else:
             report(f"cache {out} was built differently, rebuilding: {differences}")
     elif existing is not None:
@@ -220,7 +256,8 @@ def open_writer(
     layer_dims: dict[str, int] | None = None,
     **attrs: Any,
 ) -> CacheWriter:
-    """A writer for ``OUT.partial`` whose attributes describe `samples` and `cfg` (resumes when it can)."""
+    """A writer for ``OUT.partial`` whose attributes describe `samples` and `cfg` (resumes when it
+    can)."""
     return CacheWriter.open(
         out,
         fingerprint=wanted,
@@ -231,7 +268,12 @@ def open_writer(
         dim=dim,
         store_dtype=cfg.store_dtype,
         logits_dim=logits_dim,
-        attrs={"config": to_dict(cfg), "versions": versions(), "carved": samples.carved, "source": samples.source}
+        attrs={
+            "config": to_dict(cfg),
+            "versions": versions(),
+            "carved": samples.carved,
+            "source": samples.source,
+        }
         | attrs,
         identity=samples.identity,
         report=report,
@@ -250,25 +292,37 @@ def fill(
     device: torch.device | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> FeaturesResult:
-    """Extract every row not yet in ``OUT.partial`` (default: ``cfg.out_path``), then finish the file."""
+    """Extract every row not yet in ``OUT.partial`` (default: ``cfg.out_path``), then finish the
+    file."""
     out = cfg.out_path if out is None else out
     device = choose_device(cfg.device) if device is None else device
     model = backbone.build(spec, progress=cfg.progress)
     if cfg.logits and model.classifier is None:
-        why = (f"checkpoint {spec.checkpoint} has no classification layer" if spec.checkpoint is not None else
-               f"{spec.name}'s classification layer is not a Linear on the features (SqueezeNet's is a convolution "
-               "followed by a pooling)")  # fmt: skip
+        why = (
+            f"checkpoint {spec.checkpoint} has no classification layer"
+            if spec.checkpoint is not None
+            else f"{spec.name}'s classification layer is not a Linear on the features "
+            "(SqueezeNet's is a convolution "
+            "followed by a pooling)"
+        )
         raise CacheError(f"--logits: {why}; drop --logits")
     logits_dim = model.classifier.out_features if cfg.logits else None
-    writer = open_writer(out, cfg, samples, wanted, model.dim, logits_dim, report, dict(spec.layer_dims))
+    writer = open_writer(
+        out, cfg, samples, wanted, model.dim, logits_dim, report, dict(spec.layer_dims)
+    )
     start = writer.rows_done
     sink = RowSink(writer, model.dim, logits_dim, dict(spec.layer_dims))
     try:
-        bad = forward_rows(sink, start, samples, model, spec, cfg, device, report, on_batch=on_batch)
-        path = writer.finish({"extract_seconds": time.perf_counter() - t0, "extract_rows": len(samples) - start})
+        bad = forward_rows(
+            sink, start, samples, model, spec, cfg, device, report, on_batch=on_batch
+        )
+        path = writer.finish(
+            {"extract_seconds": time.perf_counter() - t0, "extract_rows": len(samples) - start}
+        )
     except KeyboardInterrupt:
         raise Interrupted(
-            f"interrupted: {writer.rows_done} of {len(samples)} rows are saved in {schema.partial_path(out)}; "
+            f"interrupted: {writer.rows_done} of {len(samples)} rows are saved in "
+            f"{schema.partial_path(out)}; "
             "rerun the same command to resume"
         ) from None
     except BadImageError as exc:
@@ -278,7 +332,8 @@ def fill(
         ) from None
     except fsutil.WriteError as exc:
         error = fsutil.WriteError(
-            f"{exc} ({writer.rows_done} of {len(samples)} rows are saved; the same command resumes once it can write)"
+            f"{exc} ({writer.rows_done} of {len(samples)} rows are saved; the same command resumes "
+            "once it can write)"
         )
         error.hdf5_broken = getattr(exc, "hdf5_broken", False)
         raise error from None
@@ -290,6 +345,9 @@ def fill(
     size = path.stat().st_size / 1e6
     report(
         f"wrote {path} ({len(samples)} x {model.dim} {cfg.store_dtype}, {size:.1f} MB): "
-        f"{computed} images in {seconds:.1f} s" + (f", {len(skipped)} unreadable images skipped" if skipped else "")
+        f"{computed} images in {seconds:.1f} s"
+        + (f", {len(skipped)} unreadable images skipped" if skipped else "")
     )
-    return FeaturesResult(str(path), "resumed" if start else "built", len(samples), computed, seconds, skipped)
+    return FeaturesResult(
+        str(path), "resumed" if start else "built", len(samples), computed, seconds, skipped
+    )

@@ -19,8 +19,8 @@ from pipeline.features.extract import FeaturesResult, Report
 
 
 def run(cfg: FeaturesConfig, report: Report = extract._quiet) -> FeaturesResult:
-    """Make the cache at ``cfg.out_path`` current: nothing, a resume, or a (re)build, locally or as one
-    rank of a `torchrun` job."""
+    """Make the cache at ``cfg.out_path`` current: nothing, a resume, or a (re)build, locally or as
+    one rank of a `torchrun` job."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return distributed.run(cfg, report)
     return run_local(cfg, report)
@@ -31,21 +31,27 @@ def run_local(
     report: Report = extract._quiet,
     prepared: tuple[SampleList, BackboneSpec, dict] | None = None,
 ) -> FeaturesResult:
-    """Make the cache at ``cfg.out_path`` current in this process: nothing, a resume, an update that reuses
-    the rows of unchanged images (same model, changed image set), or a (re)build; then, with --views,
-    its companion cache of augmented train views the same way. `prepared` is `extract.prepare`'s
-    answer when the caller has it already."""
+    """Make the cache at ``cfg.out_path`` current in this process: nothing, a resume, an update that
+    reuses the rows of unchanged images (same model, changed image set), or a (re)build; then, with
+    --views, its companion cache of augmented train views the same way. `prepared` is
+    `extract.prepare`'s answer when the caller has it already."""
     t0 = time.perf_counter()
     samples, spec, wanted = prepared or extract.prepare(cfg, report)
     result = make_current(cfg, samples, spec, wanted, report, t0)
     if cfg.views:
-        # Views are decoded in full (their crop needs every pixel), so a reduced decode is not claimed.
+        # Views are decoded in full (their crop needs every pixel), so a reduced decode is not
+        # claimed.
         decode = "exact" if cfg.decode == "cpu" else cfg.decode
-        vcfg = dataclasses.replace(cfg, out=str(views.views_path(cfg.out_path)), logits=False, decode=decode)
+        vcfg = dataclasses.replace(
+            cfg, out=str(views.views_path(cfg.out_path)), logits=False, decode=decode
+        )
         vsamples = views.view_samples(samples, cfg.views, spec, cfg.view_scale)
         vspec = views.view_spec(spec, cfg.views, cfg.view_scale)
-        # The views name the state of the cache they belong to: `head --views` refuses them once it changes.
-        vwanted = extract.fingerprint(vcfg, vsamples, vspec) | {"views_of": schema.fingerprint_tag(wanted)}
+        # The views name the state of the cache they belong to: `head --views` refuses them once it
+        # changes.
+        vwanted = extract.fingerprint(vcfg, vsamples, vspec) | {
+            "views_of": schema.fingerprint_tag(wanted)
+        }
         done = make_current(vcfg, vsamples, vspec, vwanted, report, t0)
         result = dataclasses.replace(
             result, computed=result.computed + done.computed, skipped=result.skipped + done.skipped
@@ -54,20 +60,36 @@ def run_local(
 
 
 def make_current(
-    cfg: FeaturesConfig, samples: SampleList, spec: BackboneSpec, wanted: dict, report: Report, t0: float
+    cfg: FeaturesConfig,
+    samples: SampleList,
+    spec: BackboneSpec,
+    wanted: dict,
+    report: Report,
+    t0: float,
 ) -> FeaturesResult:
     """The cache at ``cfg.out_path`` made to hold exactly `samples` through `spec`."""
     if cfg.out_path.is_dir():
-        raise CacheError(f"--out {cfg.out_path} is a folder; pass a file path such as {cfg.out_path / 'features.h5'}")
+        raise CacheError(
+            f"--out {cfg.out_path} is a folder; pass a file path such as "
+            f"{cfg.out_path / 'features.h5'}"
+        )
     # A current cache needs no lock (so a read-only copy still says "current"); a build takes it and
     # checks again, since another run may have finished it meanwhile.
     if not cfg.force and reader.stored_fingerprint(cfg.out_path) == wanted:
         extract.is_current(cfg, wanted, samples, report)
-        return FeaturesResult(str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, [])
+        return FeaturesResult(
+            str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, []
+        )
     with fsutil.locked(cfg.out_path):
         if extract.is_current(cfg, wanted, samples, report):
-            return FeaturesResult(str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, [])
-        if not cfg.force and (done := update.update(cfg, samples, spec, wanted, report, t0)) is not None:
+            return FeaturesResult(
+                str(cfg.out_path), "current", len(samples), 0, time.perf_counter() - t0, []
+            )
+        if (
+            not cfg.force
+            and (done := update.update(cfg, samples, spec, wanted, report, t0)) is not None
+        ):
             return done
-        # --force keeps a partial file of the same features: it is the rebuild an earlier --force started.
+        # --force keeps a partial file of the same features: it is the rebuild an earlier --force
+        # started.
         return extract.fill(cfg, samples, spec, wanted, report, t0)

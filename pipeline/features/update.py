@@ -33,9 +33,9 @@ def delta_path(out: Path) -> Path:
 
 
 def matching_rows(old: dict[str, np.ndarray], samples: SampleList) -> np.ndarray:
-    """For each row of `samples`, the row of the old cache that holds the same image file, or -1: the
-    same id and every identity fact the new list records (size, mtime[, sha256]), and read fine then.
-    Images without file facts (in-memory datasets) are never matched."""
+    """For each row of `samples`, the row of the old cache that holds the same image file, or -1:
+    the same id and every identity fact the new list records (size, mtime[, sha256]), and read fine
+    then. Images without file facts (in-memory datasets) are never matched."""
     found = np.full(len(samples), -1, dtype=np.int64)
     facts = samples.identity or {}
     if not facts or any(key not in old for key in facts):
@@ -56,20 +56,27 @@ def update(
     report: extract.Report,
     t0: float,
 ) -> extract.FeaturesResult | None:
-    """Bring the complete cache at ``cfg.out_path`` to `samples` by reusing its rows; None (build from
-    scratch) when it was made by another model or shares no image with `samples`."""
+    """Bring the complete cache at ``cfg.out_path`` to `samples` by reusing its rows; None (build
+    from scratch) when it was made by another model or shares no image with `samples`."""
     out = cfg.out_path
     old_fingerprint = reader.stored_fingerprint(out)
     if old_fingerprint is None or schema.model_part(old_fingerprint) != schema.model_part(wanted):
         return None
     with reader.open_cache(out) as f:
-        if str(f.attrs.get("source", "")) != samples.source:  # another folder's files are not these files
+        if (
+            str(f.attrs.get("source", "")) != samples.source
+        ):  # another folder's files are not these files
             return None
     old = reader.stored_rows(out)
     source = matching_rows(old, samples)
     bad = damaged_rows(out, np.unique(source[source >= 0]))
-    if len(bad):  # never re-certify a row that no longer reads back as written: extract its image again
-        report(f"{len(bad)} rows of {out} fail their checksum (e.g. row {bad[0]}); extracting those images again")
+    if len(
+        bad
+    ):  # never re-certify a row that no longer reads back as written: extract its image again
+        report(
+            f"{len(bad)} rows of {out} fail their checksum (e.g. row {bad[0]}); extracting those "
+            "images again"
+        )
         source[np.isin(source, bad)] = -1
     fresh = np.flatnonzero(source < 0)
     if len(fresh) == len(samples):
@@ -87,15 +94,23 @@ def update(
     delta.unlink(missing_ok=True)
     reused = len(samples) - len(fresh)
     report(
-        f"updated {path}: reused {reused} rows, extracted {len(fresh)} ({len(fresh) - changed} new, {changed} "
+        f"updated {path}: reused {reused} rows, extracted {len(fresh)} ({len(fresh) - changed} "
+        f"new, {changed} "
         f"changed), dropped {dropped} "
         f"({time.perf_counter() - t0:.1f} s)"
     )
-    return extract.FeaturesResult(str(path), "updated", len(samples), len(fresh), time.perf_counter() - t0, skipped)
+    return extract.FeaturesResult(
+        str(path), "updated", len(samples), len(fresh), time.perf_counter() - t0, skipped
+    )
 
 
 def merge(
-    cfg: FeaturesConfig, samples: SampleList, wanted: dict[str, Any], source: np.ndarray, delta: Path, seconds: float
+    cfg: FeaturesConfig,
+    samples: SampleList,
+    wanted: dict[str, Any],
+    source: np.ndarray,
+    delta: Path,
+    seconds: float,
 ) -> Path:
     """Write every row of `samples` in order into the new cache: row i from the old cache's row
     source[i], or, where source[i] is -1, the next row of the delta cache."""
@@ -106,27 +121,39 @@ def merge(
         layers = list(old.get(schema.LAYERS, {}))
         widths = {name: old[schema.LAYERS][name].shape[1] for name in layers}
         writer = extract.open_writer(
-            out, cfg, samples, wanted, old["features"].shape[1], old["logits"].shape[1] if "logits" in old else None,
-            layer_dims=widths, incremental={"reused": int((source >= 0).sum()), "extracted": int((source < 0).sum())},
-        )  # fmt: skip
+            out,
+            cfg,
+            samples,
+            wanted,
+            old["features"].shape[1],
+            old["logits"].shape[1] if "logits" in old else None,
+            layer_dims=widths,
+            incremental={"reused": int((source >= 0).sum()), "extracted": int((source < 0).sum())},
+        )
         try:
             for a in range(writer.rows_done, len(samples), BLOCK_ROWS):
                 b = min(a + BLOCK_ROWS, len(samples))
-                rows = {name: _gather(old, new, name, source[a:b], from_delta[a:b]) for name in names}
-                blocks = {name: _gather(old, new, f"{schema.LAYERS}/{name}", source[a:b], from_delta[a:b])
-                          for name in layers}  # fmt: skip
+                rows = {
+                    name: _gather(old, new, name, source[a:b], from_delta[a:b]) for name in names
+                }
+                blocks = {
+                    name: _gather(old, new, f"{schema.LAYERS}/{name}", source[a:b], from_delta[a:b])
+                    for name in layers
+                }
                 ok = np.ones(b - a, dtype=bool)
                 if new is not None and (source[a:b] < 0).any():
                     ok[source[a:b] < 0] = new["ok"][from_delta[a:b][source[a:b] < 0]]
                 writer.write(a, rows["features"], ok, rows.get("logits"), blocks)
-            return writer.finish({"extract_seconds": seconds, "extract_rows": int((source < 0).sum())})
+            return writer.finish(
+                {"extract_seconds": seconds, "extract_rows": int((source < 0).sum())}
+            )
         finally:
             writer.close()
 
 
 def damaged_rows(path: Path, rows: np.ndarray) -> np.ndarray:
-    """The rows among `rows` (sorted) of the cache at `path` whose stored bytes (features, logits, layers)
-    no longer match the CRC written with them."""
+    """The rows among `rows` (sorted) of the cache at `path` whose stored bytes (features, logits,
+    layers) no longer match the CRC written with them."""
     bad = []
     with reader.open_cache(path) as f:
         if "row_crc" not in f:
@@ -142,8 +169,11 @@ def damaged_rows(path: Path, rows: np.ndarray) -> np.ndarray:
     return np.array(bad, dtype=np.int64)
 
 
-def _gather(old: Any, new: Any, name: str, source: np.ndarray, from_delta: np.ndarray) -> np.ndarray:
-    """Rows of dataset `name`: from `old` where source >= 0, else from `new` (the delta) at from_delta."""
+def _gather(
+    old: Any, new: Any, name: str, source: np.ndarray, from_delta: np.ndarray
+) -> np.ndarray:
+    """Rows of dataset `name`: from `old` where source >= 0, else from `new` (the delta) at
+    from_delta."""
     width = old[name].shape[1]
     block = np.empty((len(source), width), dtype=np.float32)
     reused = source >= 0
@@ -155,8 +185,8 @@ def _gather(old: Any, new: Any, name: str, source: np.ndarray, from_delta: np.nd
 
 
 def _take(dataset: Any, rows: np.ndarray) -> np.ndarray:
-    """dataset[rows], in the stored dtype, for any order of rows (h5py needs increasing indices): read
-    sorted, then put back."""
+    """dataset[rows], in the stored dtype, for any order of rows (h5py needs increasing indices):
+    read sorted, then put back."""
     order = np.argsort(rows, kind="stable")
     unique, inverse = np.unique(rows[order], return_inverse=True)
     values = _span(dataset, unique)

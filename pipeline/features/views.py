@@ -1,9 +1,9 @@
-"""Augmented views of the training images (`--views K --augment crop-flip`): the accuracy that caching
-usually gives up, bought once.
+"""Augmented views of the training images (`--views K --augment crop-flip`): the accuracy that
+caching usually gives up, bought once.
 
 Each train image gets K views: a RandomResizedCrop at the weights' crop size (area scale
-(`--view-scale`, 1), aspect ratio (3/4, 4/3), torchvision's rule of 10 tries then a centre crop) and a
-horizontal flip with probability 1/2, both drawn from a generator seeded by the image's id and the
+(`--view-scale`, 1), aspect ratio (3/4, 4/3), torchvision's rule of 10 tries then a centre crop) and
+a horizontal flip with probability 1/2, both drawn from a generator seeded by the image's id and the
 view's number, so a view is the same on every machine and every rerun. The crop is resized to the
 crop size in one step (PIL, the weights' interpolation, antialiased) and normalised as the weights
 say. Val and test keep their one centre-crop view.
@@ -32,18 +32,25 @@ from pipeline.data.samples import SampleList
 __all__ = ["AugmentedReader", "recipe", "view_samples", "view_spec", "views_path"]
 from pipeline.backbones.spec import BackboneSpec, describe_transform
 
-RESAMPLE = {InterpolationMode.BILINEAR: Image.BILINEAR, InterpolationMode.BICUBIC: Image.BICUBIC,
-            InterpolationMode.NEAREST: Image.NEAREST}  # fmt: skip
+RESAMPLE = {
+    InterpolationMode.BILINEAR: Image.BILINEAR,
+    InterpolationMode.BICUBIC: Image.BICUBIC,
+    InterpolationMode.NEAREST: Image.NEAREST,
+}
 
 
 def view_seed(sample_id: str, view: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{sample_id}#view{view}".encode(), digest_size=8).digest(), "big")
+    return int.from_bytes(
+        hashlib.blake2b(f"{sample_id}#view{view}".encode(), digest_size=8).digest(), "big"
+    )
 
 
-def random_resized_box(width: int, height: int, scale: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of a random crop covering an area fraction in (scale, 1) with an aspect
-    ratio in (3/4, 4/3), log-uniform: torchvision's RandomResizedCrop rule (10 tries, then the largest
-    centre crop within the ratio range)."""
+def random_resized_box(
+    width: int, height: int, scale: float, rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a random crop covering an area fraction in (scale, 1) with an
+    aspect ratio in (3/4, 4/3), log-uniform: torchvision's RandomResizedCrop rule (10 tries, then
+    the largest centre crop within the ratio range)."""
     area = width * height
     for _ in range(10):
         target = area * rng.uniform(scale, 1.0)
@@ -52,7 +59,9 @@ def random_resized_box(width: int, height: int, scale: float, rng: np.random.Gen
         if 0 < w <= width and 0 < h <= height:
             left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
             return left, top, left + w, top + h
-    ratio = width / height  # torchvision's fallback: the largest centre crop with a ratio within the range
+    ratio = (
+        width / height
+    )  # torchvision's fallback: the largest centre crop with a ratio within the range
     if ratio < 3 / 4:
         w, h = width, round(width / (3 / 4))
     elif ratio > 4 / 3:
@@ -65,8 +74,8 @@ def random_resized_box(width: int, height: int, scale: float, rng: np.random.Gen
 
 @dataclasses.dataclass(frozen=True)
 class AugmentedReader:
-    """Reads a view: the original image through `reader`, then its seeded crop, resize and flip. A plain
-    class, so DataLoader workers can pickle it."""
+    """Reads a view: the original image through `reader`, then its seeded crop, resize and flip. A
+    plain class, so DataLoader workers can pickle it."""
 
     reader: Callable[[Any], Image.Image]
     crop: int
@@ -78,13 +87,16 @@ class AugmentedReader:
         image = self.reader(original)
         rng = np.random.default_rng(view_seed(sample_id, view))
         box = random_resized_box(image.width, image.height, self.scale, rng)
-        out = image.resize((self.crop, self.crop), RESAMPLE.get(self.interpolation, Image.BILINEAR), box=box)
+        out = image.resize(
+            (self.crop, self.crop), RESAMPLE.get(self.interpolation, Image.BILINEAR), box=box
+        )
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
 
 
 def recipe(k: int, crop: int, scale: float) -> str:
     return (
-        f"{k} views per train image: RandomResizedCrop({crop}, scale=({scale:g}, 1), ratio=(3/4, 4/3)) and a "
+        f"{k} views per train image: RandomResizedCrop({crop}, scale=({scale:g}, 1), ratio=(3/4, "
+        "4/3)) and a "
         "horizontal flip with p=0.5, seeded by the image id and view number"
     )
 
@@ -102,15 +114,22 @@ def view_samples(samples: SampleList, k: int, spec: BackboneSpec, scale: float) 
         items=[(samples.items[r], samples.ids[r], v) for r in rows for v in range(1, k + 1)],
         reader=reader,
         source=samples.source,
-        identity=None if facts is None else {key: np.repeat(values[rows], k) for key, values in facts.items()},
+        identity=None
+        if facts is None
+        else {key: np.repeat(values[rows], k) for key, values in facts.items()},
     )
 
 
 def view_spec(spec: BackboneSpec, k: int, scale: float) -> BackboneSpec:
-    """`spec` for views: they arrive at the crop size, so only the weights' normalisation is left to do."""
+    """`spec` for views: they arrive at the crop size, so only the weights' normalisation is left to
+    do."""
     t = spec.transform
     transform = ImageClassification(
-        crop_size=spec.crop_size, resize_size=spec.crop_size, mean=t.mean, std=t.std, interpolation=t.interpolation
+        crop_size=spec.crop_size,
+        resize_size=spec.crop_size,
+        mean=t.mean,
+        std=t.std,
+        interpolation=t.interpolation,
     )
     text = f"{recipe(k, spec.crop_size, scale)}; then {describe_transform(transform)}"
     return dataclasses.replace(spec, transform=transform, preprocessing=text)

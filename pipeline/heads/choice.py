@@ -18,31 +18,33 @@ from pipeline.registry import SELECT_RULES
 def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
     """Which C the rule `select` takes from a validation curve, and the numbers that decided it.
 
-    - `top1-1se` / `balanced-1se` (one-standard-error rule): among the fits that converged, find
-      the best score p and its standard error SE (`val_*_se` of that row: sqrt(p (1 - p) / n_val)
-      for top-1, sqrt(sum_c r_c (1 - r_c) / n_c) / K for balanced accuracy); take the smallest C
-      (the largest k) whose score is >= p - SE. A one- or two-image spike on the flat, weakly regularised end
-      cannot move the choice: every C it beats by less than its noise stays a candidate.
+    - `top1-1se` / `balanced-1se` (one-standard-error rule): among the fits that converged, find the
+      best score p and its standard error SE (`val_*_se` of that row: sqrt(p (1 - p) / n_val) for
+      top-1, sqrt(sum_c r_c (1 - r_c) / n_c) / K for balanced accuracy); take the smallest C (the
+      largest k) whose score is >= p - SE. A one- or two-image spike on the flat, weakly regularised
+      end cannot move the choice: every C it beats by less than its noise stays a candidate.
     - `top1-0.5se` / `balanced-0.5se` (half an SE, contiguous): from the best fit, walk toward
       stronger regularisation while each next fit converged and scores >= p - SE / 2; take the last.
-      A far, flat stretch of the curve that happens to score within the band (the weakly fitted
-      end at C = 1e-6, where the unpenalised intercept can outweigh the weights) is never reached.
+      A far, flat stretch of the curve that happens to score within the band (the weakly fitted end
+      at C = 1e-6, where the unpenalised intercept can outweigh the weights) is never reached.
     - `top1` / `balanced`: plain argmax over every fit (the published protocol).
     - `logloss`: the converged fit with the lowest validation log-loss.
 
     The `*-1se` and `logloss` rules look only at fits whose status is `converged` (see
-    `Fit.status`): a fit that did not converge, repeats the previous C's weights, or did not
-    resolve its C is scored and shown, but neither sets the best score nor is chosen (unless no fit
+    `Fit.status`): a fit that did not converge, repeats the previous C's weights, or did not resolve
+    its C is scored and shown, but neither sets the best score nor is chosen (unless no fit
     converged, and then every fit counts). Those are the points where the solvers stop on a flat
-    loss, so their scores differ between the heads, solver starts and BLAS threads by a few
-    images. Ties go to the stronger regularisation (smaller C, larger k).
+    loss, so their scores differ between the heads, solver starts and BLAS threads by a few images.
+    Ties go to the stronger regularisation (smaller C, larger k).
     """
     metric, param = SELECT_RULES[select], setting(curve)
     values = np.array([row[f"val_{metric}"] for row in curve], dtype=np.float64)
     settings = [np.asarray(row[param]).item() for row in curve]  # plain Python numbers, for JSON
     out: dict[str, Any] = {"select": select, "metric": metric, "param": param}
     # The rows from the strongest regularisation to the weakest: smallest C first, largest k first.
-    order = [int(i) for i in np.argsort([-s if param == "k" else s for s in settings], kind="stable")]
+    order = [
+        int(i) for i in np.argsort([-s if param == "k" else s for s in settings], kind="stable")
+    ]
 
     def first(candidates: np.ndarray) -> int:  # the strongest regularisation among the candidates
         return next(i for i in order if candidates[i])
@@ -53,21 +55,32 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
             edge = "strongest" if index == order[0] else "weakest"
         return {"index": index, param: settings[index], "value": settings[index], "at_edge": edge}
 
-    usable = np.array([row.get("status") != "diverged" for row in curve])  # never chosen, by any rule
+    usable = np.array(
+        [row.get("status") != "diverged" for row in curve]
+    )  # never chosen, by any rule
     if not usable.any():
         raise DataError(
-            f"every fit diverged (non-finite weights) at every {param} tried; lower --lr, or use --solver lbfgs"
+            f"every fit diverged (non-finite weights) at every {param} tried; lower --lr, or use "
+            "--solver lbfgs"
         )
     if select in ("top1", "balanced"):
         best = first(usable & (values == values[usable].max()))
         return out | {"rule": "argmax", "best": float(values[best])} | chosen(best)
     eligible = np.array([row.get("status", "converged") in FITTED for row in curve])
-    out["excluded"] = int((~eligible).sum()) if eligible.any() else int((~usable).sum())  # not fits at their C
+    out["excluded"] = (
+        int((~eligible).sum()) if eligible.any() else int((~usable).sum())
+    )  # not fits at their C
     eligible = eligible if eligible.any() else usable
     if select == "logloss":
         lowest = values[eligible].min()
-        return out | {"rule": "argmin", "best": float(lowest)} | chosen(first(eligible & (values == lowest)))
-    best = first(eligible & (values == values[eligible].max()))  # of tied bests, the strongest regularisation
+        return (
+            out
+            | {"rule": "argmin", "best": float(lowest)}
+            | chosen(first(eligible & (values == lowest)))
+        )
+    best = first(
+        eligible & (values == values[eligible].max())
+    )  # of tied bests, the strongest regularisation
     width = 0.5 if select.endswith("-0.5se") else 1.0
     se = float(curve[best][f"val_{metric}_se"])
     threshold = values[best] - width * se
@@ -84,16 +97,18 @@ def selection(curve: list[dict[str, Any]], select: str) -> dict[str, Any]:
             f"best_{param}": settings[best],
             "se": se,
             "threshold": float(threshold),
-            # Both neighbours below the band: a peak of one point, which may be noise (see the docs).
-            "isolated": bool(neighbours) and not any(values[j] >= threshold - 1e-12 for j in neighbours),
+            # Both neighbours below the band: a peak of one point, which may be noise (see the
+            # docs).
+            "isolated": bool(neighbours)
+            and not any(values[j] >= threshold - 1e-12 for j in neighbours),
         }
         | chosen(index)
     )
 
 
 def _walk(order: list[int], inside: np.ndarray, best: int) -> int:
-    """From `best` toward stronger regularisation (`order`: strongest first), the last row before the
-    first one outside the band."""
+    """From `best` toward stronger regularisation (`order`: strongest first), the last row before
+    the first one outside the band."""
     at = order.index(best)
     while at > 0 and inside[order[at - 1]]:
         at -= 1
@@ -109,7 +124,8 @@ def setting(curve: list[dict[str, Any]]) -> str:
 
 
 def choose(curve: list[dict[str, Any]], select: str) -> int:
-    """Index of the C the rule `select` chooses (see `selection`); shared by both heads and the streamed head."""
+    """Index of the C the rule `select` chooses (see `selection`); shared by both heads and the
+    streamed head."""
     return selection(curve, select)["index"]
 
 

@@ -24,7 +24,8 @@ from pipeline.registry import COSINE_PREPROCESSING, PREPROCESSING
 
 
 def log_proba_from_decision(decision: np.ndarray) -> np.ndarray:
-    """(n, C) float64 log-probabilities from (n, C) logits, or (n,) binomial logits of the second class.
+    """(n, C) float64 log-probabilities from (n, C) logits, or (n,) binomial logits of the second
+    class.
 
     A log-softmax in float64: a confident mistake keeps its true loss (p = 1e-12 is log p = -27.6),
     where float32 probabilities underflow to 0 past a logit gap of about 100.
@@ -42,12 +43,14 @@ def proba_from_decision(decision: np.ndarray) -> np.ndarray:
 
 
 class Preprocessor:
-    """`standardize` (mean/std of the rows it is fitted on), `l2` (unit rows), `center-l2` (minus the
-    mean of the rows it is fitted on, then unit rows) or `none`."""
+    """`standardize` (mean/std of the rows it is fitted on), `l2` (unit rows), `center-l2` (minus
+    the mean of the rows it is fitted on, then unit rows) or `none`."""
 
     def __init__(self, kind: str = "standardize") -> None:
         if kind not in PREPROCESSING:
-            raise ConfigError(f"unknown preprocessing {kind!r}; choose one of: {', '.join(PREPROCESSING)}")
+            raise ConfigError(
+                f"unknown preprocessing {kind!r}; choose one of: {', '.join(PREPROCESSING)}"
+            )
         self.kind = kind
         self.mean_: np.ndarray | None = None
         self.scale_: np.ndarray | None = None
@@ -56,7 +59,9 @@ class Preprocessor:
         if self.kind == "standardize":
             self.mean_ = X.mean(axis=0, dtype=np.float64).astype(np.float32)
             std = X.std(axis=0, dtype=np.float64)
-            self.scale_ = np.where(std > 1e-12, std, 1.0).astype(np.float32)  # constant columns stay put
+            self.scale_ = np.where(std > 1e-12, std, 1.0).astype(
+                np.float32
+            )  # constant columns stay put
         elif self.kind == "center-l2":
             self.mean_ = X.mean(axis=0, dtype=np.float64).astype(np.float32)
         return self
@@ -76,19 +81,28 @@ class Preprocessor:
         return self.fit(X).transform(X)
 
 
-def balanced_weights(y: np.ndarray, class_weight: Any, sample_weight: np.ndarray | None = None) -> np.ndarray | None:
-    """Per-row class weights from `class_weight` (None, 'balanced' or {class: weight}), as scikit-learn does.
+def balanced_weights(
+    y: np.ndarray, class_weight: Any, sample_weight: np.ndarray | None = None
+) -> np.ndarray | None:
+    """Per-row class weights from `class_weight` (None, 'balanced' or {class: weight}), as
+    scikit-learn does.
 
-    'balanced' is sum(w) / (classes * sum of w over class c), the class counts weighed by `sample_weight`
-    (as scikit-learn 1.9's `LogisticRegression` does; earlier releases counted rows). The sample weights
-    themselves are not included: the caller multiplies them in."""
+    'balanced' is sum(w) / (classes * sum of w over class c), the class counts weighed by
+    `sample_weight` (as scikit-learn 1.9's `LogisticRegression` does; earlier releases counted
+    rows). The sample weights themselves are not included: the caller multiplies them in."""
     if class_weight is None or class_weight == "none":
         return None
     classes, codes = np.unique(y, return_inverse=True)
     if class_weight == "balanced":
-        w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        w = (
+            np.ones(len(y))
+            if sample_weight is None
+            else np.asarray(sample_weight, dtype=np.float64)
+        )
         counts = np.bincount(codes, weights=w, minlength=len(classes))
-        with np.errstate(divide="ignore"):  # a class whose rows all weigh 0 contributes nothing anyway
+        with np.errstate(
+            divide="ignore"
+        ):  # a class whose rows all weigh 0 contributes nothing anyway
             per_class = np.where(counts > 0, counts.sum() / (len(classes) * counts), 0.0)
     else:
         per_class = compute_class_weight(class_weight, classes=classes, y=y)
@@ -96,8 +110,8 @@ def balanced_weights(y: np.ndarray, class_weight: Any, sample_weight: np.ndarray
 
 
 class LinearDecision:
-    """Probabilities and classes from `decision_function` (logits, or one binomial logit) and `classes_`:
-    what every linear head here shares."""
+    """Probabilities and classes from `decision_function` (logits, or one binomial logit) and
+    `classes_`: what every linear head here shares."""
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return proba_from_decision(self.decision_function(X))
@@ -117,13 +131,14 @@ def is_real(value: Any) -> bool:
 
 
 class CosineHead(ClassifierMixin, BaseEstimator):
-    """What the cosine estimators share: the preprocessing (`l2` or `center-l2`, fitted on the training
-    rows) and their checks."""
+    """What the cosine estimators share: the preprocessing (`l2` or `center-l2`, fitted on the
+    training rows) and their checks."""
 
     def _prepare(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         if self.preprocess not in COSINE_PREPROCESSING:
             raise ValueError(
-                f"The 'preprocess' parameter of {type(self).__name__} must be one of {COSINE_PREPROCESSING}. "
+                f"The 'preprocess' parameter of {type(self).__name__} must be one of "
+                f"{COSINE_PREPROCESSING}. "
                 f"Got {self.preprocess!r} instead."
             )
         if not (is_real(self.temperature) and 0 < self.temperature < np.inf):
@@ -135,7 +150,8 @@ class CosineHead(ClassifierMixin, BaseEstimator):
         return self.preprocessor_.transform(X).astype(X.dtype, copy=False), codes
 
     def _transform(self, X: Any) -> np.ndarray:
-        """Preprocessed rows, in the dtype of X: float64 input is compared in float64 (batch-invariant)."""
+        """Preprocessed rows, in the dtype of X: float64 input is compared in float64
+        (batch-invariant)."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
         return self.preprocessor_.transform(X).astype(X.dtype, copy=False)

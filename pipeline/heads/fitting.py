@@ -40,14 +40,15 @@ def check_finite(path: Path | str, name: str, split: Split) -> None:
     if bad.any():
         examples = ", ".join(repr(str(i)) for i in split.ids[bad][:3])
         raise DataError(
-            f"cache {path} has NaN or infinite features in {bad.sum()} {name} rows (e.g. {examples}); "
+            f"cache {path} has NaN or infinite features in {bad.sum()} {name} rows (e.g. "
+            f"{examples}); "
             "rebuild it with `pipeline features --force --precision fp32`"
         )
 
 
 class MemorySource:
-    """The protocol's rows as arrays: train and val (or a stratified holdout of train) read up front,
-    test only when `test` is called, after every choice."""
+    """The protocol's rows as arrays: train and val (or a stratified holdout of train) read up
+    front, test only when `test` is called, after every choice."""
 
     streams = False
 
@@ -63,15 +64,23 @@ class MemorySource:
             held = stratified_holdout(train.y, cfg.val_fraction, cfg.seed, salt=3)
             if not held.any():
                 raise DataError(
-                    f"cache {self.path} has no val split and train is too small to hold out {cfg.val_fraction}"
+                    f"cache {self.path} has no val split and train is too small to hold out "
+                    f"{cfg.val_fraction}"
                 )
             val = Split(train.X[held], train.y[held], train.ids[held])
             train = Split(train.X[~held], train.y[~held], train.ids[~held])
             self.selected_on = ChoiceRows("holdout", cfg.val_fraction, cfg.seed)
-        if cfg.imbalance_ratio is not None:  # long-tailed training rows; val (or the holdout) untouched
+        if (
+            cfg.imbalance_ratio is not None
+        ):  # long-tailed training rows; val (or the holdout) untouched
             keep = long_tail(train.y, cfg.imbalance_ratio, cfg.seed, cfg.imbalance_order)
             train = Split(train.X[keep], train.y[keep], train.ids[keep])
-        self.views, self.view_image, self.view_weight, self.views_per_image = None, np.zeros(0, np.int64), 1.0, 0
+        self.views, self.view_image, self.view_weight, self.views_per_image = (
+            None,
+            np.zeros(0, np.int64),
+            1.0,
+            0,
+        )
         if cfg.views:
             self._read_views(train.ids, info.fingerprint)
         self.present = np.unique(train.y)  # the head's classes: those it can learn
@@ -86,17 +95,22 @@ class MemorySource:
         return np.searchsorted(self.present, y)
 
     def _read_views(self, train: np.ndarray, fingerprint: dict) -> None:
-        """The augmented views of the train images (NAME.views.h5), each tied to its image, from views made
-        for this very state of the cache; kept for the images that train here (not held out, not left out)."""
+        """The augmented views of the train images (NAME.views.h5), each tied to its image, from
+        views made for this very state of the cache; kept for the images that train here (not held
+        out, not left out)."""
         path = views_path(self.path)
         if not path.exists():
-            raise MissingError(f"--views: no views cache {path}; run `pipeline features` with --views K for this cache")
+            raise MissingError(
+                f"--views: no views cache {path}; run `pipeline features` with --views K for this "
+                "cache"
+            )
         check_rows(path)
         vs = read_features(path, splits=("train",), dtype=np.float32, layer=self.cfg.layer)
         check_finite(path, "train", vs["train"])
         if vs.fingerprint.get("views_of") != fingerprint_tag(fingerprint):
             raise CacheError(
-                f"views cache {path} was made for another state of cache {self.path} (its images or settings changed "
+                f"views cache {path} was made for another state of cache {self.path} (its images "
+                "or settings changed "
                 "since); rerun `pipeline features` with --views K on the same settings"
             )
         base = np.array([i.rsplit("#view", 1)[0] for i in vs["train"].ids])
@@ -105,7 +119,10 @@ class MemorySource:
         image = np.array([index.get(b, -1) for b in base], dtype=np.int64)
         kept = image >= 0
         self.views = Split(vs["train"].X[kept], vs["train"].y[kept], vs["train"].ids[kept])
-        self.view_image, self.view_weight = image[kept], 1.0 / (k + 1)  # each image weighs 1 over its K+1 views
+        self.view_image, self.view_weight = (
+            image[kept],
+            1.0 / (k + 1),
+        )  # each image weighs 1 over its K+1 views
         self.views_per_image = k
 
     def _train_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -130,26 +147,43 @@ class MemorySource:
     def sweep(self, repeat: int, grid: list[float], tick: Callable[[int], None]):
         """Fits of every C on train (or this repeat's few-shot draw), and their validation curve."""
         cfg = self.cfg
-        rows = draw_shots(self.y_train, cfg.shots, cfg.seed + repeat) if cfg.shots else np.arange(len(self.y_train))
+        rows = (
+            draw_shots(self.y_train, cfg.shots, cfg.seed + repeat)
+            if cfg.shots
+            else np.arange(len(self.y_train))
+        )
         self.sweep_counts = np.bincount(self.y_train[rows], minlength=len(self.names))
         X, y, w = self._train_rows(rows)
         prep = Preprocessor(self.kind.preprocessing(cfg)).fit(X)
-        fits = fit_grid(cfg, prep.transform(X), y, len(self.names), grid, tick=tick, sample_weight=w)
+        fits = fit_grid(
+            cfg, prep.transform(X), y, len(self.names), grid, tick=tick, sample_weight=w
+        )
         log_probas = self.kind.log_proba_all(fits, prep.transform(self.val.X))
         return (
             prep,
             fits,
-            [choice.curve_row(fit, self.y_val, lp, self.names) for fit, lp in zip(fits, log_probas, strict=True)],
+            [
+                choice.curve_row(fit, self.y_val, lp, self.names)
+                for fit, lp in zip(fits, log_probas, strict=True)
+            ],
         )
 
     def refit(self, C: float, init: Fit) -> tuple[Preprocessor, Fit]:
         """The chosen C on train+val, preprocessing refitted on those rows."""
         X, y, w = self._train_rows(np.arange(len(self.y_train)))
         X_all, y_all = np.concatenate([X, self.val.X]), np.concatenate([y, self.y_val])
-        w_all = None if w is None else np.concatenate([w, np.ones(len(self.y_val))])  # val: one view, weight 1
+        w_all = (
+            None if w is None else np.concatenate([w, np.ones(len(self.y_val))])
+        )  # val: one view, weight 1
         prep = Preprocessor(self.kind.preprocessing(self.cfg)).fit(X_all)
         (final,) = fit_grid(
-            self.cfg, prep.transform(X_all), y_all, len(self.names), [C], init=init, sample_weight=w_all
+            self.cfg,
+            prep.transform(X_all),
+            y_all,
+            len(self.names),
+            [C],
+            init=init,
+            sample_weight=w_all,
         )
         return prep, final
 
@@ -160,7 +194,9 @@ class MemorySource:
     @functools.cached_property
     def _test(self) -> Split:
         """The test rows, read once, on the first `test` call: after every choice."""
-        test = read_features(self.path, splits=("test",), dtype=np.float32, layer=self.cfg.layer)["test"]
+        test = read_features(self.path, splits=("test",), dtype=np.float32, layer=self.cfg.layer)[
+            "test"
+        ]
         check_finite(self.path, "test", test)
         return test
 

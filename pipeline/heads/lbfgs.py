@@ -1,6 +1,7 @@
 """One batched L-BFGS run: K regularisation settings minimised together, each with its own line
 search and stopping rule (max |grad f_k| <= tol), each leaving the batch when done; the pair history
-and end state a warm start along the path (`pipeline.heads.solver.path`) carries to the next setting.
+and end state a warm start along the path (`pipeline.heads.solver.path`) carries to the next
+setting.
 
 Where float32 logits limit what the loss resolves, the line search is built around it: the loss is
 summed in float64; a step whose decrease is below rounding is accepted on the approximate Wolfe
@@ -22,8 +23,10 @@ import torch
 from pipeline.heads.objective import Problem
 
 PATIENCE = 50  # iterations without a smaller max|grad| or a lower f before a setting is stalled
-# L-BFGS pairs kept. scipy's (and so scikit-learn's) default is 10; measured along the 45-value path at
-# tol 1e-6 (`python -m benchmarks.solver`), 40 needs 14-36% fewer data passes than 10 (50k x 2048 x 100:
+# L-BFGS pairs kept. scipy's (and so scikit-learn's) default is 10; measured along the 45-value path
+# at
+# tol 1e-6 (`python -m benchmarks.solver`), 40 needs 14-36% fewer data passes than 10 (50k x 2048 x
+# 100:
 # 341 -> 289; 15k x 512 x 10: 1286 -> 827), and 80-160 little more, at a growing cost per iteration.
 MEMORY = 40
 
@@ -34,7 +37,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Curvature:
-    """Where one setting ended: point, data-loss value and gradient (penalty excluded), L-BFGS pairs."""
+    """Where one setting ended: point, data-loss value and gradient (penalty excluded), L-BFGS
+    pairs."""
 
     x: torch.Tensor  # (D+1, 1, O)
     f_data: torch.Tensor  # (1,)
@@ -57,17 +61,18 @@ def lbfgs(
     track: int | None = None,
     start_width: int | None = None,
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray, Curvature | None]:
-    """Batched L-BFGS; each setting stops on its own (max|grad| <= tol), its columns leave the batch.
+    """Batched L-BFGS; each setting stops on its own (max|grad| <= tol), its columns leave the
+    batch.
 
-    `start` is the objective and gradient at `theta` when already known (a warm start costs no
-    data pass then), computed with `start_width` settings in one product; `history` seeds the
-    curvature pairs; `track` names the setting whose end state is returned for the next warm start.
+    `start` is the objective and gradient at `theta` when already known (a warm start costs no data
+    pass then), computed with `start_width` settings in one product; `history` seeds the curvature
+    pairs; `track` names the setting whose end state is returned for the next warm start.
 
     A step is refused only on objectives computed with the same number of settings in one product:
     BLAS kernels of different widths round float32 logits differently, by ~1e-9 in f, more than the
     last decreases before a tight tolerance. Where a trial point fails against an f computed at
-    another width (settings left the block, or the line search went on with the pending subset),
-    f at x is recomputed at the trial's width and the test repeated, before the step is changed.
+    another width (settings left the block, or the line search went on with the pending subset), f
+    at x is recomputed at the trial's width and the test repeated, before the step is changed.
     """
     k_all = theta.shape[1]
     n_iter = np.zeros(k_all, dtype=np.int64)
@@ -78,7 +83,9 @@ def lbfgs(
     x = theta.clone()
     f, g = start if start is not None else problem.loss_grad(x, lambdas)
     # per setting, how many settings shared the product that gave its f and g (0: not known)
-    width = torch.full((k_all,), k_all if start is None else (start_width or 0), device=theta.device)
+    width = torch.full(
+        (k_all,), k_all if start is None else (start_width or 0), device=theta.device
+    )
     S: list[torch.Tensor] = list(history[0]) if history else []
     Y: list[torch.Tensor] = list(history[1]) if history else []
     R: list[torch.Tensor] = [_inverse_curvature(s, y) for s, y in zip(S, Y, strict=True)]
@@ -132,7 +139,13 @@ def lbfgs(
             if len(keep) == 0:
                 return theta, n_iter, converged, grad_max, final_loss, tracked
             active, x, f, g, lambdas = active[keep], x[:, keep], f[keep], g[:, keep], lambdas[keep]
-            best, f_ref, since, stalled, width = best[keep], f_ref[keep], since[keep], stalled[keep], width[keep]
+            best, f_ref, since, stalled, width = (
+                best[keep],
+                f_ref[keep],
+                since[keep],
+                stalled[keep],
+                width[keep],
+            )
             S, Y, R = [s[:, keep] for s in S], [y[:, keep] for y in Y], [r[keep] for r in R]
         # Two-loop recursion, per setting.
         q = g.clone()
@@ -141,9 +154,12 @@ def lbfgs(
             a = rho * _dot(s, q)
             q -= a[None, :, None] * y
             alphas.append(a)
-        if S:  # H0: one scale for the penalised weights, one for the intercept (their curvatures differ
-            # by the penalty, a factor of 100-1000 at strong regularisation); where the last step did not
-            # move a part (the intercept at its log-prior start), that part takes the whole vector's scale
+        # H0: one scale for the penalised weights, one for the intercept (their curvatures differ
+        if S:
+            # by the penalty, a factor of 100-1000 at strong regularisation); where the last step
+            # did not
+            # move a part (the intercept at its log-prior start), that part takes the whole vector's
+            # scale
             sy, yy = _dot(S[-1], Y[-1]), _dot(Y[-1], Y[-1])
             whole = torch.where((yy > 0) & (sy > 0), sy / yy.clamp_min(1e-30), torch.ones_like(sy))
             for part in (slice(None, -1), slice(-1, None)):
@@ -168,12 +184,17 @@ def lbfgs(
         pending = torch.ones_like(f, dtype=torch.bool)
         f_new, g_new, width_new = f.clone(), g.clone(), width.clone()
         # Near the optimum the loss of float32 logits stops resolving the decrease; then a step is
-        # accepted on the approximate Wolfe conditions (Hager & Zhang 2005): the loss within rounding
-        # noise of f, and the slope along d at the new point between 0.9 and -0.8 times the slope at x
-        # (the step lands near the minimum along the line). A step refused while f is within rounding
-        # and the slope is still steep is too short, not too long: it is lengthened (x10 until a step
+        # accepted on the approximate Wolfe conditions (Hager & Zhang 2005): the loss within
+        # rounding
+        # noise of f, and the slope along d at the new point between 0.9 and -0.8 times the slope at
+        # x
+        # (the step lands near the minimum along the line). A step refused while f is within
+        # rounding
+        # and the slope is still steep is too short, not too long: it is lengthened (x10 until a
+        # step
         # is too long, then bisected between the two), where halving would shrink it to nothing (a
-        # cold start on features scaled ~1e-4 used to halve to a vanished step, taken as a decrease).
+        # cold start on features scaled ~1e-4 used to halve to a vanished step, taken as a
+        # decrease).
         noise = _rounding(f, x.dtype)
         short_t = torch.zeros_like(t)  # longest step found too short, shortest found too long
         long_t = torch.full_like(t, math.inf)
@@ -210,15 +231,21 @@ def lbfgs(
 
 
 def _acceptable(
-    f_new: torch.Tensor, f: torch.Tensor, decrease: torch.Tensor, noise: torch.Tensor, curve: torch.Tensor
+    f_new: torch.Tensor,
+    f: torch.Tensor,
+    decrease: torch.Tensor,
+    noise: torch.Tensor,
+    curve: torch.Tensor,
 ) -> torch.Tensor:
-    """Armijo (sufficient decrease), or the approximate Wolfe conditions: f within rounding and `curve`.
-    The decrease is compared as a difference: f + 1e-4 t slope rounds back to f for a vanishing step."""
+    """Armijo (sufficient decrease), or the approximate Wolfe conditions: f within rounding and
+    `curve`. The decrease is compared as a difference: f + 1e-4 t slope rounds back to f for a
+    vanishing step."""
     return (f_new - f <= 1e-4 * decrease) | ((f_new - f <= noise) & curve)
 
 
 def _rounding(f: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """How far f can move by rounding of the logits alone: 16 ulp of the data type, relative (absolute below 1)."""
+    """How far f can move by rounding of the logits alone: 16 ulp of the data type, relative
+    (absolute below 1)."""
     return 16 * torch.finfo(dtype).eps * torch.clamp(f.abs(), min=1.0)
 
 

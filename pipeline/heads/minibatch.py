@@ -1,7 +1,8 @@
 """The mini-batch optimiser, once: Adam or SGD (Nesterov momentum 0.9) with a cosine schedule, all K
 settings at once, taking its batches from memory (`memory_batches`) or from the cache file
 (`pipeline.heads.stream`); and `measured`, the full-data gradient after the last epoch that says
-whether each setting converged (max |gradient| <= tol), so convergence is measured, never assumed."""
+whether each setting converged (max |gradient| <= tol), so convergence is measured, never assumed.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ def train(
     steps: int,
     on_epoch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """`options.epochs` passes of `epochs_of(epoch)`; each step follows an unbiased estimate of the full
-    objective's gradient (the batch's weighted loss rescaled to all `n_rows`, plus the penalty)."""
+    """`options.epochs` passes of `epochs_of(epoch)`; each step follows an unbiased estimate of the
+    full objective's gradient (the batch's weighted loss rescaled to all `n_rows`, plus the
+    penalty)."""
     param = theta.clone().requires_grad_(False)
     param.grad = torch.zeros_like(param)
     lr = options.learning_rate
@@ -41,7 +43,9 @@ def train(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     for epoch in range(options.epochs):
         for problem, rows in epochs_of(epoch):
-            _, grad = problem.loss_grad(param, lambdas, rows=rows, scale=n_rows / (len(rows) * weight_sum))
+            _, grad = problem.loss_grad(
+                param, lambdas, rows=rows, scale=n_rows / (len(rows) * weight_sum)
+            )
             param.grad.copy_(grad)
             opt.step()
             schedule.step()
@@ -73,10 +77,14 @@ def memory_batches(problem: Problem, batch_size: int, seed: int, balanced_sample
 
 
 def measured(
-    theta: torch.Tensor, problems: Iterable[Problem], lambdas: torch.Tensor, weight_sum: float, options: SolverOptions
+    theta: torch.Tensor,
+    problems: Iterable[Problem],
+    lambdas: torch.Tensor,
+    weight_sum: float,
+    options: SolverOptions,
 ) -> Solution:
-    """The objective and its full gradient at `theta`, summed over `problems` (all rows, in memory or
-    block by block): converged means max |gradient| <= tol, as for L-BFGS."""
+    """The objective and its full gradient at `theta`, summed over `problems` (all rows, in memory
+    or block by block): converged means max |gradient| <= tol, as for L-BFGS."""
     loss = torch.zeros(theta.shape[1], dtype=theta.dtype, device=theta.device)
     grad = torch.zeros_like(theta)
     no_penalty = torch.zeros_like(lambdas)
@@ -90,4 +98,6 @@ def measured(
     grad_max = grad.abs().amax(dim=(0, 2))
     k = theta.shape[1]
     epochs = np.full(k, options.epochs)
-    return Solution.of(theta, epochs, grad_max <= options.tol, grad_max, loss, np.zeros(k, dtype=bool))
+    return Solution.of(
+        theta, epochs, grad_max <= options.tol, grad_max, loss, np.zeros(k, dtype=bool)
+    )

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 _CHUNK_BYTES = 256 << 20  # bound on the (rows, K*O) activations held at once
-_NARROW = 64  # logit columns up to which the gradient is formed as (dz^T X)^T (measured: 4-5x at 10)
+_NARROW = (
+    64  # logit columns up to which the gradient is formed as (dz^T X)^T (measured: 4-5x at 10)
+)
 
 
 @dataclass
@@ -33,16 +35,27 @@ class Solution:
     copied: np.ndarray  # (K,) bool: no step from the previous setting's solution (warm start only)
 
     @classmethod
-    def of(cls, theta: torch.Tensor, n_iter: Any, converged: Any, grad_max: Any, loss: Any, copied: Any) -> Solution:
+    def of(
+        cls, theta: torch.Tensor, n_iter: Any, converged: Any, grad_max: Any, loss: Any, copied: Any
+    ) -> Solution:
         """From the augmented (D+1, K, O) parameters and per-setting arrays."""
         coef = theta[:-1].permute(1, 0, 2).cpu().numpy()  # (K, D, O)
         intercept = theta[-1].cpu().numpy()  # (K, O)
         as_np = lambda a: a.cpu().numpy() if torch.is_tensor(a) else np.asarray(a)  # noqa: E731
-        return cls(coef, intercept, as_np(n_iter), as_np(converged), as_np(grad_max), as_np(loss), as_np(copied))
+        return cls(
+            coef,
+            intercept,
+            as_np(n_iter),
+            as_np(converged),
+            as_np(grad_max),
+            as_np(loss),
+            as_np(copied),
+        )
 
 
 class Problem:
-    """The data side of the objective: augmented X, targets, weights, penalties; loss and gradient."""
+    """The data side of the objective: augmented X, targets, weights, penalties; loss and
+    gradient."""
 
     def __init__(
         self,
@@ -56,9 +69,15 @@ class Problem:
         self.n, self.d = n, d
         self.outputs = 1 if n_classes == 2 else n_classes
         self.n_classes = n_classes
-        self.Xa = torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1)  # (N, D+1)
+        self.Xa = torch.cat(
+            [X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1
+        )  # (N, D+1)
         self.y = y
-        self.w = torch.ones(n, dtype=X.dtype, device=X.device) if sample_weight is None else sample_weight
+        self.w = (
+            torch.ones(n, dtype=X.dtype, device=X.device)
+            if sample_weight is None
+            else sample_weight
+        )
         self.w_sum = float(self.w.sum())
         self.smoothing = label_smoothing
 
@@ -66,12 +85,19 @@ class Problem:
         return max(1, _CHUNK_BYTES // (4 * k * self.outputs + 1))
 
     def loss_grad(
-        self, theta: torch.Tensor, lambdas: torch.Tensor, rows: torch.Tensor | None = None, scale: float | None = None
+        self,
+        theta: torch.Tensor,
+        lambdas: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Objective (K,) and gradient (D+1, K, O) at theta (D+1, K, O), over `rows` (default: all)."""
+        """Objective (K,) and gradient (D+1, K, O) at theta (D+1, K, O), over `rows` (default:
+        all)."""
         k, o = theta.shape[1], self.outputs
         flat = theta.reshape(self.d + 1, k * o)
-        loss = torch.zeros(k, dtype=torch.float64, device=theta.device)  # sums resolve what float32 cannot
+        loss = torch.zeros(
+            k, dtype=torch.float64, device=theta.device
+        )  # sums resolve what float32 cannot
         grad = torch.zeros_like(flat)
         index = torch.arange(self.n, device=theta.device) if rows is None else rows
         scale = 1.0 / self.w_sum if scale is None else scale
@@ -106,7 +132,9 @@ class Problem:
         picked = log_p.gather(2, y[:, None, None].expand(-1, z.shape[1], 1))[..., 0]  # (B, K)
         loss = -(1 - eps) * picked - (eps / self.n_classes) * log_p.sum(dim=2)
         dz = log_p.exp_()
-        dz.scatter_add_(2, y[:, None, None].expand(-1, z.shape[1], 1), torch.full_like(dz[..., :1], -(1 - eps)))
+        dz.scatter_add_(
+            2, y[:, None, None].expand(-1, z.shape[1], 1), torch.full_like(dz[..., :1], -(1 - eps))
+        )
         if eps:
             dz -= eps / self.n_classes
         return loss, dz

@@ -1,16 +1,16 @@
 """What is done to a trained head's outputs after the choice of its setting, fitted on rows the
 chosen sweep fit never trained on (val, or the holdout of train), never on test:
 
-- post-hoc logit adjustment (`--logit-adjust TAU|auto`; Menon et al., ICLR 2021): log p - TAU log prior,
-  the prior being the class frequencies of the rows the head trained on; `auto` takes TAU from
-  `registry.LOGIT_ADJUST_GRID` by the --select metric on val;
-- temperature scaling (`--calibrate temperature`; Guo et al., ICML 2017): one T > 0 that divides
-  the (adjusted) log-probabilities before a softmax, fitted by minimising the log-loss.
+- post-hoc logit adjustment (`--logit-adjust TAU|auto`; Menon et al., ICLR 2021): log p - TAU log
+  prior, the prior being the class frequencies of the rows the head trained on; `auto` takes TAU
+  from `registry.LOGIT_ADJUST_GRID` by the --select metric on val;
+- temperature scaling (`--calibrate temperature`; Guo et al., ICML 2017): one T > 0 that divides the
+  (adjusted) log-probabilities before a softmax, fitted by minimising the log-loss.
 
 Both leave a softmax of (log p + offsets) / T. Adding to log-probabilities or to logits is the same
 after the softmax, so a linear head takes them into its weights and intercept and predicts and
-exports adjusted as saved; the knn head keeps them (`CosineKNN.offsets`, `.calibration`).
-The temperature does not change the argmax; the logit adjustment does: that is its purpose.
+exports adjusted as saved; the knn head keeps them (`CosineKNN.offsets`, `.calibration`). The
+temperature does not change the argmax; the logit adjustment does: that is its purpose.
 """
 
 from __future__ import annotations
@@ -27,14 +27,19 @@ from pipeline.registry import LOGIT_ADJUST_GRID, SELECT_RULES
 
 BOUNDS = (-7.0, 7.0)  # log T: T from about 1e-3 to 1e3
 NOT_FITTED = (
-    "not fitted: every held-out row is predicted right (or the best T lies at the edge of 1e-3..1e3), so the "
+    "not fitted: every held-out row is predicted right (or the best T lies at the edge of "
+    "1e-3..1e3), so the "
     "log-loss has no minimum to find; T = 1 kept"
 )
 
 
-def apply(log_proba: np.ndarray, temperature: float, offsets: np.ndarray | float = 0.0) -> np.ndarray:
+def apply(
+    log_proba: np.ndarray, temperature: float, offsets: np.ndarray | float = 0.0
+) -> np.ndarray:
     """float64 log-probabilities of softmax((log p + offsets) / T)."""
-    return log_proba_from_decision((np.asarray(log_proba, dtype=np.float64) + offsets) / temperature)
+    return log_proba_from_decision(
+        (np.asarray(log_proba, dtype=np.float64) + offsets) / temperature
+    )
 
 
 def nll(y: np.ndarray, log_proba: np.ndarray, temperature: float) -> float:
@@ -53,9 +58,11 @@ def fit_temperature(y: np.ndarray, log_proba: np.ndarray) -> float | None:
     if len(y) == 0 or (log_proba.argmax(axis=1) == y).all():
         return None
     found = minimize_scalar(
-        lambda log_t: nll(y, log_proba, float(np.exp(log_t))), bounds=BOUNDS, method="bounded",
+        lambda log_t: nll(y, log_proba, float(np.exp(log_t))),
+        bounds=BOUNDS,
+        method="bounded",
         options={"xatol": 1e-6},
-    )  # fmt: skip
+    )
     if min(found.x - BOUNDS[0], BOUNDS[1] - found.x) < 1e-3:
         return None
     return float(np.exp(found.x))
@@ -67,7 +74,9 @@ def log_prior(counts: np.ndarray) -> np.ndarray:
     return np.log(counts / counts.sum())
 
 
-def choose_tau(y: np.ndarray, log_proba: np.ndarray, prior: np.ndarray, select: str, classes: list[str]) -> dict:
+def choose_tau(
+    y: np.ndarray, log_proba: np.ndarray, prior: np.ndarray, select: str, classes: list[str]
+) -> dict:
     """TAU from the grid by the --select rule's metric on held-out rows (ties: the smaller TAU)."""
     metric = SELECT_RULES[select]
     scores = []
@@ -78,12 +87,18 @@ def choose_tau(y: np.ndarray, log_proba: np.ndarray, prior: np.ndarray, select: 
     best = int(np.argmax(scores))  # the first of equal scores: the grid is ascending
     sign = -1 if metric == "log_loss" else 1
     edge = "largest" if best == len(LOGIT_ADJUST_GRID) - 1 else None  # the best may lie beyond 2
-    return {"tau": LOGIT_ADJUST_GRID[best], "metric": metric, "curve": [sign * s for s in scores], "at_edge": edge}
+    return {
+        "tau": LOGIT_ADJUST_GRID[best],
+        "metric": metric,
+        "curve": [sign * s for s in scores],
+        "at_edge": edge,
+    }
 
 
 @dataclass
 class Adjustment:
-    """softmax((log p + offsets) / temperature); the identity by default. `record` says how each was fitted."""
+    """softmax((log p + offsets) / temperature); the identity by default. `record` says how each was
+    fitted."""
 
     offsets: np.ndarray | None = None
     temperature: float = 1.0
@@ -97,12 +112,19 @@ class Adjustment:
     def linear(self, coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(D, O) weights and (O,) intercept of a linear head with this adjustment inside."""
         offsets = np.zeros(max(coef.shape[1], 2)) if self.offsets is None else self.offsets
-        shift = offsets[1:] - offsets[:1] if coef.shape[1] == 1 else offsets  # one binomial logit: class 1 - class 0
+        shift = (
+            offsets[1:] - offsets[:1] if coef.shape[1] == 1 else offsets
+        )  # one binomial logit: class 1 - class 0
         return coef / self.temperature, (intercept + shift) / self.temperature
 
 
 def fit(
-    cfg: Any, y: np.ndarray, log_proba: np.ndarray, train_prior: np.ndarray, final_prior: np.ndarray, classes: list[str]
+    cfg: Any,
+    y: np.ndarray,
+    log_proba: np.ndarray,
+    train_prior: np.ndarray,
+    final_prior: np.ndarray,
+    classes: list[str],
 ) -> Adjustment:
     """The adjustment `cfg` asks for, fitted on held-out (y, log_proba) of a fit trained with
     `train_prior`, for a final head trained with `final_prior`."""
@@ -119,15 +141,25 @@ def fit(
     if cfg.calibrate == "temperature":
         T = fit_temperature(y, log_proba)
         if T is None:
-            adjustment.record["calibration"] = {"method": "temperature", "temperature": 1.0, "fitted": False,
-                                                "reason": NOT_FITTED}  # fmt: skip
+            adjustment.record["calibration"] = {
+                "method": "temperature",
+                "temperature": 1.0,
+                "fitted": False,
+                "reason": NOT_FITTED,
+            }
             return adjustment
         val = {
             "log_loss": [nll(y, log_proba, 1.0), nll(y, log_proba, T)],
-            "ece": [metrics.reliability(y, np.exp(lp))["ece"] for lp in (log_proba, apply(log_proba, T))],
+            "ece": [
+                metrics.reliability(y, np.exp(lp))["ece"] for lp in (log_proba, apply(log_proba, T))
+            ],
         }
         adjustment.temperature = T
-        adjustment.record["calibration"] = {"method": "temperature", "temperature": T, "fitted": True} | {
+        adjustment.record["calibration"] = {
+            "method": "temperature",
+            "temperature": T,
+            "fitted": True,
+        } | {
             "val_before": {k: v[0] for k, v in val.items()},
             "val_after": {k: v[1] for k, v in val.items()},
         }

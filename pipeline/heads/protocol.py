@@ -34,7 +34,8 @@ def _quiet(message: str) -> None:
 
 
 class Source(Protocol):
-    """Where the protocol's rows live, and how a fit is made on them (`MemorySource`, `StreamSource`)."""
+    """Where the protocol's rows live, and how a fit is made on them (`MemorySource`,
+    `StreamSource`)."""
 
     names: list[str]  # the classes the head learns: those with train rows
     selected_on: ChoiceRows  # val, or a holdout of train
@@ -57,12 +58,14 @@ class Source(Protocol):
 
 
 def _check_labels(path: Path, labels: dict[str, np.ndarray], classes: list[str]) -> None:
-    """Before any features are read: every split a run needs has rows; every class can be learned."""
+    """Before any features are read: every split a run needs has rows; every class can be
+    learned."""
     if len(labels["train"]) == 0:
         raise DataError(f"cache {path} has no train rows; rebuild it from data with a train split")
     if len(labels["test"]) == 0:
         raise DataError(
-            f"cache {path} has no test rows; rebuild it with --test-fraction > 0 (or a test split in the data)"
+            f"cache {path} has no test rows; rebuild it with --test-fraction > 0 (or a test split "
+            "in the data)"
         )
     in_train = set(np.unique(labels["train"]).tolist())
     for split in ("val", "test"):
@@ -70,14 +73,17 @@ def _check_labels(path: Path, labels: dict[str, np.ndarray], classes: list[str])
         if missing:
             names = ", ".join(repr(classes[c]) for c in missing[:5])
             raise DataError(
-                f"class {names} has no train rows in {path} but appears in {split}; add training images for it "
+                f"class {names} has no train rows in {path} but appears in {split}; add training "
+                "images for it "
                 "or drop it from the data"
             )
     if len(in_train) < 2:
         raise DataError(f"cache {path} has one class in train; a classifier needs at least two")
 
 
-def run(cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(
+    cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Train, select, refit and score a head on the cache ``cfg.features``; write ``cfg.out_path``.
 
     `cell` labels the run (dataset, backbone, head) for `pipeline compare`. The output folder is
@@ -90,8 +96,9 @@ def run(cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None
 
 
 def in_memory_bytes(info: CacheInfo, n_classes: int) -> int:
-    """What the in-memory head holds at its peak: train+val as float32 three times (raw, preprocessed,
-    the train+val concatenation of the refit), test twice, and the test probabilities."""
+    """What the in-memory head holds at its peak: train+val as float32 three times (raw,
+    preprocessed, the train+val concatenation of the refit), test twice, and the test probabilities.
+    """
     rows = info.rows
     trainval = rows["train"] + rows["val"]
     return 4 * info.dim * (3 * trainval + 2 * rows["test"]) + 4 * rows["test"] * n_classes
@@ -107,7 +114,8 @@ def needs_streaming(cfg: HeadConfig, info: CacheInfo, n_classes: int) -> bool:
     if not kinds.get(cfg.head).may_stream:
         streaming = ", ".join(name for name, kind in kinds.KINDS.items() if kind.may_stream)
         raise ConfigError(
-            f"the {cfg.head} head holds the whole cache in memory, {over}; use --head {streaming}, which streams "
+            f"the {cfg.head} head holds the whole cache in memory, {over}; use --head {streaming}, "
+            "which streams "
             "the cache from disk within the budget"
         )
     refused = {
@@ -119,7 +127,10 @@ def needs_streaming(cfg: HeadConfig, info: CacheInfo, n_classes: int) -> bool:
     }
     for flag, given in refused.items():
         if given:
-            raise ConfigError(f"{flag} is not supported when the head streams the cache ({over}); raise --max-memory")
+            raise ConfigError(
+                f"{flag} is not supported when the head streams the cache ({over}); raise "
+                "--max-memory"
+            )
     return True
 
 
@@ -133,19 +144,27 @@ def open_source(cfg: HeadConfig, info: CacheInfo, grid: list[float]) -> Source:
 
 
 def _adjust(cfg: HeadConfig, source: Source, fit: Any, prep: Preprocessor) -> posthoc.Adjustment:
-    """--logit-adjust and --calibrate, fitted on the validation rows (or the holdout) as scored by the
-    chosen setting's sweep fit, which never trained on them; the identity when neither is asked for."""
+    """--logit-adjust and --calibrate, fitted on the validation rows (or the holdout) as scored by
+    the chosen setting's sweep fit, which never trained on them; the identity when neither is asked
+    for."""
     if cfg.logit_adjust_tau is None and cfg.calibrate == "none":
         return posthoc.Adjustment()
     y, log_proba = source.validate(fit, prep)
-    final_counts = source.sweep_counts + source.val_counts if cfg.refits_on_val else source.sweep_counts
-    train_prior, final_prior = posthoc.log_prior(source.sweep_counts), posthoc.log_prior(final_counts)
+    final_counts = (
+        source.sweep_counts + source.val_counts if cfg.refits_on_val else source.sweep_counts
+    )
+    train_prior, final_prior = (
+        posthoc.log_prior(source.sweep_counts),
+        posthoc.log_prior(final_counts),
+    )
     adjustment = posthoc.fit(cfg, y, log_proba, train_prior, final_prior, source.names)
     adjustment.record["fitted_on"] = source.selected_on.name
     return adjustment
 
 
-def _score_adjusted(runs: list[FittedRun], raw: list[Predictions], scored: list[dict], names: list[str]) -> None:
+def _score_adjusted(
+    runs: list[FittedRun], raw: list[Predictions], scored: list[dict], names: list[str]
+) -> None:
     """Record the test scores before and after each run's post-hoc adjustment."""
     keys = ("top1", "balanced_accuracy", "log_loss", "ece")
     for run, p, after in zip(runs, raw, scored, strict=True):
@@ -163,27 +182,41 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
     grid = kind.grid(cfg)
     with timer("read"):
         info = cache_info(path, cfg.layer)
-        check_rows(path)  # one pass over the stored rows: nothing edited since the cache was written
+        check_rows(
+            path
+        )  # one pass over the stored rows: nothing edited since the cache was written
         _check_labels(path, info.labels, info.classes)
         source = open_source(cfg, info, grid)
     repeats = cfg.repeats if cfg.shots else 1
     runs: list[FittedRun] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(source)
-        counts = source.sweep_counts if not cfg.shots else np.minimum(source.sweep_counts, cfg.shots)
+        counts = (
+            source.sweep_counts if not cfg.shots else np.minimum(source.sweep_counts, cfg.shots)
+        )
         grid = kind.prepare_grid(grid, int(counts.sum()) * (1 + source.views_per_image), report_to)
         # The header first: a bar drawn before it would take the line it is printed on.
         report_to(
-            f"head: {cfg.head} on {path} ({source.describe()}, {info.dim}-d, {len(source.names)} classes); "
+            f"head: {cfg.head} on {path} ({source.describe()}, {info.dim}-d, {len(source.names)} "
+            "classes); "
             f"{len(grid)} {kind.setting} values, select by {cfg.select} on "
             f"{source.selected_on.name}"
         )
         # A streamed source shows its own bar (epochs over the file); in memory one tick per fit.
         bar = stack.enter_context(
-            tqdm(total=len(grid) * repeats, unit="fit", desc="sweep", disable=not cfg.progress or source.streams)
+            tqdm(
+                total=len(grid) * repeats,
+                unit="fit",
+                desc="sweep",
+                disable=not cfg.progress or source.streams,
+            )
         )
         k = source.views_per_image
-        views = f", train images with {k} augmented views each (every view weighs 1/{k + 1})" if k else ""
+        views = (
+            f", train images with {k} augmented views each (every view weighs 1/{k + 1})"
+            if k
+            else ""
+        )
         for r in range(repeats):
             with timer("sweep" if cfg.C is None else "fit"):  # --C: one fit on train, scored on val
                 prep, fits, curve = source.sweep(r, grid, bar.update)
@@ -191,36 +224,58 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
                 adjustment = _adjust(cfg, source, fits[best], prep)
             if not cfg.refits_on_val:  # val never enters training: the sweep's fit is final
                 trained_on = (
-                    f"{cfg.shots} images per class from train" if cfg.shots
+                    f"{cfg.shots} images per class from train"
+                    if cfg.shots
                     else f"train, long-tailed (imbalance ratio {cfg.imbalance_ratio:g})"
-                )  # fmt: skip
+                )
                 trained_on += views
-                runs.append(FittedRun(curve, best, fits[best], prep, trained_on, adjustment, source.sweep_counts))
+                runs.append(
+                    FittedRun(
+                        curve, best, fits[best], prep, trained_on, adjustment, source.sweep_counts
+                    )
+                )
                 continue
             with timer("refit"):
                 prep, final = source.refit(grid[best], init=fits[best])
             if getattr(final, "status", "") == "diverged":
                 raise DataError(
-                    f"the {cfg.head} head diverged (non-finite weights) when refitted at {final.param} = "
+                    f"the {cfg.head} head diverged (non-finite weights) when refitted at "
+                    f"{final.param} = "
                     f"{final.value:g}; lower --lr, or use --solver lbfgs"
                 )
-            runs.append(FittedRun(curve, best, final, prep, "train+val" + views, adjustment, source.sweep_counts))
+            runs.append(
+                FittedRun(
+                    curve, best, final, prep, "train+val" + views, adjustment, source.sweep_counts
+                )
+            )
         # Every choice is made; only now are the test rows read, and scored once.
         with timer("test"):
             raw = [source.test(run.final, run.prep) for run in runs]
     with timer("test"):
         predictions = [p.adjusted(run.adjustment) for p, run in zip(raw, runs, strict=True)]
-        scored = [metrics.evaluate(p.y, p.proba, source.names, log_proba=p.log_proba) for p in predictions]
+        scored = [
+            metrics.evaluate(p.y, p.proba, source.names, log_proba=p.log_proba) for p in predictions
+        ]
         _score_adjusted(runs, raw, scored, source.names)
         for run, p, s in zip(runs, predictions, scored, strict=True):
             s["groups"] = metrics.frequency_groups(p.y, p.pred, run.train_counts)
         if cfg.bootstrap and not cfg.shots:  # few-shot spread is the std over draws instead
             first = predictions[0]
-            scored[0]["ci"] = metrics.bootstrap_ci(first.y, first.pred, len(source.names), cfg.bootstrap, cfg.seed)
+            scored[0]["ci"] = metrics.bootstrap_ci(
+                first.y, first.pred, len(source.names), cfg.bootstrap, cfg.seed
+            )
     record = results.RunRecord(
-        cfg=cfg, info=info, grid=grid, runs=runs, scored=scored, names=source.names,
+        cfg=cfg,
+        info=info,
+        grid=grid,
+        runs=runs,
+        scored=scored,
+        names=source.names,
         selected_on=source.selected_on if cfg.C is None else ChoiceRows("none"),
-        solver=kind.solver(cfg, source.streams), streamed=source.streams, timer=timer, test=predictions[0],
+        solver=kind.solver(cfg, source.streams),
+        streamed=source.streams,
+        timer=timer,
+        test=predictions[0],
         cell=cell or {},
-    )  # fmt: skip
+    )
     return results.finish(record, report_to)

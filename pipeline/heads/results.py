@@ -1,5 +1,6 @@
 """What a head run leaves behind: result.json (schema `RESULT_SCHEMA`), curve.csv, the head files,
-predictions and plots, written into a staging folder that replaces the results folder in one step."""
+predictions and plots, written into a staging folder that replaces the results folder in one step.
+"""
 
 from __future__ import annotations
 
@@ -58,17 +59,24 @@ class RunRecord:
 
 
 def finish(record: RunRecord, say: Any = lambda message: None) -> dict[str, Any]:
-    """Assemble result.json and write every output into a staging folder that replaces ``cfg.out_path``
-    only once complete."""
+    """Assemble result.json and write every output into a staging folder that replaces
+    ``cfg.out_path`` only once complete."""
     cfg, test = record.cfg, record.test
     result = _result(record)
     result["test_set"] = test_set_digest(test.ids, test.y)
     result["cell"] = record.cell
-    result["run_id"] = uuid.uuid4().hex  # head.json and head.npz carry it too: `load_head` checks they match
+    result["run_id"] = (
+        uuid.uuid4().hex
+    )  # head.json and head.npz carry it too: `load_head` checks they match
     with outputs.staged_folder(cfg.out_path, say) as staging:
         with record.timer("write"):
             _write(cfg, result, record.runs[0], record.info, record.names, staging)
-            np.savez(staging / "predictions.npz", ids=test.ids.astype(str), y_true=test.y, y_pred=test.pred)
+            np.savez(
+                staging / "predictions.npz",
+                ids=test.ids.astype(str),
+                y_true=test.y,
+                y_pred=test.pred,
+            )
         result["timings"] = {k: round(v, 3) for k, v in record.timer.spans.items()}
         (staging / "result.json").write_text(json.dumps(result, indent=2))
     return result
@@ -80,7 +88,9 @@ def _result(record: RunRecord) -> dict[str, Any]:
     curve, best, final = first.curve, first.best, first.final
     test: dict[str, Any] = dict(scored[0])
     if len(runs) > 1:  # few-shot repeats: mean and standard deviation over draws
-        keys = ["top1", "balanced_accuracy", "macro_f1", "log_loss", "ece"] + (["top5"] if test["top5"] else [])
+        keys = ["top1", "balanced_accuracy", "macro_f1", "log_loss", "ece"] + (
+            ["top5"] if test["top5"] else []
+        )
         test.update({k: float(np.mean([s[k] for s in scored])) for k in keys})
         test["std"] = {k: float(np.std([s[k] for s in scored])) for k in keys}
         test["repeats"] = [{k: s[k] for k in keys} for s in scored]
@@ -93,11 +103,13 @@ def _result(record: RunRecord) -> dict[str, Any]:
         "cache": {
             "path": info.path,
             "fingerprint": info.fingerprint,
-            "data": info.config.get("dataset") or Path(str(info.config.get("data") or info.path)).stem,
+            "data": info.config.get("dataset")
+            or Path(str(info.config.get("data") or info.path)).stem,
             "extract_seconds": info.extract_seconds,
             "features_config": info.config,
             "dim": info.dim,
-            "layer": cfg.layer or "penultimate",  # what the head read: the penultimate features or stored layer(s)
+            "layer": cfg.layer
+            or "penultimate",  # what the head read: the penultimate features or stored layer(s)
             "rows": {name: n for name, n in info.rows.items() if n},
         },
         "classes": record.names,
@@ -119,14 +131,18 @@ def _result(record: RunRecord) -> dict[str, Any]:
                     "at_edge": None,
                 }
                 if cfg.C is not None
-                else choice.selection(curve, cfg.select)  # the rule's best score, SE, threshold, choice
+                else choice.selection(
+                    curve, cfg.select
+                )  # the rule's best score, SE, threshold, choice
             ),
             "trained_on": first.trained_on,
             "scored_on": "test",
             "test_read_after_choice": True,
             "train_counts": dict(zip(record.names, first.train_counts.tolist(), strict=True)),  # type: ignore[union-attr]
             "imbalance": (
-                {"ratio": cfg.imbalance_ratio, "order": cfg.imbalance_order} if cfg.imbalance_ratio else None
+                {"ratio": cfg.imbalance_ratio, "order": cfg.imbalance_order}
+                if cfg.imbalance_ratio
+                else None
             ),
             "few_shot": {"shots": cfg.shots, "repeats": len(runs)} if cfg.shots else None,
             "rows": "streamed from the cache in blocks" if record.streamed else "in memory",
@@ -134,7 +150,8 @@ def _result(record: RunRecord) -> dict[str, Any]:
         "grid": record.grid,
         "curve": curve,
         "curves": [run.curve for run in runs] if len(runs) > 1 else None,
-        # The chosen setting under its name (C, k or temperature) and as `value`; a list over few-shot draws.
+        # The chosen setting under its name (C, k or temperature) and as `value`; a list over
+        # few-shot draws.
         "chosen": {"param": param, param: chosen if len(runs) > 1 else chosen[0], "index": best}
         | {"value": chosen if len(runs) > 1 else chosen[0]},
         "val_at_choice": {
@@ -161,11 +178,16 @@ def _posthoc(runs: list[FittedRun]) -> dict[str, Any] | list[dict[str, Any]] | N
     after them (None without --logit-adjust or --calibrate)."""
     if not runs[0].adjustment.record:
         return None
-    records = [{k: v for k, v in run.adjustment.record.items() if k != "reliability_before"} for run in runs]
+    records = [
+        {k: v for k, v in run.adjustment.record.items() if k != "reliability_before"}
+        for run in runs
+    ]
     return records[0] if len(records) == 1 else records
 
 
-def _write(cfg: HeadConfig, result: dict[str, Any], run: FittedRun, info: CacheInfo, names, out: Path) -> None:
+def _write(
+    cfg: HeadConfig, result: dict[str, Any], run: FittedRun, info: CacheInfo, names, out: Path
+) -> None:
     report.write_csv(run.curve, out / "curve.csv")
     head = kinds.get(cfg.head).trained(run.final, run.prep, np.array(names), run.adjustment)
     meta = {
@@ -181,10 +203,14 @@ def _write(cfg: HeadConfig, result: dict[str, Any], run: FittedRun, info: CacheI
     }
     save_head(head, out, meta)
     label = _run_label(result)
-    report.plot_validation_curve(run.curve, result["protocol"]["selection"], out / "validation_curve.png", label)
+    report.plot_validation_curve(
+        run.curve, result["protocol"]["selection"], out / "validation_curve.png", label
+    )
     report.plot_confusion(result["test"]["confusion"], names, out / "confusion_matrix.png", label)
     before = run.adjustment.record.get("reliability_before")
-    report.plot_reliability(result["test"]["reliability"], out / "reliability.png", before=before, run=label)
+    report.plot_reliability(
+        result["test"]["reliability"], out / "reliability.png", before=before, run=label
+    )
     if result["test"].get("repeats"):
         report.write_csv(result["test"]["repeats"], out / "fewshot.csv")
 
@@ -194,7 +220,8 @@ def _run_label(result: dict[str, Any]) -> str:
     cell, cache = result.get("cell") or {}, result["cache"]
     weights = str(cache["fingerprint"].get("weights", "?")).split(" (")[0]
     backbone = cell.get("backbone") or f"{cache['fingerprint'].get('backbone', '?')} {weights}"
-    return f"{cell.get('dataset') or cache['data']} / {backbone} / {cell.get('head') or result['config']['head']}"
+    head = cell.get("head") or result["config"]["head"]
+    return f"{cell.get('dataset') or cache['data']} / {backbone} / {head}"
 
 
 def _saved_adjustment(run: FittedRun) -> dict[str, Any] | None:

@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # torch is imported only when a torch head is trained
 
 
 def resolution(C: float, coef: np.ndarray, weight_sum: float) -> float:
-    """max |W| / (C * sum of row weights): the largest gradient the penalty adds on the mean scale."""
+    """max |W| / (C * sum of row weights): the largest gradient the penalty adds on the mean
+    scale."""
     return float(np.abs(coef).max(initial=0.0)) / (C * weight_sum)
 
 
@@ -47,13 +48,23 @@ class Fit:
     param: str = "C"  # the name of `value`: the curve's first column
 
     @classmethod
-    def from_solution(cls, Cs: list[float], sol: Solution, weight_sum: float, tol: float) -> list[Fit]:
+    def from_solution(
+        cls, Cs: list[float], sol: Solution, weight_sum: float, tol: float
+    ) -> list[Fit]:
         """One fit per C of a torch `Solution`, with how far each resolves its C."""
         return [
-            cls(C, sol.coef[k], sol.intercept[k], int(sol.n_iter[k]), bool(sol.converged[k]), bool(sol.copied[k]),
-                resolution(C, sol.coef[k], weight_sum), tol)
+            cls(
+                C,
+                sol.coef[k],
+                sol.intercept[k],
+                int(sol.n_iter[k]),
+                bool(sol.converged[k]),
+                bool(sol.copied[k]),
+                resolution(C, sol.coef[k], weight_sum),
+                tol,
+            )
             for k, C in enumerate(Cs)
-        ]  # fmt: skip
+        ]
 
     @property
     def status(self) -> str:
@@ -61,13 +72,14 @@ class Fit:
 
         - `not converged`: stopped at max_iter (mini-batch: the epochs ended above tol);
         - `warm start only`: the previous C's weights, no step taken (torch head);
-        - `C not resolved`: converged, but the penalty's gradient is below tol, so this point passes the
-          stopping rule for any larger C too: where the solver stopped on a loss that is flat to within tol,
-          which differs between solvers, starts and BLAS threads, not the optimum at this C;
+        - `C not resolved`: converged, but the penalty's gradient is below tol, so this point passes
+          the stopping rule for any larger C too: where the solver stopped on a loss that is flat to
+          within tol, which differs between solvers, starts and BLAS threads, not the optimum at
+          this C;
         - `converged`: the optimum at this C, to within tol;
         - `exact`: computed in closed form (the ncm and knn heads);
-        - `diverged`: the weights are not finite (a learning rate too high for the mini-batch solvers):
-          never chosen.
+        - `diverged`: the weights are not finite (a learning rate too high for the mini-batch
+          solvers): never chosen.
         """
         if not (np.isfinite(self.coef).all() and np.isfinite(self.intercept).all()):
             return "diverged"
@@ -80,7 +92,8 @@ class Fit:
         return "C not resolved" if self.penalty_gradient <= self.tol else "converged"
 
     def decision(self, X: np.ndarray) -> np.ndarray:
-        """Logits in float64, in row chunks (no float64 copy of all of X): exact inputs for the log-softmax."""
+        """Logits in float64, in row chunks (no float64 copy of all of X): exact inputs for the
+        log-softmax."""
         coef, intercept = self.coef.astype(np.float64), self.intercept.astype(np.float64)
         step = max(1, 2_000_000 // max(X.shape[1], 1))  # ~16 MB of float64 rows at a time
         out = np.empty((len(X), coef.shape[1]))
@@ -97,8 +110,8 @@ class Fit:
 
 @dataclass(frozen=True)
 class ChoiceRows:
-    """Which rows chose the head's setting: the val split, a stratified holdout of train (no val split:
-    its fraction and seed), or none (a fixed --C)."""
+    """Which rows chose the head's setting: the val split, a stratified holdout of train (no val
+    split: its fraction and seed), or none (a fixed --C)."""
 
     on: Literal["val", "holdout", "none"]
     fraction: float = 0.0
@@ -107,7 +120,11 @@ class ChoiceRows:
     @property
     def name(self) -> str:
         """What the summary and the post-hoc record call these rows."""
-        return {"val": "val", "holdout": "a stratified holdout of train", "none": "none (--C given)"}[self.on]
+        return {
+            "val": "val",
+            "holdout": "a stratified holdout of train",
+            "none": "none (--C given)",
+        }[self.on]
 
     @property
     def note(self) -> str:
@@ -127,8 +144,12 @@ class FittedRun:
     final: Fit
     prep: Preprocessor
     trained_on: str
-    adjustment: Adjustment = dataclasses.field(default_factory=Adjustment)  # --logit-adjust, --calibrate
-    train_counts: np.ndarray | None = None  # per class: the train rows of the sweep (its frequency groups)
+    adjustment: Adjustment = dataclasses.field(
+        default_factory=Adjustment
+    )  # --logit-adjust, --calibrate
+    train_counts: np.ndarray | None = (
+        None  # per class: the train rows of the sweep (its frequency groups)
+    )
 
     @property
     def value(self) -> float:

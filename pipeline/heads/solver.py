@@ -57,18 +57,22 @@ def path(
     """The regularisation path, strongest penalty first, `block` settings trained together.
 
     Each block starts from the previous block's last solution with that solution's L-BFGS pairs.
-    Where the last two solutions differ, the start is the secant prediction along the path,
-    x_prev + (x_prev - x_before) * (log lambda - log lambda_prev) / (log lambda_prev - log lambda_before),
+    Where the last two solutions differ, the start is the secant prediction along the path, x_prev +
+    (x_prev - x_before) * (log lambda - log lambda_prev) / (log lambda_prev - log lambda_before),
     when its objective (one data pass) is lower than the plain warm start's; it halves the
     iterations at tight tolerances. Otherwise the data loss and its gradient at the warm start are
     known, so the start costs no data pass: a setting whose gradient ``g_data + lambda * W`` is
     already within `tol` is done without touching the data, which is what happens along the flat,
-    weakly regularised end of the grid. Such a setting keeps the previous solution's weights; it
-    is reported as `copied` (warm start only).
+    weakly regularised end of the grid. Such a setting keeps the previous solution's weights; it is
+    reported as `copied` (warm start only).
     """
     k_all = theta.shape[1]
     order = torch.argsort(lambdas, descending=True)  # strong -> weak regularisation
-    n_iter, converged, copied = np.zeros(k_all, dtype=np.int64), np.zeros(k_all, dtype=bool), np.zeros(k_all, bool)
+    n_iter, converged, copied = (
+        np.zeros(k_all, dtype=np.int64),
+        np.zeros(k_all, dtype=bool),
+        np.zeros(k_all, bool),
+    )
     grad_max, final_loss = np.zeros(k_all), np.zeros(k_all)
     x0 = theta[:, order[:1]].clone()
     f_data, g_data = problem.loss_grad(x0, torch.zeros(1, dtype=theta.dtype, device=theta.device))
@@ -86,12 +90,20 @@ def path(
         Y = [_with_penalty(y, s, lam) for s, y in zip(previous.S, previous.Y, strict=True)]
         x = previous.x.expand(-1, len(cols), -1).clone()
         predicted = torch.zeros(len(cols), dtype=torch.bool, device=x.device)
-        if before is not None and before.lam > 0 and moved:  # secant step along the path in log(lambda)
-            step = (torch.log(lam) - math.log(previous.lam)) / (math.log(previous.lam) - math.log(before.lam))
+        if (
+            before is not None and before.lam > 0 and moved
+        ):  # secant step along the path in log(lambda)
+            step = (torch.log(lam) - math.log(previous.lam)) / (
+                math.log(previous.lam) - math.log(before.lam)
+            )
             x_pred = previous.x + step[None, :, None] * (previous.x - before.x)
             f_p, g_p = problem.loss_grad(x_pred, lam)
             predicted = f_p < f0  # else the plain warm start
-            x[:, predicted], f0[predicted], g0[:, predicted] = x_pred[:, predicted], f_p[predicted], g_p[:, predicted]
+            x[:, predicted], f0[predicted], g0[:, predicted] = (
+                x_pred[:, predicted],
+                f_p[predicted],
+                g_p[:, predicted],
+            )
         x, it, conv, gmax, loss, tracked = lbfgs(
             problem,
             lam,
@@ -102,12 +114,16 @@ def path(
             start=(f0, g0),
             history=(S, Y),
             track=len(cols) - 1,
-            start_width=1 if block == 1 else None,  # one setting at a time: every value came from width 1
+            start_width=1
+            if block == 1
+            else None,  # one setting at a time: every value came from width 1
         )
         theta[:, cols] = x
         index = cols.cpu().numpy()
         n_iter[index], converged[index], grad_max[index], final_loss[index] = it, conv, gmax, loss
-        copied[index] = (it == 0) & (start > 0) & ~predicted.cpu().numpy()  # the previous weights, unchanged
+        copied[index] = (
+            (it == 0) & (start > 0) & ~predicted.cpu().numpy()
+        )  # the previous weights, unchanged
         moved = bool(it[-1] > 0 or predicted[-1])
         before, previous = previous, tracked
     return theta, n_iter, converged, grad_max, final_loss, copied
@@ -157,13 +173,22 @@ def solve(
         w = np.asarray(sample_weight, dtype=np.float64)
         if w.shape != (len(y),) or not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
             raise ValueError(
-                f"sample_weight: expected {len(y)} finite non-negative weights, not all zero; got shape {w.shape}, "
+                f"sample_weight: expected {len(y)} finite non-negative weights, not all zero; got "
+                f"shape {w.shape}, "
                 f"sum {w.sum() if w.size else 0.0:g}"
             )
     device = options.device
-    X_t = X.to(device=device, dtype=dtype) if torch.is_tensor(X) else torch.tensor(X, dtype=dtype, device=device)
+    X_t = (
+        X.to(device=device, dtype=dtype)
+        if torch.is_tensor(X)
+        else torch.tensor(X, dtype=dtype, device=device)
+    )
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.long, device=device)
-    sw = None if sample_weight is None else torch.as_tensor(sample_weight, dtype=dtype, device=device)
+    sw = (
+        None
+        if sample_weight is None
+        else torch.as_tensor(sample_weight, dtype=dtype, device=device)
+    )
     problem = Problem(X_t, y_t, n_classes, sw, options.label_smoothing)
     lambdas = torch.as_tensor(penalties(Cs, problem.w_sum), dtype=dtype, device=device)
     k, o = len(Cs), problem.outputs
@@ -180,7 +205,9 @@ def solve(
             problem, lambdas, theta, options.max_iter, options.tol, block, progress
         )
         return Solution.of(theta, n_iter, converged, grad_max, loss, copied)
-    batches = minibatch.memory_batches(problem, options.batch_size, options.seed, options.balanced_sampler)
+    batches = minibatch.memory_batches(
+        problem, options.batch_size, options.seed, options.balanced_sampler
+    )
     steps = options.epochs * math.ceil(problem.n / options.batch_size)
     theta = minibatch.train(batches, theta, lambdas, options, problem.n, problem.w_sum, steps)
     solution = minibatch.measured(theta, [problem], lambdas, problem.w_sum, options)

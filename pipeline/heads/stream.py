@@ -41,12 +41,23 @@ class Blocks:
     """Contiguous row blocks of one split (optionally masked) read from the cache as float32."""
 
     def __init__(
-        self, f: Any, start: int, stop: int, rows: int, keep: np.ndarray | None, labels: np.ndarray, layer: str | None
+        self,
+        f: Any,
+        start: int,
+        stop: int,
+        rows: int,
+        keep: np.ndarray | None,
+        labels: np.ndarray,
+        layer: str | None,
     ):
         self.f, self.start, self.stop, self.rows = f, start, stop, rows
-        self.columns = columns(f, layer)  # the features, or the stored layer(s) the head was asked to read
+        self.columns = columns(
+            f, layer
+        )  # the features, or the stored layer(s) the head was asked to read
         self.labels = labels  # encoded, over start:stop
-        self.mask = f["ok"][start:stop] & (True if keep is None else keep)  # readable and selected rows
+        self.mask = f["ok"][start:stop] & (
+            True if keep is None else keep
+        )  # readable and selected rows
 
     @property
     def n(self) -> int:
@@ -63,13 +74,16 @@ class Blocks:
         starts = np.arange(self.start, self.stop, self.rows)
         for a in starts if order is None else starts[order]:
             b = min(a + self.rows, self.stop)
-            X = read_columns(self.columns, a, b, np.float32)  # (B, D), one contiguous read per dataset
+            X = read_columns(
+                self.columns, a, b, np.float32
+            )  # (B, D), one contiguous read per dataset
             mask = self.mask[a - self.start : b - self.start]
             if not mask.all():
                 X = X[mask]
             if not np.isfinite(X).all():
                 raise DataError(
-                    f"cache {self.f.filename} has NaN or infinite features in rows {a}:{b}; rebuild it with "
+                    f"cache {self.f.filename} has NaN or infinite features in rows {a}:{b}; "
+                    "rebuild it with "
                     "`pipeline features --force --precision fp32`"
                 )
             yield X, self.labels[a - self.start : b - self.start][mask]
@@ -77,7 +91,11 @@ class Blocks:
     def steps(self, batch_size: int) -> int:
         """Optimiser steps in one pass: each block's kept rows in batches of `batch_size`."""
         starts = np.arange(0, self.stop - self.start, self.rows)
-        kept = np.add.reduceat(self.mask.astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
+        kept = (
+            np.add.reduceat(self.mask.astype(np.int64), starts)
+            if len(starts)
+            else np.zeros(0, np.int64)
+        )
         return int(np.ceil(kept / batch_size).sum())
 
     @property
@@ -103,7 +121,10 @@ def fit_preprocessor(kind: str, parts: list[Blocks]) -> Preprocessor:
         prep.mean_ = mean.astype(np.float32)
         return prep
     std = np.sqrt(np.maximum(squares / total - mean**2, 0))
-    prep.mean_, prep.scale_ = mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32)
+    prep.mean_, prep.scale_ = (
+        mean.astype(np.float32),
+        np.where(std > 1e-12, std, 1.0).astype(np.float32),
+    )
     return prep
 
 
@@ -138,7 +159,8 @@ def fit_stream(
     bar: Any,
     init: Fit | None = None,
 ) -> list[Fit]:
-    """K settings at once over shuffled blocks, then one more pass for the full gradient: a fit per C."""
+    """K settings at once over shuffled blocks, then one more pass for the full gradient: a fit per
+    C."""
     device = choose_device(options.device)
     n = sum(b.n for b in parts)
     dim, outputs = sum(d.shape[1] for d in parts[0].columns), (1 if n_classes == 2 else n_classes)
@@ -151,14 +173,17 @@ def fit_stream(
     rng = np.random.default_rng(options.seed)
 
     def problems(shuffle: bool) -> Iterator[Problem]:
-        """Each block of `parts` as an in-memory problem (preprocessed, weighted), shuffled or in order."""
+        """Each block of `parts` as an in-memory problem (preprocessed, weighted), shuffled or in
+        order."""
         for p in rng.permutation(len(parts)) if shuffle else range(len(parts)):
             blocks = parts[p]
             for X, y in blocks.iterate(rng.permutation(blocks.n_blocks) if shuffle else None):
                 if len(y):
                     Xt = torch.from_numpy(_transform_inplace(prep, X)).to(device)
                     w = torch.as_tensor(weight_of[y], dtype=torch.float32, device=device)
-                    yield Problem(Xt, torch.as_tensor(y, device=device), n_classes, w, options.label_smoothing)
+                    yield Problem(
+                        Xt, torch.as_tensor(y, device=device), n_classes, w, options.label_smoothing
+                    )
 
     def epoch(_: int) -> Iterator[minibatch.Batch]:
         for problem in problems(shuffle=True):
@@ -170,8 +195,12 @@ def fit_stream(
     if init is not None:  # warm start from the sweep's fit, as in memory
         theta[:-1] = torch.as_tensor(init.coef, dtype=torch.float32, device=device)[:, None]
         theta[-1] = torch.as_tensor(init.intercept, dtype=torch.float32, device=device)
-    steps = options.epochs * sum(b.steps(options.batch_size) for b in parts)  # exact: the schedule ends at 0
-    theta = minibatch.train(epoch, theta, lambdas, options, n, w_total, steps, on_epoch=lambda _: bar.update(1))
+    steps = options.epochs * sum(
+        b.steps(options.batch_size) for b in parts
+    )  # exact: the schedule ends at 0
+    theta = minibatch.train(
+        epoch, theta, lambdas, options, n, w_total, steps, on_epoch=lambda _: bar.update(1)
+    )
     solution = minibatch.measured(theta, problems(shuffle=False), lambdas, w_total, options)
     return Fit.from_solution(Cs, solution, w_total, options.tol)
 
@@ -207,10 +236,12 @@ class StreamSource:
         state = 4 * (dim + 1) * K * len(self.names) * ADAM_STATE
         if budget // 4 <= state:
             raise ConfigError(
-                f"--max-memory {cfg.max_memory} does not cover the {K} weight matrices and their optimiser state "
+                f"--max-memory {cfg.max_memory} does not cover the {K} weight matrices and their "
+                "optimiser state "
                 f"({state / 1e6:.0f} MB); raise it or sweep fewer C values (--grid)"
             )
-        # A quarter of the budget for blocks: the block, its [X, 1] copy inside the solver, and slack for a
+        # A quarter of the budget for blocks: the block, its [X, 1] copy inside the solver, and
+        # slack for a
         # row-masked copy and minibatch temporaries (4 block-sized float32 arrays in all); the rest
         # covers labels, validation and test probabilities, metrics and the written outputs.
         self.rows = max(256, (budget // 4 - state) // (4 * dim * 4))
@@ -227,7 +258,9 @@ class StreamSource:
             self.selected_on = ChoiceRows("val")
             self.both = [self.train, self.val]
         else:  # a stratified holdout of train, exactly as in memory (the same rows, the same seed)
-            readable = np.flatnonzero(self.f["ok"][ta:tb])  # labels["train"] holds exactly these rows, in order
+            readable = np.flatnonzero(
+                self.f["ok"][ta:tb]
+            )  # labels["train"] holds exactly these rows, in order
             holdout = stratified_holdout(train_labels, cfg.val_fraction, cfg.seed, salt=3)
             held = np.zeros(tb - ta, dtype=bool)
             held[readable[holdout]] = True
@@ -247,20 +280,27 @@ class StreamSource:
         self.f.close()
 
     def _blocks(self, start: int, stop: int, keep: np.ndarray | None) -> Blocks:
-        return Blocks(self.f, start, stop, self.rows, keep, self.encoded[start:stop], self.cfg.layer)
+        return Blocks(
+            self.f, start, stop, self.rows, keep, self.encoded[start:stop], self.cfg.layer
+        )
 
     def describe(self) -> str:
         return (
-            f"{self.train.n} train, {self.val.n} val rows, streaming from the file in blocks of {self.rows} rows "
+            f"{self.train.n} train, {self.val.n} val rows, streaming from the file in blocks of "
+            f"{self.rows} rows "
             f"(--max-memory {self.cfg.max_memory}), solver {self.options.solver}"
         )
 
     def sweep(self, repeat: int, grid: list[float], tick: Callable[[int], None]):
         prep = fit_preprocessor(kinds.get(self.cfg.head).preprocessing(self.cfg), [self.train])
-        fits = fit_stream(self.options, [self.train], prep, grid, len(self.names), self.cfg.class_weight, self.bar)
+        fits = fit_stream(
+            self.options, [self.train], prep, grid, len(self.names), self.cfg.class_weight, self.bar
+        )
         logits, y_val = _logits(self.val, prep, fits)
         curve = [
-            choice.curve_row(fit, y_val, log_proba_from_decision(_squeeze(logits[:, k])), self.names)
+            choice.curve_row(
+                fit, y_val, log_proba_from_decision(_squeeze(logits[:, k])), self.names
+            )
             for k, fit in enumerate(fits)
         ]
         return prep, fits, curve
@@ -272,7 +312,14 @@ class StreamSource:
     def refit(self, C: float, init: Fit) -> tuple[Preprocessor, Fit]:
         prep = fit_preprocessor(kinds.get(self.cfg.head).preprocessing(self.cfg), self.both)
         (final,) = fit_stream(
-            self.options, self.both, prep, [C], len(self.names), self.cfg.class_weight, self.bar, init=init
+            self.options,
+            self.both,
+            prep,
+            [C],
+            len(self.names),
+            self.cfg.class_weight,
+            self.bar,
+            init=init,
         )
         return prep, final
 

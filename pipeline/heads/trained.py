@@ -1,9 +1,10 @@
-"""The one trained-head type (`TrainedHead`): what the protocol's final fit becomes, whatever its kind.
+"""The one trained-head type (`TrainedHead`): what the protocol's final fit becomes, whatever its
+kind.
 
 A trained head is its kind, the preprocessing fitted on its training rows, the class names, the
 kind's arrays (weights, or a bank of rows) and the kind's settings (k, temperatures). It predicts
-with numpy alone, and `to_module()` gives the same computation as a torch module for `export`.
-Its files are written and read by `pipeline.heads.saved`.
+with numpy alone, and `to_module()` gives the same computation as a torch module for `export`. Its
+files are written and read by `pipeline.heads.saved`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ class TrainedHead:
 
     def __init__(
         self,
-        kind: Any,  # its `pipeline.heads.kinds.HeadKind` (not imported: the kinds import this module)
+        # its `pipeline.heads.kinds.HeadKind` (not imported: the kinds import this module)
+        kind: Any,
         preprocessor: Preprocessor,
         classes: np.ndarray,
         arrays: dict[str, np.ndarray],
@@ -38,12 +40,16 @@ class TrainedHead:
         self.meta: dict[str, Any] = {}
 
     def __repr__(self) -> str:
-        return f"TrainedHead({self.kind.name}, {len(self.classes_)} classes, {self.n_features_in_}-d)"
+        return (
+            f"TrainedHead({self.kind.name}, {len(self.classes_)} classes, {self.n_features_in_}-d)"
+        )
 
     def _rows(self, X: np.ndarray) -> np.ndarray:
         Z = self.preprocessor.transform(X)
         if Z.ndim != 2 or Z.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {Z.shape[-1]} features, but this head expects {self.n_features_in_}")
+            raise ValueError(
+                f"X has {Z.shape[-1]} features, but this head expects {self.n_features_in_}"
+            )
         return Z
 
     def predict_log_proba(self, X: np.ndarray) -> np.ndarray:
@@ -72,8 +78,13 @@ class TrainedHead:
                 self.kind = prep.kind
                 mean = prep.mean_ if prep.mean_ is not None else np.zeros(dim, np.float32)
                 scale = prep.scale_ if prep.scale_ is not None else np.ones(dim, np.float32)
-                for name, array in (("mean", mean), ("scale", scale)):  # own copies: export saves them whole
-                    self.register_buffer(name, torch.tensor(np.ascontiguousarray(array, dtype=np.float32)))
+                for name, array in (
+                    ("mean", mean),
+                    ("scale", scale),
+                ):  # own copies: export saves them whole
+                    self.register_buffer(
+                        name, torch.tensor(np.ascontiguousarray(array, dtype=np.float32))
+                    )
 
             def forward(self, f: torch.Tensor) -> torch.Tensor:
                 if self.kind == "standardize":
@@ -88,13 +99,15 @@ class TrainedHead:
 
 def preprocessor_arrays(prep: Preprocessor) -> dict[str, np.ndarray]:
     """The fitted statistics of a preprocessing, as head.npz stores them."""
-    return {"standardize": {"mean": prep.mean_, "scale": prep.scale_}, "center-l2": {"mean": prep.mean_}}.get(
-        prep.kind, {}
-    )
+    return {
+        "standardize": {"mean": prep.mean_, "scale": prep.scale_},
+        "center-l2": {"mean": prep.mean_},
+    }.get(prep.kind, {})
 
 
 def is_number(value: Any, integer: bool = False) -> bool:
-    """A JSON number (not a bool), a whole one when `integer`: how head.json settings are checked."""
+    """A JSON number (not a bool), a whole one when `integer`: how head.json settings are
+    checked."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:

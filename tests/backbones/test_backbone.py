@@ -1,5 +1,5 @@
-"""Every ResNet and a model of every other torchvision family with random weights (offline, seconds), timm
-models, weights specs and checkpoints."""
+"""Every ResNet and a model of every other torchvision family with random weights (offline,
+seconds), timm models, weights specs and checkpoints."""
 
 from __future__ import annotations
 
@@ -25,19 +25,27 @@ FAST_BACKBONES = ("resnet18", "resnet34")
 
 
 @pytest.mark.parametrize(
-    "name", [n if n in FAST_BACKBONES else pytest.param(n, marks=pytest.mark.slow) for n in registry.RESNETS]
+    "name",
+    [
+        n if n in FAST_BACKBONES else pytest.param(n, marks=pytest.mark.slow)
+        for n in registry.RESNETS
+    ],
 )
 def test_features_are_the_pooled_input_of_fc(name):
     model = backbone.build(backbone.describe(name, "none", seed=3, image_size=32))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     reference = _seeded_torchvision(name, seed=3)
     captured = {}
-    reference.fc.register_forward_hook(lambda module, inputs, output: captured.setdefault("x", inputs[0]))
+    reference.fc.register_forward_hook(
+        lambda module, inputs, output: captured.setdefault("x", inputs[0])
+    )
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         features = model(x)
         reference(x)
-    assert features.shape == (2, 512 if name in ("resnet18", "resnet34") else 2048) == (2, model.dim)
+    assert (
+        features.shape == (2, 512 if name in ("resnet18", "resnet34") else 2048) == (2, model.dim)
+    )
     torch.testing.assert_close(features, captured["x"], rtol=0, atol=1e-6)
 
 
@@ -78,8 +86,10 @@ def test_failed_download_names_both_fixes(offline_hub):
     spec = backbone.describe("resnet18", "IMAGENET1K_V1")
     with pytest.raises(
         WeightsError,
-        match=r"cannot download ResNet18_Weights\.IMAGENET1K_V1 from https://download\.pytorch\.org/models/"
-        r"resnet18-f37072fd\.pth \(.*name resolution\); either put that file at .*torch-home/hub/checkpoints/"
+        match=r"cannot download ResNet18_Weights\.IMAGENET1K_V1 from "
+        r"https://download\.pytorch\.org/models/"
+        r"resnet18-f37072fd\.pth \(.*name resolution\); either put that file at "
+        r".*torch-home/hub/checkpoints/"
         r"resnet18-f37072fd\.pth or pass --weights /path/to/checkpoint\.pth",
     ):
         backbone.build(spec, progress=False)
@@ -88,7 +98,9 @@ def test_failed_download_names_both_fixes(offline_hub):
 def test_checkpoint_state_dict_is_loaded_and_hashed(tmp_path):
     state = _seeded_torchvision("resnet18", seed=9).state_dict()
     path = tmp_path / "finetuned.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)  # a wrapped DDP checkpoint
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in state.items()}}, path
+    )  # a wrapped DDP checkpoint
     spec = backbone.describe("resnet18", str(path), image_size=48)
     assert spec.weights_id == f"checkpoint sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
     assert spec.transform.crop_size == [48]
@@ -99,27 +111,47 @@ def test_checkpoint_state_dict_is_loaded_and_hashed(tmp_path):
 def test_checkpoint_with_another_head_or_none(tmp_path):
     model = torchvision.models.resnet18(weights=None, num_classes=10)
     torch.save(model.state_dict(), tmp_path / "ten.pt")
-    assert backbone.build(backbone.describe("resnet18", str(tmp_path / "ten.pt"))).classifier.out_features == 10
+    assert (
+        backbone.build(
+            backbone.describe("resnet18", str(tmp_path / "ten.pt"))
+        ).classifier.out_features
+        == 10
+    )
     headless = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     torch.save(headless, tmp_path / "headless.pt")
-    assert backbone.build(backbone.describe("resnet18", str(tmp_path / "headless.pt"))).classifier is None
+    assert (
+        backbone.build(backbone.describe("resnet18", str(tmp_path / "headless.pt"))).classifier
+        is None
+    )
 
 
 def test_bad_checkpoints(tmp_path):
     whole = tmp_path / "whole-model.pt"
-    torch.save(torchvision.models.resnet18(weights=None), whole)  # a pickled module, not a state dict
-    with pytest.raises(WeightsError, match=r"cannot load checkpoint .*whole-model\.pt \(.*\); expected a state dict"):
+    torch.save(
+        torchvision.models.resnet18(weights=None), whole
+    )  # a pickled module, not a state dict
+    with pytest.raises(
+        WeightsError,
+        match=r"cannot load checkpoint .*whole-model\.pt \(.*\); expected a state dict",
+    ):
         backbone.build(backbone.describe("resnet18", str(whole)))
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
     with pytest.raises(WeightsError, match=r"cannot load checkpoint .*notes\.pth"):
         backbone.build(backbone.describe("resnet18", str(text)))
-    with pytest.raises(MissingError, match=r"checkpoint .*gone\.pth does not exist; pass --weights with a state-dict"):
+    with pytest.raises(
+        MissingError,
+        match=r"checkpoint .*gone\.pth does not exist; pass --weights with a state-dict",
+    ):
         backbone.describe("resnet18", str(tmp_path / "gone.pth"))
 
 
 @pytest.mark.parametrize(
-    "prefix", ["backbone.", *(pytest.param(p, marks=pytest.mark.slow) for p in ("model.", "encoder.", "module."))]
+    "prefix",
+    [
+        "backbone.",
+        *(pytest.param(p, marks=pytest.mark.slow) for p in ("model.", "encoder.", "module.")),
+    ],
 )
 def test_a_prefixed_checkpoint_loads_like_the_unprefixed_one(tmp_path, prefix):
     state = _seeded_torchvision("resnet18", seed=4).state_dict()
@@ -129,39 +161,57 @@ def test_a_prefixed_checkpoint_loads_like_the_unprefixed_one(tmp_path, prefix):
     prefixed = backbone.describe("resnet18", str(tmp_path / "prefixed.pth"), image_size=32)
     assert prefixed.prefix == prefix and plain.prefix == ""
     sha = hashlib.sha256((tmp_path / "prefixed.pth").read_bytes()).hexdigest()
-    recorded = "" if prefix == "module." else f" (key prefix {prefix!r} stripped)"  # module.: as before, caches stay
+    recorded = (
+        "" if prefix == "module." else f" (key prefix {prefix!r} stripped)"
+    )  # module.: as before, caches stay
     assert prefixed.weights_id == f"checkpoint sha256:{sha}{recorded}"
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         a, b = backbone.build(plain)(x), backbone.build(prefixed)(x)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert backbone.build(prefixed).classifier.out_features == 1000
-    legacy = tmp_path / "legacy.pth"  # the pre-zip format cannot be memory-mapped: read in full instead
-    torch.save({prefix + k: v for k, v in state.items()}, legacy, _use_new_zipfile_serialization=False)
+    legacy = (
+        tmp_path / "legacy.pth"
+    )  # the pre-zip format cannot be memory-mapped: read in full instead
+    torch.save(
+        {prefix + k: v for k, v in state.items()}, legacy, _use_new_zipfile_serialization=False
+    )
     assert backbone.describe("resnet18", str(legacy)).prefix == prefix
 
 
 def test_a_checkpoint_of_another_architecture_names_the_shape_mismatch(tmp_path):
     wide = tmp_path / "wide.pth"
-    torch.save({"backbone." + k: v for k, v in torchvision.models.resnet50(weights=None).state_dict().items()}, wide)
+    torch.save(
+        {
+            "backbone." + k: v
+            for k, v in torchvision.models.resnet50(weights=None).state_dict().items()
+        },
+        wide,
+    )
     with pytest.raises(
         WeightsError,
-        match=r"checkpoint .*wide\.pth does not fit wide_resnet50_2: 'layer1\.0\.conv1\.weight' is \(64, 64, 1, 1\) in "
-        r"the checkpoint and \(128, 64, 1, 1\) in wide_resnet50_2; its shapes fit resnet50; pass --backbone resnet50",
+        match=r"checkpoint .*wide\.pth does not fit wide_resnet50_2: 'layer1\.0\.conv1\.weight' is "
+        r"\(64, 64, 1, 1\) in "
+        r"the checkpoint and \(128, 64, 1, 1\) in wide_resnet50_2; its shapes fit resnet50; pass "
+        r"--backbone resnet50",
     ):
         backbone.describe("wide_resnet50_2", str(wide))
     deeper = tmp_path / "r34.pth"
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), deeper)
     with pytest.raises(
         WeightsError,
-        match=r"checkpoint .*r34\.pth does not fit resnet18: 'layer1\.2\.conv1\.weight' is \(64, 64, 3, 3\) in the "
+        match=r"checkpoint .*r34\.pth does not fit resnet18: 'layer1\.2\.conv1\.weight' is \(64, "
+        r"64, 3, 3\) in the "
         r"checkpoint and absent in resnet18; its shapes fit resnet34; pass --backbone resnet34",
     ):
         backbone.describe("resnet18", str(deeper))
     alien = tmp_path / "alien.pth"
     torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3)}, alien)
-    with pytest.raises(WeightsError, match=r"alien\.pth does not fit resnet18: 'conv1\.weight' is \(8, 3, 3, 3\) in "
-                       r"the checkpoint and \(64, 3, 7, 7\) in resnet18; no backbone here fits it"):  # fmt: skip
+    with pytest.raises(
+        WeightsError,
+        match=r"alien\.pth does not fit resnet18: 'conv1\.weight' is \(8, 3, 3, 3\) in "
+        r"the checkpoint and \(64, 3, 7, 7\) in resnet18; no backbone here fits it",
+    ):
         backbone.describe("resnet18", str(alien))
 
 
@@ -169,15 +219,25 @@ def test_keys_under_a_prefix_that_one_strip_cannot_remove(tmp_path):
     state = torchvision.models.resnet18(weights=None).state_dict()
     nested = tmp_path / "nested.pth"
     torch.save({"module.backbone." + k: v for k, v in state.items()}, nested)
-    with pytest.raises(WeightsError, match=r"nested\.pth has keys with an unexpected prefix 'module\.backbone\.' "
-                       r"\(e\.g\. 'module\.backbone\.conv1\.weight'\) that stripping one common prefix does not "
-                       r"resolve for resnet18; save the backbone's own state dict"):  # fmt: skip
+    with pytest.raises(
+        WeightsError,
+        match=r"nested\.pth has keys with an unexpected prefix 'module\.backbone\.' "
+        r"\(e\.g\. 'module\.backbone\.conv1\.weight'\) that stripping one common prefix does not "
+        r"resolve for resnet18; save the backbone's own state dict",
+    ):
         backbone.describe("resnet18", str(nested))
     with_head = tmp_path / "with-head.pth"
-    torch.save({**{"backbone." + k: v for k, v in state.items()}, "head.weight": torch.zeros(5, 512)}, with_head)
-    outside = r"; keys outside it too \(e\.g\. 'head\.weight', 1 in all\); save the backbone's own state dict"
+    torch.save(
+        {**{"backbone." + k: v for k, v in state.items()}, "head.weight": torch.zeros(5, 512)},
+        with_head,
+    )
+    outside = (
+        r"; keys outside it too \(e\.g\. 'head\.weight', 1 in all\); "
+        r"save the backbone's own state dict"
+    )
     with pytest.raises(
-        WeightsError, match=r"with-head\.pth has keys with an unexpected prefix 'backbone\.' .*" + outside
+        WeightsError,
+        match=r"with-head\.pth has keys with an unexpected prefix 'backbone\.' .*" + outside,
     ):
         backbone.describe("resnet18", str(with_head))
 
@@ -187,40 +247,71 @@ def test_a_classifier_that_does_not_fit_the_features(tmp_path):
     state["fc.weight"] = torch.zeros(10, 100)
     odd = tmp_path / "odd-fc.pth"
     torch.save(state, odd)
-    with pytest.raises(WeightsError, match=r"odd-fc\.pth does not fit resnet18: 'fc\.weight' takes 100 inputs in the "
-                       r"checkpoint and 512 in resnet18; pass the matching --backbone"):  # fmt: skip
+    with pytest.raises(
+        WeightsError,
+        match=r"odd-fc\.pth does not fit resnet18: 'fc\.weight' takes 100 inputs in the "
+        r"checkpoint and 512 in resnet18; pass the matching --backbone",
+    ):
         backbone.build(backbone.describe("resnet18", str(odd)))
 
 
 def test_unknown_names():
     with pytest.raises(
         ConfigError,
-        match=r"unknown backbone 'resnet19'; did you mean resnet18.*\? `pipeline backbones` lists the torchvision "
-        r"models \(e\.g\. resnet18, resnet34, convnext_tiny, vit_b_16\), and timm:NAME takes a timm model",
+        match=r"unknown backbone 'resnet19'; did you mean resnet18.*\? `pipeline backbones` lists "
+        r"the torchvision "
+        r"models \(e\.g\. resnet18, resnet34, convnext_tiny, vit_b_16\), and timm:NAME takes a "
+        r"timm model",
     ):
         backbone.describe("resnet19", "none")
     with pytest.raises(
         ConfigError,
-        match=r"unknown weights 'IMAGENET1K_V9' for resnet50; choose one of: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, "
+        match=r"unknown weights 'IMAGENET1K_V9' for resnet50; choose one of: IMAGENET1K_V1, "
+        r"IMAGENET1K_V2, DEFAULT, "
         r"none, or a path to a checkpoint",
     ):
         backbone.describe("resnet50", "IMAGENET1K_V9")
 
 
-# One model of each torchvision family (the rest share their family's code): the fast tests take the small
+# One model of each torchvision family (the rest share their family's code): the fast tests take the
+# small
 # ones at 32 px, `make test` the others at the smallest size they accept.
 FAMILIES = {
-    "squeezenet1_1": 32, "mobilenet_v3_small": 32, "shufflenet_v2_x0_5": 32, "regnet_x_400mf": 32,
-    "efficientnet_b0": 32, "mnasnet0_5": 32, "convnext_tiny": 32, "densenet121": 32, "swin_t": 32, "vit_b_16": 32,
-    "googlenet": 32, "vgg11": 32, "alexnet": 64, "efficientnet_v2_s": 32, "inception_v3": 75, "maxvit_t": 224,
-}  # fmt: skip
-FAST_FAMILIES = ("squeezenet1_1", "mobilenet_v3_small", "regnet_x_400mf", "efficientnet_b0", "shufflenet_v2_x0_5")
+    "squeezenet1_1": 32,
+    "mobilenet_v3_small": 32,
+    "shufflenet_v2_x0_5": 32,
+    "regnet_x_400mf": 32,
+    "efficientnet_b0": 32,
+    "mnasnet0_5": 32,
+    "convnext_tiny": 32,
+    "densenet121": 32,
+    "swin_t": 32,
+    "vit_b_16": 32,
+    "googlenet": 32,
+    "vgg11": 32,
+    "alexnet": 64,
+    "efficientnet_v2_s": 32,
+    "inception_v3": 75,
+    "maxvit_t": 224,
+}
+FAST_FAMILIES = (
+    "squeezenet1_1",
+    "mobilenet_v3_small",
+    "regnet_x_400mf",
+    "efficientnet_b0",
+    "shufflenet_v2_x0_5",
+)
 
 
 def _final_layer_input(reference: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What a plain torchvision model feeds its last Linear (or SqueezeNet's last Conv2d, pooled)."""
+    """What a plain torchvision model feeds its last Linear (or SqueezeNet's last Conv2d,
+    pooled)."""
     linear = [m for m in reference.modules() if isinstance(m, torch.nn.Linear)]
-    layer = linear[-1] if linear else [m for m in reference.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    layer = (
+        linear[-1]
+        if linear
+        else [m for m in reference.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    )
     captured = {}
     layer.register_forward_hook(lambda module, inputs, output: captured.setdefault("x", inputs[0]))
     with torch.inference_mode():
@@ -244,12 +335,14 @@ def test_every_family_gives_the_input_of_its_final_layer(name):
         features = model(x)
     assert features.shape == (2, model.dim)
     torch.testing.assert_close(features, _final_layer_input(reference, x), rtol=0, atol=1e-5)
-    assert spec.layer.startswith("input of ") and (model.classifier is None) == (name == "squeezenet1_1")
+    assert spec.layer.startswith("input of ") and (model.classifier is None) == (
+        name == "squeezenet1_1"
+    )
 
 
 def test_every_torchvision_classification_model_has_a_final_layer_of_its_classes():
-    """The one rule holds for every model torchvision lists: its last Linear (or Conv2d) maps to the 1,000
-    ImageNet classes, so what feeds it is the penultimate vector."""
+    """The one rule holds for every model torchvision lists: its last Linear (or Conv2d) maps to the
+    1,000 ImageNet classes, so what feeds it is the penultimate vector."""
     for name in architectures.available():
         parts = architectures.anatomy(name)
         assert parts.kind in ("Linear", "Conv2d") and parts.dim > 0, name
@@ -257,12 +350,19 @@ def test_every_torchvision_classification_model_has_a_final_layer_of_its_classes
 
 
 def test_a_size_the_model_cannot_take_is_refused_before_anything_runs():
-    with pytest.raises(ConfigError, match=r"backbone maxvit_t cannot take 32-pixel crops \(.*\); pass another "
-                       r"--image-size \(or leave it out for the weights' own size\)"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"backbone maxvit_t cannot take 32-pixel crops \(.*\); pass another "
+        r"--image-size \(or leave it out for the weights' own size\)",
+    ):
         backbone.describe("maxvit_t", "none", image_size=32)
-    with pytest.raises(ConfigError, match=r"backbone vit_b_16 cannot take 64-pixel crops \(Wrong image height"):
+    with pytest.raises(
+        ConfigError, match=r"backbone vit_b_16 cannot take 64-pixel crops \(Wrong image height"
+    ):
         backbone.describe("vit_b_16", "DEFAULT", image_size=64)  # its weights are made for 224
-    assert backbone.describe("vit_b_16", "none", image_size=64).crop_size == 64  # random weights take any size
+    assert (
+        backbone.describe("vit_b_16", "none", image_size=64).crop_size == 64
+    )  # random weights take any size
 
 
 def test_a_vit_checkpoint_loads_and_reports_a_shape_mismatch_by_key(tmp_path):
@@ -270,8 +370,11 @@ def test_a_vit_checkpoint_loads_and_reports_a_shape_mismatch_by_key(tmp_path):
     torch.save({"model." + k: v for k, v in state.items()}, tmp_path / "vit.pth")
     model = backbone.build(backbone.describe("vit_b_32", str(tmp_path / "vit.pth")))
     torch.testing.assert_close(model.classifier.weight, state["heads.head.weight"])
-    with pytest.raises(WeightsError, match=r"vit\.pth does not fit vit_b_16: 'conv_proj\.weight' is \(768, 3, 32, 32\) "
-                       r"in the checkpoint and \(768, 3, 16, 16\) in vit_b_16; its shapes fit vit_b_32"):  # fmt: skip
+    with pytest.raises(
+        WeightsError,
+        match=r"vit\.pth does not fit vit_b_16: 'conv_proj\.weight' is \(768, 3, 32, 32\) "
+        r"in the checkpoint and \(768, 3, 16, 16\) in vit_b_16; its shapes fit vit_b_32",
+    ):
         backbone.describe("vit_b_16", str(tmp_path / "vit.pth"))
 
 
@@ -292,8 +395,12 @@ def test_timm_features_are_its_pre_logits(tmp_path):
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(model.classifier(model(x)), reference(x), rtol=0, atol=1e-5)
     assert model.dim == 512 and spec.layer.startswith("timm forward_head")
-    torch.save({"backbone." + k: v for k, v in reference.state_dict().items()}, tmp_path / "timm.pth")
-    loaded = backbone.build(backbone.describe("timm:resnet18", str(tmp_path / "timm.pth"), image_size=32))
+    torch.save(
+        {"backbone." + k: v for k, v in reference.state_dict().items()}, tmp_path / "timm.pth"
+    )
+    loaded = backbone.build(
+        backbone.describe("timm:resnet18", str(tmp_path / "timm.pth"), image_size=32)
+    )
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-5)
 
@@ -315,12 +422,20 @@ def test_timm_errors_name_the_fix(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(WeightsError, match=r"cannot download the weights of timm:resnet18 from timm/resnet18\.a1_in1k "
-                       r"\(.*\); either download them into the Hugging Face cache .* or pass --weights"):  # fmt: skip
+    with pytest.raises(
+        WeightsError,
+        match=r"cannot download the weights of timm:resnet18 from timm/resnet18\.a1_in1k "
+        r"\(.*\); either download them into the Hugging Face cache .* or pass --weights",
+    ):
         backbone.build(backbone.describe("timm:resnet18", "DEFAULT"))
-    with pytest.raises(ConfigError, match=r"unknown timm model 'resnt18'; did you mean timm:resnet18"):
+    with pytest.raises(
+        ConfigError, match=r"unknown timm model 'resnt18'; did you mean timm:resnet18"
+    ):
         backbone.describe("timm:resnt18", "none")
-    with pytest.raises(ConfigError, match=r"unknown weights 'in1k' for timm:resnet18; choose DEFAULT, none, or a path"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown weights 'in1k' for timm:resnet18; choose DEFAULT, none, or a path",
+    ):
         backbone.describe("timm:resnet18", "in1k")
 
 
@@ -330,5 +445,8 @@ def test_without_timm_the_error_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     timm_models.meta_model.cache_clear()
     timm_models.anatomy.cache_clear()
-    with pytest.raises(ConfigError, match=r"--backbone timm:NAME needs the timm package; install it with pip install "):
+    with pytest.raises(
+        ConfigError,
+        match=r"--backbone timm:NAME needs the timm package; install it with pip install ",
+    ):
         backbone.describe("timm:resnet34", "none")

@@ -1,5 +1,5 @@
-"""Faults of the cache stage, through the real command line: a full disk, a file size limit, kill -9,
-SIGTERM, read-only file systems, rows that read back wrong, and every malformed cache file."""
+"""Faults of the cache stage, through the real command line: a full disk, a file size limit, kill
+-9, SIGTERM, read-only file systems, rows that read back wrong, and every malformed cache file."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def cache(faults_cache: Path) -> Path:
 @pytest.mark.slow
 def test_a_file_size_limit_stops_the_run_up_front_and_keeps_the_old_cache(tmp_path):
     """`ulimit -f` (EFBIG, invisible to free-space checks): one line, exit 2, before any row is
-    computed; the previous complete cache untouched; without the limit the same command builds it."""
+    computed; the previous complete cache untouched; without the limit the same command builds it.
+    """
     root = make_folder(tmp_path / "img", classes=("a", "b"), per_class=30, size=(24, 24))
     out = tmp_path / "c.h5"
     small = make_folder(tmp_path / "small", per_class=3)
@@ -57,7 +58,9 @@ def test_a_file_size_limit_stops_the_run_up_front_and_keeps_the_old_cache(tmp_pa
     before = digest(out)
     failed = run_cli("features", "--data", str(root), *FAST, "--out", str(out), limit_bytes=100_000)
     assert failed.returncode == 2
-    assert_one_line_error(failed.stderr, r"cannot write .*c\.h5\.partial: File too large \(needs about [\d.]+ MB")
+    assert_one_line_error(
+        failed.stderr, r"cannot write .*c\.h5\.partial: File too large \(needs about [\d.]+ MB"
+    )
     assert digest(out) == before, "the complete cache was not replaced"
     assert "backbone:" not in failed.stderr, "refused before the model was built"
     rebuilt = run_cli("features", "--data", str(root), *FAST, "--out", str(out))
@@ -120,7 +123,9 @@ def test_verification_catches_rows_that_read_back_wrong(tmp_path, folder):
 
     cache_writer.CacheWriter.finish = corrupt_then_finish
     try:
-        with pytest.raises(CacheError, match=r"failed verification: row 3 reads back different.*rerun the same"):
+        with pytest.raises(
+            CacheError, match=r"failed verification: row 3 reads back different.*rerun the same"
+        ):
             stage.run(cfg)
     finally:
         cache_writer.CacheWriter.finish = original
@@ -153,7 +158,9 @@ def test_sigterm_stops_like_ctrl_c_and_the_rerun_resumes(tmp_path):
     job.send_signal(signal.SIGTERM)
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 130 and "Traceback" not in stderr
-    assert_one_line_error(stderr, r"interrupted: \d+ of 20 rows are saved in .*c\.h5\.partial; rerun the same")
+    assert_one_line_error(
+        stderr, r"interrupted: \d+ of 20 rows are saved in .*c\.h5\.partial; rerun the same"
+    )
     rerun = run_cli("features", "--data", str(root), *FAST, "--batch-size", "2", "--out", str(out))
     assert rerun.returncode == 0 and "resuming" in rerun.stderr
 
@@ -164,7 +171,17 @@ def test_a_signal_in_the_first_moments_prints_no_traceback(tmp_path, folder, lin
     """SIGINT as the run says its first, second or third line (listing the images, the weights, the
     backbone): events, not a clock, so a busy machine sends it at the same moment of the run."""
     job = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "features", "--data", str(folder), *FAST, "--out", str(tmp_path / "c.h5")],
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "features",
+            "--data",
+            str(folder),
+            *FAST,
+            "--out",
+            str(tmp_path / "c.h5"),
+        ],
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -186,7 +203,12 @@ def test_a_signal_in_the_first_moments_prints_no_traceback(tmp_path, folder, lin
 def test_an_interrupted_force_rebuild_is_resumed_by_force_and_named_without_it(tmp_path):
     root = make_folder(tmp_path / "img", per_class=10)
     out = tmp_path / "c.h5"
-    assert run_cli("features", "--data", str(root), *FAST, "--batch-size", "2", "--out", str(out)).returncode == 0
+    assert (
+        run_cli(
+            "features", "--data", str(root), *FAST, "--batch-size", "2", "--out", str(out)
+        ).returncode
+        == 0
+    )
     before = digest(out)
     job = start_slow(out, root, "--force")
     wait_rows(job, schema.partial_path(out), 4)
@@ -197,7 +219,9 @@ def test_an_interrupted_force_rebuild_is_resumed_by_force_and_named_without_it(t
     assert plain.returncode == 0 and digest(out) == before
     assert f"an interrupted --force rebuild ({done} of 20 rows) waits in" in plain.stderr
     assert "is current" not in plain.stderr
-    forced = run_cli("features", "--data", str(root), *FAST, "--batch-size", "2", "--out", str(out), "--force")
+    forced = run_cli(
+        "features", "--data", str(root), *FAST, "--batch-size", "2", "--out", str(out), "--force"
+    )
     assert forced.returncode == 0 and f"resuming {out}.partial at row {done} of 20" in forced.stderr
 
 
@@ -240,7 +264,9 @@ def _mutate(f: h5py.File, key: str) -> None:
         f["split"][0] = 5
     elif key == "classes":
         del f["classes"]
-        f.create_dataset("classes", data=np.array(["only"], dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset(
+            "classes", data=np.array(["only"], dtype=object), dtype=h5py.string_dtype()
+        )
 
 
 MALFORMED = {
@@ -268,7 +294,10 @@ def test_every_malformed_cache_is_one_line_in_info_head_and_features(cache, tmp_
     with h5py.File(bad, "r+") as f:
         _mutate(f, key)
     before = digest(bad)
-    for argv in (["info", str(bad)], ["head", "--features", str(bad), "--out", str(tmp_path / "r"), *HEAD]):
+    for argv in (
+        ["info", str(bad)],
+        ["head", "--features", str(bad), "--out", str(tmp_path / "r"), *HEAD],
+    ):
         code, err = main_here(argv)
         assert code == 2, err
         assert re.search(f"cache .*bad\\.h5 is malformed: {MALFORMED[key]}", err), err
@@ -276,7 +305,10 @@ def test_every_malformed_cache_is_one_line_in_info_head_and_features(cache, tmp_
 
 
 def test_a_random_cache_matches_the_synthetic_writer(tmp_path):
-    """write_cache (the tests' writer) produces files that validate: the schema check is not too strict."""
+    """write_cache (the tests' writer) produces files that validate: the schema check is not too
+    strict."""
     rng = np.random.default_rng(0)
-    path = write_cache(tmp_path / "s.h5", rng.normal(size=(12, 3)), np.arange(12) % 3, np.repeat([0, 1, 2], 4))
+    path = write_cache(
+        tmp_path / "s.h5", rng.normal(size=(12, 3)), np.arange(12) % 3, np.repeat([0, 1, 2], 4)
+    )
     assert read_features(path)["train"].X.shape == (4, 3)

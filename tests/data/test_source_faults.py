@@ -1,5 +1,6 @@
-"""The cache describes exactly its images: changed files, symlink loops, files reached twice, manifests
-with repeated rows, unreadable folders, FIFOs, non-UTF-8 names, CSV slips, binary configs."""
+"""The cache describes exactly its images: changed files, symlink loops, files reached twice,
+manifests with repeated rows, unreadable folders, FIFOs, non-UTF-8 names, CSV slips, binary configs.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from helpers.faults import (
     run_cli,
 )
 
-# --------------------------------------------------------- 2. the cache describes exactly its images
+# --------------------------------------------------------- 2. the cache describes exactly its
+# images
 
 
 def test_a_changed_image_is_detected_and_named(tmp_path):
@@ -30,13 +32,17 @@ def test_a_changed_image_is_detected_and_named(tmp_path):
     write_image(root / "dog" / "img01.png", (0, 0, 0))  # new pixels, new size and time
     said = []
     result = stage.run(tiny(data=str(root), out=str(out)), report=said.append)
-    assert result.status == "updated" and result.computed == 1  # only the changed image is extracted again
+    assert (
+        result.status == "updated" and result.computed == 1
+    )  # only the changed image is extracted again
     assert any("changed 1: dog/img01.png (size, modified)" in m for m in said), said
 
 
 @pytest.mark.slow
 def test_verify_content_catches_a_change_that_keeps_size_and_time(tmp_path):
-    root = make_folder(tmp_path / "img", per_class=4, ext=".bmp")  # uncompressed: a pixel edit keeps the size
+    root = make_folder(
+        tmp_path / "img", per_class=4, ext=".bmp"
+    )  # uncompressed: a pixel edit keeps the size
     out = tmp_path / "c.h5"
     cfg = tiny(data=str(root), out=str(out), verify_content=True)
     stage.run(cfg)
@@ -46,7 +52,9 @@ def test_verify_content_catches_a_change_that_keeps_size_and_time(tmp_path):
     data[-20] ^= 0xFF  # same size; then the old modification time is put back
     image.write_bytes(bytes(data))
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert stage.run(tiny(data=str(root), out=str(out))).status == "built", "size+time alone: a different cache"
+    assert stage.run(tiny(data=str(root), out=str(out))).status == "built", (
+        "size+time alone: a different cache"
+    )
     said = []
     stage.run(cfg, report=said.append)
     assert stage.run(cfg).status == "current"
@@ -55,7 +63,9 @@ def test_verify_content_catches_a_change_that_keeps_size_and_time(tmp_path):
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
     said = []
     result = stage.run(cfg, report=said.append)
-    assert result.status == "updated" and result.computed == 1  # the sha256 tells the one changed file
+    assert (
+        result.status == "updated" and result.computed == 1
+    )  # the sha256 tells the one changed file
     assert any("changed 1: cat/img00.bmp (content)" in m for m in said), said
 
 
@@ -132,8 +142,12 @@ def test_an_unreadable_folder_or_file_is_named(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"cannot read folder .*img/dog: Permission denied"):
         sources.scan_folder(root, 0.0, 0.0, 0)
     monkeypatch.setattr(sources.os, "scandir", real_scandir)
-    monkeypatch.setattr(sources.os, "access", lambda path, mode: not str(path).endswith("img01.png"))
-    with pytest.raises(DataError, match=r"image .*cat/img01\.png is not readable \(permission denied\)"):
+    monkeypatch.setattr(
+        sources.os, "access", lambda path, mode: not str(path).endswith("img01.png")
+    )
+    with pytest.raises(
+        DataError, match=r"image .*cat/img01\.png is not readable \(permission denied\)"
+    ):
         sources.scan_folder(root, 0.0, 0.0, 0)
 
 
@@ -141,7 +155,9 @@ def test_an_unreadable_folder_or_file_is_named(tmp_path, monkeypatch):
 def test_a_fifo_named_like_an_image_is_refused_up_front(tmp_path):
     root = make_folder(tmp_path / "img", per_class=3)
     os.mkfifo(root / "cat" / "pipe.jpg")
-    done = run_cli("features", "--data", str(root), *FAST, "--out", str(tmp_path / "c.h5"), timeout=60)
+    done = run_cli(
+        "features", "--data", str(root), *FAST, "--out", str(tmp_path / "c.h5"), timeout=60
+    )
     assert done.returncode == 2
     assert_one_line_error(done.stderr, r"pipe\.jpg is not a regular file \(a FIFO")
 
@@ -150,13 +166,18 @@ def test_a_file_name_that_is_not_utf8_is_named(tmp_path):
     root = make_folder(tmp_path / "img", per_class=3)
     shutil.copy(root / "cat" / "img00.png", os.fsencode(root / "cat") + b"/caf\xe9.png")
     code, err = main_here(["features", "--data", str(root), *FAST, "--out", str(tmp_path / "c.h5")])
-    assert code == 2 and r"file name b'caf\xe9.png'" in err and "is not valid UTF-8; rename it" in err
+    assert (
+        code == 2 and r"file name b'caf\xe9.png'" in err and "is not valid UTF-8; rename it" in err
+    )
 
 
 @pytest.mark.parametrize(
     ("content", "pattern"),
     [
-        ("path,label\ncaf\xe9.png,cat\n".encode("latin-1"), r"is not UTF-8 text \(byte 0xe9 at offset \d+\)"),
+        (
+            "path,label\ncaf\xe9.png,cat\n".encode("latin-1"),
+            r"is not UTF-8 text \(byte 0xe9 at offset \d+\)",
+        ),
         (b"path,label\na\0.png,cat\n", r"line \d+: contains a NUL byte"),
         (b"path,label\n" + b"x" * 200_000 + b",cat\n", r"line \d+: field larger than field limit"),
     ],
@@ -164,7 +185,9 @@ def test_a_file_name_that_is_not_utf8_is_named(tmp_path):
 def test_csv_encoding_and_format_slips_are_one_line(tmp_path, content, pattern):
     manifest = tmp_path / "m.csv"
     manifest.write_bytes(content)
-    code, err = main_here(["features", "--data", str(manifest), *FAST, "--out", str(tmp_path / "c.h5")])
+    code, err = main_here(
+        ["features", "--data", str(manifest), *FAST, "--out", str(tmp_path / "c.h5")]
+    )
     assert code == 2 and re.search(pattern, err), err
 
 

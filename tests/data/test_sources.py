@@ -25,7 +25,12 @@ def test_flat_folder_gets_stratified_test_and_val_carved(tmp_path):
         assert sorted(np.unique(samples.labels[samples.split == code])) == [0, 1, 2]
     assert np.all(np.diff(samples.split) >= 0), "rows are ordered by split"
     assert set(samples.carved) == {"test", "val"}
-    assert samples.carved["val"] == {"from": "train", "fraction": 0.25, "seed": 0, "stratified": True}
+    assert samples.carved["val"] == {
+        "from": "train",
+        "fraction": 0.25,
+        "seed": 0,
+        "stratified": True,
+    }
 
 
 def test_split_is_deterministic_and_seeded(tmp_path):
@@ -43,7 +48,9 @@ def test_split_folders_keep_official_splits_and_carve_only_val(tmp_path):
     assert list(samples.carved) == ["val"]
     test_ids = [i for i, s in zip(samples.ids, samples.split, strict=True) if s == 2]
     assert all(i.startswith("test/") for i in test_ids)
-    assert samples.ids[0] == "train/cat/train00.png"  # ids are relative: moving the folder keeps the cache
+    assert (
+        samples.ids[0] == "train/cat/train00.png"
+    )  # ids are relative: moving the folder keeps the cache
 
 
 def test_official_val_folder_is_used_as_is(tmp_path):
@@ -96,7 +103,10 @@ def test_digits_demo_is_written_once_as_an_image_folder(tmp_path):
     assert samples.split_sizes()["test"] == 451
     stamp = (tmp_path / "digits" / "train").stat().st_mtime_ns
     again = load_samples(dataset="DIGITS", root=str(tmp_path))
-    assert again.digest() == samples.digest() and (tmp_path / "digits" / "train").stat().st_mtime_ns == stamp
+    assert (
+        again.digest() == samples.digest()
+        and (tmp_path / "digits" / "train").stat().st_mtime_ns == stamp
+    )
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "1", "LA"])
@@ -132,18 +142,24 @@ def test_corrupt_and_fake_images_raise_with_their_path(tmp_path):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(MissingError, match=r"data folder .*nope does not exist; expected ROOT/<class>/<image>"):
+    with pytest.raises(
+        MissingError, match=r"data folder .*nope does not exist; expected ROOT/<class>/<image>"
+    ):
         load_samples(data=str(tmp_path / "nope"))
 
 
 def test_empty_folder(tmp_path):
-    with pytest.raises(DataError, match=r"contains no class folders; expected ROOT/<class>/<image>"):
+    with pytest.raises(
+        DataError, match=r"contains no class folders; expected ROOT/<class>/<image>"
+    ):
         load_samples(data=str(tmp_path))
 
 
 def test_images_without_class_folders(tmp_path):
     write_image(tmp_path / "a.png", (1, 2, 3))
-    with pytest.raises(DataError, match=r"found 1 images directly in it; move them into class folders"):
+    with pytest.raises(
+        DataError, match=r"found 1 images directly in it; move them into class folders"
+    ):
         load_samples(data=str(tmp_path))
 
 
@@ -151,13 +167,17 @@ def test_class_folder_without_images(tmp_path):
     make_folder(tmp_path, per_class=2)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    with pytest.raises(DataError, match=r"class folder .*empty contains no images; add images or remove the folder"):
+    with pytest.raises(
+        DataError, match=r"class folder .*empty contains no images; add images or remove the folder"
+    ):
         load_samples(data=str(tmp_path))
 
 
 def test_fewer_than_two_classes(tmp_path):
     make_folder(tmp_path, classes=("only",), per_class=3)
-    with pytest.raises(DataError, match=r"has 1 class \(only\); a classifier needs at least two classes"):
+    with pytest.raises(
+        DataError, match=r"has 1 class \(only\); a classifier needs at least two classes"
+    ):
         load_samples(data=str(tmp_path))
 
 
@@ -171,17 +191,23 @@ def test_split_layout_with_a_stray_folder(tmp_path):
 def test_csv_row_with_missing_file(tmp_path):
     write_image(tmp_path / "a.png", (1, 2, 3))
     (tmp_path / "m.csv").write_text("path,label\na.png,x\nb.png,y\nc.png,y\n")
-    with pytest.raises(MissingError, match=r"m\.csv line 3: image .*b\.png does not exist \(and 1 more rows\); fix"):
+    with pytest.raises(
+        MissingError, match=r"m\.csv line 3: image .*b\.png does not exist \(and 1 more rows\); fix"
+    ):
         load_samples(data=str(tmp_path / "m.csv"))
 
 
 def test_csv_bad_header_and_split(tmp_path):
     (tmp_path / "h.csv").write_text("file,class\na.png,x\n")
-    with pytest.raises(DataError, match=r"has columns \['file', 'class'\]; expected a header row path,label"):
+    with pytest.raises(
+        DataError, match=r"has columns \['file', 'class'\]; expected a header row path,label"
+    ):
         load_samples(data=str(tmp_path / "h.csv"))
     write_image(tmp_path / "a.png", (1, 2, 3))
     (tmp_path / "s.csv").write_text("path,label,split\na.png,x,holdout\n")
-    with pytest.raises(DataError, match=r"s\.csv line 2: split 'holdout' is not one of train, val, test"):
+    with pytest.raises(
+        DataError, match=r"s\.csv line 2: split 'holdout' is not one of train, val, test"
+    ):
         load_samples(data=str(tmp_path / "s.csv"))
 
 

@@ -24,11 +24,18 @@ def _two_runs(tmp_path, same_test: bool):
     split = np.repeat(np.array([0, 1, 2], dtype=np.int8), [240, 80, 80])
     other = split if same_test else np.repeat(np.array([0, 1, 2], dtype=np.int8), [200, 80, 120])
     a = write_cache(tmp_path / "a.h5", X, y, split, fingerprint={"backbone": "A"})
-    b = write_cache(tmp_path / "b.h5", X + np.random.default_rng(1).normal(0, 6.0, X.shape), y, other,
-                    fingerprint={"backbone": "B"})  # fmt: skip
+    b = write_cache(
+        tmp_path / "b.h5",
+        X + np.random.default_rng(1).normal(0, 6.0, X.shape),
+        y,
+        other,
+        fingerprint={"backbone": "B"},
+    )
     runs = []
     for name, cache in (("a", a), ("b", b)):
-        cfg = HeadConfig(features=str(cache), out=str(tmp_path / "runs" / name), grid=(0.1, 1.0), progress=False)
+        cfg = HeadConfig(
+            features=str(cache), out=str(tmp_path / "runs" / name), grid=(0.1, 1.0), progress=False
+        )
         protocol.run(cfg, cell={"dataset": "toy", "backbone": name.upper(), "head": "logreg"})
         runs.append(compare.load_run(tmp_path / "runs" / name))
     return runs
@@ -62,7 +69,8 @@ def test_paired_comparison_says_who_wins_only_when_significant(tmp_path):
 def test_runs_on_different_test_sets_are_not_paired(tmp_path, capsys):
     a, b = _two_runs(tmp_path, same_test=False)
     with pytest.raises(
-        DataError, match=r"cannot pair .*a and .*b: they were scored on different test sets \(80 vs 120"
+        DataError,
+        match=r"cannot pair .*a and .*b: they were scored on different test sets \(80 vs 120",
     ):
         compare.pair(a, b)
     assert compare.comparisons([a, b]) == []
@@ -71,11 +79,15 @@ def test_runs_on_different_test_sets_are_not_paired(tmp_path, capsys):
 
 
 def test_compare_errors(tmp_path):
-    with pytest.raises(Exception, match=r"no result\.json under .*; run `pipeline head` or a study first"):
+    with pytest.raises(
+        Exception, match=r"no result\.json under .*; run `pipeline head` or a study first"
+    ):
         compare.gather([tmp_path])
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "result.json").write_text(json.dumps({"schema": 0}))
-    with pytest.raises(CacheError, match=r"result .*old/result\.json has schema 0, this pipeline reads 1; rerun"):
+    with pytest.raises(
+        CacheError, match=r"result .*old/result\.json has schema 0, this pipeline reads 1; rerun"
+    ):
         compare.gather([tmp_path])
 
 
@@ -90,17 +102,36 @@ def test_long_tailed_runs_are_compared_within_each_frequency_group(tmp_path):
         split.append(np.full(len(labels), code, dtype=np.int8))
     cache = write_cache(tmp_path / "lt.h5", np.vstack(X), np.concatenate(y), np.concatenate(split))
     for head, extra in (("plain", {}), ("adjusted", {"logit_adjust": "1"})):
-        cfg = HeadConfig(features=str(cache), out=str(tmp_path / "runs" / head), grid=(0.1,), imbalance_ratio=100.0,
-                         imbalance_order="frequency", progress=False, bootstrap=0, **extra)  # fmt: skip
+        cfg = HeadConfig(
+            features=str(cache),
+            out=str(tmp_path / "runs" / head),
+            grid=(0.1,),
+            imbalance_ratio=100.0,
+            imbalance_order="frequency",
+            progress=False,
+            bootstrap=0,
+            **extra,
+        )
         protocol.run(cfg, cell={"dataset": "lt", "backbone": "g", "head": head})
-    balanced = HeadConfig(features=str(cache), out=str(tmp_path / "runs" / "balanced"), grid=(0.1,), progress=False,
-                          bootstrap=0)  # fmt: skip
+    balanced = HeadConfig(
+        features=str(cache),
+        out=str(tmp_path / "runs" / "balanced"),
+        grid=(0.1,),
+        progress=False,
+        bootstrap=0,
+    )
     protocol.run(balanced, cell={"dataset": "lt", "backbone": "g", "head": "all-rows"})
     everything = compare.gather([tmp_path / "runs"])
-    assert len(compare.comparisons(everything)) == 1, "runs trained on other rows (no long tail) are not paired"
+    assert len(compare.comparisons(everything)) == 1, (
+        "runs trained on other rows (no long tail) are not paired"
+    )
     runs = [r for r in everything if r.head != "all-rows"]
     # int(200 * 100 ** (-i / 9)): 200, 119, 71, 43, 25, 15, 9, 5, 3, 2 train images
-    assert compare.group_classes(runs[0]) == {"many": [0, 1], "medium": [2, 3, 4], "few": [5, 6, 7, 8, 9]}
+    assert compare.group_classes(runs[0]) == {
+        "many": [0, 1],
+        "medium": [2, 3, 4],
+        "few": [5, 6, 7, 8, 9],
+    }
     [paired] = compare.comparisons(runs)
     few = paired["groups"]["few"]
     _, y_test, pred_a = runs[0].predictions()
@@ -111,15 +142,23 @@ def test_long_tailed_runs_are_compared_within_each_frequency_group(tmp_path):
         (pred_a[rows] == y_test[rows]).mean() - (pred_b[rows] == y_test[rows]).mean()
     )
     rows_table = compare.summary_rows(runs)
-    assert {r["head"]: r["few_top1"] for r in rows_table}["adjusted"] > {r["head"]: r["few_top1"] for r in rows_table}[
-        "plain"
-    ]
+    assert {r["head"]: r["few_top1"] for r in rows_table}["adjusted"] > {
+        r["head"]: r["few_top1"] for r in rows_table
+    }["plain"]
     text = compare.markdown(rows_table, [paired], [], [])
     assert "## Top-1 (%) by class frequency" in text and "  - by group (A-B, McNemar p): " in text
 
 
 def test_runs_of_one_head_that_differ_in_post_hoc_settings_are_told_apart():
     assert compare.head_label({"head": "knn"}) == "knn"
-    config = {"head": "logreg", "imbalance_ratio": 10.0, "logit_adjust": "auto", "calibrate": "temperature"}
-    assert compare.head_label(config) == "logreg + long tail R=10 + logit adjust auto + calibrated (temperature)"
+    config = {
+        "head": "logreg",
+        "imbalance_ratio": 10.0,
+        "logit_adjust": "auto",
+        "calibrate": "temperature",
+    }
+    assert (
+        compare.head_label(config)
+        == "logreg + long tail R=10 + logit adjust auto + calibrated (temperature)"
+    )
     assert compare.head_label({"head": "torch", "views": True}) == "torch + augmented views"

@@ -14,7 +14,8 @@ def test_metrics_by_hand():
     assert metrics.top_k_accuracy(y, proba, 1) == 0.5
     assert metrics.top_k_accuracy(y, proba, 2) == 1.0  # row 2's label is its second choice
     rel = metrics.reliability(y, proba, bins=10)
-    # confidences 0.9 (right), 0.7 (wrong), 0.8 (right), 0.5 (wrong): |1-.9|+|0-.7|+|1-.8|+|0-.5| over 4
+    # confidences 0.9 (right), 0.7 (wrong), 0.8 (right), 0.5 (wrong): |1-.9|+|0-.7|+|1-.8|+|0-.5|
+    # over 4
     assert rel["ece"] == pytest.approx((0.1 + 0.7 + 0.2 + 0.5) / 4)
     scores = metrics.evaluate(y, proba, ["a", "b", "c"])
     assert scores["top1"] == 0.5 and scores["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0) / 3)

@@ -72,7 +72,10 @@ def test_cache_file_describes_itself(folder, tmp_path):
         assert f["logits"].shape == (10, 1000)
         features, logits = f["features"][...], f["logits"][...]
     fs = read_features(cfg.out)
-    assert fs.fingerprint["backbone"] == "resnet18" and fs.fingerprint["weights"] == "none (random init, seed 0)"
+    assert (
+        fs.fingerprint["backbone"] == "resnet18"
+        and fs.fingerprint["weights"] == "none (random init, seed 0)"
+    )
     assert fs.config["image_size"] == 32 and fs.attrs["versions"]
     assert sum(len(s) for s in fs.splits.values()) == 10
     model = backbone.build(backbone.describe("resnet18", "none"))
@@ -83,7 +86,9 @@ def test_cache_file_describes_itself(folder, tmp_path):
 def test_current_cache_is_not_recomputed(folder, tmp_path, monkeypatch):
     cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"))
     stage.run(cfg)
-    monkeypatch.setattr(backbone, "build", lambda *a, **k: pytest.fail("a current cache must not build the model"))
+    monkeypatch.setattr(
+        backbone, "build", lambda *a, **k: pytest.fail("a current cache must not build the model")
+    )
     said, report = _messages()
     result = stage.run(cfg, report=report)
     assert result.status == "current" and result.computed == 0
@@ -101,12 +106,24 @@ def test_changed_fingerprint_rebuilds_and_lists_every_difference(folder, tmp_pat
         match=r"was built differently \(preprocessing: .*crop_size=\[32\].* -> .*"
         r"crop_size=\[40\].*; store_dtype: 'float32' -> 'float16'\); pass --on-mismatch rebuild",
     ):
-        stage.run(tiny(data=str(folder), out=cfg.out, image_size=40, store_dtype="float16", on_mismatch="refuse"))
+        stage.run(
+            tiny(
+                data=str(folder),
+                out=cfg.out,
+                image_size=40,
+                store_dtype="float16",
+                on_mismatch="refuse",
+            )
+        )
     said, report = _messages()
     assert stage.run(changed, report=report).status == "built"
-    assert any("built differently, rebuilding: preprocessing:" in m and "store_dtype" in m for m in said)
+    assert any(
+        "built differently, rebuilding: preprocessing:" in m and "store_dtype" in m for m in said
+    )
     after = read_features(cfg.out)
-    assert after["train"].X.dtype == np.float16 and not np.allclose(after["train"].X, before, atol=1e-2)
+    assert after["train"].X.dtype == np.float16 and not np.allclose(
+        after["train"].X, before, atol=1e-2
+    )
 
 
 def test_force_rebuilds_a_current_cache(folder, tmp_path):
@@ -116,7 +133,9 @@ def test_force_rebuilds_a_current_cache(folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupt_keeps_rows_and_the_rerun_resumes_to_the_same_features(folder, tmp_path, monkeypatch):
+def test_interrupt_keeps_rows_and_the_rerun_resumes_to_the_same_features(
+    folder, tmp_path, monkeypatch
+):
     reference = tiny(data=str(folder), out=str(tmp_path / "ref.h5"), batch_size=2)
     stage.run(reference)
     cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"), batch_size=2)
@@ -129,10 +148,15 @@ def test_interrupt_keeps_rows_and_the_rerun_resumes_to_the_same_features(folder,
         real_write(self, *args, **kwargs)
 
     monkeypatch.setattr(cache_writer.CacheWriter, "write", write_then_ctrl_c)
-    with pytest.raises(Interrupted, match=r"interrupted: 4 of 10 rows are saved in .*c\.h5\.partial; rerun the same"):
+    with pytest.raises(
+        Interrupted,
+        match=r"interrupted: 4 of 10 rows are saved in .*c\.h5\.partial; rerun the same",
+    ):
         stage.run(cfg)
     assert not Path(cfg.out).exists(), "the final name appears only when the file is complete"
-    with pytest.raises(CacheError, match=r"cache .*c\.h5 is incomplete \(4 of 10 rows in .*c\.h5\.partial\); rerun"):
+    with pytest.raises(
+        CacheError, match=r"cache .*c\.h5 is incomplete \(4 of 10 rows in .*c\.h5\.partial\); rerun"
+    ):
         read_features(cfg.out)
     monkeypatch.setattr(cache_writer.CacheWriter, "write", real_write)
     said, report = _messages()
@@ -140,7 +164,9 @@ def test_interrupt_keeps_rows_and_the_rerun_resumes_to_the_same_features(folder,
     assert result.status == "resumed" and result.computed == 6
     assert any("resuming" in m and "at row 4 of 10" in m for m in said)
     assert not schema.partial_path(cfg.out).exists()
-    np.testing.assert_array_equal(read_features(cfg.out)["train"].X, read_features(reference.out)["train"].X)
+    np.testing.assert_array_equal(
+        read_features(cfg.out)["train"].X, read_features(reference.out)["train"].X
+    )
 
 
 _SLOW_RUN = SLOW_WRITES + "from pipeline import cli\nsys.exit(cli.main(sys.argv[1:]))\n"
@@ -149,11 +175,22 @@ _SLOW_RUN = SLOW_WRITES + "from pipeline import cli\nsys.exit(cli.main(sys.argv[
 @pytest.mark.slow
 def test_kill_9_then_rerun_resumes_to_the_same_features(tmp_path):
     root = make_folder(tmp_path / "img", per_class=8)
-    flags = ["--data", str(root), "--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
+    flags = [
+        "--data",
+        str(root),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+    ]
     flags += ["--batch-size", "2", "--workers", "0", "--no-progress", "--val-fraction", "0.25"]
     out = tmp_path / "c.h5"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    job = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, "features", *flags, "--out", str(out)], env=env)
+    job = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_RUN, "features", *flags, "--out", str(out)], env=env
+    )
     partial = schema.partial_path(out)
     deadline = time.monotonic() + 60
     while rows_done(partial) < 4 and time.monotonic() < deadline and job.poll() is None:
@@ -180,7 +217,8 @@ def test_a_second_writer_stops_with_a_clear_message(folder, tmp_path):
     with (
         fsutil.locked(cfg.out),
         pytest.raises(
-            CacheError, match=rf"another run \(pid {os.getpid()}\) is writing .*c\.h5; wait for it to finish"
+            CacheError,
+            match=rf"another run \(pid {os.getpid()}\) is writing .*c\.h5; wait for it to finish",
         ),
     ):
         stage.run(cfg)
@@ -198,11 +236,18 @@ def _with_bad_images(root: Path) -> Path:
 
 def test_bad_images_stop_the_run_with_their_paths_and_keep_earlier_rows(tmp_path):
     root = _with_bad_images(tmp_path / "img")
-    cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"), batch_size=3, val_fraction=0.0, test_fraction=0.0)
+    cfg = tiny(
+        data=str(root),
+        out=str(tmp_path / "c.h5"),
+        batch_size=3,
+        val_fraction=0.0,
+        test_fraction=0.0,
+    )
     with pytest.raises(
         BadImageError,
         match=r"cannot read 1 image\(s\): .*cat/img01\.png: cannot identify image file; "
-        r"fix or remove them, or rerun with --skip-bad-images .*\(1 rows saved, the rerun resumes\)",
+        r"fix or remove them, or rerun with --skip-bad-images "
+        r".*\(1 rows saved, the rerun resumes\)",
     ):
         stage.run(cfg)
     assert rows_done(schema.partial_path(cfg.out)) == 1 and not Path(cfg.out).exists()
@@ -210,7 +255,13 @@ def test_bad_images_stop_the_run_with_their_paths_and_keep_earlier_rows(tmp_path
 
 def test_skip_bad_images_records_them(tmp_path):
     root = _with_bad_images(tmp_path / "img")
-    cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"), skip_bad_images=True, val_fraction=0.0, test_fraction=0.0)
+    cfg = tiny(
+        data=str(root),
+        out=str(tmp_path / "c.h5"),
+        skip_bad_images=True,
+        val_fraction=0.0,
+        test_fraction=0.0,
+    )
     said, report = _messages()
     result = stage.run(cfg, report=report)
     assert sorted(result.skipped) == ["cat/img01.png", "dog/zz.jpg"]
@@ -226,7 +277,9 @@ def test_odd_image_modes_simply_work(tmp_path):
     root = make_folder(tmp_path / "img", per_class=2)
     rgb = np.asarray(Image.open(root / "cat" / "img00.png"))
     Image.fromarray(rgb).convert("L").save(root / "cat" / "gray.png")
-    Image.fromarray(np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint16) * 257).save(root / "cat" / "g16.png")
+    Image.fromarray(np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint16) * 257).save(
+        root / "cat" / "g16.png"
+    )
     Image.fromarray(rgb).convert("RGBA").save(root / "dog" / "rgba.png")
     Image.fromarray(rgb).convert("P").save(root / "dog" / "palette.png")
     Image.fromarray(rgb).convert("CMYK").save(root / "dog" / "cmyk.jpg")
@@ -262,7 +315,8 @@ def test_float16_overflow_is_refused(tmp_path):
         store_dtype="float16",
     )
     with pytest.raises(
-        CacheError, match=r"feature values reach 1e\+05, beyond float16's 65504; rerun with --store-dtype"
+        CacheError,
+        match=r"feature values reach 1e\+05, beyond float16's 65504; rerun with --store-dtype",
     ):
         writer.write(0, np.array([[1e5, 0.0]], dtype=np.float32))
     writer.close()
@@ -271,7 +325,10 @@ def test_float16_overflow_is_refused(tmp_path):
 def test_explicit_cuda_without_cuda_is_an_error(folder, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(DeviceError, match=r"--device cuda asked for, but CUDA is not available .*; use --device cpu"):
+    with pytest.raises(
+        DeviceError,
+        match=r"--device cuda asked for, but CUDA is not available .*; use --device cpu",
+    ):
         stage.run(tiny(data=str(folder), out=str(tmp_path / "c.h5"), device="cuda"))
     assert devices.choose_device("auto").type in {"cpu", "cuda", "mps"}
 
@@ -307,13 +364,30 @@ def test_decode_on_device_matches_cpu_decoding(tmp_path):
 def test_decode_on_device_reports_bad_jpegs(tmp_path):
     root = make_folder(tmp_path / "img", per_class=3, ext=".jpg")
     data = (root / "dog" / "img01.jpg").read_bytes()
-    (root / "dog" / "img01.jpg").write_bytes(data[: len(data) // 2])  # truncated: fails on the device
+    (root / "dog" / "img01.jpg").write_bytes(
+        data[: len(data) // 2]
+    )  # truncated: fails on the device
     (root / "cat" / "img02.jpg").write_text("not a jpeg")  # no JPEG marker: fails in the worker
-    cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"), decode="device", val_fraction=0.0, test_fraction=0.0)
-    with pytest.raises(BadImageError, match=r"cannot read 1 image\(s\): .*cat/img02\.jpg: cannot identify image file"):
+    cfg = tiny(
+        data=str(root),
+        out=str(tmp_path / "c.h5"),
+        decode="device",
+        val_fraction=0.0,
+        test_fraction=0.0,
+    )
+    with pytest.raises(
+        BadImageError,
+        match=r"cannot read 1 image\(s\): .*cat/img02\.jpg: cannot identify image file",
+    ):
         stage.run(cfg)
-    skip = tiny(data=str(root), out=str(tmp_path / "c.h5"), decode="device", skip_bad_images=True,
-                val_fraction=0.0, test_fraction=0.0)  # fmt: skip
+    skip = tiny(
+        data=str(root),
+        out=str(tmp_path / "c.h5"),
+        decode="device",
+        skip_bad_images=True,
+        val_fraction=0.0,
+        test_fraction=0.0,
+    )
     assert sorted(stage.run(skip).skipped) == ["cat/img02.jpg", "dog/img01.jpg"]
     assert "dog/img01.jpg" in cache_reader.summary(skip.out)["skipped"]
 
@@ -328,9 +402,14 @@ def test_compile_flag_compiles_the_backbone(folder, tmp_path, monkeypatch):
 
 
 def test_errors_in_the_writer_thread_reach_the_caller(tmp_path, monkeypatch):
-    """A float16 overflow is detected while writing, on the background thread; the run still stops with it."""
+    """A float16 overflow is detected while writing, on the background thread; the run still stops
+    with it."""
     root = make_folder(tmp_path / "img", per_class=2)
     real = cache_writer.CacheWriter.write
-    monkeypatch.setattr(cache_writer.CacheWriter, "write", lambda self, start, f, *a: real(self, start, f * 1e6, *a))
-    with pytest.raises(CacheError, match=r"beyond float16's 65504; rerun with --store-dtype float32"):
+    monkeypatch.setattr(
+        cache_writer.CacheWriter, "write", lambda self, start, f, *a: real(self, start, f * 1e6, *a)
+    )
+    with pytest.raises(
+        CacheError, match=r"beyond float16's 65504; rerun with --store-dtype float32"
+    ):
         stage.run(tiny(data=str(root), out=str(tmp_path / "c.h5"), store_dtype="float16"))

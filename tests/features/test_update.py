@@ -1,6 +1,6 @@
-"""Incremental caches: the same model on a changed image set reuses the rows of unchanged images, extracts
-only new or changed ones, drops removed ones, and ends equal to a build from scratch; carved splits stay
-put as images are added."""
+"""Incremental caches: the same model on a changed image set reuses the rows of unchanged images,
+extracts only new or changed ones, drops removed ones, and ends equal to a build from scratch;
+carved splits stay put as images are added."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def _rows(path) -> dict[str, np.ndarray]:
 
 
 def _grow(root, added: int = 10, modified: int = 2) -> None:
-    """`added` new images per the first class, and `modified` existing ones rewritten (new bytes, new mtime)."""
+    """`added` new images per the first class, and `modified` existing ones rewritten (new bytes,
+    new mtime)."""
     for n in range(added):
         write_image(root / "cat" / f"new{n:02d}.png", PALETTE[2], (30, 20))
     for path in sorted((root / "dog").glob("*.png"))[:modified]:
@@ -48,8 +49,12 @@ def test_a_grown_image_set_extracts_only_new_and_changed_images(tmp_path):
     said: list[str] = []
     result = stage.run(cfg, report=said.append)
     assert result.status == "updated" and result.computed == 12 and result.rows == 110
-    assert any("reused 98 rows, extracted 12 (10 new, 2 changed), dropped 0" in line for line in said), said
-    assert any("holds another image set" in line for line in said) and not any("rebuilding" in m for m in said)
+    assert any(
+        "reused 98 rows, extracted 12 (10 new, 2 changed), dropped 0" in line for line in said
+    ), said
+    assert any("holds another image set" in line for line in said) and not any(
+        "rebuilding" in m for m in said
+    )
     scratch = stage.run(tiny(data=str(root), layers="layer3", out=str(tmp_path / "scratch.h5")))
     after, fresh = _rows(cfg.out), _rows(scratch.path)
     for key in ("ids", "labels", "split", "ok"):
@@ -57,7 +62,9 @@ def test_a_grown_image_set_extracts_only_new_and_changed_images(tmp_path):
     for key in ("features", "layers/layer3"):
         np.testing.assert_allclose(after[key], fresh[key], rtol=0, atol=1e-5, err_msg=key)
     kept = {i: s for i, s in zip(before["ids"], before["split"], strict=True)}
-    moved = [i for i, s in zip(after["ids"], after["split"], strict=True) if i in kept and kept[i] != s]
+    moved = [
+        i for i, s in zip(after["ids"], after["split"], strict=True) if i in kept and kept[i] != s
+    ]
     assert moved == []  # adding images moved no existing image between train, val and test
     assert not update.delta_path(cfg.out_path).exists() and stage.run(cfg).status == "current"
     with reader.open_cache(cfg.out) as f:
@@ -73,7 +80,9 @@ def test_removed_images_are_dropped_and_a_changed_label_keeps_its_row(tmp_path):
     said: list[str] = []
     result = stage.run(cfg, report=said.append)
     assert result.computed == 0 and result.rows == 10
-    assert any("reused 10 rows, extracted 0 (0 new, 0 changed), dropped 2" in line for line in said), said
+    assert any(
+        "reused 10 rows, extracted 0 (0 new, 0 changed), dropped 2" in line for line in said
+    ), said
 
 
 def test_another_model_or_force_builds_from_scratch(tmp_path):
@@ -81,13 +90,17 @@ def test_another_model_or_force_builds_from_scratch(tmp_path):
     cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"))
     stage.run(cfg)
     write_image(root / "cat" / "extra.png", PALETTE[0])
-    assert stage.run(tiny(data=str(root), seed=1, out=cfg.out)).status == "built"  # other weights: every row
+    assert (
+        stage.run(tiny(data=str(root), seed=1, out=cfg.out)).status == "built"
+    )  # other weights: every row
     write_image(root / "cat" / "extra2.png", PALETTE[0])
     assert stage.run(tiny(data=str(root), seed=1, out=cfg.out, force=True)).computed == 12
 
 
 def test_images_without_file_facts_are_never_matched():
-    samples = finalize(["a", "b"], [0, 1], [0, 1], ["train", "train"], ["x", "y"], "memory", 0.0, 0.0, 0)
+    samples = finalize(
+        ["a", "b"], [0, 1], [0, 1], ["train", "train"], ["x", "y"], "memory", 0.0, 0.0, 0
+    )
     old = {"ids": np.array(["a", "b"]), "ok": np.array([True, True])}
     assert (update.matching_rows(old, samples) == -1).all()
 
@@ -97,24 +110,58 @@ def test_an_update_killed_midway_resumes_and_ends_equal_to_a_build(tmp_path):
     cfg = tiny(data=str(root), out=str(tmp_path / "c.h5"), batch_size=2)
     stage.run(cfg)
     _grow(root, added=8, modified=0)
-    args = ["features", "--data", str(root), "--backbone", "resnet18", "--weights", "none", "--image-size", "32",
-            "--batch-size", "2", "--workers", "0", "--val-fraction", "0.25", "--no-progress",
-            "--out", str(cfg.out)]  # fmt: skip
+    args = [
+        "features",
+        "--data",
+        str(root),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--val-fraction",
+        "0.25",
+        "--no-progress",
+        "--out",
+        str(cfg.out),
+    ]
     job = subprocess.Popen(
-        [sys.executable, "-c", SLOW_WRITES + "from pipeline import cli; cli.main(sys.argv[1:])", *args],
-        cwd=REPO, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            SLOW_WRITES + "from pipeline import cli; cli.main(sys.argv[1:])",
+            *args,
+        ],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     delta = update.delta_path(cfg.out_path)
-    wait_rows(job, Path(f"{delta}.partial"), 1)  # killed once the update writes its new rows, however late
+    wait_rows(
+        job, Path(f"{delta}.partial"), 1
+    )  # killed once the update writes its new rows, however late
     job.kill()
     job.wait()
-    assert reader.stored_fingerprint(cfg.out) is not None  # the old cache is whole while the update runs
+    assert (
+        reader.stored_fingerprint(cfg.out) is not None
+    )  # the old cache is whole while the update runs
     assert rows_done(f"{delta}.partial") > 0  # killed while extracting the new images
     said: list[str] = []
     result = stage.run(cfg, report=said.append)
-    assert result.status == "updated" and result.rows == 32 and any("resuming" in line for line in said), said
+    assert (
+        result.status == "updated"
+        and result.rows == 32
+        and any("resuming" in line for line in said)
+    ), said
     scratch = stage.run(tiny(data=str(root), out=str(tmp_path / "scratch.h5"), batch_size=2))
-    np.testing.assert_allclose(_rows(cfg.out)["features"], _rows(scratch.path)["features"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        _rows(cfg.out)["features"], _rows(scratch.path)["features"], rtol=0, atol=1e-5
+    )
 
 
 def test_hash_carving_is_stable_as_images_are_added_and_keeps_every_class():
@@ -122,11 +169,18 @@ def test_hash_carving_is_stable_as_images_are_added_and_keeps_every_class():
     ids = [f"img{i}" for i in range(200)]
     labels = rng.integers(0, 5, 200)
     first = hashed_holdout(ids, labels, 0.2, seed=0)
-    grown = hashed_holdout([*ids, *(f"new{i}" for i in range(100))], np.r_[labels, rng.integers(0, 5, 100)], 0.2, 0)
+    grown = hashed_holdout(
+        [*ids, *(f"new{i}" for i in range(100))], np.r_[labels, rng.integers(0, 5, 100)], 0.2, 0
+    )
     np.testing.assert_array_equal(grown[:200], first)
-    assert 0.1 < first.mean() < 0.3 and hashed_holdout(ids, labels, 0.2, seed=1).tolist() != first.tolist()
+    assert (
+        0.1 < first.mean() < 0.3
+        and hashed_holdout(ids, labels, 0.2, seed=1).tolist() != first.tolist()
+    )
     tiny_class = hashed_holdout(["a", "b", "c"], np.array([0, 0, 1]), 0.01, seed=0)
-    assert tiny_class.tolist().count(True) == 1 and not tiny_class[2]  # class 0 gets one; a 1-image class none
+    assert (
+        tiny_class.tolist().count(True) == 1 and not tiny_class[2]
+    )  # class 0 gets one; a 1-image class none
 
 
 @pytest.mark.parametrize("carve,stable", [("hash", True), ("stratified", False)])
@@ -152,20 +206,27 @@ def test_an_update_never_reuses_a_row_that_fails_its_checksum(tmp_path):
     write_image(root / "cat" / "extra.png", PALETTE[2], (30, 20))
     said: list[str] = []
     result = stage.run(cfg, report=said.append)
-    assert result.computed == 3 and any("2 rows of" in line and "fail their checksum" in line for line in said), said
+    assert result.computed == 3 and any(
+        "2 rows of" in line and "fail their checksum" in line for line in said
+    ), said
     scratch = stage.run(tiny(data=str(root), layers="layer2", out=str(tmp_path / "scratch.h5")))
     for key in ("features", "layers/layer2"):
-        np.testing.assert_allclose(_rows(cfg.out)[key], _rows(scratch.path)[key], rtol=0, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            _rows(cfg.out)[key], _rows(scratch.path)[key], rtol=0, atol=1e-5, err_msg=key
+        )
 
 
 def _virtualize(path) -> list:
-    """Turn the complete cache at `path` into a virtual cache over two parts, as torchrun leaves it."""
+    """Turn the complete cache at `path` into a virtual cache over two parts, as torchrun leaves
+    it."""
     from pipeline.cache import schema, virtual
     from pipeline.cache.writer import CacheWriter
 
     with reader.open_cache(path) as f:
         fp, n = schema.json_attr(f, "fingerprint"), f["features"].shape[0]
-        rows = {k: f[k][...] for k in ("labels", "split", "features")} | {"ids": schema.read_ids(f["ids"])}
+        rows = {k: f[k][...] for k in ("labels", "split", "features")} | {
+            "ids": schema.read_ids(f["ids"])
+        }
         classes, source = list(f["classes"].asstr()[...]), str(f.attrs["source"])
         identity = {k: f[k][...] for k in ("file_size", "file_mtime_ns") if k in f}
         layers = {k: f["layers"][k][...] for k in f.get("layers", {})}
@@ -173,10 +234,17 @@ def _virtualize(path) -> list:
     for rank, (a, b) in enumerate([(0, n // 2), (n // 2, n)]):
         part = schema.part_name(path, fp, rank, 2)
         writer = CacheWriter.open(
-            part, fingerprint={**fp, "shard": f"rows {a}:{b}"}, ids=list(rows["ids"][a:b]), labels=rows["labels"][a:b],
-            split=rows["split"][a:b], classes=classes, dim=rows["features"].shape[1], store_dtype="float32",
-            identity={k: v[a:b] for k, v in identity.items()}, layer_dims={k: v.shape[1] for k, v in layers.items()},
-        )  # fmt: skip
+            part,
+            fingerprint={**fp, "shard": f"rows {a}:{b}"},
+            ids=list(rows["ids"][a:b]),
+            labels=rows["labels"][a:b],
+            split=rows["split"][a:b],
+            classes=classes,
+            dim=rows["features"].shape[1],
+            store_dtype="float32",
+            identity={k: v[a:b] for k, v in identity.items()},
+            layer_dims={k: v.shape[1] for k, v in layers.items()},
+        )
         writer.write(0, rows["features"][a:b], None, None, {k: v[a:b] for k, v in layers.items()})
         parts.append(writer.finish())
     virtual.assemble(path, parts, fp, {"source": source})

@@ -43,7 +43,8 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 class EuclideanPrototypes(HeadKind):
-    """A toy kind: softmax of minus the squared distance to each class mean over T, T chosen on val."""
+    """A toy kind: softmax of minus the squared distance to each class mean over T, T chosen on
+    val."""
 
     name = "prototypes"
     setting = "temperature"
@@ -56,7 +57,9 @@ class EuclideanPrototypes(HeadKind):
     def solver(self, cfg, streaming):
         return "exact (class means)"
 
-    def fit_grid(self, cfg, X, y, n_classes, grid, tick=lambda n: None, init=None, sample_weight=None):
+    def fit_grid(
+        self, cfg, X, y, n_classes, grid, tick=lambda n: None, init=None, sample_weight=None
+    ):
         tick(len(grid))
         means = np.stack([X[y == c].mean(axis=0) for c in range(n_classes)]).astype(np.float32)
         return [PrototypeFit(T, means) for T in grid]
@@ -97,18 +100,39 @@ def prototypes():
 
 
 def test_a_kind_defined_outside_the_package_runs_through_every_stage(prototypes, tmp_path):
-    data = make_folder(tmp_path / "data", classes=("cat", "dog", "owl"), per_class=6, splits=("train", "test"))
+    data = make_folder(
+        tmp_path / "data", classes=("cat", "dog", "owl"), per_class=6, splits=("train", "test")
+    )
     cache = tmp_path / "c.h5"
-    stage.run(FeaturesConfig(data=str(data), backbone="resnet18", weights="none", image_size=32, workers=0,
-                             batch_size=8, progress=False, out=str(cache)))  # fmt: skip
+    stage.run(
+        FeaturesConfig(
+            data=str(data),
+            backbone="resnet18",
+            weights="none",
+            image_size=32,
+            workers=0,
+            batch_size=8,
+            progress=False,
+            out=str(cache),
+        )
+    )
     out = tmp_path / "run"
-    result = protocol.run(HeadConfig(features=str(cache), head="prototypes", out=str(out), progress=False, bootstrap=0))
+    result = protocol.run(
+        HeadConfig(
+            features=str(cache), head="prototypes", out=str(out), progress=False, bootstrap=0
+        )
+    )
     assert [row["temperature"] for row in result["curve"]] == [0.5, 2.0, 8.0]
-    assert result["final_fit"]["solver"] == "exact (class means)" and result["chosen"]["param"] == "temperature"
+    assert (
+        result["final_fit"]["solver"] == "exact (class means)"
+        and result["chosen"]["param"] == "temperature"
+    )
     assert json.loads((out / "head.json").read_text())["model"] == "prototypes"
 
     head = load_head(out)
-    assert head.kind is prototypes and head.settings["temperature"] == result["chosen"]["temperature"]
+    assert (
+        head.kind is prototypes and head.settings["temperature"] == result["chosen"]["temperature"]
+    )
     done = predict.predict(out, data / "test", tmp_path / "p.csv")
     assert done["classified"] == 18
     exported = predict.export(out, tmp_path / "proto.pt2")
@@ -119,7 +143,9 @@ def test_a_kind_defined_outside_the_package_runs_through_every_stage(prototypes,
     extra = {"meta.json": ""}
     torch.export.load(str(exported), extra_files=extra)
     meta = json.loads(extra["meta.json"])
-    assert meta["format"] == "pipeline prototypes classifier (prototypes head), torch.export program"
+    assert (
+        meta["format"] == "pipeline prototypes classifier (prototypes head), torch.export program"
+    )
     crops = []
     for sample_id in done["ids"]:
         image = Image.open(data / "test" / sample_id).convert("RGB")
@@ -136,6 +162,9 @@ def test_a_kind_name_is_registered_once_and_unknown_kinds_are_listed(prototypes)
 
     with pytest.raises(ValueError, match=r"a head kind named 'prototypes' is registered already"):
         register(Other)
-    with pytest.raises(ConfigError, match=r"--head 'svm' is not allowed; choose one of: torch, logreg, knn, ncm, "
-                                          r"prototypes"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"--head 'svm' is not allowed; choose one of: torch, logreg, knn, ncm, "
+        r"prototypes",
+    ):
         kinds.validate(HeadConfig(features="x.h5", head="svm"))

@@ -25,7 +25,10 @@ from helpers import classification
 
 def _trained(prep: Preprocessor, estimator: TorchLinearClassifier) -> TrainedHead:
     """A fitted estimator as the one trained-head type (what `pipeline head` saves)."""
-    arrays = {"coef": estimator.coef_.astype(np.float32), "intercept": estimator.intercept_.astype(np.float32)}
+    arrays = {
+        "coef": estimator.coef_.astype(np.float32),
+        "intercept": estimator.intercept_.astype(np.float32),
+    }
     return TrainedHead(kinds.get("torch"), prep, estimator.classes_.astype(str), arrays)
 
 
@@ -37,14 +40,19 @@ def test_scikit_learn_estimator_checks(estimator, check):
 @pytest.mark.parametrize("n_classes", [5, 2])
 @pytest.mark.parametrize("C", [0.01, 1.0, 100.0])
 def test_torch_and_scikit_learn_reach_the_same_optimum(n_classes, C):
-    """lambda = 1 / (C n) on a mean cross-entropy is scikit-learn's C; the intercept is unpenalised in both."""
+    """lambda = 1 / (C n) on a mean cross-entropy is scikit-learn's C; the intercept is unpenalised
+    in both."""
     X, y = classification(n_classes)
     sk = LogisticRegression(C=C, tol=1e-6, max_iter=5000).fit(X, y)
     th = TorchLinearClassifier(C=C, tol=1e-5).fit(X, y)
     assert th.converged_
     assert (th.predict(X) == sk.predict(X)).mean() >= 0.99
-    np.testing.assert_allclose(th.coef_, sk.coef_, rtol=0, atol=2e-3 * max(1.0, np.abs(sk.coef_).max()))
-    np.testing.assert_allclose(th.intercept_, sk.intercept_, rtol=0, atol=2e-3 * max(1.0, np.abs(sk.coef_).max()))
+    np.testing.assert_allclose(
+        th.coef_, sk.coef_, rtol=0, atol=2e-3 * max(1.0, np.abs(sk.coef_).max())
+    )
+    np.testing.assert_allclose(
+        th.intercept_, sk.intercept_, rtol=0, atol=2e-3 * max(1.0, np.abs(sk.coef_).max())
+    )
     np.testing.assert_allclose(th.predict_proba(X), sk.predict_proba(X), atol=2e-3)
 
 
@@ -73,10 +81,14 @@ def test_balanced_class_weight_counts_weighted_rows():
     per_row = balanced_weights(y, "balanced", w)
     counts = np.bincount(y, weights=w)
     np.testing.assert_allclose(per_row, w.sum() / (3 * counts[y]))
-    np.testing.assert_allclose((per_row * w) @ np.eye(3)[y], w.sum() / 3)  # every class weighs the same
+    np.testing.assert_allclose(
+        (per_row * w) @ np.eye(3)[y], w.sum() / 3
+    )  # every class weighs the same
     th = TorchLinearClassifier(C=0.5, class_weight="balanced", tol=1e-6).fit(X, y, sample_weight=w)
     if parse_version(sklearn.__version__) >= parse_version("1.9"):
-        sk = LogisticRegression(C=0.5, class_weight="balanced", tol=1e-8, max_iter=5000).fit(X, y, sample_weight=w)
+        sk = LogisticRegression(C=0.5, class_weight="balanced", tol=1e-8, max_iter=5000).fit(
+            X, y, sample_weight=w
+        )
         np.testing.assert_allclose(th.coef_, sk.coef_, atol=2e-3)
 
 
@@ -92,7 +104,9 @@ def test_clone_gridsearch_and_pipeline_accept_the_torch_head():
     X, y = classification(3, n=300)
     head = TorchLinearClassifier(C=0.1, max_iter=200)
     assert clone(head).get_params() == head.get_params()
-    search = GridSearchCV(make_pipeline(StandardScaler(), head), {"torchlinearclassifier__C": [0.01, 1.0]}, cv=3)
+    search = GridSearchCV(
+        make_pipeline(StandardScaler(), head), {"torchlinearclassifier__C": [0.01, 1.0]}, cv=3
+    )
     search.fit(X, y)
     assert search.best_params_["torchlinearclassifier__C"] in (0.01, 1.0)
     assert search.score(X, y) > 0.6
@@ -123,7 +137,13 @@ def test_balanced_sampler_favours_rare_classes():
 def test_label_smoothing_lowers_confidence():
     X, y = classification(3)
     sharp = TorchLinearClassifier(C=10.0).fit(X, y).predict_proba(X).max(axis=1).mean()
-    smooth = TorchLinearClassifier(C=10.0, label_smoothing=0.2).fit(X, y).predict_proba(X).max(axis=1).mean()
+    smooth = (
+        TorchLinearClassifier(C=10.0, label_smoothing=0.2)
+        .fit(X, y)
+        .predict_proba(X)
+        .max(axis=1)
+        .mean()
+    )
     assert smooth < sharp - 0.02
 
 
@@ -135,7 +155,9 @@ def test_preprocessing_is_fitted_on_the_rows_given():
     np.testing.assert_allclose(Z[:, :3].mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(Z[:, :3].std(0), 1, atol=1e-4)
     assert np.all(Z[:, 3] == 0)
-    np.testing.assert_allclose(np.linalg.norm(Preprocessor("l2").fit_transform(X), axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(
+        np.linalg.norm(Preprocessor("l2").fit_transform(X), axis=1), 1, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("n_classes", [4, 2])
@@ -148,32 +170,65 @@ def test_save_and_load_give_identical_predictions(tmp_path, n_classes):
     loaded = load_head(tmp_path / "run")
     np.testing.assert_array_equal(loaded.predict_proba(X), probe.predict_proba(X))
     np.testing.assert_array_equal(loaded.predict(X), head.predict(prep.transform(X)).astype(str))
-    assert loaded.meta["cache_fingerprint"] == {"k": "v"} and (loaded.predict(X) == y.astype(str)).mean() > 0.5
+    assert (
+        loaded.meta["cache_fingerprint"] == {"k": "v"}
+        and (loaded.predict(X) == y.astype(str)).mean() > 0.5
+    )
     assert not list((tmp_path / "run").glob("*.pkl"))
 
 
 def test_load_head_errors(tmp_path):
-    with pytest.raises(MissingError, match=r"no saved head in .*nothing \(expected head\.json and head\.npz\); run"):
+    with pytest.raises(
+        MissingError, match=r"no saved head in .*nothing \(expected head\.json and head\.npz\); run"
+    ):
         load_head(tmp_path / "nothing")
     X, y = classification(3, n=100)
-    save_head(_trained(Preprocessor("none"), TorchLinearClassifier().fit(X, y)), tmp_path / "old", {})
+    save_head(
+        _trained(Preprocessor("none"), TorchLinearClassifier().fit(X, y)), tmp_path / "old", {}
+    )
     (tmp_path / "old" / "head.json").write_text(
         (tmp_path / "old" / "head.json").read_text().replace('"schema": 1', '"schema": 0')
     )
-    with pytest.raises(CacheError, match=r"head .*old has schema 0, this pipeline reads 1; retrain it"):
+    with pytest.raises(
+        CacheError, match=r"head .*old has schema 0, this pipeline reads 1; retrain it"
+    ):
         load_head(tmp_path / "old")
 
 
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"tol": -1}, r"The 'tol' parameter of TorchLinearClassifier must be a float in the range \(0(\.0)?, inf\)"),
-        ({"solver": "newton"}, r"The 'solver' parameter of TorchLinearClassifier must be a str among \{.*'adam'"),
-        ({"C": 0.0}, r"The 'C' parameter of TorchLinearClassifier must be a float in the range \(0(\.0)?, inf\)"),
-        ({"epochs": 0}, r"The 'epochs' parameter of TorchLinearClassifier must be an int in the range \[1, 100000\]"),
-        ({"label_smoothing": 1.0}, r"The 'label_smoothing' parameter of TorchLinearClassifier must be a float in"),
-        ({"class_weight": "even"}, r"The 'class_weight' parameter of TorchLinearClassifier must be"),
-        ({"device": "tpu"}, r"The 'device' parameter of TorchLinearClassifier must be 'auto', 'cpu', 'cuda'"),
+        (
+            {"tol": -1},
+            r"The 'tol' parameter of TorchLinearClassifier must be a float in the range \(0(\.0)?, "
+            r"inf\)",
+        ),
+        (
+            {"solver": "newton"},
+            r"The 'solver' parameter of TorchLinearClassifier must be a str among \{.*'adam'",
+        ),
+        (
+            {"C": 0.0},
+            r"The 'C' parameter of TorchLinearClassifier must be a float in the range \(0(\.0)?, "
+            r"inf\)",
+        ),
+        (
+            {"epochs": 0},
+            r"The 'epochs' parameter of TorchLinearClassifier must be an int in the range \[1, "
+            r"100000\]",
+        ),
+        (
+            {"label_smoothing": 1.0},
+            r"The 'label_smoothing' parameter of TorchLinearClassifier must be a float in",
+        ),
+        (
+            {"class_weight": "even"},
+            r"The 'class_weight' parameter of TorchLinearClassifier must be",
+        ),
+        (
+            {"device": "tpu"},
+            r"The 'device' parameter of TorchLinearClassifier must be 'auto', 'cpu', 'cuda'",
+        ),
     ],
 )
 def test_torch_head_checks_every_parameter_before_fitting(params, message):

@@ -40,7 +40,13 @@ def test_ncm_two_classes_is_one_logit_and_centring_subtracts_the_training_mean()
 
 
 def test_ncm_head_through_the_protocol(synthetic_cache, tmp_path):
-    cfg = HeadConfig(features=str(synthetic_cache), head="ncm", out=str(tmp_path / "run"), progress=False, bootstrap=0)
+    cfg = HeadConfig(
+        features=str(synthetic_cache),
+        head="ncm",
+        out=str(tmp_path / "run"),
+        progress=False,
+        bootstrap=0,
+    )
     result = protocol.run(cfg)
     assert result["curve"][0]["temperature"] == 0.07 and result["chosen"]["param"] == "temperature"
     assert result["final_fit"]["solver"] == "exact (class means)"
@@ -49,4 +55,6 @@ def test_ncm_head_through_the_protocol(synthetic_cache, tmp_path):
     from pipeline import read_features
 
     test = read_features(synthetic_cache)["test"]
-    assert np.isclose((head.predict(test.X) == np.array(result["classes"])[test.y]).mean(), result["test"]["top1"])
+    assert np.isclose(
+        (head.predict(test.X) == np.array(result["classes"])[test.y]).mean(), result["test"]["top1"]
+    )

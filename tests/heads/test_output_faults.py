@@ -1,5 +1,6 @@
-"""Head outputs are all-or-nothing: killed runs, two heads into one folder, files the command did not
-write, full disks, wrong kinds of output paths, invalid values and every malformed head folder."""
+"""Head outputs are all-or-nothing: killed runs, two heads into one folder, files the command did
+not write, full disks, wrong kinds of output paths, invalid values and every malformed head folder.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ def cache(faults_cache: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_head_killed_while_writing_leaves_the_previous_results_whole(cache, tmp_path, monkeypatch):
+def test_a_head_killed_while_writing_leaves_the_previous_results_whole(
+    cache, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     assert main_here(["head", "--features", str(cache), "--out", str(out), *HEAD])[0] == 0
     before = folder_digest(out)
@@ -49,18 +52,30 @@ def test_a_head_killed_while_writing_leaves_the_previous_results_whole(cache, tm
         raise KeyboardInterrupt
 
     monkeypatch.setattr(report, "plot_reliability", killed)
-    assert main_here(["head", "--features", str(cache), "--out", str(out), "--head", "torch", *HEAD])[0] == 130
+    assert (
+        main_here(["head", "--features", str(cache), "--out", str(out), "--head", "torch", *HEAD])[
+            0
+        ]
+        == 130
+    )
     assert folder_digest(out) == before
-    assert [p.name for p in tmp_path.iterdir()] == ["run"], "no staging folder or lock is left behind"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"], (
+        "no staging folder or lock is left behind"
+    )
 
 
 def test_a_folder_mixing_two_runs_is_refused_by_load_head(cache, tmp_path):
     from pipeline.heads.saved import load_head
 
     for name in ("a", "b"):
-        assert main_here(["head", "--features", str(cache), "--out", str(tmp_path / name), *HEAD])[0] == 0
+        assert (
+            main_here(["head", "--features", str(cache), "--out", str(tmp_path / name), *HEAD])[0]
+            == 0
+        )
     shutil.copy(tmp_path / "b" / "head.npz", tmp_path / "a" / "head.npz")
-    with pytest.raises(CacheError, match=r"head .*a is malformed: its files come from different runs"):
+    with pytest.raises(
+        CacheError, match=r"head .*a is malformed: its files come from different runs"
+    ):
         load_head(tmp_path / "a")
 
 
@@ -78,13 +93,28 @@ def test_outputs_never_replace_files_they_did_not_write(cache, tmp_path):
     victim = tmp_path / "victim.h5"
     shutil.copy(cache, victim)
     before = digest(victim)
-    code, err = main_here(["predict", "--head", str(head), "--data", str(images), "--out", str(victim)])
-    assert code == 2 and "exists and was not written by this command; pass another --out, or --force" in err
+    code, err = main_here(
+        ["predict", "--head", str(head), "--data", str(images), "--out", str(victim)]
+    )
+    assert (
+        code == 2
+        and "exists and was not written by this command; pass another --out, or --force" in err
+    )
     assert digest(victim) == before
     csv_out = tmp_path / "p.csv"
     for _ in range(2):  # its own CSV is replaced without --force
-        assert main_here(["predict", "--head", str(head), "--data", str(images), "--out", str(csv_out)])[0] == 0
-    assert main_here(["predict", "--head", str(head), "--data", str(images), "--out", str(victim), "--force"])[0] == 0
+        assert (
+            main_here(
+                ["predict", "--head", str(head), "--data", str(images), "--out", str(csv_out)]
+            )[0]
+            == 0
+        )
+    assert (
+        main_here(
+            ["predict", "--head", str(head), "--data", str(images), "--out", str(victim), "--force"]
+        )[0]
+        == 0
+    )
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "mine.txt").write_text("keep me")
@@ -103,23 +133,35 @@ def test_a_rerun_keeps_the_users_files_and_a_linked_out_keeps_its_link(cache, tm
     (out / "notes.txt").write_text("mine")
     (out / "figs").mkdir()
     (out / "figs" / "a.png").write_bytes(b"png")
-    code, err = main_here(["head", "--features", str(cache), "--out", str(out), "--head", "torch", *HEAD])
+    code, err = main_here(
+        ["head", "--features", str(cache), "--out", str(out), "--head", "torch", *HEAD]
+    )
     assert code == 0 and f"kept 2 entries of yours in {out}: figs, notes.txt" in err
-    assert (out / "notes.txt").read_text() == "mine" and (out / "figs" / "a.png").read_bytes() == b"png"
-    assert set(outputs.foreign_entries(out)) == {"figs", "notes.txt"}, "every other file is one a head writes"
+    assert (out / "notes.txt").read_text() == "mine" and (
+        out / "figs" / "a.png"
+    ).read_bytes() == b"png"
+    assert set(outputs.foreign_entries(out)) == {"figs", "notes.txt"}, (
+        "every other file is one a head writes"
+    )
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "mine.txt").write_text("keep me")
-    assert main_here(["head", "--features", str(cache), "--out", str(notes), "--force", *HEAD])[0] == 0
+    assert (
+        main_here(["head", "--features", str(cache), "--out", str(notes), "--force", *HEAD])[0] == 0
+    )
     assert (notes / "mine.txt").read_text() == "keep me" and (notes / "result.json").exists()
     link = tmp_path / "latest"
     link.symlink_to(out, target_is_directory=True)
     assert main_here(["head", "--features", str(cache), "--out", str(link), *HEAD])[0] == 0
     assert link.is_symlink() and link.resolve() == out and (out / "notes.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "notes", "run"], "no staging link or folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "notes", "run"], (
+        "no staging link or folder"
+    )
 
 
-@pytest.mark.parametrize(("mask", "folder_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+@pytest.mark.parametrize(
+    ("mask", "folder_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)]
+)
 def test_outputs_follow_the_umask(cache, tmp_path, mask, folder_mode, file_mode):
     old = os.umask(mask)
     try:
@@ -127,7 +169,12 @@ def test_outputs_follow_the_umask(cache, tmp_path, mask, folder_mode, file_mode)
         assert main_here(["head", "--features", str(cache), "--out", str(out), *HEAD])[0] == 0
         images = make_folder(tmp_path / "new", per_class=1)
         csv_out = tmp_path / "p.csv"
-        assert main_here(["predict", "--head", str(out), "--data", str(images), "--out", str(csv_out)])[0] == 0
+        assert (
+            main_here(
+                ["predict", "--head", str(out), "--data", str(images), "--out", str(csv_out)]
+            )[0]
+            == 0
+        )
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == folder_mode
@@ -166,7 +213,12 @@ def test_output_paths_of_the_wrong_kind(cache, tmp_path):
 
 def test_compare_skips_an_unreadable_result_and_goes_on(cache, tmp_path):
     for name in ("a", "b"):
-        assert main_here(["head", "--features", str(cache), "--out", str(tmp_path / "runs" / name), *HEAD])[0] == 0
+        assert (
+            main_here(
+                ["head", "--features", str(cache), "--out", str(tmp_path / "runs" / name), *HEAD]
+            )[0]
+            == 0
+        )
     (tmp_path / "runs" / "b" / "result.json").write_text("{not json")
     code, err = main_here(["compare", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md")])
     assert code == 0 and "skipped: result" in err and "b/result.json is unreadable" in err
@@ -174,7 +226,10 @@ def test_compare_skips_an_unreadable_result_and_goes_on(cache, tmp_path):
     import json
 
     good = json.loads((tmp_path / "runs" / "a" / "result.json").read_text())
-    for name, change in (("c", lambda r: r.pop("test")), ("d", lambda r: r["test"].update(top1="high"))):
+    for name, change in (
+        ("c", lambda r: r.pop("test")),
+        ("d", lambda r: r["test"].update(top1="high")),
+    ):
         shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / name)
         damaged = json.loads(json.dumps(good))
         change(damaged)
@@ -201,15 +256,27 @@ def test_info_into_a_closed_pipe_prints_no_traceback(cache):
     ("argv", "pattern"),
     [
         (["predict", "--head", "H", "--data", "D", "--top-k", "0"], "--top-k 0 must be at least 1"),
-        (["predict", "--head", "H", "--data", "D", "--top-k", "-1"], "--top-k -1 must be at least 1"),
-        (["head", "--features", "C", "--jobs", "0"], "--jobs 0 is not allowed; pass a positive number, or -1"),
-        (["features", "--dataset", "digits", "--image-size", "1"], "--image-size 1 is too small for these backbones"),
+        (
+            ["predict", "--head", "H", "--data", "D", "--top-k", "-1"],
+            "--top-k -1 must be at least 1",
+        ),
+        (
+            ["head", "--features", "C", "--jobs", "0"],
+            "--jobs 0 is not allowed; pass a positive number, or -1",
+        ),
+        (
+            ["features", "--dataset", "digits", "--image-size", "1"],
+            "--image-size 1 is too small for these backbones",
+        ),
         (["features", "--dataset", "digits", "--test-fraction", "0.95"], "leave no train images"),
         (
             ["head", "--features", "C", "--logit-adjust", "1e308"],
             "--logit-adjust '1e308' is not allowed; pass a number in [0, 100]",
         ),
-        (["head", "--features", "C", "--logit-adjust", "nan"], "--logit-adjust 'nan' is not allowed"),
+        (
+            ["head", "--features", "C", "--logit-adjust", "nan"],
+            "--logit-adjust 'nan' is not allowed",
+        ),
         (
             ["head", "--features", "C", "--head", "knn", "--temperature", "1e-300"],
             "--temperature 1e-300 is out of range; pass a number in [0.0001, 10000]",
@@ -229,8 +296,10 @@ def test_a_row_edited_after_the_cache_was_finished_is_refused_where_it_is_read(c
     with h5py.File(edited, "r+") as f:
         f["features"][5] = f["features"][5] + 1.0  # the CRC stored with the row now disagrees
     pattern = r"edited\.h5: row 5 \(.*\) no longer reads back as it was written \(its CRC differs"
-    for argv in (["head", "--features", str(edited), "--out", str(tmp_path / "h"), *HEAD],
-                 ["pack", str(edited), "--out", str(tmp_path / "packed.h5")]):  # fmt: skip
+    for argv in (
+        ["head", "--features", str(edited), "--out", str(tmp_path / "h"), *HEAD],
+        ["pack", str(edited), "--out", str(tmp_path / "packed.h5")],
+    ):
         code, err = main_here(argv)
         assert code == 2
         assert_one_line_error(err, pattern)
@@ -269,7 +338,9 @@ def _huge_coef(folder: Path) -> None:
     import zipfile
 
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (1 << 42, 1024)})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (1 << 42, 1024)}
+    )
     with zipfile.ZipFile(folder / "head.npz") as src:
         entries = {name: src.read(name) for name in src.namelist()}
     entries["coef.npy"] = header.getvalue() + b"\0" * 64
@@ -281,20 +352,41 @@ def _huge_coef(folder: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "pattern"),
     [
-        (_huge_coef, r"head\.npz: its coef\.npy declares a \(4398046511104, 1024\) float64 array, more than its"),
+        (
+            _huge_coef,
+            r"head\.npz: its coef\.npy declares a \(4398046511104, 1024\) float64 array, more than "
+            r"its",
+        ),
         (lambda d: (d / "head.json").write_text("{oops"), "head.json is not JSON"),
-        (lambda d: (d / "head.json").write_text("[1, 2]"), "head.json holds a list, expected an object"),
-        (lambda d: (d / "head.json").write_text('{"schema": 1}'), "head.json lacks classes, preprocessing, n_features"),
+        (
+            lambda d: (d / "head.json").write_text("[1, 2]"),
+            "head.json holds a list, expected an object",
+        ),
+        (
+            lambda d: (d / "head.json").write_text('{"schema": 1}'),
+            "head.json lacks classes, preprocessing, n_features",
+        ),
         (lambda d: _rewrite_npz(d, coef=None), "head.npz has no array 'coef'"),
-        (lambda d: _rewrite_npz(d, coef=np.zeros((3, 7))), r"coef is \(3, 7\) float64, expected \(3, 512\)"),
-        (lambda d: _rewrite_npz(d, intercept=np.array([{"a": 1}], dtype=object)), "holds pickled data"),
-        (lambda d: (d / "head.npz").write_bytes(b"PK\x03\x04garbage"), "head.npz: it is not a readable .npz archive"),
+        (
+            lambda d: _rewrite_npz(d, coef=np.zeros((3, 7))),
+            r"coef is \(3, 7\) float64, expected \(3, 512\)",
+        ),
+        (
+            lambda d: _rewrite_npz(d, intercept=np.array([{"a": 1}], dtype=object)),
+            "holds pickled data",
+        ),
+        (
+            lambda d: (d / "head.npz").write_bytes(b"PK\x03\x04garbage"),
+            "head.npz: it is not a readable .npz archive",
+        ),
     ],
 )
 def test_every_malformed_head_folder_is_one_line(cache, tmp_path, damage, pattern):
     folder = head_folder(cache, tmp_path)
     damage(folder)
     images = make_folder(tmp_path / "new", per_class=1)
-    code, err = main_here(["predict", "--head", str(folder), "--data", str(images), "--out", str(tmp_path / "p.csv")])
+    code, err = main_here(
+        ["predict", "--head", str(folder), "--data", str(images), "--out", str(tmp_path / "p.csv")]
+    )
     assert code == 2 and re.search(f"head .*head is malformed: .*{pattern}", err), err
     assert not (tmp_path / "p.csv").exists()

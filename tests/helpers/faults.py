@@ -19,7 +19,17 @@ from pipeline import cli
 from helpers import REPO, SLOW_WRITES
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0", "--no-progress"]
+FAST = [
+    "--backbone",
+    "resnet18",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--workers",
+    "0",
+    "--no-progress",
+]
 
 # The real entry (`python -m pipeline`), with each cache write slowed so a signal lands mid-run.
 SLOW_ENTRY = SLOW_WRITES + 'sys.argv[0] = "pipeline"\nfrom pipeline._entry import main\nmain()\n'
@@ -29,7 +39,9 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_cli(*args: str, limit_bytes: int | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, limit_bytes: int | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in a child process (optionally under `ulimit -f`)."""
 
     def limit() -> None:
@@ -63,7 +75,11 @@ def rows_done(partial: Path) -> int:
 def start_slow(out: Path, root: Path, *extra: str) -> subprocess.Popen:
     args = ["features", "--data", str(root), *FAST, "--batch-size", "2", "--out", str(out), *extra]
     return subprocess.Popen(
-        [sys.executable, "-c", SLOW_ENTRY, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", SLOW_ENTRY, *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -71,7 +87,9 @@ def wait_rows(job: subprocess.Popen, partial: Path, rows: int) -> None:
     deadline = time.monotonic() + 90
     while rows_done(partial) < rows and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.05)
-    assert rows_done(partial) >= rows, job.communicate()[1] if job.poll() is not None else "timed out"
+    assert rows_done(partial) >= rows, (
+        job.communicate()[1] if job.poll() is not None else "timed out"
+    )
 
 
 def main_here(argv: list[str]) -> tuple[int, str]:

@@ -46,7 +46,9 @@ def cifar(root: Path, mp: pytest.MonkeyPatch, cls=tvd.CIFAR10) -> dict[str, int]
     sums = {}
     for i, (name, _) in enumerate(cls.train_list + cls.test_list):
         n = 4
-        data = np.stack([_pixels(100 * i + k, (3, 32, 32)).reshape(-1) for k in range(n)])  # (n, 3072)
+        data = np.stack(
+            [_pixels(100 * i + k, (3, 32, 32)).reshape(-1) for k in range(n)]
+        )  # (n, 3072)
         _pickle(folder / name, {"data": data, label_key: [k % 3 for k in range(n)]})
         sums[name] = _md5(folder / name)
     _pickle(folder / cls.meta["filename"], {cls.meta["key"]: list(CLASSES)})
@@ -64,9 +66,13 @@ def stl10(root: Path, mp: pytest.MonkeyPatch) -> dict[str, int]:
     folder = root / tvd.STL10.base_folder
     folder.mkdir(parents=True)
     for split, n in (("train", 6), ("test", 3), ("unlabeled", 1)):
-        np.stack([_pixels(7 * k + n, (3, 96, 96)) for k in range(n)]).tofile(folder / f"{split}_X.bin")
+        np.stack([_pixels(7 * k + n, (3, 96, 96)) for k in range(n)]).tofile(
+            folder / f"{split}_X.bin"
+        )
         if split != "unlabeled":
-            (np.arange(n, dtype=np.uint8) % 3 + 1).tofile(folder / f"{split}_y.bin")  # 1-based on disk
+            (np.arange(n, dtype=np.uint8) % 3 + 1).tofile(
+                folder / f"{split}_y.bin"
+            )  # 1-based on disk
     (folder / "class_names.txt").write_text("\n".join(CLASSES) + "\n")
     mp.setattr(tvd.STL10, "train_list", [[n, _md5(folder / n)] for n, _ in tvd.STL10.train_list])
     mp.setattr(tvd.STL10, "test_list", [[n, _md5(folder / n)] for n, _ in tvd.STL10.test_list])
@@ -78,7 +84,9 @@ def flowers102(root: Path, mp: pytest.MonkeyPatch) -> dict[str, int]:
     for image_id in range(1, 10):
         _jpeg(base / "jpg" / f"image_{image_id:05d}.jpg", image_id)
     scipy.io.savemat(base / "imagelabels.mat", {"labels": np.array([1, 2, 3] * 3)})
-    scipy.io.savemat(base / "setid.mat", {"trnid": [1, 2, 3, 4], "valid": [5, 6, 7], "tstid": [8, 9]})
+    scipy.io.savemat(
+        base / "setid.mat", {"trnid": [1, 2, 3, 4], "valid": [5, 6, 7], "tstid": [8, 9]}
+    )
     files = tvd.Flowers102._file_dict
     mp.setattr(
         tvd.Flowers102,

@@ -6,7 +6,11 @@ package registers them; a kind defined anywhere else registers itself the same w
 """
 
 # isort: off
-from pipeline.heads.kinds import linear, knn, ncm  # registered in this order: torch, logreg, knn, ncm
+from pipeline.heads.kinds import (
+    linear,
+    knn,
+    ncm,
+)  # registered in this order: torch, logreg, knn, ncm
 
 # isort: on
 from pipeline.heads.kinds.registry import (

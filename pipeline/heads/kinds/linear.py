@@ -28,7 +28,12 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline.errors import ConfigError
-from pipeline.heads.estimators import LinearDecision, Preprocessor, balanced_weights, log_proba_from_decision
+from pipeline.heads.estimators import (
+    LinearDecision,
+    Preprocessor,
+    balanced_weights,
+    log_proba_from_decision,
+)
 from pipeline.heads.kinds.registry import HeadKind, register
 from pipeline.heads.options import DEFAULTS, SolverOptions
 from pipeline.heads.posthoc import Adjustment
@@ -47,11 +52,18 @@ class LinearStorage(HeadKind):
 
     model = "linear"
 
-    def trained(self, fit: Fit, prep: Preprocessor, classes: np.ndarray, adjustment: Adjustment) -> TrainedHead:
+    def trained(
+        self, fit: Fit, prep: Preprocessor, classes: np.ndarray, adjustment: Adjustment
+    ) -> TrainedHead:
         from pipeline.heads.trained import TrainedHead
 
-        coef, intercept = adjustment.linear(fit.coef, fit.intercept)  # the adjustment inside the weights
-        arrays = {"coef": np.asarray(coef.T, np.float32), "intercept": np.asarray(intercept, np.float32)}
+        coef, intercept = adjustment.linear(
+            fit.coef, fit.intercept
+        )  # the adjustment inside the weights
+        arrays = {
+            "coef": np.asarray(coef.T, np.float32),
+            "intercept": np.asarray(intercept, np.float32),
+        }
         return TrainedHead(self, prep, classes, arrays)
 
     def array_shapes(self, meta: dict[str, Any]) -> dict[str, tuple[int | None, ...]]:
@@ -76,7 +88,10 @@ class LinearStorage(HeadKind):
 
             def __init__(self) -> None:
                 super().__init__()
-                for name in ("coef", "intercept"):  # own contiguous copies: torch.export saves them whole
+                for name in (
+                    "coef",
+                    "intercept",
+                ):  # own contiguous copies: torch.export saves them whole
                     array = np.ascontiguousarray(head.arrays[name], dtype=np.float32)
                     self.register_buffer(name, torch.tensor(array))
 
@@ -102,10 +117,15 @@ class LinearKind(LinearStorage):
         super().check(cfg)
         for value in ([cfg.C] if cfg.C is not None else []) + list(cfg.grid or ()):
             if not value > 0 or value == float("inf"):
-                raise ConfigError(f"C value {value} is not allowed; C must be a positive, finite number")
-            if not C_RANGE[0] <= value <= C_RANGE[1]:  # beyond, the penalty 1 / (C n) over- or underflows
                 raise ConfigError(
-                    f"C value {value:g} is out of range; pass C in [{C_RANGE[0]:g}, {C_RANGE[1]:g}] (the default "
+                    f"C value {value} is not allowed; C must be a positive, finite number"
+                )
+            if (
+                not C_RANGE[0] <= value <= C_RANGE[1]
+            ):  # beyond, the penalty 1 / (C n) over- or underflows
+                raise ConfigError(
+                    f"C value {value:g} is out of range; pass C in [{C_RANGE[0]:g}, "
+                    f"{C_RANGE[1]:g}] (the default "
                     "grid spans 1e-6 to 1e5)"
                 )
 
@@ -113,11 +133,17 @@ class LinearKind(LinearStorage):
         return sorted(cfg.grid or ((cfg.C,) if cfg.C is not None else DEFAULT_GRID))
 
 
-def row_weights(y: np.ndarray, class_weight: Any, sample_weight: np.ndarray | None) -> tuple[np.ndarray | None, float]:
-    """(per-row weights or None, their sum): the class weights times the sample weights, the one place
-    they are mixed. `class_weight` is None, 'none', 'balanced' or {class: weight}."""
+def row_weights(
+    y: np.ndarray, class_weight: Any, sample_weight: np.ndarray | None
+) -> tuple[np.ndarray | None, float]:
+    """(per-row weights or None, their sum): the class weights times the sample weights, the one
+    place they are mixed. `class_weight` is None, 'none', 'balanced' or {class: weight}."""
     per_class = balanced_weights(y, None if class_weight == "none" else class_weight, sample_weight)
-    weights = sample_weight if per_class is None else per_class * (1.0 if sample_weight is None else sample_weight)
+    weights = (
+        sample_weight
+        if per_class is None
+        else per_class * (1.0 if sample_weight is None else sample_weight)
+    )
     return weights, float(len(y) if weights is None else np.sum(weights))
 
 
@@ -133,19 +159,29 @@ def solve_torch(
     progress: Callable[[int], None] | None = None,
     block: int | None = None,
 ) -> tuple[Solution, float]:
-    """Every torch fit's one front door: the row weights mixed (`solver.solve` checks them), then the
-    path along `Cs`, in X's precision. Returns the solution and the sum of the row weights."""
+    """Every torch fit's one front door: the row weights mixed (`solver.solve` checks them), then
+    the path along `Cs`, in X's precision. Returns the solution and the sum of the row weights."""
     from pipeline.heads import solver  # torch only when a torch head is trained
 
     if sample_weight is not None and np.shape(sample_weight) != (len(y),):
-        raise ValueError(f"sample_weight: expected {len(y)} finite non-negative weights, not all zero; got "
-                         f"shape {np.shape(sample_weight)}")  # fmt: skip
+        raise ValueError(
+            f"sample_weight: expected {len(y)} finite non-negative weights, not all zero; got "
+            f"shape {np.shape(sample_weight)}"
+        )
     weights, w_sum = row_weights(y, class_weight, sample_weight)
     device = options.device.split(":")[0]
     sol = solver.solve(
-        X, y, Cs, n_classes=n_classes, options=options, sample_weight=weights, init=init,
-        progress=progress, block=block or solver.default_block(len(Cs), device), dtype=_torch_dtype(X.dtype),
-    )  # fmt: skip
+        X,
+        y,
+        Cs,
+        n_classes=n_classes,
+        options=options,
+        sample_weight=weights,
+        init=init,
+        progress=progress,
+        block=block or solver.default_block(len(Cs), device),
+        dtype=_torch_dtype(X.dtype),
+    )
     return sol, w_sum
 
 
@@ -160,15 +196,26 @@ class TorchHead(LinearKind):
     def solver(self, cfg: HeadConfig, streaming: bool) -> str:
         return SolverOptions.for_head(cfg, streaming).solver
 
-    def fit_grid(self, cfg, X, y, n_classes, grid, tick=lambda n: None, init=None, sample_weight=None) -> list[Fit]:
+    def fit_grid(
+        self, cfg, X, y, n_classes, grid, tick=lambda n: None, init=None, sample_weight=None
+    ) -> list[Fit]:
         from pipeline.devices import choose_device
 
-        options = SolverOptions.for_head(cfg, streaming=False, device=str(choose_device(cfg.device)))
+        options = SolverOptions.for_head(
+            cfg, streaming=False, device=str(choose_device(cfg.device))
+        )
         sol, w_sum = solve_torch(
-            X, y, grid, n_classes, options, cfg.class_weight, sample_weight,
-            init=None if init is None else (init.coef[None], init.intercept[None]), progress=tick,
+            X,
+            y,
+            grid,
+            n_classes,
+            options,
+            cfg.class_weight,
+            sample_weight,
+            init=None if init is None else (init.coef[None], init.intercept[None]),
+            progress=tick,
             block=cfg.sweep_block,
-        )  # fmt: skip
+        )
         return Fit.from_solution(grid, sol, w_sum, cfg.tol)
 
 
@@ -182,7 +229,9 @@ class LogRegHead(LinearKind):
     def solver(self, cfg: HeadConfig, streaming: bool) -> str:
         return "lbfgs (scikit-learn)"
 
-    def fit_grid(self, cfg, X, y, n_classes, grid, tick=lambda n: None, init=None, sample_weight=None) -> list[Fit]:
+    def fit_grid(
+        self, cfg, X, y, n_classes, grid, tick=lambda n: None, init=None, sample_weight=None
+    ) -> list[Fit]:
         from joblib import Parallel, delayed
 
         class_weight = None if cfg.class_weight == "none" else cfg.class_weight
@@ -193,11 +242,21 @@ class LogRegHead(LinearKind):
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # recorded per C instead
-                model = make_logreg(C, class_weight, cfg.max_iter, cfg.tol).fit(X, y, sample_weight=sample_weight)
+                model = make_logreg(C, class_weight, cfg.max_iter, cfg.tol).fit(
+                    X, y, sample_weight=sample_weight
+                )
             n_iter = int(model.n_iter_.max())
             coef = model.coef_.T.copy()
-            return Fit(C, coef, model.intercept_.copy(), n_iter, n_iter < cfg.max_iter, False,
-                       resolution(C, coef, w_sum), cfg.tol)  # fmt: skip
+            return Fit(
+                C,
+                coef,
+                model.intercept_.copy(),
+                n_iter,
+                n_iter < cfg.max_iter,
+                False,
+                resolution(C, coef, w_sum),
+                cfg.tol,
+            )
 
         if len(grid) == 1:
             fits = [one(grid[0])]
@@ -205,29 +264,38 @@ class LogRegHead(LinearKind):
             return fits
         fits = []
         with joblib_backend(cfg.joblib_backend):
-            for fit in Parallel(n_jobs=cfg.jobs or -1, return_as="generator")(delayed(one)(C) for C in grid):
+            for fit in Parallel(n_jobs=cfg.jobs or -1, return_as="generator")(
+                delayed(one)(C) for C in grid
+            ):
                 fits.append(fit)
                 tick(1)
         return fits
 
 
-def make_logreg(C: float = 1.0, class_weight: Any = None, max_iter: int = 1000, tol: float = DEFAULTS.tol) -> Any:
+def make_logreg(
+    C: float = 1.0, class_weight: Any = None, max_iter: int = 1000, tol: float = DEFAULTS.tol
+) -> Any:
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(C=C, solver="lbfgs", class_weight=class_weight, max_iter=max_iter, tol=tol)
+    return LogisticRegression(
+        C=C, solver="lbfgs", class_weight=class_weight, max_iter=max_iter, tol=tol
+    )
 
 
 @contextmanager
 def joblib_backend(name: str | None) -> Iterator[None]:
-    """The joblib backend of the scikit-learn sweep; `dask` runs the fits on a dask.distributed cluster:
-    the current client, else the scheduler at $DASK_SCHEDULER_ADDRESS, else a local cluster."""
+    """The joblib backend of the scikit-learn sweep; `dask` runs the fits on a dask.distributed
+    cluster: the current client, else the scheduler at $DASK_SCHEDULER_ADDRESS, else a local
+    cluster."""
     import joblib
 
     if name is None:
         yield
         return
     if name not in JOBLIB_BACKENDS:
-        raise ConfigError(f"unknown joblib backend {name!r}; choose one of: {', '.join(JOBLIB_BACKENDS)}")
+        raise ConfigError(
+            f"unknown joblib backend {name!r}; choose one of: {', '.join(JOBLIB_BACKENDS)}"
+        )
     if name != "dask":
         with joblib.parallel_config(backend=name):
             yield
@@ -235,7 +303,9 @@ def joblib_backend(name: str | None) -> Iterator[None]:
     try:
         from dask.distributed import Client, get_client
     except ImportError:
-        raise ConfigError("--joblib-backend dask needs dask.distributed; pip install 'pipeline[dask]'") from None
+        raise ConfigError(
+            "--joblib-backend dask needs dask.distributed; pip install 'pipeline[dask]'"
+        ) from None
     try:
         client, owned = get_client(), False
     except ValueError:  # no client yet: connect (or start a local cluster) for this sweep
@@ -249,12 +319,16 @@ def joblib_backend(name: str | None) -> Iterator[None]:
 
 
 def constraints_of(options: type, rename: dict[str, str]) -> dict[str, list[Any]]:
-    """scikit-learn parameter constraints from a config dataclass's declared options: a choice list, a
-    boolean, a number within its `bounds` (None too where the default is None), or a string."""
+    """scikit-learn parameter constraints from a config dataclass's declared options: a choice list,
+    a boolean, a number within its `bounds` (None too where the default is None), or a string."""
     hints = typing.get_type_hints(options)
     out: dict[str, list[Any]] = {}
     for f in dataclasses.fields(options):
-        kind = next(t for t in (bool, int, float, str) if t is hints[f.name] or t in typing.get_args(hints[f.name]))
+        kind = next(
+            t
+            for t in (bool, int, float, str)
+            if t is hints[f.name] or t in typing.get_args(hints[f.name])
+        )
         if f.metadata.get("choices"):
             rule: list[Any] = [StrOptions(set(f.metadata["choices"]))]
         elif kind is bool:
@@ -262,7 +336,12 @@ def constraints_of(options: type, rename: dict[str, str]) -> dict[str, list[Any]
         elif f.metadata.get("bounds"):
             low, high, closed = f.metadata["bounds"]
             rule = [
-                Interval(Integral if kind is int else Real, low, None if high == float("inf") else high, closed=closed)
+                Interval(
+                    Integral if kind is int else Real,
+                    low,
+                    None if high == float("inf") else high,
+                    closed=closed,
+                )
             ]
         else:
             rule = [kind]
@@ -282,10 +361,12 @@ class TorchLinearClassifier(LinearDecision, ClassifierMixin, BaseEstimator):
 
     Parameters mirror `LogisticRegression` where they overlap (`C`, `tol`, `max_iter`,
     `class_weight`); the solver's own ones (`solver`, `epochs`, `batch_size`, `lr`,
-    `label_smoothing`, `balanced_sampler`, `device`) are those of `SolverOptions`, with its defaults.
+    `label_smoothing`, `balanced_sampler`, `device`) are those of `SolverOptions`, with its
+    defaults.
     """
 
-    # Checked up front by `fit`, scikit-learn style (an error names the parameter and what it accepts):
+    # Checked up front by `fit`, scikit-learn style (an error names the parameter and what it
+    # accepts):
     # the solver's options from their one declaration in `SolverOptions`, and the estimator's own.
     _parameter_constraints: ClassVar[dict] = {
         **constraints_of(SolverOptions, rename={"seed": "random_state"}),
@@ -325,26 +406,43 @@ class TorchLinearClassifier(LinearDecision, ClassifierMixin, BaseEstimator):
         """These parameters as the solver's options."""
         return SolverOptions.from_config(self, **({"seed": self.random_state} | overrides))
 
-    def fit(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> TorchLinearClassifier:
+    def fit(
+        self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
+    ) -> TorchLinearClassifier:
         from pipeline.devices import choose_device
 
         self._validate_params()
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
             raise ValueError(
-                f"The 'device' parameter of TorchLinearClassifier must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'. "
+                "The 'device' parameter of TorchLinearClassifier must be 'auto', 'cpu', 'cuda', "
+                "'cuda:N' or 'mps'. "
                 f"Got {self.device!r} instead."
             )
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"needs samples of at least 2 classes, but the data has 1 class: {self.classes_[0]!r}")
-        weights = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+            raise ValueError(
+                "needs samples of at least 2 classes, but the data has 1 class: "
+                f"{self.classes_[0]!r}"
+            )
+        weights = (
+            np.ones(len(y))
+            if sample_weight is None
+            else np.asarray(sample_weight, dtype=np.float64)
+        )
         sol, _ = solve_torch(
-            X, codes, [self.C], len(self.classes_), self.options(device=str(choose_device(self.device))),
-            self.class_weight, weights,
-        )  # fmt: skip
-        self.coef_ = sol.coef[0].T.astype(X.dtype)  # (O, D) like scikit-learn: O = 1 for two classes
+            X,
+            codes,
+            [self.C],
+            len(self.classes_),
+            self.options(device=str(choose_device(self.device))),
+            self.class_weight,
+            weights,
+        )
+        self.coef_ = sol.coef[0].T.astype(
+            X.dtype
+        )  # (O, D) like scikit-learn: O = 1 for two classes
         self.intercept_ = sol.intercept[0].astype(X.dtype)
         self.n_iter_ = np.array([sol.n_iter[0]])
         self.converged_ = bool(sol.converged[0])

@@ -24,12 +24,20 @@ if TYPE_CHECKING:
 
 
 def class_means(
-    X: np.ndarray, y: np.ndarray, n_classes: int, temperature: float, sample_weight: np.ndarray | None = None
+    X: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    temperature: float,
+    sample_weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(D, O) weights and (O,) intercept of cos(x, m_c) / T for unit rows x: the unit (weighted) mean of
-    each class over T; two classes as one logit (the difference), like the linear heads."""
+    """(D, O) weights and (O,) intercept of cos(x, m_c) / T for unit rows x: the unit (weighted)
+    mean of each class over T; two classes as one logit (the difference), like the linear heads."""
     sums = np.zeros((n_classes, X.shape[1]))
-    rows = X.astype(np.float64) if sample_weight is None else X.astype(np.float64) * sample_weight[:, None]
+    rows = (
+        X.astype(np.float64)
+        if sample_weight is None
+        else X.astype(np.float64) * sample_weight[:, None]
+    )
     np.add.at(sums, y, rows)
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     means = sums / np.where(norms > 0, norms, 1.0)
@@ -51,7 +59,9 @@ class NearestClassMeanHead(LinearStorage):
     def check(self, cfg: HeadConfig) -> None:
         super().check(cfg)
         if cfg.grid:
-            raise ConfigError("--grid is not used by the ncm head, which has nothing to choose (drop --grid)")
+            raise ConfigError(
+                "--grid is not used by the ncm head, which has nothing to choose (drop --grid)"
+            )
         check_temperature(cfg)
 
     def grid(self, cfg: HeadConfig) -> list[float]:
@@ -60,7 +70,9 @@ class NearestClassMeanHead(LinearStorage):
     def solver(self, cfg: HeadConfig, streaming: bool) -> str:
         return "exact (class means)"
 
-    def fit_grid(self, cfg, X, y, n_classes, grid, tick=lambda n: None, init=None, sample_weight=None) -> list[Fit]:
+    def fit_grid(
+        self, cfg, X, y, n_classes, grid, tick=lambda n: None, init=None, sample_weight=None
+    ) -> list[Fit]:
         tick(len(grid))
         coef, intercept = class_means(X, y, n_classes, cfg.temperature, sample_weight)
         return [Fit(cfg.temperature, coef, intercept, 0, True, exact=True, param="temperature")]
@@ -76,7 +88,10 @@ class NearestClassMean(LinearDecision, CosineHead):
     def fit(self, X: Any, y: Any) -> NearestClassMean:
         Z, codes = self._prepare(X, y)
         if len(self.classes_) < 2:
-            raise ValueError(f"needs samples of at least 2 classes, but the data has 1 class: {self.classes_[0]!r}")
+            raise ValueError(
+                "needs samples of at least 2 classes, but the data has 1 class: "
+                f"{self.classes_[0]!r}"
+            )
         coef, intercept = class_means(Z, codes, len(self.classes_), self.temperature)
         self.coef_, self.intercept_ = coef.T.astype(Z.dtype), intercept.astype(Z.dtype)
         return self

@@ -8,8 +8,8 @@ A kind is one class in one module, registered by a decorator as timm's `@registe
         ...
 
 The protocol, saving, loading, `predict` and `export` ask the kind of a run for everything that
-differs between heads, so a new head is one file. `get` finds a kind by its `--head` name; `for_model`
-finds the kind that reads a saved head by the `model` its head.json names.
+differs between heads, so a new head is one file. `get` finds a kind by its `--head` name;
+`for_model` finds the kind that reads a saved head by the `model` its head.json names.
 """
 
 from __future__ import annotations
@@ -33,17 +33,20 @@ MIN_TEMPERATURE = 1e-4  # cosine / T stays finite in float32 for T in [1e-4, 1e4
 
 
 class HeadKind:
-    """What a head kind declares and does. The defaults suit a linear head trained on standardised rows.
+    """What a head kind declares and does. The defaults suit a linear head trained on standardised
+    rows.
 
     Declared:
     - `name`: its `--head` value.
     - `setting`: what its sweep chooses, the validation curve's first column (C, k or temperature).
     - `model`: how `head.npz` stores it; the kind registered first for a model loads it.
-    - `preprocessings`: the `--preprocess` values it accepts; `default_preprocessing`: what `auto` means.
+    - `preprocessings`: the `--preprocess` values it accepts; `default_preprocessing`: what `auto`
+      means.
     - `takes_c`: `--C`, `--class-weight` and a study's `[head]` C grid apply to it.
     - `may_stream`: it can train on rows streamed from the file (`--max-memory` below the rows).
     - `packages`: libraries whose versions its `result.json` records beside numpy and scikit-learn.
-    - `setting_keys`: the settings a trained head keeps in head.json (k, temperatures), beside its arrays.
+    - `setting_keys`: the settings a trained head keeps in head.json (k, temperatures), beside its
+      arrays.
     """
 
     name: ClassVar[str] = ""
@@ -67,10 +70,13 @@ class HeadKind:
                 f"{', '.join(self.preprocessings)}"
             )
         if not self.takes_c and cfg.C is not None:
-            raise ConfigError(f"--C is a setting of the linear heads; the {self.name} head has no C (drop --C)")
+            raise ConfigError(
+                f"--C is a setting of the linear heads; the {self.name} head has no C (drop --C)"
+            )
         if not self.takes_c and cfg.class_weight != "none":
             raise ConfigError(
-                f"--class-weight {cfg.class_weight} applies to the linear heads; the {self.name} head is not "
+                f"--class-weight {cfg.class_weight} applies to the linear heads; the {self.name} "
+                "head is not "
                 "trained with a loss to weigh (drop --class-weight)"
             )
 
@@ -82,8 +88,11 @@ class HeadKind:
         """The settings the sweep tries, strongest regularisation first."""
         raise NotImplementedError
 
-    def prepare_grid(self, grid: list[float], train_rows: int, report: Callable[[str], None]) -> list[float]:
-        """The grid made into what it can mean on `train_rows` training rows (knn caps k); before scoring."""
+    def prepare_grid(
+        self, grid: list[float], train_rows: int, report: Callable[[str], None]
+    ) -> list[float]:
+        """The grid made into what it can mean on `train_rows` training rows (knn caps k); before
+        scoring."""
         return grid
 
     def solver(self, cfg: HeadConfig, streaming: bool) -> str:
@@ -101,8 +110,8 @@ class HeadKind:
         init: Any = None,
         sample_weight: np.ndarray | None = None,
     ) -> list[Any]:
-        """One fit per setting of `grid` on the same (preprocessed) rows; `sample_weight`: --views' weights.
-        A fit has `value`, `param`, `status`, `n_iter`, `converged` and `log_proba(X)`."""
+        """One fit per setting of `grid` on the same (preprocessed) rows; `sample_weight`: --views'
+        weights. A fit has `value`, `param`, `status`, `n_iter`, `converged` and `log_proba(X)`."""
         raise NotImplementedError
 
     def log_proba_all(self, fits: list[Any], X: np.ndarray) -> list[np.ndarray]:
@@ -111,16 +120,20 @@ class HeadKind:
 
     # ------------------------------------------------------------------ the trained head
 
-    def trained(self, fit: Any, prep: Preprocessor, classes: np.ndarray, adjustment: Adjustment) -> TrainedHead:
+    def trained(
+        self, fit: Any, prep: Preprocessor, classes: np.ndarray, adjustment: Adjustment
+    ) -> TrainedHead:
         """The protocol's final fit as the one trained-head type, its post-hoc adjustment inside."""
         raise NotImplementedError
 
     def array_shapes(self, meta: dict[str, Any]) -> dict[str, tuple[int | None, ...]]:
-        """The arrays `head.npz` must hold for `meta` (head.json), with their shapes (None: any length)."""
+        """The arrays `head.npz` must hold for `meta` (head.json), with their shapes (None: any
+        length)."""
         raise NotImplementedError
 
     def optional_shapes(self, meta: dict[str, Any]) -> dict[str, tuple[int | None, ...]]:
-        """Arrays `head.npz` may hold for `meta`, checked like `array_shapes` when they are there."""
+        """Arrays `head.npz` may hold for `meta`, checked like `array_shapes` when they are
+        there."""
         return {}
 
     def n_features(self, arrays: dict[str, np.ndarray]) -> int:
@@ -128,7 +141,8 @@ class HeadKind:
         raise NotImplementedError
 
     def check_saved(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> str | None:
-        """What is wrong with a saved head beyond its array shapes (None: nothing): said in one line."""
+        """What is wrong with a saved head beyond its array shapes (None: nothing): said in one
+        line."""
         return None
 
     def log_proba(self, head: TrainedHead, Z: np.ndarray) -> np.ndarray:
@@ -144,17 +158,22 @@ def check_temperature(cfg: HeadConfig) -> None:
     """--temperature within [1e-4, 1e4], where cosine / T stays finite (the cosine heads' check)."""
     if not MIN_TEMPERATURE <= cfg.temperature <= 1 / MIN_TEMPERATURE:
         raise ConfigError(
-            f"--temperature {cfg.temperature} is out of range; pass a number in [{MIN_TEMPERATURE:g}, "
+            f"--temperature {cfg.temperature} is out of range; pass a number in "
+            f"[{MIN_TEMPERATURE:g}, "
             f"{1 / MIN_TEMPERATURE:g}] (0.07 is DINO's)"
         )
 
 
 def register(cls: type[HeadKind]) -> type[HeadKind]:
-    """Class decorator: make `cls` the kind named `cls.name` (a second kind of one name is refused)."""
+    """Class decorator: make `cls` the kind named `cls.name` (a second kind of one name is
+    refused)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in KINDS and type(KINDS[cls.name]) is not cls:
-        raise ValueError(f"a head kind named {cls.name!r} is registered already ({type(KINDS[cls.name]).__name__})")
+        raise ValueError(
+            f"a head kind named {cls.name!r} is registered already "
+            f"({type(KINDS[cls.name]).__name__})"
+        )
     KINDS[cls.name] = cls()
     return cls
 
@@ -176,8 +195,8 @@ def get(name: str) -> HeadKind:
 
 
 def for_model(model: str, name: str | None = None) -> HeadKind | None:
-    """The kind that reads a saved head whose head.json says `model`: the kind `name` (its `head`) when
-    it stores that model, else the first registered for it."""
+    """The kind that reads a saved head whose head.json says `model`: the kind `name` (its `head`)
+    when it stores that model, else the first registered for it."""
     if name in KINDS and KINDS[name].model == model:
         return KINDS[name]
     return next((kind for kind in KINDS.values() if kind.model == model), None)
