@@ -19,7 +19,7 @@ from pipeline import outputs
 from pipeline.cache.reader import CacheInfo
 from pipeline.config import HeadConfig
 from pipeline.evaluate import report
-from pipeline.evaluate.gather import RESULT_SCHEMA
+from pipeline.evaluate.compare import RESULT_SCHEMA
 from pipeline.heads import choice, kinds
 from pipeline.heads.runs import ChoiceRows, FittedRun, Predictions, Timer
 from pipeline.heads.saved import save_head

@@ -1,5 +1,5 @@
-"""The torch solver (`pipeline.heads.solver`, `pipeline.heads.lbfgs`): the L-BFGS path reaches
-scikit-learn's solutions, starts, steps and stops as documented, and refuses weights it cannot use.
+"""The torch solver (`pipeline.heads.solver`): the L-BFGS path reaches scikit-learn's solutions,
+starts, steps and stops as documented, and refuses weights it cannot use.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_lbfgs_stops_a_setting_stuck_at_the_float32_floor_instead_of_running_to_
     near 1e-6; where max|grad| stops shrinking, the setting ends stalled (not converged), not at
     max_iter."""
 
-    from pipeline.heads import lbfgs, solver
+    from pipeline.heads import solver
     from pipeline.heads.options import SolverOptions
 
     X, y = make_classification(200, 8, n_informative=5, n_classes=3, random_state=0)
@@ -89,7 +89,7 @@ def test_lbfgs_stops_a_setting_stuck_at_the_float32_floor_instead_of_running_to_
         options=SolverOptions(tol=1e-6, max_iter=1000),
         block=1,
     )
-    assert sol.n_iter.max() < lbfgs.PATIENCE + 100, sol.n_iter
+    assert sol.n_iter.max() < solver.PATIENCE + 100, sol.n_iter
     assert (sol.converged == (sol.grad_max <= 1e-6)).all()
     assert (
         sol.grad_max.max() < 1e-5
