@@ -431,14 +431,31 @@ def main(argv: Sequence[str] | None = None, interruptible: bool = False) -> int:
     except BrokenPipeError:  # `pipeline info X | head`: the reader left; nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except OSError as exc:  # the file system refused something the user pointed at
-        where = f"{exc.filename}: " if exc.filename else ""
-        _say(f"error: {where}{exc.strerror or exc}; check the path and its permissions")
-        return 2
+    except Exception as exc:
+        if _raised_in_hdf5(exc):  # a damaged file found past the checks made where it was opened
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            _say(
+                f"error: an HDF5 file does not read back ({reason}): it is damaged; rebuild it "
+                "with the command that wrote it (`pipeline features --force`)"
+            )
+            return 2
+        if isinstance(exc, OSError):  # the file system refused something the user pointed at
+            where = f"{exc.filename}: " if exc.filename else ""
+            _say(f"error: {where}{exc.strerror or exc}; check the path and its permissions")
+            return 2
+        raise
     finally:
         if interruptible:
             signal.signal(signal.SIGINT, quiet[0])
             signal.signal(signal.SIGTERM, quiet[1])
+
+
+def _raised_in_hdf5(exc: BaseException) -> bool:
+    """The exception came out of h5py (its innermost frame is h5py's)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("h5py")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -66,12 +66,12 @@ class FeaturesConfig:
     )
     val_fraction: float = option(
         0.1,
-        "fraction of train carved out (stratified) when the source has no val split",
+        "fraction of train (after test is carved) carved out as val when the source has none",
         group="data",
     )
     test_fraction: float = option(
         0.2,
-        "fraction carved out (stratified) as test when the source has no test split",
+        "fraction of train carved out as test when the source has none (the rule: --carve)",
         group="data",
     )
     split_seed: int = option(0, "seed of the val/test carving", group="data")

@@ -11,6 +11,11 @@ the archive is checked first, the way a parser of foreign input should be:
   operator (or `operator.getitem`); every name an identifier and every module path a dotted one;
   every string printable ASCII; the pytree specs only tuples, lists and dicts. The nodes' debug
   metadata (stack traces, module stacks) is dropped, not trusted.
+- the symbolic shapes (`expr_str`, which torch hands to `sympy.sympify`, an `eval`): only sympy's
+  printed form of an integer shape expression (known constructors, symbol names, numbers), with
+  no attribute access, no other name and no power.
+- the payload lists: every payload a plain tensor file (`weight_N`, `tensor_N`), never an object
+  that torch would unpickle whatever the list says (`custom_obj_N`, `opaque_obj_N`).
 
 torch then reads a fresh archive holding exactly the checked (and cleaned) entries, so what it
 reads cannot differ from what was checked. Whatever torch still refuses becomes one line.
@@ -43,6 +48,18 @@ PRINTABLE = re.compile(r"[\x20-\x7e]*")
 NAME_KEYS = {"name"}
 PATH_KEYS = {"fqn", "parameter_name", "buffer_name", "constant_name", "target_name"}
 PYTREE_TYPES = {None, "builtins.tuple", "builtins.list", "builtins.dict"}
+PAYLOAD = re.compile(r"(weight|tensor)_\d+")
+# An integer shape expression as torch writes it (sympy's srepr: calls, no infix operators), token
+# by token: a quoted symbol name, a number, a name of EXPRESSION_NAMES, a minus sign, a parenthesis,
+# a comma, an equals sign. No dot, so no attribute access; no `*`, so no power.
+EXPRESSION_TOKEN = re.compile(r"\s+|'[A-Za-z]{1,8}\d{0,9}'|\d{1,20}(?!\d)|[A-Za-z_]\w*|[-(),=]")
+# Only what integer shape expressions are made of: no powers, no floats (nothing to blow up)
+_NAMES = (
+    "Symbol Integer Rational Add Mul Max Min FloorDiv CleanDiv CeilDiv Mod PythonMod oo "
+    "IntInfinity NegativeIntInfinity True False integer positive nonnegative real finite"
+)
+EXPRESSION_NAMES = frozenset(_NAMES.split())
+MAX_EXPRESSION = 4096
 
 
 class Refused(Exception):
@@ -126,6 +143,9 @@ def _checked(name: str, data: bytes) -> bytes:
             raise Refused(f"{name} is not a payload list") from None
         if pickled:
             raise Refused(f"{name} declares pickled payloads")
+        for entry in config.values():
+            if not PAYLOAD.fullmatch(str(entry.get("path_name"))):
+                raise Refused(f"{name} names a payload {str(entry.get('path_name'))[:40]!r}")
         return data
     if "/data/sample_inputs/" in name:
         import torch
@@ -193,6 +213,23 @@ def _walk(value: Any, where: tuple[str, ...]) -> None:
             raise Refused(f"its program has a name {value[:40]!r} that is not an identifier")
         if key in PATH_KEYS and not PATH.fullmatch(value):
             raise Refused(f"its program has a module path {value[:40]!r} that is not a dotted name")
+        if key == "expr_str":
+            _check_expression(value)
+
+
+def _check_expression(text: str) -> None:
+    """A symbolic shape torch will `sympify` (an eval): only known names, no attribute access."""
+    if len(text) > MAX_EXPRESSION or text.count("(") > 256:
+        raise Refused(f"its program has a shape expression of {len(text)} characters")
+    at = 0
+    while at < len(text):
+        token = EXPRESSION_TOKEN.match(text, at)
+        if token is None:
+            raise Refused(f"its program has a shape expression {text[:60]!r} that is not one")
+        word = token.group()
+        if (word[0].isalpha() or word[0] == "_") and word not in EXPRESSION_NAMES:
+            raise Refused(f"its program has a shape expression naming {word[:40]!r}")
+        at = token.end()
 
 
 def _check_pytree(spec: Any) -> None:

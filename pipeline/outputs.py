@@ -24,10 +24,9 @@ from pathlib import Path
 from pipeline import fsutil
 from pipeline.errors import ConfigError
 
-HEAD_FILES = (
-    "result.json",
-    "head.json",
-)  # a folder holding one of these was written by `pipeline head`
+# A folder holding one of these, with the run id a head run writes into it, is a head run's folder
+HEAD_FILES = ("result.json", "head.json")
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 # Every name a head run may write; anything else in a results folder is the user's and is kept.
 HEAD_OUTPUTS = frozenset(
     {
@@ -52,19 +51,40 @@ def check_results_folder(out: Path, force: bool) -> None:
     """Before any work: `out` is absent, empty, a previous head run's folder, or --force was
     given."""
     out = results_target(out)
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise ConfigError(
+            f"--out {out} is (or holds) the current folder; a head run replaces its folder whole: "
+            "pass a folder of its own, e.g. --out results/NAME"
+        )
     if out.exists() and not out.is_dir():
         raise ConfigError(
             f"--out {out} is a file; the head stage writes a folder there: pass another --out"
         )
     if out.is_dir() and not force:
         entries = sorted(p.name for p in out.iterdir())
-        if entries and not any(name in entries for name in HEAD_FILES):
+        if entries and not is_head_folder(out):
             raise ConfigError(
                 f"--out {out} holds files that `pipeline head` did not write (e.g. "
                 f"{entries[0]!r}); "
                 "pass another --out, or --force to write the head's files beside them"
             )
     fsutil.check_output_folder(out, "results")
+
+
+def is_head_folder(folder: Path) -> bool:
+    """`folder` was written by `pipeline head`: its result.json or head.json is a JSON object with
+    the run id a head run gives (a file merely named so is the user's)."""
+    for name in HEAD_FILES:
+        path = folder / name
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > 64 << 20:
+            continue
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            continue
+        if isinstance(document, dict) and RUN_ID.fullmatch(str(document.get("run_id", ""))):
+            return True
+    return False
 
 
 @contextlib.contextmanager
@@ -171,6 +191,10 @@ def check_file_output(path: Path, kind: str, force: bool) -> None:
         raise ConfigError(
             f"--out {path} is a folder; pass a file path inside it, e.g. {path / ('out.' + kind)}"
         )
+    if path.exists() and not path.is_file():
+        raise ConfigError(
+            f"--out {path} is not a regular file (a pipe or a device); pass a file path"
+        )
     if path.exists() and not force and not OURS[kind](path):
         raise ConfigError(
             f"--out {path} exists and was not written by this command; pass another --out, or "
@@ -179,18 +203,27 @@ def check_file_output(path: Path, kind: str, force: bool) -> None:
     fsutil.check_output_folder(path, kind)
 
 
+def replace_files(files: dict[Path, Callable[[Path], None]]) -> None:
+    """Each `write(tmp)` into a temporary sibling of its path; only when every one is written are
+    they moved over their paths, so a failure leaves none of them changed."""
+    written: dict[Path, Path] = {}
+    try:
+        for path, write in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            written[path] = Path(tmp)
+            fsutil.private_to_shared(Path(tmp))
+            write(Path(tmp))
+        for path, tmp in written.items():
+            fsutil.replace(tmp, path)
+    except OSError as exc:
+        raise fsutil.explain(exc, path) from None
+    finally:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+
+
 def replace_file(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` a temporary sibling, then move it over `path` (fsynced); removed on any
     error."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fsutil.private_to_shared(Path(tmp))
-        write(Path(tmp))
-        fsutil.replace(Path(tmp), path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise fsutil.explain(exc, path) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_files({path: write})

@@ -24,14 +24,34 @@ from pipeline.heads.trained import TrainedHead
 
 
 def _settings(head: TrainedHead, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The head's cache fingerprint and the features settings it was made with, both checked: a
+    value a head run would not have written is the head folder's fault, never the user's flags."""
     fingerprint, settings = head.meta.get("cache_fingerprint"), head.meta.get("features_config")
     if not fingerprint or not settings:
         raise CacheError(
             f"head {folder} does not record how its features were made (saved by an older "
-            "pipeline); "
-            "retrain it with `pipeline head`"
+            "pipeline); retrain it with `pipeline head`"
         )
-    return fingerprint, settings
+    fields = {f.name for f in dataclasses.fields(FeaturesConfig)}
+    values = {k: v for k, v in settings.items() if k in fields and k not in ("dataset", "out")}
+    why = next(
+        (
+            f"cache_fingerprint lacks {key!r}"
+            for key in ("backbone", "weights", "preprocessing")
+            if not isinstance(fingerprint.get(key), str)
+        ),
+        None,
+    )
+    if why is None and not isinstance(values.get("weights"), str):
+        why = "features_config lacks 'weights'"
+    if why is None:
+        try:
+            FeaturesConfig(**(values | {"data": "."}))
+        except (ConfigError, TypeError, ValueError) as exc:
+            why = f"features_config holds a setting no run writes ({str(exc).splitlines()[0]})"
+    if why:
+        raise CacheError(f"head {folder} is malformed: {why}; retrain it with `pipeline head`")
+    return fingerprint, values
 
 
 def rebuild_spec(
@@ -92,13 +112,9 @@ def predict(
     folder = Path(head_path)
     head = load_head(folder)
     spec = rebuild_spec(head, folder, weights)
-    _, settings = _settings(head, folder)
+    _, values = _settings(head, folder)
     samples = list_images(data)
-    fields = {f.name for f in dataclasses.fields(FeaturesConfig)}
-    values = {k: v for k, v in settings.items() if k in fields and k not in ("dataset", "out")}
-    values.update(
-        data=str(data), weights=weights or settings["weights"], skip_bad_images=not strict
-    )
+    values.update(data=str(data), weights=weights or values["weights"], skip_bad_images=not strict)
     values.update(overrides or {})
     cfg = FeaturesConfig(**values)
     try:
@@ -243,12 +259,12 @@ def export(
         },
         "usage": "p = torch.export.load(path).module()(images_uint8)",
     }
-    outputs.replace_file(
-        out,
-        lambda tmp: torch.export.save(
-            program, str(tmp), extra_files={"meta.json": json.dumps(meta, indent=2)}
-        ),
-    )
+
+    def write(tmp: Path) -> None:  # through a file object: the archive's top folder is "archive",
+        with tmp.open("wb") as fh:  # not the temporary file's name
+            torch.export.save(program, fh, extra_files={"meta.json": json.dumps(meta, indent=2)})
+
+    outputs.replace_file(out, write)
     report(
         f"wrote {out}: {spec.name} + {head.meta.get('head', 'linear')} head, {len(head.classes_)} "
         "classes; "

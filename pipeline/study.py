@@ -29,7 +29,8 @@ Report = Callable[[str], None]
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+    """`text` as one folder name: never a path, never `.` or `..`, never hidden."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,8 @@ def plan(path: str | Path) -> Plan:
     study = document.get("study", {})
     _check_keys(study, list(STUDY_KEYS), f"{source} [study]")
     name = study.get("name", Path(source).stem)
+    if not isinstance(name, str):
+        raise ConfigError(f"{source} [study]: name = {name!r} is not a string; name it in quotes")
     results = Path(study.get("results", "results")) / _slug(name)
     cache = Path(study.get("cache", "cache"))
     feature_fields = [f.name for f in dataclasses.fields(FeaturesConfig)]
@@ -264,6 +267,12 @@ def run(
     from pipeline.heads import protocol
 
     p = plan(path)
+    try:  # before any work: the report's names are free, or a previous study's
+        compare.check_report_target(p.results / "report.md", force=False)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}".split(";")[0] + "; move it away, or give the study another name"
+        ) from None
     n_fewshot = len(p.fewshot["shots"]) if p.fewshot else 0
     steps = len(p.extractions) * (1 + len(p.heads) + n_fewshot)
     summary: dict[str, Any] = {"computed": [], "reused": [], "failed": [], "runs": []}

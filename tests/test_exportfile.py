@@ -115,3 +115,74 @@ def test_debug_metadata_is_dropped_and_torchs_own_refusals_are_one_line(good, tm
         WeightsError, match=r"refusing to load .*pipe\.pt2: it is not a regular file"
     ):
         load_export(tmp_path / "pipe.pt2")
+
+
+@pytest.fixture(scope="module")
+def dynamic(tmp_path_factory) -> Path:
+    """An export whose batch size is symbolic, as `pipeline export` writes it."""
+    path = tmp_path_factory.mktemp("export") / "dynamic.pt2"
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(
+        torch.nn.Linear(3, 2), (torch.zeros(2, 3),), dynamic_shapes=({0: batch},)
+    )
+    torch.export.save(program, str(path))
+    return path
+
+
+def _expressions(program: dict) -> list[dict]:
+    """Every {"expr_str": ...} in the program."""
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            if "expr_str" in value:
+                found.append(value)
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(program)
+    return found
+
+
+def test_a_shape_expression_that_sympy_would_evaluate_as_code_is_refused(dynamic, tmp_path):
+    """torch hands each `expr_str` to sympy.sympify (an eval): only integer shape expressions
+    pass."""
+    marker = tmp_path / "owned"
+    program = load_export(dynamic)  # the symbolic batch size of a real export passes
+    assert program.module()(torch.ones(5, 3)).shape == (5, 2)
+    crafted = {
+        "code": (f"__import__('os').system('touch {marker}') + s0", r"naming '__import__'"),
+        "attribute": ("Symbol('s0').func", r"that is not one"),
+        "power": ("Pow(Integer(10), Integer(10000000000))", r"naming 'Pow'"),
+        "infix power": ("Integer(10)**Integer(99999999)", r"that is not one"),
+        "long number": ("Integer(" + "9" * 40 + ")", r"that is not one"),
+        "huge": ("Add(" + "Integer(1), " * 2000 + "Integer(1))", r"of \d+ characters"),
+    }
+    for case, (text, pattern) in crafted.items():
+
+        def swap(program, text=text):
+            for expression in _expressions(program):
+                expression["expr_str"] = text
+
+        path = _rewrite(dynamic, tmp_path / f"{case.replace(' ', '_')}.pt2", swap)
+        with pytest.raises(WeightsError, match=rf"a shape expression (.* )?{pattern}"):
+            load_export(path)
+    assert not marker.exists(), "no code ran"
+
+
+def test_a_payload_torch_would_unpickle_whatever_the_list_says_is_refused(good, tmp_path):
+    out = tmp_path / "custom.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                for entry in config["config"].values():
+                    entry["path_name"] = "custom_obj_0"
+                data = json.dumps(config).encode()
+            dst.writestr(item.filename, data)
+    with pytest.raises(WeightsError, match=r"names a payload 'custom_obj_0'"):
+        load_export(out)

@@ -22,6 +22,7 @@ from pipeline.cache.schema import (
     partial_path,
     read_columns,
     read_ids,
+    reading,
     row_ranges,
 )
 from pipeline.errors import CacheError, MissingError
@@ -95,7 +96,7 @@ def check_rows(path: str | Path) -> None:
     """Every stored row still reads back as written (its CRC): a row edited or damaged after the
     cache was finished is refused where it would be read, never trained on or copied with a fresh
     CRC."""
-    with open_cache(path) as f:
+    with open_cache(path) as f, reading(Path(path)):
         if "meta_crc" in f.attrs and int(np.asarray(f.attrs["meta_crc"]).item()) != meta_crc(f):
             raise CacheError(
                 f"cache {path}: its labels, splits, ids or class names no longer read back as they "
@@ -164,14 +165,20 @@ def read_features(
     dtype: Any = None,
     include_logits: bool = False,
     layer: str | None = None,
+    verify: bool = True,
 ) -> FeatureSet:
     """Load a complete cache: arrays per split (skipped images left out) plus its metadata.
+
+    ``verify`` (default) first checks every stored row's CRC and the checksum of the labels, ids,
+    splits and class names, as the head stage does: an edited or damaged file is a CacheError.
 
     ``dtype`` converts features while reading (e.g. ``np.float32`` from float16 storage); ``layer``
     reads a layer stored with ``--layers`` (or several, comma-separated and concatenated) instead of
     the penultimate features.
     """
-    with open_cache(path) as f:
+    if verify:
+        check_rows(path)
+    with open_cache(path) as f, reading(Path(path)):
         datasets = [f["logits"]] if include_logits else columns(f, layer)
         split_codes = f["split"][...]
         ok = f["ok"][...]
@@ -215,7 +222,7 @@ class CacheInfo:
 def cache_info(path: str | Path, layer: str | None = None) -> CacheInfo:
     """The `CacheInfo` of a complete cache (reads labels and attributes, no features); `dim` is that
     of `layer` (see `read_features`)."""
-    with open_cache(path) as f:
+    with open_cache(path) as f, reading(Path(path)):
         split_codes, ok, labels = f["split"][...], f["ok"][...], f["labels"][...]
         return CacheInfo(
             path=str(path),
@@ -241,7 +248,7 @@ def summary(path: str | Path) -> dict[str, Any]:
         path = partial_path(path)
     if not path.exists():
         raise _no_cache(path)
-    with open_existing(path) as f:
+    with open_existing(path) as f, reading(path):
         split_codes = f["split"][...]
         counts = np.bincount(split_codes, minlength=len(SPLITS))
         ok = f["ok"][...]

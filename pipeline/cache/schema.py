@@ -24,11 +24,12 @@ keeps two runs from writing the same cache. `validate` checks the whole schema o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -282,12 +283,32 @@ def open_existing(path: Path, mode: str = "r") -> h5py.File:
             "file `pipeline features` writes), or rebuild it there with `pipeline features --force`"
         ) from None
     try:
-        validate(f, path)
-        _check_parts(f, path)
+        with reading(path):
+            validate(f, path)
+            _check_parts(f, path)
     except BaseException:
         f.close()
         raise
     return f
+
+
+# What h5py (and decoding what it returns) raises on a file whose structure is damaged
+DAMAGED = (KeyError, RuntimeError, OSError, UnicodeDecodeError, ValueError, TypeError, IndexError)
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Reading a cache someone may have damaged: an HDF5 structure that does not read back is one
+    CacheError naming the file, never h5py's traceback."""
+    try:
+        yield
+    except CacheError:
+        raise
+    except DAMAGED as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the file system's own refusal (permissions, a full disk): said as such
+        reason = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise malformed(path, f"its HDF5 structure does not read back ({reason})") from None
 
 
 def malformed(path: Path, what: str) -> CacheError:

@@ -56,7 +56,7 @@ class Run:
                     f"{path} is missing; rerun `pipeline head` for {self.folder} to write it"
                 )
             try:
-                arrays = read_arrays(path)
+                arrays = read_arrays(path, ("ids", "y_true", "y_pred"))
                 ids, y_true, y_pred = arrays["ids"], arrays["y_true"], arrays["y_pred"]
             except (BadArchive, KeyError) as why:
                 raise CacheError(
@@ -120,50 +120,74 @@ def load_run(folder: str | Path) -> Run:
         ) from None
 
 
+# What a comparison reads from result.json: dotted path -> (expected type, required). A field that
+# is absent where not required reads as missing; any other shape skips the file with its reason.
+NUMBER = (int, float)
+FIELDS: dict[str, tuple[type | tuple[type, ...], bool]] = {
+    "test": (dict, True),
+    "test.top1": (NUMBER, True),
+    "test.balanced_accuracy": (NUMBER, True),
+    "test.ci": (dict, False),
+    "test.std": (dict, False),
+    "test.groups": (dict, False),
+    "chosen": (dict, True),
+    "chosen.param": (str, False),
+    "config": (dict, True),
+    "config.head": (str, True),
+    "config.imbalance_ratio": (NUMBER, False),
+    "config.shots": (NUMBER, False),
+    "cache": (dict, True),
+    "cache.fingerprint": (dict, False),
+    "cache.path": (str, False),
+    "cache.data": (str, False),
+    "cache.layer": (str, False),
+    "cache.extract_seconds": (NUMBER, False),
+    "protocol": (dict, True),
+    "protocol.train_counts": (dict, False),
+    "classes": (list, True),
+    "cell": (dict, False),
+    "timings": (dict, False),
+    "test_set": (str, False),
+}
+
+
 def _check_fields(result: dict[str, Any]) -> None:
     """What a comparison reads from result.json, in the shape it reads it (KeyError or TypeError
     naming the field otherwise): a hand-edited or foreign file is skipped with its reason, never a
     traceback."""
-    test, chosen = result["test"], result["chosen"]
-    if (
-        not isinstance(test, dict)
-        or not isinstance(chosen, dict)
-        or not isinstance(result["config"], dict)
-    ):
-        raise TypeError("'test', 'chosen' or 'config'")
-    for key in ("top1", "balanced_accuracy"):
-        if not isinstance(test[key], int | float):
-            raise TypeError(f"'test.{key}'")
-    for key in ("ci", "std", "groups"):
-        if not isinstance(test.get(key) or {}, dict):
-            raise TypeError(f"'test.{key}'")
-    for name, interval in (test.get("ci") or {}).items():
-        if not (
-            isinstance(interval, list) and len(interval) == 2 and all(_number(v) for v in interval)
-        ):
-            raise TypeError(f"'test.ci.{name}'")
-    for name, value in (test.get("std") or {}).items():
-        if not _number(value):
-            raise TypeError(f"'test.std.{name}'")
-    for name, group in (test.get("groups") or {}).items():
-        if not isinstance(group, dict) or not (group.get("top1") is None or _number(group["top1"])):
-            raise TypeError(f"'test.groups.{name}'")
-    cell = result.get("cell") or {}
-    if not isinstance(cell, dict) or not all(isinstance(v, str) for v in cell.values()):
-        raise TypeError("'cell'")
-    config = result["config"]
-    if not isinstance(config.get("head"), str) or not all(
-        config.get(key) is None or _number(config[key]) for key in ("imbalance_ratio", "shots")
-    ):
-        raise TypeError("'config.head', 'config.imbalance_ratio' or 'config.shots'")
-    if not isinstance(result["cache"], dict) or not isinstance(
-        result["cache"].get("fingerprint", {}), dict
-    ):
-        raise TypeError("'cache'")
-    chosen[chosen.get("param", "C")]
-    timings = result.get("timings", {})
-    if not isinstance(timings, dict) or not all(_number(v) for v in timings.values()):
-        raise TypeError("'timings'")
+    for path, (kind, required) in FIELDS.items():
+        *parents, key = path.split(".")
+        holder = result
+        for parent in parents:
+            holder = holder.get(parent) or {}
+        if holder.get(key) is None:
+            if required:
+                raise KeyError(path)
+            continue
+        value = holder[key]
+        if not isinstance(value, kind) or (kind is NUMBER and isinstance(value, bool)):
+            raise TypeError(f"'{path}'")
+    test, protocol = result["test"], result["protocol"]
+    members = {
+        "test.ci": lambda v: isinstance(v, list) and len(v) == 2 and all(_number(x) for x in v),
+        "test.std": _number,
+        "test.groups": lambda g: (
+            isinstance(g, dict) and (g.get("top1") is None or _number(g["top1"]))
+        ),
+        "cell": lambda v: isinstance(v, str),
+        "timings": _number,
+        "protocol.train_counts": _number,
+    }
+    for path, fits in members.items():
+        holder = {"test": test, "protocol": protocol}.get(path.split(".")[0], result)
+        values = holder.get(path.split(".")[-1]) or {}
+        if not all(fits(v) for v in values.values()):
+            raise TypeError(f"'{path}'")
+    if not all(isinstance(name, str) for name in result["classes"]):
+        raise TypeError("'classes'")
+    chosen = result["chosen"][result["chosen"].get("param", "C")]  # a list: one per few-shot draw
+    if not (_number(chosen) or (isinstance(chosen, list) and chosen and all(map(_number, chosen)))):
+        raise TypeError("'chosen'")
 
 
 def _number(value: Any) -> bool:
@@ -425,7 +449,7 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
     for r in rows:
         cache_s = "-" if r["cache_seconds"] is None else f"{r['cache_seconds']:.1f}"
         lines.append(
-            f"| {r['dataset']} | {r['backbone']} | {r['head']} | {r['shots']} | "
+            f"| {_md(r['dataset'])} | {_md(r['backbone'])} | {_md(r['head'])} | {r['shots']} | "
             f"{_pct(r['test_top1'], r['top1_lo'], r['top1_hi'], r['top1_std'])} | "
             f"{_pct(r['test_balanced_accuracy'], r['balanced_lo'], r['balanced_hi'])} | "
             f"{r['setting']} = {r['chosen']:.3g} | "
@@ -435,10 +459,8 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
     if not pairs:
         lines.append("No two runs share a test set and differ in exactly one of backbone or head.")
     for p in pairs:
-        lines.append(
-            "- "
-            f"{'**' if p['significant'] else ''}{p['statement']}{'**' if p['significant'] else ''}"
-        )
+        bold = "**" if p["significant"] else ""
+        lines.append(f"- {bold}{_md(p['statement'])}{bold}")
         if len(p["groups"]) > 1:  # a long tail: the paired test within each frequency group too
             lines.append(
                 "  - by group (A-B, McNemar p): "
@@ -461,7 +483,7 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
             "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['dataset']} | {r['backbone']} | {r['head']} | "
+            f"| {_md(r['dataset'])} | {_md(r['backbone'])} | {_md(r['head'])} | "
             + " | ".join(
                 "-" if r[f"{g}_top1"] is None else f"{r[f'{g}_top1'] * 100:.1f}"
                 for g in FREQUENCY_GROUPS
@@ -490,9 +512,14 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
                 _pct(points[s]["top1_mean"], std=points[s]["top1_std"]) if s in points else "-"
                 for s in shots
             ]
-            lines.append(f"| {d} | {b} | {h} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_md(d)} | {_md(b)} | {_md(h)} | " + " | ".join(cells) + " |")
     lines += [""] + [f"![{Path(i).stem}]({Path(i).name})" for i in images]
     return "\n".join(lines) + "\n"
+
+
+def _md(text: Any) -> str:
+    """A label as one Markdown table cell: its pipes escaped, its line breaks spaces."""
+    return " ".join(str(text).replace("\\", "\\\\").replace("|", "\\|").splitlines())
 
 
 REPORT_FILES = (
@@ -510,6 +537,21 @@ def check_alpha(alpha: float) -> None:
         )
 
 
+def check_report_target(out: Path, force: bool) -> None:
+    """Before any work: the report and its siblings may be written (new, ours, or --force)."""
+    outputs.check_file_output(out, "report", force)
+    if force or out.exists():
+        return
+    # without its report, a sibling at these names is someone else's
+    siblings = [out.with_suffix(".csv"), *(out.with_name(f"{out.stem}-{e}") for e in REPORT_FILES)]
+    taken = [p for p in siblings if p.exists() or p.is_symlink()]
+    if taken:
+        raise ConfigError(
+            f"--out {out}: {taken[0]} exists and was not written with this report; pass another "
+            "--out, or --force to replace it"
+        )
+
+
 def write_report(
     paths: list[str | Path], out: str | Path, alpha: float = 0.05, force: bool = False
 ) -> dict[str, Any]:
@@ -517,41 +559,22 @@ def write_report(
     all."""
     check_alpha(alpha)
     out = Path(out)
-    outputs.check_file_output(out, "report", force)
-    siblings = [
-        out.with_suffix(".csv"),
-        *(out.with_name(f"{out.stem}-{end}") for end in REPORT_FILES),
-    ]
-    if (
-        not force and not out.exists()
-    ):  # without its report, a sibling at these names is someone else's
-        taken = [p for p in siblings if p.exists() or p.is_symlink()]
-        if taken:
-            raise ConfigError(
-                f"--out {out}: {taken[0]} exists and was not written with this report; pass "
-                "another --out, "
-                "or --force to replace it"
-            )
+    check_report_target(out, force)
     skipped: list[str] = []
     runs = gather(paths, skipped)
     rows, pairs, few = summary_rows(runs), comparisons(runs, alpha), fewshot_rows(runs)
-    images = []
-
-    def put(path: Path, write: Any) -> str:
-        outputs.replace_file(path, write)
-        return str(path)
-
-    put(out.with_suffix(".csv"), lambda tmp: report.write_csv(rows, tmp))
-    bars = out.with_name(out.stem + "-bars.png")
-    images.append(put(bars, lambda tmp: report.plot_grouped_bars(rows, tmp)))
+    files: dict[Path, Any] = {out.with_suffix(".csv"): lambda tmp: report.write_csv(rows, tmp)}
+    images = [out.with_name(out.stem + "-bars.png")]
+    files[images[0]] = lambda tmp: report.plot_grouped_bars(rows, tmp)
     if pairs:
-        put(out.with_name(out.stem + "-pairs.csv"), lambda tmp: report.write_csv(pairs, tmp))
+        files[out.with_name(out.stem + "-pairs.csv")] = lambda tmp: report.write_csv(pairs, tmp)
     if few:
-        put(out.with_name(out.stem + "-fewshot.csv"), lambda tmp: report.write_csv(few, tmp))
-        images.append(
-            put(out.with_name(out.stem + "-fewshot.png"), lambda tmp: report.plot_fewshot(few, tmp))
-        )
-    put(out, lambda tmp: tmp.write_text(markdown(rows, pairs, few, images), encoding="utf-8"))
+        files[out.with_name(out.stem + "-fewshot.csv")] = lambda tmp: report.write_csv(few, tmp)
+        images.append(out.with_name(out.stem + "-fewshot.png"))
+        files[images[-1]] = lambda tmp: report.plot_fewshot(few, tmp)
+    text = markdown(rows, pairs, few, [str(image) for image in images])
+    files[out] = lambda tmp: tmp.write_text(text, encoding="utf-8")
+    outputs.replace_files(files)
     return {
         "runs": len(runs),
         "rows": rows,

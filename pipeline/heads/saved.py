@@ -70,7 +70,7 @@ def _load_arrays(
     """The arrays of head.npz, each checked for presence (`optional` ones when there), numeric
     dtype, finiteness and shape."""
     try:
-        found = read_arrays(arrays_path)
+        found = read_arrays(arrays_path, {*shapes, *optional, "run_id"})
     except BadArchive as why:
         raise _bad_head(folder, f"head.npz: {why}") from None
     for name, shape in (shapes | {k: v for k, v in optional.items() if k in found}).items():
@@ -102,7 +102,7 @@ def load_head(path: str | Path) -> TrainedHead:
             "first"
         )
     meta = _read_json(meta_path, folder)
-    if meta.get("schema") != HEAD_SCHEMA:
+    if meta.get("schema") != HEAD_SCHEMA or isinstance(meta.get("schema"), bool):
         raise CacheError(
             f"head {folder} has schema {meta.get('schema')!r}, this pipeline reads {HEAD_SCHEMA}; "
             "retrain it with "
@@ -116,8 +116,11 @@ def load_head(path: str | Path) -> TrainedHead:
         not isinstance(classes, list)
         or len(classes) < 2
         or not all(isinstance(c, str) for c in classes)
+        or len(set(classes)) != len(classes)
     ):
-        raise _bad_head(folder, "classes in head.json must be a list of at least two names")
+        raise _bad_head(
+            folder, "classes in head.json must be a list of at least two distinct names"
+        )
     if meta["preprocessing"] not in PREPROCESSING or not is_number(
         meta["n_features"], integer=True
     ):
@@ -129,8 +132,13 @@ def load_head(path: str | Path) -> TrainedHead:
             raise _bad_head(
                 folder, f"{key} in head.json is a {type(meta[key]).__name__}, expected an object"
             )
+    for key in ("model", "head", "run_id"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise _bad_head(
+                folder, f"{key} in head.json is a {type(meta[key]).__name__}, expected a string"
+            )
     meta.setdefault("model", "linear")
-    kind = for_model(str(meta["model"]), meta.get("head"))
+    kind = for_model(meta["model"], meta.get("head"))
     if kind is None:
         raise _bad_head(
             folder, f"model {meta['model']!r} in head.json is no head kind this pipeline knows"
@@ -145,6 +153,8 @@ def load_head(path: str | Path) -> TrainedHead:
     }
     arrays = _load_arrays(arrays_path, folder, shapes, kind.optional_shapes(meta))
     wrong = kind.check_saved(meta, arrays)
+    if "scale" in arrays and not (arrays["scale"] > 0).all():
+        wrong = "scale in head.npz holds a value that is not positive"
     if wrong:
         raise _bad_head(folder, wrong)
     run_ids = {
@@ -152,7 +162,10 @@ def load_head(path: str | Path) -> TrainedHead:
         "head.npz": str(arrays.get("run_id", "")) or None,
     }
     if (folder / "result.json").is_file():
-        run_ids["result.json"] = _read_json(folder / "result.json", folder).get("run_id") or None
+        run_id = _read_json(folder / "result.json", folder).get("run_id") or None
+        if run_id is not None and not isinstance(run_id, str):
+            raise _bad_head(folder, f"run_id in result.json is a {type(run_id).__name__}")
+        run_ids["result.json"] = run_id
     if len(set(run_ids.values())) > 1:
         raise _bad_head(folder, f"its files come from different runs ({run_ids})")
     preprocessor.mean_, preprocessor.scale_ = arrays.get("mean"), arrays.get("scale")
