@@ -66,7 +66,7 @@ info: $(READY)
 test: $(READY)
 	$(PY) -m pytest -q --durations=15
 
-## Run the fast tests only (not marked slow), on every core: about three minutes on 2 cores
+## Run the fast tests only (not marked slow), on every core: about three minutes on 2 idle cores
 test-fast: $(READY)
 	$(PY) -m pytest -q -m "not slow" -n auto
 

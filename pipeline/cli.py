@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -27,6 +29,8 @@ class _Help(argparse.HelpFormatter):
         if "default" in text or default in (None, False, argparse.SUPPRESS) or default == []:
             return text
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        if default is True and isinstance(action, argparse.BooleanOptionalAction):
+            shown = action.option_strings[0]
         return f"{text} (default: {shown})"
 
 
@@ -34,7 +38,41 @@ class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one line like every other error (`main` prints it, exit status 2), not a
     usage block; subcommands' parsers are of this class too."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--weight` is no flag: a later one could be
+        super().__init__(*args, **kwargs)
+
+    def _commands(self) -> dict[str, argparse.ArgumentParser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        """Unknown flags are named with the subcommand they were given to and its closest flag."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._commands().get(getattr(parsed, "command", None) or "", self)
+            flags = [f for f in command._option_string_actions if f.startswith("--")]
+            close = [
+                match
+                for extra in extras
+                if extra.startswith("-")
+                for match in difflib.get_close_matches(extra.split("=")[0], flags, n=1)
+            ]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"{command.prog}: unrecognized arguments: {' '.join(extras)}{hint}; see "
+                f"`{command.prog} --help`"
+            )
+        return parsed
+
     def error(self, message: str) -> NoReturn:
+        choice = re.search(r"invalid choice: '([^']*)'", message)
+        names = list(self._commands())
+        close = difflib.get_close_matches(choice.group(1), names, n=1) if choice and names else []
+        if close:
+            message = f"no command {choice.group(1)!r} (did you mean {close[0]!r}?)"
         raise ConfigError(f"{self.prog}: {message}; see `{self.prog} --help`")
 
 
@@ -168,8 +206,17 @@ def _backbones(args: argparse.Namespace) -> int:
                 "--layers lists the modules of one backbone: pipeline backbones resnet50 --layers"
             )
         print(catalog.format_layers(args.filter))
-    else:
-        print(catalog.format_table(args.filter))
+        return 0
+    if args.filter and not catalog.torchvision_rows(args.filter):
+        timm = catalog.timm_names(args.filter.removeprefix(catalog.TIMM_PREFIX))
+        if not timm:
+            names = [row["name"] for row in catalog.torchvision_rows()]
+            close = difflib.get_close_matches(args.filter, names, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ConfigError(
+                f"no backbone matches {args.filter!r}; {hint}`pipeline backbones` lists them all"
+            )
+    print(catalog.format_table(args.filter))
     return 0
 
 

@@ -166,12 +166,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         groups[group].add_argument(f"--{flag(f.name)}", dest=f.name, **kwargs)
 
 
-def load_document(path: str | Path) -> dict[str, Any]:
-    """A whole TOML file, or a one-line error saying why it cannot be read."""
+def load_document(path: str | Path, example: str = "configs/demo.toml") -> dict[str, Any]:
+    """A whole TOML file, or a one-line error saying why it cannot be read (`example`: a file of
+    the kind expected, in this repository, named when the path is wrong)."""
     path = Path(path)
     if not path.is_file():
+        where = f" (paths are relative to {Path.cwd()})" if not path.is_absolute() else ""
         raise MissingError(
-            f"config file {path} does not exist; pass a TOML file such as configs/demo.toml"
+            f"config file {path} does not exist{where}; pass a TOML file such as {example}"
         )
     try:
         with path.open("rb") as fh:

@@ -106,7 +106,7 @@ def plan(path: str | Path) -> Plan:
     from pipeline.heads import kinds
 
     source = str(path)
-    document = load_document(path)
+    document = load_document(path, example="configs/demo-study.toml")
     for key in document:
         if key not in TABLES:
             raise ConfigError(f"{source}: unknown table {key!r}; valid ones: {', '.join(TABLES)}")
@@ -337,6 +337,6 @@ def run(
         f"study {p.name} done in {seconds:.0f} s: {len(summary['computed'])} caches computed, "
         f"{len(summary['reused'])} reused, {len(summary['runs'])} head runs, "
         f"{len(summary['failed'])} failed; "
-        f"report: {p.results / 'report.md'}"
+        + (f"report: {p.results / 'report.md'}" if summary["runs"] else "no run to report")
     )
     return summary

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import REPO
@@ -131,3 +132,71 @@ def test_make_demo_on_a_fresh_clone_installs_once_and_runs_the_demo(tmp_path):
     assert second.returncode == 0 and "is current (1797 rows); nothing to do" in second.stderr
     log = (tmp_path / "installs.log").read_text().splitlines()
     assert sum(line.startswith("venv ") for line in log) == 1, log
+
+
+def test_a_mistyped_command_or_flag_names_the_closest_one_and_the_commands_own_help(tmp_path):
+    from helpers.faults import assert_one_line_error, main_here
+
+    cache = str(tmp_path / "c.h5")
+    for argv, pattern in (
+        (
+            ["head", cache, "--hed", "knn"],
+            r"pipeline head: unrecognized arguments: --hed knn \(did you mean --head\?\); see "
+            r"`pipeline head --help`",
+        ),
+        (
+            ["features", "--weigths", "none"],
+            r"pipeline features: unrecognized arguments: --weigths none \(did you mean "
+            r"--weights\?\)",
+        ),
+        (  # no abbreviations: a later flag could change what an old script does
+            ["features", "--dataset", "digits", "--weight", "none"],
+            r"unrecognized arguments: --weight none \(did you mean --weights\?\)",
+        ),
+        (["feature"], r"pipeline: no command 'feature' \(did you mean 'features'\?\)"),
+        (
+            ["backbones", "resnet150"],
+            r"no backbone matches 'resnet150'; did you mean resnet50, resnet152",
+        ),
+        (
+            ["study", str(tmp_path / "none.toml")],
+            r"config file .*none\.toml does not exist; pass a TOML file such as "
+            r"configs/demo-study\.toml",
+        ),
+        (
+            ["head", "--config", "nowhere/demo.toml"],
+            r"config file nowhere/demo\.toml does not exist \(paths are relative to .*\); pass",
+        ),
+    ):
+        code, err = main_here(argv)
+        assert code == 2, (argv, err)
+        assert_one_line_error(err, pattern)
+
+
+def test_a_cache_given_as_a_head_says_which_folder_to_pass(tmp_path):
+    from helpers import write_cache
+    from helpers.faults import assert_one_line_error, main_here
+
+    cache = write_cache(
+        tmp_path / "c.h5", np.ones((4, 3), np.float32), np.array([0, 1, 0, 1]), np.zeros(4)
+    )
+    code, err = main_here(["predict", "--head", str(cache), "--data", str(tmp_path)])
+    assert code == 2
+    assert_one_line_error(
+        err, r"c\.h5 is a feature cache, not a head; pass the results folder that `pipeline head "
+    )
+
+
+def test_more_shots_than_a_class_has_says_so_in_the_summary_and_result(faults_cache, tmp_path):
+    import json
+
+    from helpers.faults import main_here
+
+    out = tmp_path / "h"
+    code, err = main_here(
+        ["head", str(faults_cache), "--shots", "1000", "--out", str(out), "--no-progress"]
+    )
+    assert code == 0, err
+    assert re.search(r"note: --shots 1000: 3 of 3 classes have fewer train images \(\d+", err), err
+    trained_on = json.loads((out / "result.json").read_text())["protocol"]["trained_on"]
+    assert "3 of 3 classes have fewer train images" in trained_on and "all of theirs" in trained_on

@@ -91,11 +91,12 @@ def load_torchvision(
         try:
             ds = cls(str(root), **kwargs, **extra)
         except (RuntimeError, FileNotFoundError, OSError) as exc:
-            fix = (
-                "pass --download to fetch it"
-                if accepts_download
-                else "place the official files there"
-            )
+            if not accepts_download:
+                fix = "place the official files there"
+            elif download:
+                fix = "the download failed: check the network, or fetch it where there is one"
+            else:
+                fix = "pass --download (download = true in a config or study file) to fetch it"
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise MissingError(
                 f"{name} not found under {root} ({reason}); {fix}, or point --root at a copy"

@@ -86,7 +86,12 @@ def update(
         part = samples.take(fresh)
         part_wanted = extract.fingerprint(cfg, part, spec)
         if reader.stored_fingerprint(delta) != part_wanted:
-            skipped = extract.fill(cfg, part, spec, part_wanted, report, t0, out=delta).skipped
+
+            def quiet(message: str) -> None:  # the delta file is a step, not a result to name
+                if not message.startswith(f"wrote {delta} "):
+                    report(message)
+
+            skipped = extract.fill(cfg, part, spec, part_wanted, quiet, t0, out=delta).skipped
     known = set(map(str, old["ids"]))
     dropped = len(known - set(samples.ids))
     changed = sum(1 for i in fresh if samples.ids[i] in known)

@@ -211,6 +211,14 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
                 disable=not cfg.progress or source.streams,
             )
         )
+        shots_note = ""
+        short = source.sweep_counts < (cfg.shots or 0)
+        if short.any():  # a class of fewer train images than --shots gives all of its own
+            have = source.sweep_counts[short]
+            span = f"{have.min()}" if have.min() == have.max() else f"{have.min()}-{have.max()}"
+            fewer = f"{short.sum()} of {len(short)} classes have fewer train images ({span})"
+            shots_note = f"; {fewer} and train on all of theirs"
+            report_to(f"note: --shots {cfg.shots}: {fewer}; all of theirs are used")
         k = source.views_per_image
         views = (
             f", train images with {k} augmented views each (every view weighs 1/{k + 1})"
@@ -224,7 +232,7 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
                 adjustment = _adjust(cfg, source, fits[best], prep)
             if not cfg.refits_on_val:  # val never enters training: the sweep's fit is final
                 trained_on = (
-                    f"{cfg.shots} images per class from train"
+                    f"{cfg.shots} images per class from train{shots_note}"
                     if cfg.shots
                     else f"train, long-tailed (imbalance ratio {cfg.imbalance_ratio:g})"
                 )

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.cache.schema import is_hdf5
 from pipeline.errors import CacheError, MissingError
 from pipeline.heads.estimators import Preprocessor
 from pipeline.heads.kinds import for_model
@@ -96,6 +97,11 @@ def load_head(path: str | Path) -> TrainedHead:
     path = Path(path)
     folder = path.parent if path.name in ("head.json", "head.npz") else path
     meta_path, arrays_path = folder / "head.json", folder / "head.npz"
+    if is_hdf5(path):
+        raise MissingError(
+            f"{path} is a feature cache, not a head; pass the results folder that "
+            f"`pipeline head {path}` wrote (results/NAME)"
+        )
     if not meta_path.is_file() or not arrays_path.is_file():
         raise MissingError(
             f"no saved head in {folder} (expected head.json and head.npz); run `pipeline head` "

@@ -78,7 +78,9 @@ def test_cifar10_through_the_cache(tmp_path, monkeypatch):
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     with pytest.raises(
-        MissingError, match=r"CIFAR10 not found under .*; pass --download to fetch it"
+        MissingError,
+        match=r"CIFAR10 not found under .*; pass --download \(download = true in a config or "
+        r"study file\) to fetch it",
     ):
         load_samples(dataset="CIFAR10", root=str(tmp_path))
     with pytest.raises(

@@ -55,6 +55,7 @@ def test_a_grown_image_set_extracts_only_new_and_changed_images(tmp_path):
     assert any("holds another image set" in line for line in said) and not any(
         "rebuilding" in m for m in said
     )
+    assert not any("new-rows" in line for line in said), said  # a step, not a result to name
     scratch = stage.run(tiny(data=str(root), layers="layer3", out=str(tmp_path / "scratch.h5")))
     after, fresh = _rows(cfg.out), _rows(scratch.path)
     for key in ("ids", "labels", "split", "ok"):
