@@ -15,18 +15,7 @@ from pipeline import cli
 from pipeline.config import FeaturesConfig
 
 from helpers import REPO, make_folder, write_image
-
-FAST = [
-    "--backbone",
-    "resnet18",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--workers",
-    "0",
-    "--no-progress",
-]
+from helpers.faults import FAST
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -54,6 +54,12 @@ def is_compressed(data: str) -> bool:
 
 def expand(pattern: str) -> list[str]:
     """The shard URLs of a brace pattern, through webdataset (the optional extra)."""
+    named = _count_names(pattern)
+    if named > MAX_SHARDS:
+        raise DataError(
+            f"--data {pattern!r} names {named:,} shards, more than {MAX_SHARDS:,}; check the "
+            "numbers in its braces"
+        )
     try:
         from webdataset.shardlists import expand_urls
     except ImportError:
@@ -62,12 +68,6 @@ def expand(pattern: str) -> list[str]:
             "with "
             "pip install 'pipeline[webdataset]' (or pip install webdataset)"
         ) from None
-    named = _count_names(pattern)
-    if named > MAX_SHARDS:
-        raise DataError(
-            f"--data {pattern!r} names {named:,} shards, more than {MAX_SHARDS:,}; check the "
-            "numbers in its braces"
-        )
     try:
         urls = expand_urls(pattern)
     except (
