@@ -18,6 +18,11 @@
 5. the knn head's neighbour search: a 50,000 x 2,048 bank answering 10,000 queries (k = 20) within
    its memory budget, versus scikit-learn's brute-force cosine `KNeighborsClassifier` on the same
    rows (and the two agree on the neighbours).
+6. `pipeline rank`: every feature score (LogME, H-score, LOO NCM and kNN) of a 50,000 x 2,048 x
+   100 cache versus one scikit-learn LogisticRegression fit on the same rows (target: under a
+   tenth of it) and versus the torch head's whole protocol (sweep, refit, test: the answer
+   without rank); LEEP and NCE on 50,000 x 1,000 logits; and the scores' peak memory
+   (tracemalloc) at 10,000 and 50,000 train rows (target: flat in N).
 
 Prints a table with each ratio and its target, and writes benchmarks/out/bench.json.
 """
@@ -25,6 +30,7 @@ Prints a table with each ratio and its target, and writes benchmarks/out/bench.j
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -472,11 +478,74 @@ def bench_demo_heads() -> None:
         row(f"make head on the demo cache, {head}", time.perf_counter() - start, "s")
 
 
+def bench_rank() -> None:
+    import tracemalloc
+
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline import rank, read_features
+    from pipeline.heads.estimators import Preprocessor
+
+    cache = matrix_cache(OUT, 50_000, 2048, 100)
+    print("rank: the feature scores of a 50,000 x 2,048 x 100 cache (train rows)")
+    start = time.perf_counter()
+    scores = rank.score_cache(cache)
+    seconds = time.perf_counter() - start
+    row("rank: logme + hscore + ncm_loo + knn_loo", seconds, "s", logme=scores["logme"])
+    train = read_features(cache, splits=("train",), dtype=np.float32)["train"]
+    X = Preprocessor("standardize").fit(train.X).transform(train.X)
+    start = time.perf_counter()
+    LogisticRegression(C=1.0, solver="lbfgs", max_iter=1000, tol=1e-4).fit(X, train.y)
+    fit = time.perf_counter() - start
+    row("scikit-learn: one LogisticRegression fit (C = 1, tol 1e-4)", fit, "s")
+    row(
+        "rank seconds / one logistic-regression fit",
+        seconds / fit,
+        "ratio",
+        "< 0.1",
+        seconds / fit < 0.1,
+    )
+    from pipeline.config import HeadConfig
+    from pipeline.heads import protocol
+
+    start = time.perf_counter()
+    head = HeadConfig(features=str(cache), out=str(OUT / "rank-torch-head"), force=True)
+    protocol.run(dataclasses.replace(head, progress=False, bootstrap=0))
+    whole = time.perf_counter() - start
+    row("the torch head's whole protocol on the same cache (the answer without rank)", whole, "s")
+    row("rank seconds / the torch head's protocol", seconds / whole, "ratio")
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(50_000, 1000)), rng.integers(0, 100, 50_000)
+    start = time.perf_counter()
+    rank.leep(logits, labels), rank.nce(logits, labels)
+    row("rank: leep + nce of 50,000 x 1,000 logits", time.perf_counter() - start, "s")
+    peaks = {}
+    for n in (10_000, 50_000):
+        small = matrix_cache(OUT, n, 2048, 100)  # written (when missing) before measuring
+        tracemalloc.start()
+        rank.score_cache(small)
+        peaks[n] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        row(f"rank: peak memory at {n:,} train rows", peaks[n], "MiB")
+    growth = peaks[50_000] / peaks[10_000]
+    row("rank: peak memory 50,000 rows / 10,000 rows", growth, "ratio", "<= 1.2", growth <= 1.2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parts = ["extraction", "backbones", "memory", "sweep", "matrix", "reads", "knn", "demo"]
+    parts = [
+        "extraction",
+        "backbones",
+        "memory",
+        "sweep",
+        "matrix",
+        "reads",
+        "knn",
+        "rank",
+        "demo",
+    ]
     parser.add_argument("--only", nargs="+", choices=parts)
     parser.add_argument(
         "--images", type=int, default=1000, help="images for the extraction benchmark"
@@ -518,6 +587,8 @@ def main() -> int:
         bench_reads()
     if "knn" in chosen:
         bench_knn()
+    if "rank" in chosen:
+        bench_rank()
     if "demo" in chosen:
         bench_demo_heads()
     import importlib.metadata as md

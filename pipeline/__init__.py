@@ -3,7 +3,8 @@ one HDF5 file, and heads (linear, kNN, nearest class mean) trained on them in se
 
 Importing the package is cheap: names are loaded on first use, and torch only by the stages that
 run a model. Safe loaders for files from others: `read_features` (a cache), `load_head` (a head
-folder) and `load_export` (an exported classifier, refusing pickled content).
+folder) and `load_export` (an exported classifier, refusing pickled content). `pipeline.rank`
+scores features for labels without training (`pipeline.rank.logme(X, y)` and the rest).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ _LAZY = {
     "load_head": "pipeline.heads.saved",
     "load_export": "pipeline.exportfile",
 }
-__all__ = ["__version__", *_LAZY]
+_MODULES = ("rank",)
+__all__ = ["__version__", *_LAZY, *_MODULES]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _MODULES:
+        return importlib.import_module(f"pipeline.{name}")
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

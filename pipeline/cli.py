@@ -113,6 +113,19 @@ def _head(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank(args: argparse.Namespace) -> int:
+    from pipeline import rank
+    from pipeline.settings import parse_size
+
+    budget = None if args.max_memory is None else parse_size(args.max_memory)
+    layers = args.layer or [None]
+    ranked = rank.run(args.caches, layers, args.out, budget, args.progress, args.force)
+    print(rank.format_table(ranked))
+    if args.out:
+        _say(f"scores in {args.out}")
+    return 0
+
+
 def _study(args: argparse.Namespace) -> int:
     from pipeline import study
 
@@ -317,6 +330,30 @@ def build_parser() -> argparse.ArgumentParser:
         )
         add_arguments(stage, cls)
         stage.set_defaults(handler=handler)
+
+    ranking = commands.add_parser(
+        "rank",
+        formatter_class=_Help,
+        help="score caches for their labels without training (LogME, H-score, LEEP, NCE, LOO)",
+        description="Which backbone or layer: transferability scores of each cache's train rows "
+        "(never val or test), best LogME first. See docs/guide/ranking.md.",
+    )
+    ranking.add_argument("caches", nargs="+", metavar="CACHE", help="the .h5 caches to score")
+    ranking.add_argument(
+        "--layer",
+        action="append",
+        help="score this stored layer ('penultimate' for the features; commas concatenate); "
+        "repeat it for several (default: the penultimate features)",
+    )
+    ranking.add_argument("--out", help="also write the scores as JSON, e.g. results/scores.json")
+    ranking.add_argument(
+        "--max-memory", help="bound on the rows held at once, e.g. 1GB (the default reads 64 MB)"
+    )
+    ranking.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress"
+    )
+    _force_argument(ranking)
+    ranking.set_defaults(handler=_rank)
 
     study = commands.add_parser(
         "study",

@@ -174,6 +174,17 @@ def _is_our_export(path: Path) -> bool:
     return text.startswith("pipeline ") and text.endswith("torch.export program")
 
 
+def _is_our_ranking(path: Path) -> bool:
+    """`pipeline rank --out` writes {cache: {"logme": ..., "rows": ..., ...}, ...}."""
+    try:
+        scores = json.loads(path.read_bytes()[: 2**24])
+    except (OSError, ValueError):
+        return False
+    return isinstance(scores, dict) and all(
+        isinstance(s, dict) and {"logme", "rows"} <= s.keys() for s in scores.values()
+    )
+
+
 OURS: dict[str, Callable[[Path], bool]] = {
     "pack": lambda p: (
         False
@@ -181,6 +192,7 @@ OURS: dict[str, Callable[[Path], bool]] = {
     "predictions": lambda p: _starts_with(p, b"path,prediction,probability"),
     "export": _is_our_export,
     "report": lambda p: _starts_with(p, b"# Comparison"),
+    "rank": _is_our_ranking,
 }
 
 

@@ -82,6 +82,13 @@ ON_MISMATCH = ("rebuild", "refuse")
 # file.
 ASSEMBLIES = ("virtual", "copy")
 
+# ------------------------------------------------------------------------- transferability
+
+# `pipeline rank`'s scores, higher better for each; the last two need the cached logits (`--logits`)
+FEATURE_SCORES = ("logme", "hscore", "ncm_loo", "knn_loo")
+LOGIT_SCORES = ("leep", "nce")
+TRANSFER_SCORES = (*FEATURE_SCORES, *LOGIT_SCORES)
+
 # -------------------------------------------------------------------------------------- heads
 
 # The head kinds are registered classes (`pipeline.heads.kinds`); the default one is named here so

@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.settings import load_document, resolve
 
 TABLES = ("study", "features", "head", "datasets", "backbones", "heads", "fewshot")
-STUDY_KEYS = ("name", "results", "cache")
+STUDY_KEYS = ("name", "results", "cache", "rank")
 FEWSHOT_KEYS = ("head", "shots", "repeats")
 Report = Callable[[str], None]
 
@@ -43,6 +43,7 @@ class Plan:
     heads: list[tuple[str, dict[str, Any]]]  # (head label, [head] values)
     fewshot: dict[str, Any] | None
     head_defaults: dict[str, Any]
+    rank: bool = True  # transferability scores of each cache (and layer) beside each head run
 
 
 def _entries(document: dict[str, Any], key: str, source: str) -> list[dict[str, Any]]:
@@ -116,6 +117,9 @@ def plan(path: str | Path) -> Plan:
     if not isinstance(name, str):
         raise ConfigError(f"{source} [study]: name = {name!r} is not a string; name it in quotes")
     results = Path(study.get("results", "results")) / _slug(name)
+    ranks = study.get("rank", True)
+    if not isinstance(ranks, bool):
+        raise ConfigError(f"{source} [study]: rank = {ranks!r}; expected true or false")
     cache = Path(study.get("cache", "cache"))
     feature_fields = [f.name for f in dataclasses.fields(FeaturesConfig)]
     head_fields = [f.name for f in dataclasses.fields(HeadConfig)]
@@ -182,7 +186,7 @@ def plan(path: str | Path) -> Plan:
             )
         head = fewshot.get("head", registry.DEFAULT_HEAD)
         fewshot = {"head": head, "shots": shots, "repeats": fewshot.get("repeats", 5)}
-    plan = Plan(name, results, extractions, heads, fewshot, head_defaults)
+    plan = Plan(name, results, extractions, heads, fewshot, head_defaults, ranks)
     _check_outputs(plan, source)
     return plan
 
@@ -259,6 +263,27 @@ def _extract(fcfg: FeaturesConfig, report: Report) -> Any:
     return stage.run_local(fcfg, prepared=prepared)
 
 
+class _Scores:
+    """A cache's transferability scores per layer, computed once on first use; a cache the scores
+    cannot be computed on is said once, and its runs go on without them."""
+
+    def __init__(self, cache: Path, cell: str, say: Report) -> None:
+        self.cache, self.cell, self.say = cache, cell, say
+        self.found: dict[str | None, dict[str, float]] = {}
+
+    def __call__(self, layer: str | None) -> dict[str, float]:
+        from pipeline import rank
+
+        if layer not in self.found:
+            try:
+                scores = rank.score_cache(self.cache, layer)
+            except PipelineError as exc:
+                self.say(f"no transferability scores for {self.cell}: {exc}")
+                scores = {}
+            self.found[layer] = {name: scores[name] for name in rank.SCORES if name in scores}
+        return self.found[layer]
+
+
 def run(
     path: str | Path, report: Report = lambda message: None, progress: bool = True
 ) -> dict[str, Any]:
@@ -308,6 +333,7 @@ def run(
             (summary["reused"] if done.status == "current" else summary["computed"]).append(
                 str(fcfg.out_path)
             )
+            scores = _Scores(fcfg.out_path, cell, say) if p.rank else None
             jobs = [(head_label, values, None) for head_label, values in p.heads]
             if p.fewshot:
                 values = {**_defaults_for(p.fewshot["head"], p.head_defaults)}
@@ -325,8 +351,10 @@ def run(
                     "backbone": bb_label,
                     "head": head_label,
                 }
+                ranked = scores(hcfg.layer) if scores and not shots else None
                 result = attempt(
-                    f"{cell} / {head_label}", lambda h=hcfg, c=labels: protocol.run(h, cell=c)
+                    f"{cell} / {head_label}",
+                    lambda h=hcfg, c=labels, s=ranked: protocol.run(h, cell=c, scores=s),
                 )
                 if result is not None:
                     summary["runs"].append(str(out))

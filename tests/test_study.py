@@ -268,10 +268,14 @@ def test_make_study_runs_the_offline_demo(tmp_path):
         "report-bars.png",
         "report-fewshot.png",
         "report-fewshot.csv",
+        "report-scores.png",
+        "report-scores.csv",
     ):
         assert (out / name).exists(), name
-    assert "2 caches computed, 0 reused, 14 head runs, 0 failed" in done.stderr
-    assert "resnet34-random" in (out / "report.md").read_text()
+    assert "2 caches computed, 0 reused, 18 head runs, 0 failed" in done.stderr
+    text = (out / "report.md").read_text()
+    assert "resnet34-random" in text
+    assert "| digits | logreg | logme | 6 | " in text  # two backbones x three layers, ranked
 
 
 def test_the_long_tail_study_file_is_valid_and_mixes_heads_safely(tmp_path):

@@ -36,7 +36,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, PipelineError
 from pipeline.splits import SPLITS
 
 SCHEMA_VERSION = 1
@@ -302,7 +302,7 @@ def reading(path: Path) -> Iterator[None]:
     CacheError naming the file, never h5py's traceback."""
     try:
         yield
-    except CacheError:
+    except PipelineError:  # already one line, said by the code reading the cache
         raise
     except DAMAGED as exc:
         if isinstance(exc, OSError) and exc.errno is not None:

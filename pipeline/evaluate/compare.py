@@ -23,7 +23,7 @@ from scipy.stats import binomtest
 
 from pipeline import outputs
 from pipeline.errors import CacheError, ConfigError, DataError, MissingError, PipelineError
-from pipeline.evaluate import report
+from pipeline.evaluate import report, transfer
 from pipeline.npz import BadArchive, read_arrays
 from pipeline.registry import FREQUENCY_GROUPS
 
@@ -148,6 +148,7 @@ FIELDS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "cell": (dict, False),
     "timings": (dict, False),
     "test_set": (str, False),
+    "scores": (dict, False),
 }
 
 
@@ -175,6 +176,7 @@ def _check_fields(result: dict[str, Any]) -> None:
             isinstance(g, dict) and (g.get("top1") is None or _number(g["top1"]))
         ),
         "cell": lambda v: isinstance(v, str),
+        "scores": _number,
         "timings": _number,
         "protocol.train_counts": _number,
     }
@@ -435,7 +437,15 @@ def _pct(value: Any, lo: Any = None, hi: Any = None, std: Any = None) -> str:
     return text
 
 
-def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[str]) -> str:
+def markdown(
+    rows: list[dict],
+    pairs: list[dict],
+    few: list[dict],
+    images: list[str],
+    scored: tuple[list[dict], list[dict]] = ([], []),
+) -> str:
+    """The report: every run's accuracy, the paired tests, frequency groups, few-shot curves, and
+    `scored` (runs with transferability scores, and the scores' rank correlations)."""
     lines = [
         "# Comparison",
         "",
@@ -513,6 +523,8 @@ def markdown(rows: list[dict], pairs: list[dict], few: list[dict], images: list[
                 for s in shots
             ]
             lines.append(f"| {_md(d)} | {_md(b)} | {_md(h)} | " + " | ".join(cells) + " |")
+    if scored[0]:
+        lines += transfer.markdown(*scored, _md)
     lines += [""] + [f"![{Path(i).stem}]({Path(i).name})" for i in images]
     return "\n".join(lines) + "\n"
 
@@ -527,6 +539,8 @@ REPORT_FILES = (
     "pairs.csv",
     "fewshot.csv",
     "fewshot.png",
+    "scores.csv",
+    "scores.png",
 )  # beside REPORT.md and REPORT.csv
 
 
@@ -572,7 +586,13 @@ def write_report(
         files[out.with_name(out.stem + "-fewshot.csv")] = lambda tmp: report.write_csv(few, tmp)
         images.append(out.with_name(out.stem + "-fewshot.png"))
         files[images[-1]] = lambda tmp: report.plot_fewshot(few, tmp)
-    text = markdown(rows, pairs, few, [str(image) for image in images])
+    scored = transfer.score_rows(runs)
+    taus = transfer.correlations(scored)
+    if scored:
+        files[out.with_name(out.stem + "-scores.csv")] = lambda tmp: report.write_csv(scored, tmp)
+        images.append(out.with_name(out.stem + "-scores.png"))
+        files[images[-1]] = lambda tmp: transfer.plot(scored, tmp)
+    text = markdown(rows, pairs, few, [str(image) for image in images], (scored, taus))
     files[out] = lambda tmp: tmp.write_text(text, encoding="utf-8")
     outputs.replace_files(files)
     return {
@@ -580,6 +600,8 @@ def write_report(
         "rows": rows,
         "pairs": pairs,
         "fewshot": few,
+        "scores": scored,
+        "correlations": taus,
         "report": str(out),
         "skipped": skipped,
     }

@@ -82,17 +82,22 @@ def _check_labels(path: Path, labels: dict[str, np.ndarray], classes: list[str])
 
 
 def run(
-    cfg: HeadConfig, report_to: Report = _quiet, cell: dict[str, Any] | None = None
+    cfg: HeadConfig,
+    report_to: Report = _quiet,
+    cell: dict[str, Any] | None = None,
+    scores: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Train, select, refit and score a head on the cache ``cfg.features``; write ``cfg.out_path``.
 
-    `cell` labels the run (dataset, backbone, head) for `pipeline compare`. The output folder is
-    checked before any fit, locked for the whole run, and replaced in one step at the end.
+    `cell` labels the run (dataset, backbone, head) for `pipeline compare`, and `scores` are the
+    cache's transferability scores (`pipeline.rank`) recorded beside its accuracy. The output
+    folder is checked before any fit, locked for the whole run, and replaced in one step at the
+    end.
     """
     kinds.validate(cfg)  # every rule of the head's kind, before anything is read
     outputs.check_results_folder(cfg.out_path, cfg.force)
     with outputs.results_lock(cfg.out_path):
-        return _run(cfg, report_to, cell)
+        return _run(cfg, report_to, cell, scores)
 
 
 def in_memory_bytes(info: CacheInfo, n_classes: int) -> int:
@@ -175,7 +180,12 @@ def _score_adjusted(
             run.adjustment.record["reliability_before"] = before["reliability"]
 
 
-def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dict[str, Any]:
+def _run(
+    cfg: HeadConfig,
+    report_to: Report,
+    cell: dict[str, Any] | None,
+    scores: dict[str, float] | None = None,
+) -> dict[str, Any]:
     timer = Timer()
     path = Path(cfg.features)  # type: ignore[arg-type]
     kind = kinds.get(cfg.head)
@@ -285,5 +295,6 @@ def _run(cfg: HeadConfig, report_to: Report, cell: dict[str, Any] | None) -> dic
         timer=timer,
         test=predictions[0],
         cell=cell or {},
+        scores=scores or {},
     )
     return results.finish(record, report_to)

@@ -56,6 +56,7 @@ class RunRecord:
     timer: Timer
     test: Predictions  # the first run's test predictions
     cell: dict[str, Any]  # a study's labels: dataset, backbone, head
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)  # `pipeline.rank`'s
 
 
 def finish(record: RunRecord, say: Any = lambda message: None) -> dict[str, Any]:
@@ -65,6 +66,8 @@ def finish(record: RunRecord, say: Any = lambda message: None) -> dict[str, Any]
     result = _result(record)
     result["test_set"] = test_set_digest(test.ids, test.y)
     result["cell"] = record.cell
+    if record.scores:
+        result["scores"] = record.scores
     result["run_id"] = (
         uuid.uuid4().hex
     )  # head.json and head.npz carry it too: `load_head` checks they match
