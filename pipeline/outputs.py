@@ -180,8 +180,15 @@ def _is_our_ranking(path: Path) -> bool:
         scores = json.loads(path.read_bytes()[: 2**24])
     except (OSError, ValueError):
         return False
-    return isinstance(scores, dict) and all(
-        isinstance(s, dict) and {"logme", "rows"} <= s.keys() for s in scores.values()
+    return (
+        isinstance(scores, dict)
+        and bool(scores)
+        and all(
+            isinstance(s, dict)
+            and isinstance(s.get("logme"), float)
+            and all(isinstance(s.get(key), int) for key in ("rows", "dim", "classes"))
+            for s in scores.values()
+        )
     )
 
 

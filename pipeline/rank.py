@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ KNN_K, KNN_TEMPERATURE, KNN_QUERIES = 20, 0.07, 2000
 BLOCK_BYTES = 64 * 2**20  # float64 bytes of one block of rows
 MAX_ITERATIONS, TOLERANCE = 1000, 1e-12  # LogME's fixed point
 FIT_FLOOR, TINY, HUGE = 1e-12, np.finfo(float).tiny, 1e150
+MATRICES = 3  # D x D float64 matrices held at once: the Gram matrix, its eigenvectors, a copy
 
 
 def _labels(y: Any, n: int) -> tuple[np.ndarray, int]:
@@ -72,7 +74,10 @@ def _one_hot(codes: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def _unit(X: np.ndarray) -> np.ndarray:
-    """Each row over its length (a zero row stays zero)."""
+    """Each row over its length (a zero row stays zero), for rows of any magnitude: each is first
+    divided by its largest entry, so squaring neither overflows nor underflows."""
+    peak = np.abs(X).max(axis=1, keepdims=True)
+    X = X / np.where(peak > 0, peak, 1.0)
     norms = np.sqrt(np.einsum("ij,ij->i", X, X))[:, None]
     return X / np.where(norms > 0, norms, 1.0)
 
@@ -85,6 +90,7 @@ class FeatureMoments:
     def __init__(self, dim: int, n_classes: int) -> None:
         self.n, self.dim, self.n_classes = 0, dim, n_classes
         self.shift: np.ndarray | None = None
+        self.scale = 1.0
         self.counts = np.zeros(n_classes, np.int64)
         self.sum = np.zeros(dim)  # sum of (x - K)
         self.gram = np.zeros((dim, dim))  # sum of (x - K)(x - K)'
@@ -94,9 +100,14 @@ class FeatureMoments:
         self.unit_sums = np.zeros((n_classes, dim))  # per class, sum of x / |x|
 
     def add(self, X: np.ndarray, U: np.ndarray, codes: np.ndarray) -> None:
-        """Rows X, their unit vectors U and their class codes."""
+        """Rows X, their unit vectors U and their class codes. The rows are multiplied by a power
+        of two (exact) set by the first block, so that features of any magnitude square without
+        overflow or underflow; every score is unchanged by a rescaling of the features."""
         if self.shift is None:
-            self.shift = X.mean(axis=0)
+            peak = float(np.abs(X).max())
+            self.scale = 2.0 ** -math.floor(math.log2(peak)) if peak > 0 else 1.0
+            self.shift = X.mean(axis=0) * self.scale
+        X = X * self.scale
         Z = X - self.shift
         sq = np.einsum("ij,ij->i", Z, Z)
         self.n += len(Z)
@@ -457,22 +468,22 @@ def score_cache(
                 f"cache {path} has {train} readable train rows of fewer than two classes; the "
                 "scores need train rows of at least two classes"
             )
+        _check_memory(path, dim, max_memory)
         budget = BLOCK_BYTES if max_memory is None else max(max_memory // 4, 8 * dim)
-        if max_memory is not None and 8 * dim * dim * 2 > max_memory:
-            raise ConfigError(
-                f"--max-memory {max_memory:,} bytes is below the {16 * dim * dim:,} the scores "
-                f"need for features of dimension {dim} (two {dim} x {dim} float64 matrices)"
-            )
         # a block's rows, their similarities to the kNN queries and their class scores in budget
         blocks = _train_blocks(f, datasets, max(1, budget // (8 * (dim + KNN_QUERIES + classes))))
-        moments = FeatureMoments(dim, classes)
+        try:
+            moments = FeatureMoments(dim, classes)
+        except MemoryError:
+            raise _too_big(path, dim) from None
         knn = NeighbourLOO(
             _query_rows(train, KNN_QUERIES, 0), classes, min(KNN_K, train - 1), KNN_TEMPERATURE
         )
+        counts = None
         total = 2 * train + (2 * train if "logits" in f else 0)
         with tqdm(total=total, unit="row", desc=f"rank {path.name}", disable=not progress) as bar:
             for X, codes, start in blocks():
-                _check_finite(path, X)
+                _check_finite(path, X, "features")
                 U = _unit(X)
                 moments.add(X, U, codes)
                 knn.collect(U, codes, start)
@@ -483,24 +494,33 @@ def score_cache(
                 ncm.add(U, codes)
                 knn.add(U, codes, start)
                 bar.update(len(X))
-            scores: dict[str, Any] = {
-                "logme": moments.logme(),
-                "hscore": moments.hscore(),
-                "ncm_loo": ncm.score(),
-                "knn_loo": knn.score(),
-            }
             if "logits" in f:
-                logits = _train_blocks(
-                    f, [f["logits"]], max(1, budget // (8 * f["logits"].shape[1]))
-                )
-                counts = LogitCounts(classes, int(f["logits"].shape[1]))
+                width = int(f["logits"].shape[1])
+                logits = _train_blocks(f, [f["logits"]], max(1, budget // (8 * width)))
+                counts = LogitCounts(classes, width)
                 for L, codes, _ in logits():
+                    _check_finite(path, L, "logits")
                     counts.add(L, codes)
                     bar.update(len(L))
                 for L, codes, _ in logits():
                     counts.add_likelihood(L, codes)
                     bar.update(len(L))
-                scores |= {"leep": counts.leep(), "nce": counts.nce()}
+    try:  # the file is closed: what fails now is the arithmetic, never the cache's structure
+        scores: dict[str, Any] = {
+            "logme": moments.logme(),
+            "hscore": moments.hscore(),
+            "ncm_loo": ncm.score(),
+            "knn_loo": knn.score(),
+        }
+        if counts is not None:
+            scores |= {"leep": counts.leep(), "nce": counts.nce()}
+    except np.linalg.LinAlgError as exc:
+        raise DataError(
+            f"cache {path}: the scores cannot be computed from its train rows ({exc}); check its "
+            "features with `pipeline info`"
+        ) from None
+    except MemoryError:
+        raise _too_big(path, dim) from None
     return scores | {
         "rows": train,
         "dim": dim,
@@ -509,10 +529,34 @@ def score_cache(
     }
 
 
-def _check_finite(path: Path, X: np.ndarray) -> None:
+def _check_memory(path: Path, dim: int, max_memory: int | None) -> None:
+    """The D x D matrices fit in --max-memory, or in the machine's memory when none is given."""
+    need = MATRICES * 8 * dim * dim
+    if max_memory is not None and need > max_memory:
+        raise ConfigError(
+            f"--max-memory {max_memory:,} bytes is below the {need:,} the scores need for features "
+            f"of dimension {dim} ({MATRICES} {dim} x {dim} float64 matrices); raise it"
+        )
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return
+    if need > physical:
+        raise _too_big(path, dim)
+
+
+def _too_big(path: Path, dim: int) -> DataError:
+    return DataError(
+        f"cache {path}: features of dimension {dim:,} need {MATRICES} {dim:,} x {dim:,} float64 "
+        f"matrices ({MATRICES * 8 * dim * dim / 1e9:,.1f} GB), more than this machine has; score "
+        "a smaller stored layer (--layer)"
+    )
+
+
+def _check_finite(path: Path, X: np.ndarray, what: str) -> None:
     if not np.isfinite(X).all():
         raise DataError(
-            f"cache {path} holds NaN or infinite features among its train rows; rebuild it with "
+            f"cache {path} holds NaN or infinite {what} among its train rows; rebuild it with "
             "`pipeline features --force` (--precision fp32 if it was built in fp16)"
         )
 
@@ -520,6 +564,20 @@ def _check_finite(path: Path, X: np.ndarray) -> None:
 def key(path: str | Path, layer: str | None) -> str:
     """How a (cache, layer) is named in the output: `cache.h5`, or `cache.h5@layer3`."""
     return f"{path}@{layer}" if layer else str(path)
+
+
+def layer_names(layer: str | None) -> str | None:
+    """A --layer value as `columns` reads it, spaces around its commas dropped; an empty or
+    repeated name is a ConfigError."""
+    if layer is None:
+        return None
+    names = [name.strip() for name in layer.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"--layer {layer!r} names an empty layer or one twice; join distinct stored layers "
+            "with commas, e.g. layer3,penultimate"
+        )
+    return ",".join(names)
 
 
 def run(
@@ -531,11 +589,18 @@ def run(
     force: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Scores of every cache at every layer, sorted by LogME (best first), written to `out` as JSON
-    when given (a file the project did not write is replaced only with `force`)."""
+    when given (a file the project did not write is replaced only with `force`; a cache never)."""
     from pipeline import outputs
 
+    layers = [layer_names(layer) for layer in layers]
     if out is not None:
-        outputs.check_file_output(Path(out), "rank", force=force)
+        out = Path(out)
+        if (out.is_file() and _is_hdf5(out)) or any(_same_file(out, Path(p)) for p in paths):
+            raise ConfigError(
+                f"--out {out} is a feature cache; rank writes JSON: pass another path, e.g. "
+                "results/scores.json"
+            )
+        outputs.check_file_output(out, "rank", force=force)
     found = {
         key(p, layer): score_cache(p, layer, max_memory, progress)
         for p in paths
@@ -544,8 +609,23 @@ def run(
     ranked = dict(sorted(found.items(), key=lambda item: -item[1]["logme"]))
     if out is not None:
         text = json.dumps(ranked, indent=2) + "\n"
-        outputs.replace_file(Path(out), lambda tmp: tmp.write_text(text))
+        outputs.replace_file(out, lambda tmp: tmp.write_text(text))
     return ranked
+
+
+def _is_hdf5(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
 
 
 def format_table(ranked: dict[str, dict[str, Any]]) -> str:

@@ -358,3 +358,80 @@ def test_the_rank_command_prints_the_table_and_says_mistakes_in_one_line(tmp_pat
     ):
         assert cli.main(argv) == 2, argv
         assert_one_line_error(capsys.readouterr().err, pattern)
+
+
+def test_an_out_that_is_a_cache_or_a_file_of_others_is_never_replaced(tmp_path):
+    from pipeline.errors import ConfigError
+
+    path, _, _ = _cache(tmp_path)
+    other = write_cache(tmp_path / "other.h5", *problem(90, 12, 3)[:2], np.zeros(90, np.int8))
+    for out in (path, other):  # even with --force: rank writes JSON, never over a cache
+        with pytest.raises(ConfigError, match=r"\.h5 is a feature cache; rank writes JSON"):
+            rank.run([str(path)], out=out, progress=False, force=True)
+    assert rank.score_cache(path)["rows"] == 60 and rank.score_cache(other)["rows"] == 90
+    for text in ("{}", '{"notes": {"logme": "keep me", "rows": "important"}}'):
+        (tmp_path / "mine.json").write_text(text)
+        with pytest.raises(ConfigError, match=r"mine\.json exists and was not written by this"):
+            rank.run([str(path)], out=tmp_path / "mine.json", progress=False)
+        assert (tmp_path / "mine.json").read_text() == text
+    with pytest.raises(ConfigError, match=r"--layer 'penultimate,,' names an empty layer"):
+        rank.run([str(path)], layers=["penultimate,,"], progress=False)
+    assert list(rank.run([str(path)], layers=[" penultimate "], progress=False)) == [
+        f"{path}@penultimate"
+    ]
+
+
+def test_logits_that_are_not_finite_or_missing_are_one_line(tmp_path):
+    import h5py
+
+    from pipeline.cache import schema
+    from pipeline.errors import CacheError
+
+    path, _, _ = _cache(tmp_path)
+    with h5py.File(path, "r+") as f:
+        logits = np.random.default_rng(6).normal(size=(90, 5)).astype(np.float32)
+        logits[2, 1] = np.nan  # a train row
+        f.create_dataset("logits", data=logits)
+        f["row_crc"][...] = schema.row_crc(f["features"][...], logits, {})
+    with pytest.raises(DataError, match=r"c\.h5 holds NaN or infinite logits among its train rows"):
+        rank.score_cache(path)
+    with h5py.File(path, "r+") as f:
+        del f["logits"]
+        f["row_crc"][...] = schema.row_crc(f["features"][...], None, {})
+        claims = json.loads(f.attrs["fingerprint"]) | {"logits": True}
+        f.attrs["fingerprint"] = json.dumps(claims)
+    with pytest.raises(CacheError, match=r"its fingerprint says it holds logits, and it has no"):
+        rank.score_cache(path)
+
+
+def test_features_of_any_magnitude_score_alike():
+    X, y = problem(120, 10, 3)
+    expected = [getattr(rank, name)(X, y) for name in rank.FEATURE_SCORES]
+    for scale in (1e200, 1e-200):
+        found = [getattr(rank, name)(X * scale, y) for name in rank.FEATURE_SCORES]
+        assert found == pytest.approx(expected, rel=1e-9), scale
+
+
+def test_compare_skips_crafted_scores_in_one_line(tmp_path):
+    from pipeline.config import HeadConfig
+    from pipeline.evaluate import compare
+    from pipeline.heads import protocol
+
+    path, _, _ = _cache(tmp_path)
+    run = tmp_path / "runs" / "a"
+    protocol.run(HeadConfig(features=str(path), head="ncm", out=str(run), bootstrap=0))
+    protocol.run(HeadConfig(features=str(path), head="knn", out=str(run.parent / "b"), bootstrap=0))
+    result = json.loads((run / "result.json").read_text())
+    for scores, skipped in (
+        ({"foo": 1.0}, False),  # no score it knows: no scores section
+        ({"logme": 1e308}, True),
+        ({"logme": 10**400}, True),
+        ({"logme": float("nan")}, True),
+        ({"logme": "high"}, True),
+    ):
+        (run / "result.json").write_text(json.dumps(result | {"scores": scores}))
+        done = compare.write_report([tmp_path / "runs"], tmp_path / "report.md", force=True)
+        assert bool(done["skipped"]) == skipped, scores
+        if skipped:
+            assert "lacks 'scores' or has it in another shape" in done["skipped"][0]
+        assert "Transferability" not in (tmp_path / "report.md").read_text()

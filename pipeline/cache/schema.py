@@ -377,6 +377,12 @@ def validate(f: h5py.File, path: Path) -> None:
         raise malformed(
             path, f"logits are {getattr(f['logits'], 'shape', 'a group')}, expected {n} rows"
         )
+    try:
+        claims = json.loads(f.attrs.get("fingerprint", "{}"))
+    except (TypeError, ValueError):
+        claims = {}
+    if isinstance(claims, dict) and claims.get("logits") is True and "logits" not in f:
+        raise malformed(path, "its fingerprint says it holds logits, and it has no logits dataset")
     layers = f.get(LAYERS, {})
     if not isinstance(layers, h5py.Group | dict):
         raise malformed(path, f"{LAYERS} is not a group of datasets")

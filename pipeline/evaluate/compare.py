@@ -28,6 +28,7 @@ from pipeline.npz import BadArchive, read_arrays
 from pipeline.registry import FREQUENCY_GROUPS
 
 RESULT_SCHEMA = 1
+MAX_SCORE = 1e12  # no transferability score comes near it: a larger one is a crafted file
 
 
 @dataclass
@@ -176,7 +177,7 @@ def _check_fields(result: dict[str, Any]) -> None:
             isinstance(g, dict) and (g.get("top1") is None or _number(g["top1"]))
         ),
         "cell": lambda v: isinstance(v, str),
-        "scores": _number,
+        "scores": lambda v: _number(v) and abs(v) <= MAX_SCORE,  # NaN and inf fail too
         "timings": _number,
         "protocol.train_counts": _number,
     }

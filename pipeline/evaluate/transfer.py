@@ -26,7 +26,7 @@ def score_rows(runs: list[Any]) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
         scores = r.result.get("scores") or {}
-        if not scores or r.shots is not None:
+        if not any(name in scores for name in SCORES) or r.shots is not None:
             continue
         layer = r.result["cache"].get("layer") or "penultimate"
         lo, hi = (r.result["test"].get("ci") or {}).get("top1", [None, None])
