@@ -57,6 +57,7 @@ def extraction_rate(
     out: Path,
     device: str = "auto",
     layers: str | None = None,
+    precision: str = "fp32",
 ) -> float:
     """`pipeline features` images/s with its start-up excluded: a full run's time minus a rerun's on
     the now-current cache (listing the files, the fingerprint, opening the cache)."""
@@ -75,6 +76,7 @@ def extraction_rate(
         test_fraction=0.0,
         decode=decode,
         layers=layers,
+        precision=precision,
     )
     start = time.perf_counter()
     stage.run(dataclasses.replace(cfg, force=True))

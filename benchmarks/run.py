@@ -23,6 +23,10 @@
    tenth of it) and versus the torch head's whole protocol (sweep, refit, test: the answer
    without rank); LEEP and NCE on 50,000 x 1,000 logits; and the scores' peak memory
    (tracemalloc) at 10,000 and 50,000 train rows (target: flat in N).
+7. precision: resnet18 and resnet50 at 224 px on this CPU, forward-only bf16 / fp32 images/s and
+   `pipeline features` with the default `--precision auto` / `--precision fp32` (target for
+   resnet50 on a CPU with native bf16: >= 1.7), with the least cosine of an auto row to its fp32
+   row.
 
 Prints a table with each ratio and its target, and writes benchmarks/out/bench.json.
 """
@@ -478,6 +482,54 @@ def bench_demo_heads() -> None:
         row(f"make head on the demo cache, {head}", time.perf_counter() - start, "s")
 
 
+def bench_precision(n: int, batch: int, names: tuple[str, ...] = ("resnet18", "resnet50")) -> None:
+    """fp32 against bf16 on this CPU: forward-only images/s, `pipeline features` images/s with
+    --precision fp32 and with the default (auto), and how far auto's features are from fp32's."""
+    from pipeline import devices, read_features
+
+    chosen, why = devices.auto_precision(devices.choose_device("cpu"))
+    photos = write_photo_folder(OUT / f"photos-{n}", n)
+    print(
+        f"precision: {n} photo-like 500x375 JPEGs, 224 px, batch {batch}; auto is {chosen} ({why})"
+    )
+    for name in names:
+        forward = {
+            p: forward_rate(name, p, False, "cpu", batch, batches=4) for p in ("fp32", "bf16")
+        }
+        row(
+            f"{name}: forward-only bf16 / fp32 images/s",
+            forward["bf16"] / forward["fp32"],
+            "ratio",
+            images_per_s=forward,
+        )
+        outs = {p: OUT / f"{photos.name}-{name}-precision-{p}.h5" for p in ("fp32", "auto")}
+        rates = {
+            p: extraction_rate(photos, n, name, batch, "cpu", outs[p], device="cpu", precision=p)
+            for p in ("fp32", "auto")
+        }
+        ratio = rates["auto"] / rates["fp32"]
+        target = ">= 1.7" if name == "resnet50" and chosen == "bf16" else ""
+        row(
+            f"{name}: pipeline features, default (auto) / --precision fp32 images/s",
+            ratio,
+            "ratio",
+            target,
+            ratio >= 1.7 if target else None,
+            images_per_s=rates,
+        )
+        a, b = (
+            read_features(outs[p], splits=("train",))["train"].X.astype(np.float64)
+            for p in ("fp32", "auto")
+        )
+        cosine = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        row(
+            f"{name}: least cosine of an auto row to its fp32 row",
+            float(cosine.min()),
+            "cosine",
+            mean=float(cosine.mean()),
+        )
+
+
 def bench_rank() -> None:
     import tracemalloc
 
@@ -544,6 +596,7 @@ def main() -> int:
         "reads",
         "knn",
         "rank",
+        "precision",
         "demo",
     ]
     parser.add_argument("--only", nargs="+", choices=parts)
@@ -558,6 +611,9 @@ def main() -> int:
         "--memory-images", type=int, default=250, help="N of the memory benchmark (4N too)"
     )
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--precision-images", type=int, default=200, help="images for the precision benchmark"
+    )
     parser.add_argument(
         "--no-sklearn-sweep",
         action="store_true",
@@ -589,6 +645,8 @@ def main() -> int:
         bench_knn()
     if "rank" in chosen:
         bench_rank()
+    if "precision" in chosen:
+        bench_precision(args.precision_images, args.batch_size)
     if "demo" in chosen:
         bench_demo_heads()
     import importlib.metadata as md

@@ -263,12 +263,30 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  skipped      {len(s['skipped'])} unreadable images"
         + (f": {_short_list(s['skipped'], 5)}" if s["skipped"] else ""),
         f"  source       {s['source']}",
+        *([f"  precision    {_precision(s)}"] if s["fingerprint"].get("precision") else []),
         "  fingerprint",
         *(f"    {key:<14} {value}" for key, value in s["fingerprint"].items()),
         f"  created      {s['created']} with "
         + ", ".join(f"{k} {v}" for k, v in s["versions"].items()),
     ]
     return "\n".join(lines)
+
+
+def _precision(s: dict[str, Any]) -> str:
+    """The precision a cache was computed in, and why when `--precision auto` chose it."""
+    choice = s.get("precision_choice") or {}
+    text = str(s["fingerprint"]["precision"])
+    if choice.get("requested") == "auto":
+        text += f" (auto: {choice.get('why', '?')}"
+        if "min_cosine_to_fp32" in choice:
+            text += (
+                f"; least cosine to fp32 {choice['min_cosine_to_fp32']:.6f} on "
+                f"{choice.get('images_checked', '?')} images"
+            )
+        if "fallback_from" in choice:
+            text += f"; {choice['fallback_from']} fell short"
+        text += ")"
+    return text
 
 
 def _head_arguments(parser: argparse.ArgumentParser) -> None:

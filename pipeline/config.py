@@ -112,7 +112,13 @@ class FeaturesConfig:
         "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", group="compute"
     )
     precision: str = option(
-        "fp32", "compute precision (bf16/fp16 use autocast)", registry.PRECISIONS, group="compute"
+        "auto",
+        "compute precision: auto is bf16 where the device computes it natively (a CPU with "
+        "AVX512-BF16, AMX or Arm BF16; a CUDA GPU with bf16), fp16 on other CUDA GPUs, fp32 "
+        "otherwise, and fp32 after all when the first images disagree with fp32 (cosine < 0.999); "
+        "bf16/fp16 use autocast",
+        registry.PRECISIONS,
+        group="compute",
     )
     store_dtype: str = option(
         "float32", "dtype of the stored features", registry.STORE_DTYPES, group="output"

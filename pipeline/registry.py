@@ -72,7 +72,9 @@ def canonical_dataset_name(name: str) -> str:
 CARVINGS = ("auto", "hash", "stratified")
 # --augment: the recipe of the --views of each train image (pipeline.features.views).
 AUGMENTATIONS = ("crop-flip",)
-PRECISIONS = ("fp32", "bf16", "fp16")
+# auto: bf16 where the device computes it natively, fp16 on other CUDA GPUs, fp32 otherwise
+# (`pipeline.devices.auto_precision`), checked against fp32 on the first images
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORE_DTYPES = ("float32", "float16")
 # cpu: PIL in the workers, JPEGs reduced by DCT scaling to >= 2x the resize; exact: PIL, full size;
 # device: torchvision.io (nvjpeg on CUDA), full size.

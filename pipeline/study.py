@@ -238,7 +238,7 @@ def _extract(fcfg: FeaturesConfig, report: Report) -> Any:
     from pipeline.features import extract, stage
 
     prepared = extract.prepare(fcfg, lambda message: None)
-    wanted, out = prepared[2], fcfg.out_path
+    wanted, out = prepared.wanted, fcfg.out_path
     if out.exists() and not fcfg.force:
         with reader.open_cache(out) as f:
             existing = schema.json_attr(f, "fingerprint")

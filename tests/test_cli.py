@@ -153,7 +153,7 @@ def test_bad_options(capsys, folder, tmp_path):
     # A choice is checked by the config, in one line, not by argparse's usage screen.
     assert_user_error(
         capsys,
-        r"--precision 'fp8' is not allowed; choose one of: fp32, bf16, fp16",
+        r"--precision 'fp8' is not allowed; choose one of: auto, fp32, bf16, fp16",
         "features",
         "--precision",
         "fp8",

@@ -266,6 +266,7 @@ def summary(path: str | Path) -> dict[str, Any]:
             "skipped": list(read_ids(f["ids"])[~ok]),
             "fingerprint": json_attr(f, "fingerprint"),
             "carved": json_attr(f, "carved"),
+            "precision_choice": json_attr(f, "precision_choice"),
             "versions": json_attr(f, "versions"),
             "created": str(f.attrs.get("created", "")),
             "source": str(f.attrs.get("source", "")),

@@ -113,7 +113,9 @@ def run(cfg: FeaturesConfig, report: Any) -> Any:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=dt.timedelta(hours=24))  # waits span whole shards
     try:
-        samples, spec, wanted = extract.prepare(cfg, say)
+        # auto decides by the device alone here: every rank computes its part alike
+        samples, spec, wanted, choice = extract.prepare(cfg, say, check=False)
+        cfg = extract.resolved(cfg, choice)
         out, n = cfg.out_path, len(samples)
         if extract.is_current(
             cfg, wanted, samples, say

@@ -8,6 +8,7 @@ current cache costs one directory scan.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import queue
 import threading
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from pipeline.data.samples import SampleList, describe_changes
 from pipeline.data.sources import load_samples
 from pipeline.devices import choose_device
 from pipeline.errors import BadImageError, CacheError, Interrupted
+from pipeline.features import precision
 from pipeline.settings import to_dict
 
 Report = Callable[[str], None]
@@ -166,10 +168,18 @@ class FeaturesResult:
     skipped: list[str]
 
 
-def prepare(
-    cfg: FeaturesConfig, report: Report = _quiet
-) -> tuple[SampleList, backbone.BackboneSpec, dict[str, Any]]:
-    """The sample list, the backbone spec and the fingerprint they give: no model is built."""
+class Prepared(NamedTuple):
+    samples: SampleList
+    spec: backbone.BackboneSpec
+    wanted: dict[str, Any]  # the fingerprint, in the chosen precision
+    choice: precision.Choice  # the precision computed in, and why (`--precision auto`)
+
+
+def prepare(cfg: FeaturesConfig, report: Report = _quiet, check: bool = True) -> Prepared:
+    """The sample list, the backbone spec, the precision and the fingerprint they give. No model is
+    built, but by `--precision auto` before a new cache, to check its choice against fp32 on the
+    first images (`check`; see `pipeline.features.precision`). Run the cache's stage with the
+    config's precision replaced by ``choice.precision`` (`resolved`)."""
     # A wrong backbone, weights or layer name fails here, before the images are scanned.
     spec = backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size, cfg.layer_names)
     samples = load_samples(
@@ -197,7 +207,20 @@ def prepare(
             "are not pretrained; "
             "pretrained weights need a download (use --weights DEFAULT where there is internet)"
         )
-    return samples, spec, fingerprint(cfg, samples, spec)
+    choice = precision.choose(
+        cfg,
+        samples,
+        spec,
+        lambda p: fingerprint(dataclasses.replace(cfg, precision=p), samples, spec),
+        report,
+        check,
+    )
+    return Prepared(samples, spec, fingerprint(resolved(cfg, choice), samples, spec), choice)
+
+
+def resolved(cfg: FeaturesConfig, choice: precision.Choice) -> FeaturesConfig:
+    """`cfg` computing in the chosen precision (never `auto`)."""
+    return dataclasses.replace(cfg, precision=choice.precision)
 
 
 def is_current(
@@ -291,9 +314,10 @@ def fill(
     out: Path | None = None,
     device: torch.device | None = None,
     on_batch: Callable[[int], None] | None = None,
+    attrs: dict[str, Any] | None = None,
 ) -> FeaturesResult:
     """Extract every row not yet in ``OUT.partial`` (default: ``cfg.out_path``), then finish the
-    file."""
+    file; `attrs` are recorded in it too."""
     out = cfg.out_path if out is None else out
     device = choose_device(cfg.device) if device is None else device
     model = backbone.build(spec, progress=cfg.progress)
@@ -308,7 +332,15 @@ def fill(
         raise CacheError(f"--logits: {why}; drop --logits")
     logits_dim = model.classifier.out_features if cfg.logits else None
     writer = open_writer(
-        out, cfg, samples, wanted, model.dim, logits_dim, report, dict(spec.layer_dims)
+        out,
+        cfg,
+        samples,
+        wanted,
+        model.dim,
+        logits_dim,
+        report,
+        dict(spec.layer_dims),
+        **(attrs or {}),
     )
     start = writer.rows_done
     sink = RowSink(writer, model.dim, logits_dim, dict(spec.layer_dims))

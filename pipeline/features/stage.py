@@ -29,15 +29,17 @@ def run(cfg: FeaturesConfig, report: Report = extract._quiet) -> FeaturesResult:
 def run_local(
     cfg: FeaturesConfig,
     report: Report = extract._quiet,
-    prepared: tuple[SampleList, BackboneSpec, dict] | None = None,
+    prepared: extract.Prepared | None = None,
 ) -> FeaturesResult:
     """Make the cache at ``cfg.out_path`` current in this process: nothing, a resume, an update that
     reuses the rows of unchanged images (same model, changed image set), or a (re)build; then, with
     --views, its companion cache of augmented train views the same way. `prepared` is
     `extract.prepare`'s answer when the caller has it already."""
     t0 = time.perf_counter()
-    samples, spec, wanted = prepared or extract.prepare(cfg, report)
-    result = make_current(cfg, samples, spec, wanted, report, t0)
+    samples, spec, wanted, choice = prepared or extract.prepare(cfg, report)
+    cfg = extract.resolved(cfg, choice)
+    attrs = {"precision_choice": choice.record} if choice.record else {}
+    result = make_current(cfg, samples, spec, wanted, report, t0, attrs)
     if cfg.views:
         # Views are decoded in full (their crop needs every pixel), so a reduced decode is not
         # claimed.
@@ -52,7 +54,7 @@ def run_local(
         vwanted = extract.fingerprint(vcfg, vsamples, vspec) | {
             "views_of": schema.fingerprint_tag(wanted)
         }
-        done = make_current(vcfg, vsamples, vspec, vwanted, report, t0)
+        done = make_current(vcfg, vsamples, vspec, vwanted, report, t0, attrs)
         result = dataclasses.replace(
             result, computed=result.computed + done.computed, skipped=result.skipped + done.skipped
         )
@@ -66,8 +68,10 @@ def make_current(
     wanted: dict,
     report: Report,
     t0: float,
+    attrs: dict | None = None,
 ) -> FeaturesResult:
-    """The cache at ``cfg.out_path`` made to hold exactly `samples` through `spec`."""
+    """The cache at ``cfg.out_path`` made to hold exactly `samples` through `spec` (recording
+    `attrs` in a file it writes)."""
     if cfg.out_path.is_dir():
         raise CacheError(
             f"--out {cfg.out_path} is a folder; pass a file path such as "
@@ -87,9 +91,9 @@ def make_current(
             )
         if (
             not cfg.force
-            and (done := update.update(cfg, samples, spec, wanted, report, t0)) is not None
+            and (done := update.update(cfg, samples, spec, wanted, report, t0, attrs)) is not None
         ):
             return done
         # --force keeps a partial file of the same features: it is the rebuild an earlier --force
         # started.
-        return extract.fill(cfg, samples, spec, wanted, report, t0)
+        return extract.fill(cfg, samples, spec, wanted, report, t0, attrs=attrs)

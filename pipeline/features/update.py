@@ -55,9 +55,11 @@ def update(
     wanted: dict[str, Any],
     report: extract.Report,
     t0: float,
+    attrs: dict[str, Any] | None = None,
 ) -> extract.FeaturesResult | None:
     """Bring the complete cache at ``cfg.out_path`` to `samples` by reusing its rows; None (build
-    from scratch) when it was made by another model or shares no image with `samples`."""
+    from scratch) when it was made by another model or shares no image with `samples`. `attrs`
+    are recorded in the new file where the old one does not have them."""
     out = cfg.out_path
     old_fingerprint = reader.stored_fingerprint(out)
     if old_fingerprint is None or schema.model_part(old_fingerprint) != schema.model_part(wanted):
@@ -95,7 +97,7 @@ def update(
     known = set(map(str, old["ids"]))
     dropped = len(known - set(samples.ids))
     changed = sum(1 for i in fresh if samples.ids[i] in known)
-    path = merge(cfg, samples, wanted, source, delta, time.perf_counter() - t0)
+    path = merge(cfg, samples, wanted, source, delta, time.perf_counter() - t0, attrs)
     delta.unlink(missing_ok=True)
     reused = len(samples) - len(fresh)
     report(
@@ -116,6 +118,7 @@ def merge(
     source: np.ndarray,
     delta: Path,
     seconds: float,
+    attrs: dict[str, Any] | None = None,
 ) -> Path:
     """Write every row of `samples` in order into the new cache: row i from the old cache's row
     source[i], or, where source[i] is -1, the next row of the delta cache."""
@@ -125,6 +128,7 @@ def merge(
         names = ["features", *(["logits"] if "logits" in old else [])]
         layers = list(old.get(schema.LAYERS, {}))
         widths = {name: old[schema.LAYERS][name].shape[1] for name in layers}
+        kept = {key: schema.json_attr(old, key) for key in (attrs or {}) if key in old.attrs}
         writer = extract.open_writer(
             out,
             cfg,
@@ -134,6 +138,7 @@ def merge(
             old["logits"].shape[1] if "logits" in old else None,
             layer_dims=widths,
             incremental={"reused": int((source >= 0).sum()), "extracted": int((source < 0).sum())},
+            **((attrs or {}) | kept),
         )
         try:
             for a in range(writer.rows_done, len(samples), BLOCK_ROWS):

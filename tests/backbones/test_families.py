@@ -68,6 +68,8 @@ def test_a_timm_backbone_through_the_command_line(tmp_path, capsys):
             "32",
             "--workers",
             "0",
+            "--precision",
+            "fp32",
             "--no-progress",
             "--out",
             str(out),

@@ -37,7 +37,7 @@ FLAGS = [
     "2",
     "--no-progress",
 ]
-FLAGS += ["--val-fraction", "0.25"]
+FLAGS += ["--val-fraction", "0.25", "--precision", "fp32"]
 
 # Under torchrun: each rank records its pid, and how many rows it writes (slowly, to be killable).
 _WRAPPER = """
@@ -214,7 +214,7 @@ def test_shard_bounds(rank, size, n, expected):
 @pytest.mark.slow
 def test_tar_shards_go_to_ranks_whole_and_the_virtual_cache_equals_one_process(tmp_path):
     pytest.importorskip("webdataset")
-    from test_shards import make_shards
+    from helpers.shards import make_shards
 
     shards, _ = make_shards(tmp_path, shards=4, per_shard=3)
     pattern = str(shards / "train-{000..003}.tar")

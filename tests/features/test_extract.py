@@ -186,6 +186,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_features(tmp_path):
         "32",
     ]
     flags += ["--batch-size", "2", "--workers", "0", "--no-progress", "--val-fraction", "0.25"]
+    flags += ["--precision", "fp32"]
     out = tmp_path / "c.h5"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     job = subprocess.Popen(

@@ -19,7 +19,7 @@ from pipeline import cli
 from helpers import REPO, SLOW_WRITES
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-FAST = [
+FAST = [  # fp32: the same numbers on every CPU (--precision auto has its own tests)
     "--backbone",
     "resnet18",
     "--weights",
@@ -28,6 +28,8 @@ FAST = [
     "32",
     "--workers",
     "0",
+    "--precision",
+    "fp32",
     "--no-progress",
 ]
 
