@@ -23,7 +23,8 @@
    tenth of it) and versus the torch head's whole protocol (sweep, refit, test: the answer
    without rank); LEEP and NCE on 50,000 x 1,000 logits; and the scores' peak memory
    (tracemalloc) at 10,000 and 50,000 train rows (target: flat in N).
-7. precision: resnet18 and resnet50 at 224 px on this CPU, forward-only bf16 / fp32 images/s and
+7. precision: resnet18 and resnet50 (`--precision-backbones`) at 224 px on this CPU, forward-only
+   bf16 / fp32 images/s and
    `pipeline features` with the default `--precision auto` / `--precision fp32` (target for
    resnet50 on a CPU with native bf16: >= 1.7), with the least cosine of an auto row to its fp32
    row.
@@ -615,6 +616,12 @@ def main() -> int:
         "--precision-images", type=int, default=200, help="images for the precision benchmark"
     )
     parser.add_argument(
+        "--precision-backbones",
+        nargs="+",
+        default=["resnet18", "resnet50"],
+        help="backbones of the precision benchmark (e.g. convnext_tiny vit_b_16 too)",
+    )
+    parser.add_argument(
         "--no-sklearn-sweep",
         action="store_true",
         help="skip the (slow) scikit-learn 45-value sweep",
@@ -646,7 +653,7 @@ def main() -> int:
     if "rank" in chosen:
         bench_rank()
     if "precision" in chosen:
-        bench_precision(args.precision_images, args.batch_size)
+        bench_precision(args.precision_images, args.batch_size, tuple(args.precision_backbones))
     if "demo" in chosen:
         bench_demo_heads()
     import importlib.metadata as md
