@@ -273,18 +273,22 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def _precision(s: dict[str, Any]) -> str:
-    """The precision a cache was computed in, and why when `--precision auto` chose it."""
+    """The precision a cache was computed in, and why when `--precision auto` chose it (a record
+    of another shape is left out; its text is shown printable and short)."""
+
+    def shown(value: Any) -> str:
+        text = "".join(c if c.isprintable() else " " for c in str(value))
+        return text if len(text) <= 120 else text[:117] + "..."
+
     choice = s.get("precision_choice") or {}
-    text = str(s["fingerprint"]["precision"])
+    text = shown(s["fingerprint"]["precision"])
     if choice.get("requested") == "auto":
-        text += f" (auto: {choice.get('why', '?')}"
-        if "min_cosine_to_fp32" in choice:
-            text += (
-                f"; least cosine to fp32 {choice['min_cosine_to_fp32']:.6f} on "
-                f"{choice.get('images_checked', '?')} images"
-            )
+        text += f" (auto: {shown(choice.get('why', '?'))}"
+        cosine, images = choice.get("min_cosine_to_fp32"), choice.get("images_checked")
+        if isinstance(cosine, int | float) and isinstance(images, int) and images > 0:
+            text += f"; least cosine to fp32 {cosine:.6f} on {images} images"
         if "fallback_from" in choice:
-            text += f"; {choice['fallback_from']} fell short"
+            text += f"; {shown(choice['fallback_from'])} fell short"
         text += ")"
     return text
 

@@ -44,6 +44,15 @@ def _settings(head: TrainedHead, folder: Path) -> tuple[dict[str, Any], dict[str
     )
     if why is None and not isinstance(values.get("weights"), str):
         why = "features_config lacks 'weights'"
+    computed = values.get("precision", "fp32")  # heads from before the precision was recorded
+    if why is None and (
+        computed not in ("fp32", "bf16", "fp16")
+        or fingerprint.get("precision", computed) != computed
+    ):
+        why = (
+            f"features_config precision {computed!r} is not the one its cache was computed in "
+            f"({fingerprint.get('precision')!r})"
+        )
     if why is None:
         try:
             FeaturesConfig(**(values | {"data": "."}))

@@ -237,8 +237,13 @@ def _extract(fcfg: FeaturesConfig, report: Report) -> Any:
     from pipeline.cache import reader, schema
     from pipeline.features import extract, stage
 
-    prepared = extract.prepare(fcfg, lambda message: None)
-    wanted, out = prepared.wanted, fcfg.out_path
+    def precision_only(message: str) -> None:  # the study says what auto chose, nothing else
+        if message.startswith("precision: "):
+            report(f"{out.name}: {message}")
+
+    out = fcfg.out_path
+    prepared = extract.prepare(fcfg, precision_only)
+    wanted = prepared.wanted
     if out.exists() and not fcfg.force:
         with reader.open_cache(out) as f:
             existing = schema.json_attr(f, "fingerprint")
@@ -251,15 +256,22 @@ def _extract(fcfg: FeaturesConfig, report: Report) -> Any:
                 "it, or give "
                 'this cell its own file with out = "..." in its [[datasets]] or [[backbones]] entry'
             )
+    # under --precision auto a twin computed in any precision holds these features too
+    variants = (
+        {p: wanted | {"precision": p} for p in ("fp32", "bf16", "fp16")}
+        if fcfg.precision == "auto"
+        else {wanted["precision"]: wanted}
+    )
     if reader.stored_fingerprint(out) != wanted:
         for twin in sorted(out.parent.glob("*.h5")) if out.parent.is_dir() else []:
             try:
-                same = twin != out and reader.stored_fingerprint(twin) == wanted
+                found = reader.stored_fingerprint(twin) if twin != out else None
             except PipelineError:
                 continue
+            same = next((p for p, v in variants.items() if found == v), None)
             if same:
-                report(f"reusing {twin}: it holds the very features {out} would")
-                return stage.run_local(dataclasses.replace(fcfg, out=str(twin)), prepared=prepared)
+                report(f"reusing {twin}: it holds the very features {out} would ({same})")
+                return stage.run_local(dataclasses.replace(fcfg, out=str(twin), precision=same))
     return stage.run_local(fcfg, prepared=prepared)
 
 

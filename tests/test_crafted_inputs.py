@@ -114,6 +114,14 @@ def test_a_head_json_whose_features_settings_no_run_writes_is_the_heads_fault(
             lambda m: m["features_config"].update(workers=100_000),
             r"features_config holds a setting no run writes \(--workers 100000 is out of range",
         ),
+        "auto": (
+            lambda m: m["features_config"].update(precision="auto"),
+            r"features_config precision 'auto' is not the one its cache was computed in",
+        ),
+        "bf16": (
+            lambda m: m["features_config"].update(precision="bf16"),
+            r"features_config precision 'bf16' is not the one its cache was computed in \('fp32'\)",
+        ),
     }
     for name, (change, pattern) in cases.items():
         folder = _copy(head, tmp_path / name, change_json=change)

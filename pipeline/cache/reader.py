@@ -241,6 +241,15 @@ def cache_info(path: str | Path, layer: str | None = None) -> CacheInfo:
         )
 
 
+def _display_record(f: h5py.File, key: str) -> dict[str, Any]:
+    """An attribute only shown, never relied on: a JSON object, or {} when it is anything else."""
+    try:
+        value = json_attr(f, key)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def summary(path: str | Path) -> dict[str, Any]:
     """What `pipeline info` shows; for a cache still being written, the partial file's state."""
     path = Path(path)
@@ -266,7 +275,7 @@ def summary(path: str | Path) -> dict[str, Any]:
             "skipped": list(read_ids(f["ids"])[~ok]),
             "fingerprint": json_attr(f, "fingerprint"),
             "carved": json_attr(f, "carved"),
-            "precision_choice": json_attr(f, "precision_choice"),
+            "precision_choice": _display_record(f, "precision_choice"),
             "versions": json_attr(f, "versions"),
             "created": str(f.attrs.get("created", "")),
             "source": str(f.attrs.get("source", "")),

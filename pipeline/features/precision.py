@@ -14,9 +14,12 @@ the device alone (no check), so that every part is computed alike.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
+import h5py
 import numpy as np
 
 from pipeline import devices
@@ -25,6 +28,7 @@ from pipeline.cache import reader, schema
 from pipeline.config import FeaturesConfig
 from pipeline.data.samples import SampleList
 
+REDUCED = ("bf16", "fp16")
 AGREEMENT = 0.999  # the least cosine to fp32 that a reduced-precision cache may have on the check
 CHECK_IMAGES = 8  # the first images, compared where readable
 
@@ -46,25 +50,18 @@ def choose(
     if cfg.precision != "auto":
         return Choice(cfg.precision, {})
     chosen, why = devices.auto_precision(devices.choose_device(cfg.device))
-    for candidate in dict.fromkeys((chosen, "fp32")):
-        if _held(cfg, fingerprint_of(candidate)):
-            return Choice(
-                candidate,
-                {
-                    "requested": "auto",
-                    "chosen": candidate,
-                    "why": f"kept, as {cfg.out_path} holds it",
-                },
-            )
+    kept = _held(cfg, {p: fingerprint_of(p) for p in dict.fromkeys(("fp32", chosen, *REDUCED))})
+    if kept is not None:
+        return kept
     record = {"requested": "auto", "chosen": chosen, "why": why}
     if chosen == "fp32" or not check:
         report(f"precision: {chosen} (auto: {why})")
         return Choice(chosen, record)
     cosine, images = agreement(cfg, samples, spec, chosen)
-    record |= {"min_cosine_to_fp32": cosine, "images_checked": images}
     if images == 0:
         report(f"precision: fp32 (auto: none of the first images could be read to check {chosen})")
         return Choice("fp32", record | {"chosen": "fp32", "fallback_from": chosen})
+    record |= {"min_cosine_to_fp32": cosine, "images_checked": images}
     if cosine < AGREEMENT:
         report(
             f"precision: fp32 (auto: {chosen} agreed with fp32 to a cosine of only {cosine:.6f} on "
@@ -78,16 +75,39 @@ def choose(
     return Choice(chosen, record)
 
 
-def _held(cfg: FeaturesConfig, wanted: dict[str, Any]) -> bool:
-    """Whether the cache at --out (complete, or an interrupted build) was made by this model in this
-    precision: then it is kept, updated or resumed, never rebuilt for another precision."""
+def _held(cfg: FeaturesConfig, variants: dict[str, dict[str, Any]]) -> Choice | None:
+    """The precision of the cache at --out when this model made it in any precision (a complete
+    cache first, then an interrupted build): it is kept, updated or resumed as it is, never
+    rebuilt or discarded for another precision. Its own record of the choice goes on."""
     if cfg.force:
-        return False
+        return None
     existing = reader.stored_fingerprint(cfg.out_path)
-    if existing is not None and schema.model_part(existing) == schema.model_part(wanted):
-        return True
     pending = reader.partial_state(cfg.out_path)
-    return pending is not None and pending[0] == wanted
+    for found, complete in ((existing, True), (pending[0] if pending else None, False)):
+        for precision, wanted in variants.items():
+            same = found is not None and (
+                schema.model_part(found) == schema.model_part(wanted)
+                if complete
+                else found == wanted
+            )
+            if same:
+                record = (_record_of(cfg.out_path) if complete else {}) or {
+                    "requested": "auto",
+                    "chosen": precision,
+                    "why": f"kept, as {cfg.out_path} holds {precision} features",
+                }
+                return Choice(precision, record)
+    return None
+
+
+def _record_of(path: Path) -> dict[str, Any]:
+    """The `precision_choice` a complete cache recorded, when it is a readable record of auto's."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            record = json.loads(f.attrs.get("precision_choice", "{}"))
+    except (OSError, ValueError, TypeError):
+        return {}
+    return record if isinstance(record, dict) and record.get("requested") == "auto" else {}
 
 
 def agreement(

@@ -121,3 +121,98 @@ def test_auto_on_a_cpu_without_bf16_computes_fp32_without_a_check(folder, tmp_pa
     with h5py.File(cfg.out, "r") as f:
         assert json.loads(f.attrs["fingerprint"])["precision"] == "fp32"
         assert json.loads(f.attrs["precision_choice"])["chosen"] == "fp32"
+
+
+def test_a_cache_in_any_precision_is_kept_and_a_partial_one_resumed_as_it_is(
+    folder, tmp_path, monkeypatch
+):
+    from pipeline.cache import schema
+
+    from helpers.faults import start_slow, wait_rows
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset())  # auto would say fp32 here
+    half = tiny(data=str(folder), out=str(tmp_path / "h.h5"), precision="fp16")
+    stage.run(half)  # made elsewhere, say on a GPU
+    done = stage.run(tiny(data=str(folder), out=half.out, precision="auto"))
+    assert done.status == "current"
+    out = tmp_path / "p.h5"
+    job = start_slow(
+        out, folder, "--precision", "bf16", "--batch-size", "1", "--val-fraction", "0.25"
+    )
+    wait_rows(job, schema.partial_path(out), 3)
+    job.kill()
+    job.wait()
+    done = stage.run(tiny(data=str(folder), out=str(out), precision="auto", batch_size=1))
+    assert done.status == "resumed" and done.computed < 18
+    with h5py.File(out, "r") as f:
+        assert json.loads(f.attrs["fingerprint"])["precision"] == "bf16"
+
+
+def test_a_complete_fp32_cache_wins_over_a_reduced_partial_beside_it(native_bf16, folder, tmp_path):
+    import shutil
+
+    from pipeline.cache import schema
+
+    out = tmp_path / "c.h5"
+    stage.run(tiny(data=str(folder), out=str(tmp_path / "b.h5"), precision="bf16"))
+    shutil.copy(tmp_path / "b.h5", schema.partial_path(out))  # stands in for a bf16 build
+    stage.run(tiny(data=str(folder), out=str(out)))  # fp32, complete
+    done = stage.run(tiny(data=str(folder), out=str(out), precision="auto"))
+    assert done.status == "current"
+    with h5py.File(out, "r") as f:
+        assert json.loads(f.attrs["fingerprint"])["precision"] == "fp32"
+
+
+def test_info_shows_a_crafted_precision_record_without_a_traceback(native_bf16, folder, tmp_path):
+    cfg = tiny(data=str(folder), out=str(tmp_path / "c.h5"), precision="auto")
+    stage.run(cfg)
+    for record in ('["auto"]', '"auto"', "3", "not json", b"\xff\xfe"):
+        with h5py.File(cfg.out, "r+") as f:
+            f.attrs["precision_choice"] = record
+        assert cli.main(["info", cfg.out]) == 0
+    with h5py.File(cfg.out, "r+") as f:
+        f.attrs["precision_choice"] = json.dumps(
+            {
+                "requested": "auto",
+                "why": "\x1b[31merror: x\n" + "y" * 5000,
+                "min_cosine_to_fp32": "high",
+            }
+        )
+    assert cli.main(["info", cfg.out]) == 0
+
+
+def test_a_study_says_what_auto_chose_and_reuses_a_twin_of_any_precision(
+    native_bf16, folder, tmp_path, capsys
+):
+    from pipeline import study
+
+    stage.run(tiny(data=str(folder), out=str(tmp_path / "cache" / "mine.h5")))  # fp32
+    file = tmp_path / "s.toml"
+    file.write_text(
+        f"""
+[study]
+name = "p"
+results = "{tmp_path / "results"}"
+cache = "{tmp_path / "cache"}"
+rank = false
+[features]
+image_size = 32
+workers = 0
+val_fraction = 0.25
+[[datasets]]
+name = "d"
+data = "{folder}"
+[[backbones]]
+name = "r18"
+backbone = "resnet18"
+weights = "none"
+[[heads]]
+head = "ncm"
+"""
+    )
+    said = []
+    summary = study.run(file, report=said.append, progress=False)
+    err = capsys.readouterr().err
+    assert "d-r18.h5: precision: bf16 (auto: this CPU computes bf16 natively" in err
+    assert f"reusing {tmp_path / 'cache' / 'mine.h5'}" in err and summary["reused"]
+    assert not (tmp_path / "cache" / "d-r18.h5").exists()
