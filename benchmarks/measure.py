@@ -84,3 +84,44 @@ def extraction_rate(
     start = time.perf_counter()
     assert stage.run(cfg).status == "current"
     return count / (full - (time.perf_counter() - start))
+
+
+def plain_loop_rate(photos: Path, count: int, name: str, batch: int) -> float:
+    """images/s of the loop one writes without this project: torchvision's `ImageFolder` with the
+    usual resize-256 / crop-224 transform, a `DataLoader` with as many workers as the pipeline's
+    default, the model's forward in fp32 with its classifier made an identity, rows to numpy.
+    Timed from the model's construction to the last row."""
+    import torch
+    import torchvision
+    from torch import nn
+    from torchvision import transforms
+
+    from pipeline.backbones.forward import default_workers
+
+    start = time.perf_counter()
+    model = torchvision.models.get_model(name, weights=None).eval()
+    if hasattr(model, "fc"):
+        model.fc = nn.Identity()
+    elif hasattr(model, "heads"):
+        model.heads = nn.Identity()
+    else:
+        model.classifier[-1] = nn.Identity()
+    transform = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+    loader = torch.utils.data.DataLoader(
+        torchvision.datasets.ImageFolder(str(photos), transform),
+        batch_size=batch,
+        num_workers=default_workers(),
+    )
+    rows = 0
+    with torch.inference_mode():
+        for x, _ in loader:
+            rows += len(model(x).numpy())
+    assert rows == count, (rows, count)
+    return count / (time.perf_counter() - start)

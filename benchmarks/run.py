@@ -27,7 +27,8 @@
    bf16 / fp32 images/s and
    `pipeline features` with the default `--precision auto` / `--precision fp32` (target for
    resnet50 on a CPU with native bf16: >= 1.7), with the least cosine of an auto row to its fp32
-   row.
+   row, and the whole command against a plain fp32 torchvision loop (ImageFolder, DataLoader,
+   forward; target on a bf16 CPU for the convolutional nets: >= 2).
 
 Prints a table with each ratio and its target, and writes benchmarks/out/bench.json.
 """
@@ -47,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.measure import extraction_rate, forward_rate
+from benchmarks.measure import extraction_rate, forward_rate, plain_loop_rate
 from benchmarks.synthetic import matrix_cache
 from pipeline.synthetic import write_photo_folder, write_synthetic_cache
 
@@ -517,6 +518,17 @@ def bench_precision(n: int, batch: int, names: tuple[str, ...] = ("resnet18", "r
             target,
             ratio >= 1.7 if target else None,
             images_per_s=rates,
+        )
+        plain = plain_loop_rate(photos, n, name, batch)
+        whole = rates["auto"] / plain
+        target = ">= 2" if chosen == "bf16" and name.startswith(("resnet", "convnext")) else ""
+        row(
+            f"{name}: pipeline features (auto) / a plain fp32 torchvision loop, images/s",
+            whole,
+            "ratio",
+            target,
+            whole >= 2 if target else None,
+            images_per_s={"auto": rates["auto"], "plain fp32 loop": plain},
         )
         a, b = (
             read_features(outs[p], splits=("train",))["train"].X.astype(np.float64)
