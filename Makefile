@@ -62,7 +62,7 @@ study: $(READY)
 info: $(READY)
 	$(PIPELINE) info --config $(CONFIG)
 
-## Run the whole offline test suite, installing first if needed (CPU, about eight minutes on 2 cores)
+## Run the whole offline test suite, installing first if needed (CPU, about nine minutes on 2 cores)
 test: $(READY)
 	$(PY) -m pytest -q --durations=15
 
