@@ -28,7 +28,8 @@
    `pipeline features` with the default `--precision auto` / `--precision fp32` (target for
    resnet50 on a CPU with native bf16: >= 1.7), with the least cosine of an auto row to its fp32
    row, and the whole command against a plain fp32 torchvision loop (ImageFolder, DataLoader,
-   forward; target on a bf16 CPU for the convolutional nets: >= 2).
+   forward; target on a bf16 CPU for the convolutional nets: >= 2); and bf16 under torch.compile
+   against eager (forward-only, with the seconds the compilation took).
 
 Prints a table with each ratio and its target, and writes benchmarks/out/bench.json.
 """
@@ -498,6 +499,15 @@ def bench_precision(n: int, batch: int, names: tuple[str, ...] = ("resnet18", "r
         forward = {
             p: forward_rate(name, p, False, "cpu", batch, batches=4) for p in ("fp32", "bf16")
         }
+        start = time.perf_counter()
+        compiled = forward_rate(name, "bf16", True, "cpu", batch, batches=4)
+        row(
+            f"{name}: forward-only bf16, torch.compile (inductor) / eager images/s",
+            compiled / forward["bf16"],
+            "ratio",
+            seconds_with_compilation=time.perf_counter() - start,
+            images_per_s=compiled,
+        )
         row(
             f"{name}: forward-only bf16 / fp32 images/s",
             forward["bf16"] / forward["fp32"],
