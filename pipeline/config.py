@@ -142,7 +142,10 @@ class FeaturesConfig:
         group="compute",
     )
     compile: bool = option(
-        False, "torch.compile the backbone (pays off on long GPU runs)", group="compute"
+        False,
+        "torch.compile the backbone: pays off on long runs (on a 2-core CPU, resnet50 in bf16 "
+        "1.34x faster after 33 s of compiling: beyond about 4,000 images)",
+        group="compute",
     )
     logits: bool = option(
         False, "also store the backbone's own classifier logits", group="backbone"
