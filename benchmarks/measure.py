@@ -16,20 +16,19 @@ def forward_rate(
     batch: int = 128,
     size: int = 224,
     batches: int = 10,
+    channels_last: bool = True,
 ) -> float:
-    """images/s of the frozen backbone on ready channels-last tensors on `device`."""
+    """images/s of the frozen backbone on ready tensors on `device`, channels-last (as the pipeline
+    runs it) unless `channels_last` is off."""
     import torch
 
     from pipeline.backbones import backbone
     from pipeline.devices import autocast
 
-    model = backbone.build(backbone.describe(name, "none")).to(
-        device, memory_format=torch.channels_last
-    )
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = backbone.build(backbone.describe(name, "none")).to(device, memory_format=layout)
     forward = torch.compile(model) if compiled else model
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(
-        memory_format=torch.channels_last
-    )
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=layout)
     with torch.inference_mode(), autocast(torch.device(device), precision):
         for _ in range(3 if compiled else 1):  # warm-up (compilation happens here)
             forward(x)

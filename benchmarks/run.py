@@ -28,8 +28,9 @@
    `pipeline features` with the default `--precision auto` / `--precision fp32` (target for
    resnet50 on a CPU with native bf16: >= 1.7), with the least cosine of an auto row to its fp32
    row, and the whole command against a plain fp32 torchvision loop (ImageFolder, DataLoader,
-   forward; target on a bf16 CPU for the convolutional nets: >= 2); and bf16 under torch.compile
-   against eager (forward-only, with the seconds the compilation took).
+   forward; target on a bf16 CPU for the convolutional nets: >= 2); channels-last (the pipeline's
+   layout) against contiguous inputs in fp32 and bf16; and bf16 under torch.compile against eager
+   (forward-only, with the seconds the compilation took).
 
 Prints a table with each ratio and its target, and writes benchmarks/out/bench.json.
 """
@@ -499,6 +500,14 @@ def bench_precision(n: int, batch: int, names: tuple[str, ...] = ("resnet18", "r
         forward = {
             p: forward_rate(name, p, False, "cpu", batch, batches=4) for p in ("fp32", "bf16")
         }
+        for p in ("fp32", "bf16"):
+            plain = forward_rate(name, p, False, "cpu", batch, batches=4, channels_last=False)
+            row(
+                f"{name}: forward-only {p}, channels-last / contiguous images/s",
+                forward[p] / plain,
+                "ratio",
+                images_per_s={"channels-last": forward[p], "contiguous": plain},
+            )
         start = time.perf_counter()
         compiled = forward_rate(name, "bf16", True, "cpu", batch, batches=4)
         row(
