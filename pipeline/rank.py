@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -412,15 +412,34 @@ def _query_rows(n: int, queries: int, seed: int) -> np.ndarray:
 # --- the scores of a cache --------------------------------------------------------------------
 
 
+class TrainRows(NamedTuple):
+    """The file rows a:b of the train split, which of them are readable, and their labels."""
+
+    a: int
+    b: int
+    ok: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def of(cls, f: Any) -> TrainRows:
+        from pipeline.cache.schema import row_ranges
+
+        a, b = row_ranges(f["split"][...]).get("train", (0, 0))
+        return cls(a, b, f["ok"][a:b], f["labels"][a:b])
+
+    @property
+    def readable_labels(self) -> np.ndarray:
+        return self.labels[self.ok]
+
+
 def _train_blocks(
-    f: Any, datasets: list[Any], block_rows: int
+    rows: TrainRows, datasets: list[Any], block_rows: int
 ) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray, int]]]:
     """A re-iterable of (rows, class codes, index of the first among train rows) over the cache's
     readable train rows, in blocks: only the train range of the file is ever read."""
-    from pipeline.cache.schema import read_columns, row_ranges
+    from pipeline.cache.schema import read_columns
 
-    a, b = row_ranges(f["split"][...]).get("train", (0, 0))
-    ok, labels = f["ok"][a:b], f["labels"][a:b]
+    a, b, ok, labels = rows
 
     def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         seen = 0
@@ -456,7 +475,8 @@ def score_cache(
         datasets = columns(f, layer)
         dim = sum(int(d.shape[1]) for d in datasets)
         classes = len(f["classes"])
-        labels = f["labels"][...][(f["split"][...] == 0) & f["ok"][...]]
+        rows = TrainRows.of(f)
+        labels = rows.readable_labels
         if len(labels) and not 0 <= labels.min() <= labels.max() < classes:
             raise DataError(
                 f"cache {path} has train labels outside 0..{classes - 1} (its {classes} class "
@@ -471,7 +491,9 @@ def score_cache(
         _check_memory(path, dim, max_memory)
         budget = BLOCK_BYTES if max_memory is None else max(max_memory // 4, 8 * dim)
         # a block's rows, their similarities to the kNN queries and their class scores in budget
-        blocks = _train_blocks(f, datasets, max(1, budget // (8 * (dim + KNN_QUERIES + classes))))
+        blocks = _train_blocks(
+            rows, datasets, max(1, budget // (8 * (dim + KNN_QUERIES + classes)))
+        )
         try:
             moments = FeatureMoments(dim, classes)
         except MemoryError:
@@ -496,7 +518,7 @@ def score_cache(
                 bar.update(len(X))
             if "logits" in f:
                 width = int(f["logits"].shape[1])
-                logits = _train_blocks(f, [f["logits"]], max(1, budget // (8 * width)))
+                logits = _train_blocks(rows, [f["logits"]], max(1, budget // (8 * width)))
                 counts = LogitCounts(classes, width)
                 for L, codes, _ in logits():
                     _check_finite(path, L, "logits")
@@ -591,11 +613,12 @@ def run(
     """Scores of every cache at every layer, sorted by LogME (best first), written to `out` as JSON
     when given (a file the project did not write is replaced only with `force`; a cache never)."""
     from pipeline import outputs
+    from pipeline.cache.schema import is_hdf5
 
     layers = [layer_names(layer) for layer in layers]
     if out is not None:
         out = Path(out)
-        if (out.is_file() and _is_hdf5(out)) or any(_same_file(out, Path(p)) for p in paths):
+        if is_hdf5(out) or any(_same_file(out, Path(p)) for p in paths):
             raise ConfigError(
                 f"--out {out} is a feature cache; rank writes JSON: pass another path, e.g. "
                 "results/scores.json"
@@ -611,14 +634,6 @@ def run(
         text = json.dumps(ranked, indent=2) + "\n"
         outputs.replace_file(out, lambda tmp: tmp.write_text(text))
     return ranked
-
-
-def _is_hdf5(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            return fh.read(8) == b"\x89HDF\r\n\x1a\n"
-    except OSError:
-        return False
 
 
 def _same_file(a: Path, b: Path) -> bool:
