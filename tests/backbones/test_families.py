@@ -18,6 +18,7 @@ from pipeline import cli
 from pipeline.features import stage
 
 from helpers import make_folder, tiny
+from helpers.faults import FAST
 
 
 def _direct(model: torch.nn.Module, transform, root: Path, ids: list[str]) -> np.ndarray:
@@ -56,24 +57,7 @@ def test_a_timm_backbone_through_the_command_line(tmp_path, capsys):
     root = make_folder(tmp_path / "img", per_class=3, splits=("train", "test"), size=(60, 45))
     out = tmp_path / "timm.h5"
     code = cli.main(
-        [
-            "features",
-            "--data",
-            str(root),
-            "--backbone",
-            "timm:resnet18",
-            "--weights",
-            "none",
-            "--image-size",
-            "32",
-            "--workers",
-            "0",
-            "--precision",
-            "fp32",
-            "--no-progress",
-            "--out",
-            str(out),
-        ]
+        ["features", "--data", str(root), *FAST, "--backbone", "timm:resnet18", "--out", str(out)]
     )
     assert code == 0
     with h5py.File(out) as f:
