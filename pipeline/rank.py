@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pipeline.errors import ConfigError, DataError
-from pipeline.registry import FEATURE_SCORES, LOGIT_SCORES, TRANSFER_SCORES  # noqa: F401
+from pipeline.registry import FEATURE_SCORES, TRANSFER_SCORES  # noqa: F401 (part of the API)
 
 SCORES = TRANSFER_SCORES
 KNN_K, KNN_TEMPERATURE, KNN_QUERIES = 20, 0.07, 2000
