@@ -287,14 +287,17 @@ class SolverOptions:
         bounds=POSITIVE,
     )
     epochs: int = option(
-        30, "mini-batch solvers: passes over the data", group="solver", bounds=(1, 10**5, "both")
+        30,
+        "mini-batch solvers and the mlp head: passes over the data (at most, for mlp)",
+        group="solver",
+        bounds=(1, 10**5, "both"),
     )
     batch_size: int = option(
         512, "mini-batch solvers: rows per step", group="solver", bounds=(1, 10**8, "both")
     )
     lr: float | None = option(
         None,
-        "mini-batch solvers: peak learning rate (default 1e-3 adam, 0.1 sgd)",
+        "mini-batch solvers and mlp: peak learning rate (default 1e-3 adam and mlp, 0.1 sgd)",
         group="solver",
         bounds=(0.0, 100.0, "right"),
     )
@@ -377,7 +380,8 @@ class HeadConfig(SolverOptions):
         registry.DEFAULT_HEAD,
         "the head kind: torch (nn.Linear + cross-entropy; the fastest) or logreg (scikit-learn), "
         "trained with C; "
-        "knn (cosine, weighted votes, k chosen on val) or ncm (nearest class mean by cosine)",
+        "knn (cosine, weighted votes, k chosen on val), ncm (nearest class mean by cosine) or mlp "
+        "(one hidden layer, AdamW, early stopped on val)",
         group="head kind",
     )
     out: str | None = option(
@@ -396,6 +400,22 @@ class HeadConfig(SolverOptions):
         0.07,
         "knn: votes weigh exp(cosine / T); ncm: logits are cosine / T (DINO's T = 0.07)",
         group="head kind",
+    )
+    hidden: tuple[float, ...] | None = option(
+        None,
+        "mlp: hidden-layer widths to try (default: 256 1024)",
+        group="mlp head",
+    )
+    dropout: tuple[float, ...] | None = option(
+        None,
+        "mlp: dropout rates to try after the hidden layer (default: 0 0.5)",
+        group="mlp head",
+    )
+    weight_decay: tuple[float, ...] | None = option(
+        None,
+        "mlp: AdamW weight decays to try (default: 0.0001 0.05); every width x rate x decay is "
+        "a candidate chosen on val",
+        group="mlp head",
     )
     select: str = option(
         "top1-0.5se",

@@ -51,6 +51,8 @@ def trained(tmp_path_factory):
     )  # type: ignore[arg-type]
     protocol.run(knn)
     protocol.run(HeadConfig(head="ncm", preprocess="center-l2", out=str(tmp / "ncm"), **cosine))  # type: ignore[arg-type]
+    mlp = dict(hidden=(16,), dropout=(0.0,), weight_decay=(1e-4,), epochs=5)
+    protocol.run(HeadConfig(head="mlp", out=str(tmp / "mlp"), **cosine, **mlp))  # type: ignore[arg-type]
     return tmp, data
 
 
@@ -58,7 +60,8 @@ HEADS = [
     "head",
     "knn",
     "ncm",
-]  # the logreg head, and the cosine heads (knn calibrated, ncm centred) of one cache
+    "mlp",
+]  # the logreg head, the cosine heads (knn calibrated, ncm centred) and an mlp of one cache
 
 
 def _rows(path):

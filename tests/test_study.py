@@ -65,6 +65,11 @@ grid = [1, 3, 5]
 [[heads]]
 head = "ncm"
 
+[[heads]]
+head = "mlp"
+hidden = [16]
+epochs = 10
+
 [fewshot]
 head = "logreg"
 shots = [1, 2]
@@ -94,7 +99,7 @@ def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch)
     path = write_study(tmp_path)
     first = study.run(path, progress=False)
     assert len(first["computed"]) == 2 and first["reused"] == [] and first["failed"] == []
-    assert len(first["runs"]) == 2 * (4 + 2)  # 2 caches x (4 heads + 2 few-shot runs)
+    assert len(first["runs"]) == 2 * (5 + 2)  # 2 caches x (5 heads + 2 few-shot runs)
     builds = []
     real = backbone.build
     monkeypatch.setattr(backbone, "build", lambda *a, **k: builds.append(a) or real(*a, **k))
@@ -108,7 +113,7 @@ def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch)
     report = tmp_path / "results" / "tiny" / "report.md"
     assert report.exists() and (tmp_path / "results" / "tiny" / "report-bars.png").exists()
     rows = compare.summary_rows(compare.gather([tmp_path / "results" / "tiny"]))
-    assert len(rows) == 12
+    assert len(rows) == 14
     for row in rows:
         result = json.loads(
             (tmp_path / row["folder"].split(str(tmp_path) + "/")[-1] / "result.json").read_text()
@@ -127,11 +132,10 @@ def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch)
         and "| k = " in text
         and "| temperature = 0.07 |" in text
     )
-    # The cosine heads are compared with the linear heads on the same test rows (paired tests).
-    assert (
-        "knn" in text.split("## Paired comparisons")[1]
-        and "ncm" in text.split("## Paired comparisons")[1]
-    )
+    # The cosine heads and the mlp are compared with the linear heads on the same test rows.
+    paired = text.split("## Paired comparisons")[1]
+    assert "knn" in paired and "ncm" in paired and "mlp" in paired
+    assert "| shapes | r18-a | mlp | all |" in text and "| candidate = " in text
 
 
 def test_a_study_never_replaces_a_hand_made_cache_and_reuses_an_identical_one(tmp_path, capsys):
@@ -200,7 +204,7 @@ def test_a_failing_cell_is_reported_and_the_rest_go_on(tmp_path, capsys):
         "gone / r18-b: features",
     }
     assert all("does not exist" in f["error"] for f in summary["failed"])
-    assert len(summary["runs"]) == 12, "the good cells all ran"
+    assert len(summary["runs"]) == 14, "the good cells all ran"
     assert cli.main(["study", path, "--no-progress"]) == 2
     assert (
         "error: 2 cell(s) failed: gone / r18-a: features; gone / r18-b: features"
@@ -272,7 +276,7 @@ def test_make_study_runs_the_offline_demo(tmp_path):
         "report-scores.csv",
     ):
         assert (out / name).exists(), name
-    assert "2 caches computed, 0 reused, 18 head runs, 0 failed" in done.stderr
+    assert "2 caches computed, 0 reused, 20 head runs, 0 failed" in done.stderr
     text = (out / "report.md").read_text()
     assert "resnet34-random" in text
     assert "| digits | logreg | logme | 6 | " in text  # two backbones x three layers, ranked

@@ -58,8 +58,11 @@ def plot_validation_curve(
         lw=1,
         label="val balanced accuracy",
     )
-    ax.set_xscale("log")
-    if (
+    if param == "candidate":  # numbered candidates (mlp): no scale to plot them on
+        ax.set_xticks(Cs)
+    else:
+        ax.set_xscale("log")
+    if param != "candidate" and (
         len(set(Cs)) == 1
     ):  # a fixed C: give the log axis some width (before a twin axis autoscales it)
         ax.set_xlim(Cs[0] / 10, Cs[0] * 10)
@@ -84,9 +87,11 @@ def plot_validation_curve(
     target.plot(
         [chosen_C], [best[key]], "r*", ms=14, label=f"chosen {name} = {chosen_C:.3g} ({metric})"
     )
-    xlabel = {"C": "C (inverse regularisation strength)", "k": "k (neighbours)"}.get(
-        param, f"{param} (fixed)"
-    )
+    xlabel = {
+        "C": "C (inverse regularisation strength)",
+        "k": "k (neighbours)",
+        "candidate": "candidate (strongest regularisation first; see curve.csv)",
+    }.get(param, f"{param} (fixed)")
     ax.set(xlabel=xlabel, ylabel="accuracy", title=_title("Validation curve", run))
     ax.grid(alpha=0.3)
     handles = [h for a in {ax, target} for h in a.get_legend_handles_labels()[0]]

@@ -135,6 +135,7 @@ def curve_row(fit: Fit, y: np.ndarray, log_proba: np.ndarray, classes: list[str]
     scores = metrics.evaluate(y, proba, classes, detail=False, log_proba=log_proba)
     return {
         fit.param: fit.value,
+        **getattr(fit, "columns", {}),
         "val_top1": scores["top1"],
         "val_top1_se": metrics.binomial_se(scores["top1"], len(y)),
         "val_balanced_accuracy": scores["balanced_accuracy"],

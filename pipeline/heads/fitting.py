@@ -156,10 +156,12 @@ class MemorySource:
         self.sweep_counts = np.bincount(self.y_train[rows], minlength=len(self.names))
         X, y, w = self._train_rows(rows)
         prep = Preprocessor(self.kind.preprocessing(cfg)).fit(X)
-        fits = fit_grid(
-            cfg, prep.transform(X), y, len(self.names), grid, tick=tick, sample_weight=w
+        Z_val = prep.transform(self.val.X)
+        watch = {"val": (Z_val, self.y_val)} if self.kind.early_stops else {}
+        fits = self.kind.fit_grid(
+            cfg, prep.transform(X), y, len(self.names), grid, tick, None, w, **watch
         )
-        log_probas = self.kind.log_proba_all(fits, prep.transform(self.val.X))
+        log_probas = self.kind.log_proba_all(fits, Z_val)
         return (
             prep,
             fits,

@@ -37,8 +37,19 @@ def head_cfg(cache, tmp_path, **overrides) -> HeadConfig:
     return HeadConfig(**settings)
 
 
+MLP_FIVE = dict(
+    grid=None, hidden=(4, 8, 16, 32, 64), dropout=(0.0,), weight_decay=(1e-4,), epochs=8
+)
+
+
 @pytest.mark.parametrize(
-    ("head", "grid"), [("logreg", FAST_GRID), ("torch", FAST_GRID), ("knn", (1, 3, 5, 10, 20))]
+    ("head", "grid"),
+    [
+        ("logreg", FAST_GRID),
+        ("torch", FAST_GRID),
+        ("knn", (1, 3, 5, 10, 20)),
+        ("mlp", MLP_FIVE),  # its early stopping watches val, never test
+    ],
 )
 def test_test_split_is_read_only_after_the_choice(
     synthetic_cache, tmp_path, monkeypatch, head, grid
@@ -56,10 +67,11 @@ def test_test_split_is_read_only_after_the_choice(
 
     monkeypatch.setattr(fitting, "read_features", read)
     monkeypatch.setattr(choice, "choose", choose)
-    result = protocol.run(head_cfg(synthetic_cache, tmp_path, head=head, grid=grid))
+    settings = grid if isinstance(grid, dict) else {"grid": grid}
+    result = protocol.run(head_cfg(synthetic_cache, tmp_path, head=head, **settings))
     assert events == [("read", ("train", "val")), ("choose", 5), ("read", ("test",))]
     selection = result["protocol"].pop("selection")
-    param = "k" if head == "knn" else "C"
+    param = {"knn": "k", "mlp": "candidate"}.get(head, "C")
     assert (
         selection["rule"] == "half-SE, contiguous"
         and selection[param] == result["chosen"][param] == result["chosen"]["value"]

@@ -1,8 +1,8 @@
 """Head kinds: one module per kind, each a class registered by name (see `registry`).
 
-The built-in kinds: `torch` and `logreg` (`linear`), `knn` (`knn`), `ncm` (`ncm`). Importing this
-package registers them; a kind defined anywhere else registers itself the same way, with
-`@register`, and is then a `--head` like these.
+The built-in kinds: `torch` and `logreg` (`linear`), `knn` (`knn`), `ncm` (`ncm`), `mlp` (`mlp`).
+Importing this package registers them; a kind defined anywhere else registers itself the same way,
+with `@register`, and is then a `--head` like these.
 """
 
 # isort: off
@@ -10,7 +10,8 @@ from pipeline.heads.kinds import (
     linear,
     knn,
     ncm,
-)  # registered in this order: torch, logreg, knn, ncm
+    mlp,
+)  # registered in this order: torch, logreg, knn, ncm, mlp
 
 # isort: on
 from pipeline.heads.kinds.registry import (
@@ -33,6 +34,7 @@ __all__ = [
     "get",
     "knn",
     "linear",
+    "mlp",
     "names",
     "ncm",
     "register",

@@ -45,6 +45,8 @@ class HeadKind:
     - `takes_c`: `--C`, `--class-weight` and a study's `[head]` C grid apply to it.
     - `may_stream`: it can train on rows streamed from the file (`--max-memory` below the rows).
     - `packages`: libraries whose versions its `result.json` records beside numpy and scikit-learn.
+    - `early_stops`: its fits watch the validation rows while they train (`fit_grid` gets
+      `val=(Z_val, y_val)` in the sweep; never in the refit).
     - `setting_keys`: the settings a trained head keeps in head.json (k, temperatures), beside its
       arrays.
     """
@@ -58,6 +60,7 @@ class HeadKind:
     may_stream: ClassVar[bool] = False
     packages: ClassVar[tuple[str, ...]] = ()
     setting_keys: ClassVar[tuple[str, ...]] = ()
+    early_stops: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ the settings and the sweep
 
