@@ -52,7 +52,8 @@ from pipeline.heads.objective import _NARROW, Problem
 OUT = Path("benchmarks/out")
 BF16 = torch.bfloat16
 CELLS = [f"{n}x{d}x{k}" for n in (2_000, 15_000) for d in (512, 2048) for k in (10, 100)]
-PASSES = {"fp32": 0, "bf16": 0}  # data passes (settings x products) of the current run
+GRAD_BINS = (1e-2, 1e-3, 1e-4)
+PASSES: dict[str, int] = {}  # data passes (settings x products) of the current run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ class Bf16Problem(Problem):
         scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k, o = theta.shape[1], self.outputs
-        PASSES["bf16"] += k
+        PASSES["bf16"] = PASSES.get("bf16", 0) + k
         flat = theta.reshape(self.d + 1, k * o)
         flat_b = flat.to(BF16)
         loss = torch.zeros(k, dtype=torch.float64, device=theta.device)
@@ -185,13 +186,18 @@ def variant(name: str, args: argparse.Namespace) -> Iterator[None]:
 
     def counted(self, theta, lambdas, *a, **kw):
         PASSES["fp32"] += theta.shape[1]
-        return stock_loss_grad(self, theta, lambdas, *a, **kw)
+        f, g = stock_loss_grad(self, theta, lambdas, *a, **kw)
+        gmax = g.abs().amax(dim=(0, 2))
+        for bound in GRAD_BINS:  # fp32 passes evaluated where max|grad| > bound
+            PASSES[f"fp32 at max|grad| > {bound:g}"] += int((gmax > bound).sum())
+        return f, g
 
     Problem.loss_grad = counted
     if name != "fp32":
         warm_tol = float(name.split("@")[1])
         solver.lbfgs = two_phase_lbfgs(stock_lbfgs, warm_tol, args.warm_iter, args.finish_history)
-    PASSES.update(fp32=0, bf16=0)
+    PASSES.clear()
+    PASSES.update({"fp32": 0, "bf16": 0} | {f"fp32 at max|grad| > {b:g}": 0 for b in GRAD_BINS})
     try:
         yield
     finally:
@@ -374,6 +380,7 @@ def bench_sweep(args: argparse.Namespace) -> list[dict]:
                     "speedup_vs_fp32": base_s / seconds,
                     "passes_fp32": first["passes"]["fp32"],
                     "passes_bf16": first["passes"]["bf16"],
+                    "passes": first["passes"],
                     "pass_ms": pass_ms,
                     "pass_cost_speedup": base_cost
                     / (
@@ -398,15 +405,13 @@ def bench_sweep(args: argparse.Namespace) -> list[dict]:
                 }
             )
             r = rows[-1]
+            early = r["passes"]["fp32 at max|grad| > 0.001"]
             print(
-                f"  {n:>6,} x {d:>5,} x {k:>3} {name:<10} {seconds:8.2f} s"
-                f"  x{r['speedup_vs_fp32']:.2f}"
-                f"  passes fp32/bf16 {r['passes_fp32']:>5}/{r['passes_bf16']:<5}"
-                f" pass-cost x{r['pass_cost_speedup']:.2f}"
-                f" it {r['iterations']:>5}  C[{r['chosen_index']}]={r['chosen_C']:.3g}"
-                f"  top1 {r['test_top1']:.4%}  same C/top1/pred "
-                f"{r['same_chosen_C']}/{r['same_top1']}/{r['same_predictions']:.4f}"
-                f"  dval {r['val_top1_max_change_along_grid']:.4f}",
+                f"  {n:>6}x{d:<4}x{k:<3} {name:<10}{seconds:8.2f}{r['speedup_vs_fp32']:8.2f}"
+                f"{r['passes_fp32']:>7}{r['passes_bf16']:>6}{early:>7}"
+                f"{r['pass_cost_speedup']:>8.2f}{r['chosen_index']:>4} {r['chosen_C']:<9.3g}"
+                f"{r['test_top1']:>8.2%} {r['same_chosen_C']!s:>5} {r['same_top1']!s:>5}"
+                f"{r['same_predictions']:>7.4f}{r['val_top1_max_change_along_grid']:>7.4f}",
                 flush=True,
             )
     return rows
@@ -421,8 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pass-rounds", type=int, default=7)
     parser.add_argument("--cells", nargs="+", default=CELLS, help="NxDxK, e.g. 2000x512x10")
     parser.add_argument("--repeats", type=int, default=1, help="protocol runs per cell and variant")
-    parser.add_argument("--warm-tol", type=float, nargs="+", default=[1e-4])
-    parser.add_argument("--warm-iter", type=int, default=20, help="most bf16 iterations per call")
+    parser.add_argument("--warm-tol", type=float, nargs="+", default=[1e-2, 1e-3])
+    parser.add_argument("--warm-iter", type=int, default=3, help="most bf16 iterations per call")
     parser.add_argument("--finish-history", choices=["warm", "path"], default="warm")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
@@ -445,6 +450,11 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"\nthe torch head's protocol, stock fp32 vs bf16 warm phase (warm-iter "
             f"{args.warm_iter}, finish history {args.finish_history}), {args.repeats} run(s) each"
+        )
+        print(
+            f"  {'N x D x K':<15} {'variant':<10}{'wall s':>8}{'wall x':>8}{'fp32':>7}{'bf16':>6}"
+            f"{'>1e-3':>7}{'cost x':>8}{'C#':>4} {'C':<9}{'top1':>8} {'sameC':>5} {'same1':>5}"
+            f"{'pred=':>7}{'dval':>7}"
         )
         report["sweep"] = bench_sweep(args)
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))

@@ -213,6 +213,13 @@ def _pack(args: argparse.Namespace) -> int:
 def _backbones(args: argparse.Namespace) -> int:
     from pipeline.backbones import catalog
 
+    if args.cuts:
+        if not args.filter:
+            raise ConfigError(
+                "--cuts lists the cut points of one backbone: pipeline backbones resnet50 --cuts"
+            )
+        print(catalog.format_cuts(args.filter))
+        return 0
     if args.layers:
         if not args.filter:
             raise ConfigError(
@@ -501,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backbones.add_argument(
         "--layers", action="store_true", help="list the modules of the backbone FILTER names"
+    )
+    backbones.add_argument(
+        "--cuts",
+        action="store_true",
+        help="list where `features --cut` may cut the backbone FILTER names for `head --head "
+        "tail`, with the bytes per image each costs",
     )
     backbones.set_defaults(handler=_backbones)
     return parser

@@ -158,6 +158,13 @@ class FeaturesConfig:
         "read by head --layer",
         group="backbone",
     )
+    cut: str | None = option(
+        None,
+        "also store this module's whole output (its feature map or token sequence, flattened, "
+        "float16) as layer cut:MODULE, what `head --head tail` fine-tunes the rest of the backbone "
+        "on (`pipeline backbones NAME --cuts` lists sensible ones and their bytes per image)",
+        group="backbone",
+    )
     views: int = option(
         0,
         "also extract this many augmented views of each train image into NAME.views.h5 (val/test: "
@@ -198,6 +205,11 @@ class FeaturesConfig:
     @property
     def layer_names(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in (self.layers or "").split(",") if name.strip())
+
+    @property
+    def stored_layers(self) -> tuple[str, ...]:
+        """Every layer the cache keeps beside its features: --layers, then the --cut."""
+        return self.layer_names + ((f"cut:{self.cut.strip()}",) if self.cut else ())
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError
 # the first family: the fast tests' backbones, and the candidates named when a checkpoint fits
 # another.
 TIMM_PREFIX = "timm:"
+CUT_PREFIX = "cut:"  # a stored layer that is a module's whole output, flattened (features --cut)
 RESNETS = (
     "resnet18",
     "resnet34",

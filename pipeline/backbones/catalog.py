@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,76 @@ def format_layers(name: str) -> str:
         f"  {path.ljust(width)}  {type(kinds[path]).__name__:<20} {dim}"
         for path, dim in widths.items()
     ]
+    return "\n".join(lines)
+
+
+# Modules that end a stage or block of the common families: ResNet and RegNet stages, the
+# `features` blocks of ConvNeXt, EfficientNet, MobileNet, DenseNet and Swin, a ViT's encoder layers,
+# timm's blocks and stages.
+STAGE = re.compile(
+    r"^(layer\d+|features\.\d+|features\.(denseblock|transition)\d+|"
+    r"encoder\.layers\.encoder_layer_\d+|trunk_output\.block\d+|blocks\.\d+|stages\.\d+|"
+    r"layers\.\d+)$"
+)
+SHOWN_CUTS = 4  # the last stages: the tails worth fine-tuning on a cache
+MIN_TAIL = 100_000  # parameters a tail needs to be listed (not just pooling and a norm)
+
+
+def cuts(name: str) -> list[dict[str, Any]]:
+    """The sensible cut points of backbone `name` at its default crop size, last stages first: the
+    module, its output shape, float16 bytes per image, the tail's parameters, and whether it splits
+    cleanly (torch.fx) or why not."""
+    from pipeline.backbones import backbone, layers, split
+    from pipeline.errors import ConfigError
+
+    spec = backbone.describe(name, "none")
+    model, _ = layers.probe_model(name)
+    if name.startswith(TIMM_PREFIX):
+        from pipeline.backbones.timm_models import PreLogits
+
+        body: Any = PreLogits(model)
+    else:
+        body = model
+    candidates = [path for path in layers.module_paths(name) if STAGE.match(path)]
+    shapes = layers.layout(name, tuple(candidates), spec.crop_size)  # the ones the forward runs
+    rows = []
+    for path in [p for p in candidates if p in shapes][::-1]:
+        shape = layers.cut_shape(name, path, spec.crop_size)
+        row = {"module": path, "shape": shape, "bytes": 2 * math.prod(shape)}
+        try:
+            parts = split.of_extractor(body, model, path, name)
+            row |= {"tail_parameters": split.tail_parameters(parts.tail), "splits": "yes"}
+        except ConfigError as why:
+            row |= {"tail_parameters": None, "splits": f"no: {str(why).split(': ', 1)[1]}"}
+        if row["tail_parameters"] is not None and row["tail_parameters"] < MIN_TAIL:
+            continue  # only pooling and a norm after it: nothing to fine-tune
+        rows.append(row)
+        if len(rows) == SHOWN_CUTS:
+            break
+    return rows
+
+
+def format_cuts(name: str) -> str:
+    """`pipeline backbones NAME --cuts`: where `features --cut` may cut NAME for `--head tail`."""
+    from pipeline.backbones import backbone
+
+    spec = backbone.describe(name, "none")
+    rows = cuts(name)
+    if not rows:
+        return f"{name}: no stage modules found to cut at; `pipeline backbones {name} --layers`"
+    width = max(len(r["module"]) for r in rows)
+    lines = [
+        f"{name}: cut points for `features --cut MODULE` and `head --head tail` at "
+        f"{spec.crop_size} px (the tail after the cut is fine-tuned; each image's cut is stored "
+        "in float16)"
+    ]
+    for r in rows:
+        params = "-" if r["tail_parameters"] is None else f"{r['tail_parameters'] / 1e6:.1f}M"
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(
+            f"  {r['module'].ljust(width)}  {shape:<14} {r['bytes'] / 1024:>8.0f} KiB/image  "
+            f"tail {params:>6} parameters  splits: {r['splits']}"
+        )
     return "\n".join(lines)
 
 

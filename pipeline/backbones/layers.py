@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.backbones import architectures, timm_models
 from pipeline.errors import ConfigError
-from pipeline.registry import TIMM_PREFIX
+from pipeline.registry import CUT_PREFIX, TIMM_PREFIX
 
 
 def probe_model(name: str, **arguments: int) -> tuple[nn.Module, Callable[[torch.Tensor], Any]]:
@@ -111,30 +111,50 @@ def layout(
     return out
 
 
+def cut_shape(name: str, module: str, size: int, **arguments: int) -> tuple[int, ...]:
+    """The shape of one image's whole output of `module` (no batch axis) for `size`-pixel crops."""
+    return tuple(int(d) for d in _shapes(name, (module,), size, arguments)[module][1:])
+
+
 def check(
     name: str, layers: tuple[str, ...], size: int, **arguments: int
+) -> dict[str, tuple[int, int | None]]:
+    """`layout` of `layers`, or a ConfigError naming a module that does not exist or never runs. A
+    cut (`cut:MODULE`) is MODULE's whole output: its width the product of its shape, axis None."""
+    cuts = {
+        layer: layer.removeprefix(CUT_PREFIX) for layer in layers if layer.startswith(CUT_PREFIX)
+    }
+    pooled = tuple(layer for layer in layers if layer not in cuts)
+    found: dict[str, tuple[int, int | None]] = dict(_check(name, pooled, size, **arguments))
+    _check(name, tuple(cuts.values()), size, "--cut", **arguments)
+    for layer, module in cuts.items():
+        found[layer] = (math.prod(cut_shape(name, module, size, **arguments)), None)
+    return {layer: found[layer] for layer in layers}
+
+
+def _check(
+    name: str, layers: tuple[str, ...], size: int, flag: str = "--layers", **arguments: int
 ) -> dict[str, tuple[int, int]]:
-    """`layout` of `layers`, or a ConfigError naming a module that does not exist or never runs."""
     paths = set(module_paths(name))
     head = None if name.startswith(TIMM_PREFIX) else architectures.anatomy(name).head
     for layer in layers:
         if head is not None and (layer == head or layer.startswith(head + ".")):
             raise ConfigError(
-                f"--layers: {layer!r} is {name}'s classification layer, which the features replace "
+                f"{flag}: {layer!r} is {name}'s classification layer, which the features replace "
                 "(they are its input); name a module before it"
             )
         if layer not in paths:
             close = difflib.get_close_matches(layer, sorted(paths), n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
             raise ConfigError(
-                f"--layers: {name} has no module {layer!r}; {hint}`pipeline backbones {name} "
+                f"{flag}: {name} has no module {layer!r}; {hint}`pipeline backbones {name} "
                 "--layers` lists them"
             )
     found = layout(name, tuple(layers), size, **arguments)
     unused = [layer for layer in layers if layer not in found]
     if unused:
         raise ConfigError(
-            f"--layers: {name} does not run {', '.join(unused)} on the way to its features; pick "
+            f"{flag}: {name} does not run {', '.join(unused)} on the way to its features; pick "
             "another module"
         )
     return {layer: found[layer] for layer in layers}

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.backbones.architectures import RESNET_LAYER
+from pipeline.registry import CUT_PREFIX
 
 
 def pool(output: Any, axis: int) -> torch.Tensor:
@@ -25,6 +26,13 @@ def pool(output: Any, axis: int) -> torch.Tensor:
     if output.ndim <= 2:
         return output.flatten(1)
     return output.mean(dim=tuple(d for d in range(1, output.ndim) if d != axis))
+
+
+def flat(output: Any) -> torch.Tensor:
+    """(B, ...) -> (B, prod(...)) in the output's logical order (a tuple's first element)."""
+    if isinstance(output, tuple | list):
+        output = output[0]
+    return output.flatten(1)
 
 
 @dataclass(frozen=True)
@@ -45,8 +53,8 @@ class BackboneSpec:
         tuple[str, int], ...
     ] = ()  # --layers: (module path, pooled width), stored beside it
     layer_axes: tuple[
-        tuple[str, int], ...
-    ] = ()  # --layers: (module path, the axis of its output's channels)
+        tuple[str, int | None], ...
+    ] = ()  # --layers: (module path, the axis of its output's channels); a --cut: (cut:PATH, None)
 
     @property
     def pretrained(self) -> bool:
@@ -69,13 +77,14 @@ class FeatureExtractor(nn.Module):
         self.root = body if root is None else root  # the model whose module paths --layers names
         self.captured: dict[str, torch.Tensor] = {}
 
-    def watch(self, axes: dict[str, int]) -> None:
+    def watch(self, axes: dict[str, int | None]) -> None:
         """Keep the output of each named module, averaged over all but its channel axis, at every
-        forward (`captured`, in that order)."""
+        forward (`captured`, in that order); a cut (`cut:MODULE`, axis None) whole, flattened."""
         for layer, axis in axes.items():
-            self.root.get_submodule(layer).register_forward_hook(
+            path = layer.removeprefix(CUT_PREFIX)
+            self.root.get_submodule(path).register_forward_hook(
                 lambda module, inputs, output, layer=layer, axis=axis: self.captured.__setitem__(
-                    layer, pool(output, axis)
+                    layer, pool(output, axis) if axis is not None else flat(output)
                 )
             )
 

@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import CacheError, PipelineError
+from pipeline.registry import CUT_PREFIX
 from pipeline.splits import SPLITS
 
 SCHEMA_VERSION = 1
@@ -53,6 +54,11 @@ CHUNK_BYTES = (
 
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def layer_dtype(name: str, store_dtype: str | np.dtype) -> np.dtype:
+    """How stored layer `name` is kept: a cut (`cut:MODULE`) in float16, others as the features."""
+    return np.dtype(np.float16) if name.startswith(CUT_PREFIX) else np.dtype(store_dtype)
 
 
 def partial_path(path: str | Path) -> Path:
@@ -393,6 +399,7 @@ def validate(f: h5py.File, path: Path) -> None:
             or d.shape[0] != n
             or d.dtype.kind != "f"
             or not d.shape[1]
+            or (name.startswith(CUT_PREFIX) and d.dtype != np.float16)
         ):
             shape = getattr(d, "shape", "a group")
             raise malformed(
@@ -531,14 +538,26 @@ def meta_crc(f: h5py.File) -> int:
     return crc
 
 
-def first_bad_row(f: h5py.File, block_rows: int = 8192) -> int | None:
+BLOCK_BYTES = 64 * 2**20  # what one block of whole rows holds at most when rows are copied or read
+
+
+def block_rows(f: h5py.File, most: int = 8192) -> int:
+    """Rows per block such that a block of every row dataset (features, logits, layers, cuts) stays
+    within BLOCK_BYTES: a cut's rows are wide."""
+    datasets = [f[FEATURES], *([f["logits"]] if "logits" in f else []), *f.get(LAYERS, {}).values()]
+    row = sum(int(np.prod(d.shape[1:])) * d.dtype.itemsize for d in datasets)
+    return int(max(1, min(most, BLOCK_BYTES // max(row, 1))))
+
+
+def first_bad_row(f: h5py.File, block_rows_: int | None = None) -> int | None:
     """The first row whose stored bytes no longer match the CRC written with them, or None (also for
     a cache without CRCs). One pass over every stored row block."""
     if "row_crc" not in f:
         return None
+    block_rows_ = block_rows_ or block_rows(f)
     n, stored = f[FEATURES].shape[0], f["row_crc"][...]
-    for a in range(0, n, block_rows):
-        b = min(n, a + block_rows)
+    for a in range(0, n, block_rows_):
+        b = min(n, a + block_rows_)
         logits = read_block(f["logits"], a, b) if "logits" in f else None
         layers = {name: read_block(d, a, b) for name, d in f.get(LAYERS, {}).items()}
         bad = np.flatnonzero(row_crc(read_block(f[FEATURES], a, b), logits, layers) != stored[a:b])

@@ -27,6 +27,7 @@ from pipeline.cache import reader
 from pipeline.cache.schema import (
     LAYERS,
     SCHEMA_VERSION,
+    block_rows,
     discard_partial,
     json_attr,
     meta_crc,
@@ -196,8 +197,9 @@ def copy_rows(files: list[h5py.File], writer: CacheWriter) -> None:
     offset = 0
     for f in files:
         rows = f["features"].shape[0]
-        for a in range(max(0, writer.rows_done - offset), rows, BLOCK_ROWS):
-            b = min(a + BLOCK_ROWS, rows)
+        step = block_rows(f, BLOCK_ROWS)
+        for a in range(max(0, writer.rows_done - offset), rows, step):
+            b = min(a + step, rows)
             logits = f["logits"][a:b] if "logits" in f else None
             layers = {name: f[LAYERS][name][a:b] for name in f.get(LAYERS, {})}
             writer.write(offset + a, f["features"][a:b], f["ok"][a:b], logits, layers)

@@ -25,6 +25,7 @@ from pipeline.cache.schema import (
     first_bad_row,
     is_hdf5,
     json_attr,
+    layer_dtype,
     meta_crc,
     open_existing,
     owned_parts,
@@ -101,7 +102,7 @@ class CacheWriter:
         fsutil.check_output_folder(partial, "cache")
         discard_partial(partial)
         widths = [dim, logits_dim or 0, *(layer_dims or {}).values()]
-        fsutil.require_space(partial, _file_bytes(ids, widths, np.dtype(store_dtype)))
+        fsutil.require_space(partial, _file_bytes(ids, widths, np.dtype(store_dtype)))  # cuts: less
         try:
             # HDF5's own lock would be inherited by forked DataLoader workers and outlive a kill -9
             # of
@@ -125,7 +126,7 @@ class CacheWriter:
                 identity,
             )
             for name, width in (layer_dims or {}).items():
-                _row_dataset(f, f"{LAYERS}/{name}", len(ids), width, np.dtype(store_dtype))
+                _row_dataset(f, f"{LAYERS}/{name}", len(ids), width, layer_dtype(name, store_dtype))
             # Every block the rows will use is claimed now: a disk that fills up later cannot reach
             # them.
             fsutil.reserve(partial, f.id.get_filesize())
@@ -154,17 +155,22 @@ class CacheWriter:
         )
         stop = start + len(features)
         dtype = self.f["features"].dtype
-        blocks = [features, *(layers or {}).values()]
-        if dtype == np.float16 and len(features):
-            peak = max(float(np.nanmax(np.abs(block), initial=0.0)) for block in blocks)
-            if peak > FLOAT16_MAX:
-                raise CacheError(
-                    f"feature values reach {peak:.3g}, beyond float16's {FLOAT16_MAX:.0f}; "
-                    "rerun with --store-dtype float32"
-                )
+        layers = dict(layers or {})
+        half = [b for name, b in layers.items() if layer_dtype(name, dtype) == np.float16]
+        if dtype == np.float16:
+            half.append(features)
+        peak = max((float(np.nanmax(np.abs(b), initial=0.0)) for b in half if len(b)), default=0)
+        if peak > FLOAT16_MAX:
+            raise CacheError(
+                f"feature values reach {peak:.3g}, beyond float16's {FLOAT16_MAX:.0f}; "
+                "rerun with --store-dtype float32 (a --cut is always float16: cut elsewhere)"
+            )
         features = np.asarray(features, dtype=dtype)
         logits = None if logits is None else np.asarray(logits, dtype=dtype)
-        layers = {name: np.asarray(block, dtype=dtype) for name, block in (layers or {}).items()}
+        layers = {
+            name: np.asarray(block, dtype=layer_dtype(name, dtype))
+            for name, block in layers.items()
+        }
         if set(layers) != set(self.f.get(LAYERS, {})):
             raise CacheError(
                 f"rows for layers {sorted(layers)}, but the cache stores "

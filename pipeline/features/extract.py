@@ -137,24 +137,28 @@ def fingerprint(
 ) -> dict[str, Any]:
     """Everything that changes the stored numbers, and nothing that does not (paths, devices,
     versions)."""
-    return {
-        "schema": schema.SCHEMA_VERSION,
-        "backbone": spec.name,
-        "weights": spec.weights_id,
-        "layer": spec.layer,
-        "preprocessing": spec.preprocessing,
-        "precision": cfg.precision,
-        "store_dtype": cfg.store_dtype,
-        "samples": f"sha256:{samples.digest()}",
-        "rows": len(samples),
-        "identity": "ids, labels, splits, file size and mtime"
-        + (", sha256 of content" if cfg.verify_content else ""),
-        "logits": cfg.logits,
-        "decode": DECODE_FINGERPRINT[cfg.decode],
-    } | (
-        {"layers": f"{', '.join(cfg.layer_names)} (outputs averaged over space or tokens)"}
-        if cfg.layers
-        else {}
+    return (
+        {
+            "schema": schema.SCHEMA_VERSION,
+            "backbone": spec.name,
+            "weights": spec.weights_id,
+            "layer": spec.layer,
+            "preprocessing": spec.preprocessing,
+            "precision": cfg.precision,
+            "store_dtype": cfg.store_dtype,
+            "samples": f"sha256:{samples.digest()}",
+            "rows": len(samples),
+            "identity": "ids, labels, splits, file size and mtime"
+            + (", sha256 of content" if cfg.verify_content else ""),
+            "logits": cfg.logits,
+            "decode": DECODE_FINGERPRINT[cfg.decode],
+        }
+        | (
+            {"layers": f"{', '.join(cfg.layer_names)} (outputs averaged over space or tokens)"}
+            if cfg.layers
+            else {}
+        )
+        | ({"cut": f"{cfg.cut.strip()} (its whole output, flattened, float16)"} if cfg.cut else {})
     )
 
 
@@ -181,7 +185,7 @@ def prepare(cfg: FeaturesConfig, report: Report = _quiet, check: bool = True) ->
     first images (`check`; see `pipeline.features.precision`). Run the cache's stage with the
     config's precision replaced by ``choice.precision`` (`resolved`)."""
     # A wrong backbone, weights or layer name fails here, before the images are scanned.
-    spec = backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size, cfg.layer_names)
+    spec = backbone.describe(cfg.backbone, cfg.weights, cfg.seed, cfg.image_size, cfg.stored_layers)
     samples = load_samples(
         data=cfg.data,
         dataset=cfg.dataset,

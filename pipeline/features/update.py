@@ -141,8 +141,9 @@ def merge(
             **((attrs or {}) | kept),
         )
         try:
-            for a in range(writer.rows_done, len(samples), BLOCK_ROWS):
-                b = min(a + BLOCK_ROWS, len(samples))
+            step = schema.block_rows(old, BLOCK_ROWS)
+            for a in range(writer.rows_done, len(samples), step):
+                b = min(a + step, len(samples))
                 rows = {
                     name: _gather(old, new, name, source[a:b], from_delta[a:b]) for name in names
                 }
@@ -170,8 +171,9 @@ def damaged_rows(path: Path, rows: np.ndarray) -> np.ndarray:
             return np.zeros(0, dtype=np.int64)
         names = ["features", *(["logits"] if "logits" in f else [])]
         layers, stored = sorted(f.get(schema.LAYERS, {})), f["row_crc"][...]
-        for a in range(0, len(rows), BLOCK_ROWS):
-            chunk = rows[a : a + BLOCK_ROWS]
+        step = schema.block_rows(f, BLOCK_ROWS)
+        for a in range(0, len(rows), step):
+            chunk = rows[a : a + step]
             blocks = {name: _take(f[name], chunk) for name in names}
             stacked = {name: _take(f[schema.LAYERS][name], chunk) for name in layers}
             crc = schema.row_crc(blocks["features"], blocks.get("logits"), stacked)
