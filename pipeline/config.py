@@ -392,8 +392,9 @@ class HeadConfig(SolverOptions):
         registry.DEFAULT_HEAD,
         "the head kind: torch (nn.Linear + cross-entropy; the fastest) or logreg (scikit-learn), "
         "trained with C; "
-        "knn (cosine, weighted votes, k chosen on val), ncm (nearest class mean by cosine) or mlp "
-        "(one hidden layer, AdamW, early stopped on val)",
+        "knn (cosine, weighted votes, k chosen on val), ncm (nearest class mean by cosine), mlp "
+        "(one hidden layer, AdamW, early stopped on val) or tail (the backbone after a cached "
+        "--cut, fine-tuned with a linear head)",
         group="head kind",
     )
     out: str | None = option(
@@ -425,9 +426,14 @@ class HeadConfig(SolverOptions):
     )
     weight_decay: tuple[float, ...] | None = option(
         None,
-        "mlp: AdamW weight decays to try (default: 0.0001 0.05); every width x rate x decay is "
-        "a candidate chosen on val",
+        "mlp and tail: AdamW weight decays to try (default: 0.0001 0.05); every width x rate x "
+        "decay (mlp) or learning rate x decay (tail) is a candidate chosen on val",
         group="mlp head",
+    )
+    lr_grid: tuple[float, ...] | None = option(
+        None,
+        "tail: AdamW learning rates to try (default: 0.0001 0.001), each with every --weight-decay",
+        group="tail head",
     )
     select: str = option(
         "top1-0.5se",

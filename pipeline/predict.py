@@ -68,22 +68,36 @@ def rebuild_spec(
 ) -> backbone.BackboneSpec:
     """The head's backbone and preprocessing, verified against its cache fingerprint."""
     layer = (head.meta.get("config") or {}).get("layer")
-    if layer not in (None, "", "penultimate"):
+    own = head.kind.input_layer(head)  # the tail head's cut: computed by the trunk
+    if layer not in (None, "", "penultimate", own):
         raise ConfigError(
             f"head {folder} was trained on layer {layer!r} of its cache; predict and export "
             "rebuild the penultimate "
             "features only, so use a head trained on them (without --layer)"
         )
     fingerprint, settings = _settings(head, folder)
+    return checked_spec(fingerprint, settings, weights, f"head {folder}", (own,) if own else ())
+
+
+def checked_spec(
+    fingerprint: dict[str, Any],
+    settings: dict[str, Any],
+    weights: str | None,
+    what: str,
+    layers: tuple[str, ...] = (),
+) -> backbone.BackboneSpec:
+    """The backbone and preprocessing that made a cache (of `what`: a head, the cache itself), from
+    its features settings, refused unless its weights and preprocessing match the fingerprint."""
     spec = backbone.describe(
         fingerprint["backbone"],
         weights or settings["weights"],
         settings.get("seed", 0),
         settings.get("image_size"),
+        layers,
     )
     if spec.weights_id != fingerprint["weights"]:
         raise WeightsError(
-            f"cannot rebuild the backbone of head {folder}: its features came from weights "
+            f"cannot rebuild the backbone of {what}: its features came from weights "
             f"{fingerprint['weights']!r}, "
             f"these are {spec.weights_id!r}; pass --weights with the very same weights (a "
             "checkpoint is matched by "
@@ -91,7 +105,7 @@ def rebuild_spec(
         )
     if spec.preprocessing != fingerprint["preprocessing"]:
         raise WeightsError(
-            f"cannot rebuild the preprocessing of head {folder}: it was "
+            f"cannot rebuild the preprocessing of {what}: it was "
             f"{fingerprint['preprocessing']!r}, this "
             f"torchvision gives {spec.preprocessing!r}; use the torchvision version recorded in "
             "the head's cache"
@@ -127,7 +141,7 @@ def predict(
     values.update(overrides or {})
     cfg = FeaturesConfig(**values)
     try:
-        features, errors = forward.embed(cfg, samples, spec, report)
+        features, errors = forward.embed(cfg, samples, spec, report, head.kind.input_layer(head))
     except BadImageError as exc:
         raise BadImageError(
             f"{exc}; fix or remove them, or drop --strict to list them in the CSV and go on"
@@ -203,14 +217,24 @@ def format_predictions(done: dict[str, Any], top_k: int = 5, most: int = 10) -> 
 
 def export_module(model: Any, spec: backbone.BackboneSpec, head: TrainedHead) -> Any:
     """The exported module: uint8 crops (B, 3, S, S) -> class probabilities (B, C): the backbone's
-    normalisation and body, then the head's own module (its preprocessing inside)."""
+    normalisation and body (for a tail head, the frozen trunk up to its cut), then the head's own
+    module (its preprocessing inside)."""
     import torch
     from torch import nn
+
+    body = model.body
+    own = head.kind.input_layer(head)
+    if own is not None:
+        from pipeline.backbones import split
+        from pipeline.registry import CUT_PREFIX
+
+        body = split.of_extractor(model.body, model.root, own.removeprefix(CUT_PREFIX), spec.name)
+        body = body.trunk
 
     class Classifier(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.body = model.body
+            self.body = body
             self.head = head.to_module()
             t = spec.transform
             self.register_buffer("mean", torch.tensor(t.mean).reshape(1, 3, 1, 1).clone())

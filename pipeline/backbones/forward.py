@@ -182,8 +182,9 @@ class Sink(Protocol):
 class MemorySink:
     """Rows into one in-memory (N, D) array (NaN rows for unreadable images): for `embed`."""
 
-    def __init__(self, n: int, dim: int) -> None:
+    def __init__(self, n: int, dim: int, layer: str | None = None) -> None:
         self.features = np.full((n, dim), np.nan, dtype=np.float32)
+        self.layer = layer
 
     def put(
         self,
@@ -193,6 +194,8 @@ class MemorySink:
         logits: torch.Tensor | None,
         layers: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        if self.layer is not None and layers:
+            features = layers[self.layer]
         if features is not None:
             self.features[start : start + len(ok)][ok] = features.float().cpu().numpy()
 
@@ -201,13 +204,17 @@ class MemorySink:
 
 
 def embed(
-    cfg: FeaturesConfig, samples: SampleList, spec: backbone.BackboneSpec, report: Report = _quiet
+    cfg: FeaturesConfig,
+    samples: SampleList,
+    spec: backbone.BackboneSpec,
+    report: Report = _quiet,
+    layer: str | None = None,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Features of `samples` in memory, no cache file: (N, D) float32 and {row: error} of unreadable
-    ones."""
+    ones; with `layer`, that stored layer of the spec's (a cut) instead of the features."""
     device = choose_device(cfg.device)
     model = backbone.build(spec, progress=cfg.progress)
-    sink = MemorySink(len(samples), model.dim)
+    sink = MemorySink(len(samples), dict(spec.layer_dims).get(layer, model.dim), layer)
     errors: dict[int, str] = {}
     forward_rows(sink, 0, samples, model, spec, cfg, device, report, errors)
     return sink.features, errors

@@ -140,7 +140,11 @@ def needs_streaming(cfg: HeadConfig, info: CacheInfo, n_classes: int) -> bool:
 
 
 def open_source(cfg: HeadConfig, info: CacheInfo, grid: list[float]) -> Source:
-    """Rows in memory, or streamed from the file when they would not fit --max-memory."""
+    """Rows in memory, or streamed from the file when they would not fit --max-memory (or as the
+    head's kind reads them, `HeadKind.open_source`)."""
+    own = kinds.get(cfg.head).open_source(cfg, info, grid)
+    if own is not None:
+        return own
     if needs_streaming(cfg, info, len(np.unique(info.labels["train"]))):
         from pipeline.heads import stream  # torch only when the rows stream
 

@@ -186,7 +186,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_features(tmp_path):
         "32",
     ]
     flags += ["--batch-size", "2", "--workers", "0", "--no-progress", "--val-fraction", "0.25"]
-    flags += ["--precision", "fp32"]
+    flags += ["--precision", "fp32", "--cut", "layer3"]  # a cut resumes as the features do
     out = tmp_path / "c.h5"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     job = subprocess.Popen(
@@ -202,15 +202,17 @@ def test_kill_9_then_rerun_resumes_to_the_same_features(tmp_path):
     assert 4 <= done < 16 and not out.exists()
 
     said, report = _messages()
-    cfg = tiny(data=str(root), batch_size=2, out=str(out))
+    cfg = tiny(data=str(root), batch_size=2, cut="layer3", out=str(out))
     result = stage.run(cfg, report=report)
     assert result.status == "resumed" and result.computed == 16 - done
     assert any(f"at row {done} of 16" in m for m in said)
-    stage.run(tiny(data=str(root), batch_size=2, out=str(tmp_path / "ref.h5")))
-    ours, ref = read_features(out), read_features(tmp_path / "ref.h5")
-    for split in ref.splits:
-        np.testing.assert_array_equal(ours[split].X, ref[split].X)
-        np.testing.assert_array_equal(ours[split].ids, ref[split].ids)
+    stage.run(tiny(data=str(root), batch_size=2, cut="layer3", out=str(tmp_path / "ref.h5")))
+    for layer in (None, "cut:layer3"):
+        ours = read_features(out, layer=layer)
+        ref = read_features(tmp_path / "ref.h5", layer=layer)
+        for split in ref.splits:
+            np.testing.assert_array_equal(ours[split].X, ref[split].X)
+            np.testing.assert_array_equal(ours[split].ids, ref[split].ids)
 
 
 def test_a_second_writer_stops_with_a_clear_message(folder, tmp_path):

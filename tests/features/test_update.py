@@ -42,7 +42,7 @@ def _grow(root, added: int = 10, modified: int = 2) -> None:
 
 def test_a_grown_image_set_extracts_only_new_and_changed_images(tmp_path):
     root = make_folder(tmp_path / "img", per_class=50)  # 100 images
-    cfg = tiny(data=str(root), layers="layer3", out=str(tmp_path / "c.h5"))
+    cfg = tiny(data=str(root), layers="layer3", cut="layer4", out=str(tmp_path / "c.h5"))
     assert stage.run(cfg).computed == 100
     before = _rows(cfg.out)
     _grow(root, added=10, modified=2)
@@ -56,12 +56,19 @@ def test_a_grown_image_set_extracts_only_new_and_changed_images(tmp_path):
         "rebuilding" in m for m in said
     )
     assert not any("new-rows" in line for line in said), said  # a step, not a result to name
-    scratch = stage.run(tiny(data=str(root), layers="layer3", out=str(tmp_path / "scratch.h5")))
+    scratch = stage.run(
+        tiny(data=str(root), layers="layer3", cut="layer4", out=str(tmp_path / "scratch.h5"))
+    )
     after, fresh = _rows(cfg.out), _rows(scratch.path)
     for key in ("ids", "labels", "split", "ok"):
         np.testing.assert_array_equal(after[key], fresh[key], err_msg=key)
     for key in ("features", "layers/layer3"):
         np.testing.assert_allclose(after[key], fresh[key], rtol=0, atol=1e-5, err_msg=key)
+    # The cut (float16) keeps its rows as any layer does, to float16 rounding of the same values.
+    assert after["layers/cut:layer4"].dtype == np.float16
+    np.testing.assert_allclose(
+        after["layers/cut:layer4"], fresh["layers/cut:layer4"], rtol=1e-3, atol=1e-3
+    )
     kept = {i: s for i, s in zip(before["ids"], before["split"], strict=True)}
     moved = [
         i for i, s in zip(after["ids"], after["split"], strict=True) if i in kept and kept[i] != s

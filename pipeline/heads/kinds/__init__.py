@@ -1,6 +1,7 @@
 """Head kinds: one module per kind, each a class registered by name (see `registry`).
 
-The built-in kinds: `torch` and `logreg` (`linear`), `knn` (`knn`), `ncm` (`ncm`), `mlp` (`mlp`).
+The built-in kinds: `torch` and `logreg` (`linear`), `knn` (`knn`), `ncm` (`ncm`), `mlp` (`mlp`),
+`tail` (`tail`).
 Importing this package registers them; a kind defined anywhere else registers itself the same way,
 with `@register`, and is then a `--head` like these.
 """
@@ -11,7 +12,8 @@ from pipeline.heads.kinds import (
     knn,
     ncm,
     mlp,
-)  # registered in this order: torch, logreg, knn, ncm, mlp
+    tail,
+)  # registered in this order: torch, logreg, knn, ncm, mlp, tail
 
 # isort: on
 from pipeline.heads.kinds.registry import (
@@ -38,6 +40,7 @@ __all__ = [
     "names",
     "ncm",
     "register",
+    "tail",
     "unregister",
     "validate",
 ]

@@ -117,6 +117,16 @@ class HeadKind:
         weights. A fit has `value`, `param`, `status`, `n_iter`, `converged` and `log_proba(X)`."""
         raise NotImplementedError
 
+    def open_source(self, cfg: HeadConfig, info: Any, grid: list[float]) -> Any:
+        """The protocol's `Source` of rows when this kind reads the cache its own way (the tail
+        head: a cut's activations); None: the rows in memory or streamed, as for every kind."""
+        return None
+
+    def input_layer(self, head: TrainedHead) -> str | None:
+        """The stored layer a trained head of this kind takes as input where it is not the layer
+        its config names (the tail head: its cut), so predict and export compute that one."""
+        return None
+
     def log_proba_all(self, fits: list[Any], X: np.ndarray) -> list[np.ndarray]:
         """Each fit's float64 log-probabilities on (preprocessed) rows X."""
         return [fit.log_proba(X) for fit in fits]
