@@ -8,8 +8,8 @@ equals the cached features' source to rounding. Candidates are `--lr-grid` learn
 largest decay); each trains with a cosine schedule over `--epochs`, early stopped on the validation
 log-loss (patience `PATIENCE`), with batch norm statistics frozen (the pretrained ones) and bf16
 autocast on CUDA devices that compute it (see `_precision` for the CPU). The chosen candidate is
-refitted on train+val for its epoch count; test is read once, last. Rows stream from the file in blocks of at most
-`BLOCK_BYTES`, shuffled block by block, so memory does not grow with the cache.
+refitted on train+val for its epoch count; test is read once, last. Rows stream from the file in
+blocks of at most `BLOCK_BYTES`, shuffled block by block, so memory does not grow with the cache.
 
 Saved without pickle: the tuned tail's state (`tail.<name>` arrays) and the linear head
 (`head.weight`, `head.bias`, the post-hoc adjustment folded in) in head.npz; the cut and the
