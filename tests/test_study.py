@@ -30,6 +30,7 @@ image_size = 32
 batch_size = 8
 workers = 0
 val_fraction = 0.25
+cut = "layer3"
 
 [head]
 grid = [0.01, 0.1, 1.0, 10.0]
@@ -70,6 +71,12 @@ head = "mlp"
 hidden = [16]
 epochs = 10
 
+[[heads]]
+head = "tail"
+lr_grid = [0.001]
+weight_decay = [0.0001]
+epochs = 2
+
 [fewshot]
 head = "logreg"
 shots = [1, 2]
@@ -99,13 +106,17 @@ def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch)
     path = write_study(tmp_path)
     first = study.run(path, progress=False)
     assert len(first["computed"]) == 2 and first["reused"] == [] and first["failed"] == []
-    assert len(first["runs"]) == 2 * (5 + 2)  # 2 caches x (5 heads + 2 few-shot runs)
+    assert len(first["runs"]) == 2 * (6 + 2)  # 2 caches x (6 heads + 2 few-shot runs)
     builds = []
     real = backbone.build
     monkeypatch.setattr(backbone, "build", lambda *a, **k: builds.append(a) or real(*a, **k))
     said = []
     second = study.run(path, report=said.append, progress=False)
-    assert builds == [], "a current cache is reused, never recomputed"
+    # Only the tail head builds the backbone again (for its pretrained tail), never an extraction:
+    # an extraction's backbone keeps the cut.
+    assert builds and all(not spec.layer_dims for (spec, *_) in builds), (
+        "a current cache is reused, never recomputed"
+    )
     assert len(second["reused"]) == 2 and second["computed"] == []
     assert "2 caches computed" not in said[-1] and "0 caches computed, 2 reused" in said[-1]
 
@@ -113,7 +124,7 @@ def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch)
     report = tmp_path / "results" / "tiny" / "report.md"
     assert report.exists() and (tmp_path / "results" / "tiny" / "report-bars.png").exists()
     rows = compare.summary_rows(compare.gather([tmp_path / "results" / "tiny"]))
-    assert len(rows) == 14
+    assert len(rows) == 16
     for row in rows:
         result = json.loads(
             (tmp_path / row["folder"].split(str(tmp_path) + "/")[-1] / "result.json").read_text()
@@ -134,7 +145,7 @@ def test_study_runs_every_cell_then_reuses_current_caches(tmp_path, monkeypatch)
     )
     # The cosine heads and the mlp are compared with the linear heads on the same test rows.
     paired = text.split("## Paired comparisons")[1]
-    assert "knn" in paired and "ncm" in paired and "mlp" in paired
+    assert all(head in paired for head in ("knn", "ncm", "mlp", "tail"))
     assert "| shapes | r18-a | mlp | all |" in text and "| candidate = " in text
 
 
@@ -167,7 +178,7 @@ def test_a_study_never_replaces_a_hand_made_cache_and_reuses_an_identical_one(tm
     before = mine.read_bytes()
     assert cli.main(["study", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"{mine} holds other features (preprocessing: 'ImageClassification(crop_size=[48]" in err
+    assert f"{mine} holds other features (" in err and "'ImageClassification(crop_size=[48]" in err
     assert "a study never replaces a cache" in err and mine.read_bytes() == before
     mine.rename(
         tmp_path / "cache" / "hand-made.h5"
@@ -183,6 +194,7 @@ def test_a_study_never_replaces_a_hand_made_cache_and_reuses_an_identical_one(tm
             out=str(mine),
             val_fraction=0.25,
             batch_size=8,
+            cut="layer3",
         )
     )
     twin = mine.rename(tmp_path / "cache" / "twin.h5")
@@ -204,7 +216,7 @@ def test_a_failing_cell_is_reported_and_the_rest_go_on(tmp_path, capsys):
         "gone / r18-b: features",
     }
     assert all("does not exist" in f["error"] for f in summary["failed"])
-    assert len(summary["runs"]) == 14, "the good cells all ran"
+    assert len(summary["runs"]) == 16, "the good cells all ran"
     assert cli.main(["study", path, "--no-progress"]) == 2
     assert (
         "error: 2 cell(s) failed: gone / r18-a: features; gone / r18-b: features"
