@@ -336,8 +336,8 @@ def bench_sweep(args: argparse.Namespace) -> list[dict]:
     cells = [tuple(int(v) for v in c.lower().split("x")) for c in args.cells]
     for c in cells:
         matrix_cache(OUT, *c)  # written before anything is timed
-    smallest = matrix_cache(OUT, *min(cells))
-    for name in names:  # warm-up, untimed: threads, imports, first-call costs
+    smallest = matrix_cache(OUT, 2_000, 512, 10)
+    for name in names:  # warm-up on a small cache, untimed: threads, imports, first-call costs
         with variant(name, args):
             _run_protocol(smallest, OUT / "bf16-sweep-run" / name)
     rows = []
