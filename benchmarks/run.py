@@ -31,6 +31,9 @@
    forward; target on a bf16 CPU for the convolutional nets: >= 2); channels-last (the pipeline's
    layout) against contiguous inputs in fp32 and bf16; and bf16 under torch.compile against eager
    (forward-only, with the seconds the compilation took).
+8. finetune (`benchmarks/finetune.py`): bytes per image at resnet50's cut points; one epoch of
+   `--head tail` after layer3 from the cached cut versus the plain torch loop that decodes the images
+   and runs the frozen trunk every epoch (target: >= 3x faster per epoch on the CPU).
 
 Prints a table with each ratio and its target, and writes benchmarks/out/bench.json.
 """
@@ -464,7 +467,7 @@ def bench_demo_heads() -> None:
         check=True,
         capture_output=True,
     )
-    for head in ("logreg", "torch", "knn", "ncm"):
+    for head in ("logreg", "torch", "knn", "ncm", "mlp"):
         start = time.perf_counter()
         subprocess.run(
             [
@@ -629,6 +632,7 @@ def main() -> int:
         "knn",
         "rank",
         "precision",
+        "finetune",
         "demo",
     ]
     parser.add_argument("--only", nargs="+", choices=parts)
@@ -651,6 +655,9 @@ def main() -> int:
         nargs="+",
         default=["resnet18", "resnet50"],
         help="backbones of the precision benchmark (e.g. convnext_tiny vit_b_16 too)",
+    )
+    parser.add_argument(
+        "--finetune-images", type=int, default=64, help="images for the finetune benchmark"
     )
     parser.add_argument(
         "--no-sklearn-sweep",
@@ -685,6 +692,10 @@ def main() -> int:
         bench_rank()
     if "precision" in chosen:
         bench_precision(args.precision_images, args.batch_size, tuple(args.precision_backbones))
+    if "finetune" in chosen:
+        from benchmarks.finetune import bench_finetune
+
+        bench_finetune(row, OUT, args.finetune_images)
     if "demo" in chosen:
         bench_demo_heads()
     import importlib.metadata as md

@@ -103,3 +103,20 @@ def test_the_solver_benchmark_counts_data_passes_per_setting():
     assert one["passes"] >= one["iterations"] > 0  # every iteration costs at least one pass
     together = bench.measure(X.astype("float32"), y, 3, tol=1e-6, block=45)
     assert together["passes"] >= 45  # 45 settings evaluated together count 45 per pass
+
+
+@pytest.mark.slow
+def test_the_finetune_benchmark_times_both_loops_on_the_same_tail(tmp_path):
+    from benchmarks.finetune import bench_finetune
+
+    rows = []
+
+    def row(name, value, unit, target="", ok=None, **detail):
+        rows.append((name, value, unit, ok))
+
+    bench_finetune(row, tmp_path, n=8, name="resnet18", cut="layer3", batch=4)
+    found = {name: (value, ok) for name, value, _, ok in rows}
+    assert found["resnet18 cut at layer3: bytes per image (float16)"][0] == 2 * 256 * 14 * 14 / 1024
+    ratio = found["resnet18 tail after layer3: plain loop / cached, per epoch"]
+    assert ratio[0] > 0 and ratio[1] is (ratio[0] >= 3)
+    assert found["resnet18 tail after layer3: seconds per epoch from the cache"][0] > 0

@@ -129,11 +129,11 @@ def format_layers(name: str) -> str:
 
 # Modules that end a stage or block of the common families: ResNet and RegNet stages, the
 # `features` blocks of ConvNeXt, EfficientNet, MobileNet, DenseNet and Swin, a ViT's encoder layers,
-# timm's blocks and stages.
+# GoogLeNet's and Inception's blocks, ShuffleNet's stages, timm's blocks and stages.
 STAGE = re.compile(
     r"^(layer\d+|features\.\d+|features\.(denseblock|transition)\d+|"
     r"encoder\.layers\.encoder_layer_\d+|trunk_output\.block\d+|blocks\.\d+|stages\.\d+|"
-    r"layers\.\d+)$"
+    r"layers\.\d+|inception\d[a-z]|Mixed_\d[a-z]|stage\d)$"
 )
 SHOWN_CUTS = 4  # the last stages: the tails worth fine-tuning on a cache
 MIN_TAIL = 100_000  # parameters a tail needs to be listed (not just pooling and a norm)

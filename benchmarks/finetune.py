@@ -1,0 +1,131 @@
+"""`make bench` part `finetune`: what fine-tuning the last stage of a backbone costs from a cached cut
+(`features --cut`, `head --head tail`) against the plain torch loop that runs the whole backbone,
+frozen trunk included, on every epoch.
+
+Both train the same tail (resnet50 after layer3 by default) and linear head, from the same weights,
+with the same optimiser, batch size and precision (fp32), one epoch over the same images; the plain
+loop decodes and preprocesses every image (torchvision ImageFolder, resize 256 / crop 224, a
+DataLoader with the pipeline's default workers) and runs the trunk under no_grad, as one would
+without a cache. Rounds alternate between the two and the median of each is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _plain_epoch(photos: Path, trunk: Any, tail: Any, dim: int, classes: int, batch: int) -> float:
+    """Seconds of one epoch of the loop written without the cache."""
+    import torch
+    import torchvision
+    from torchvision import transforms
+
+    from pipeline.backbones.forward import default_workers
+    from pipeline.heads.kinds.tail import _net
+
+    transform = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+    loader = torch.utils.data.DataLoader(
+        torchvision.datasets.ImageFolder(str(photos), transform),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=default_workers(),
+    )
+    torch.manual_seed(0)
+    net = _net(copy.deepcopy(tail), dim, classes)
+    net.requires_grad_(True)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    start = time.perf_counter()
+    for x, y in loader:
+        with torch.no_grad():
+            cut = trunk(x.contiguous(memory_format=torch.channels_last))
+        loss = torch.nn.functional.cross_entropy(net.train()(cut), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def _cached_epoch(cache: Path, layer: str, shape: tuple, tail: Any, dim: int, batch: int) -> float:
+    """Seconds of one epoch of `head --head tail`'s training loop on the cached cut (every row)."""
+    import h5py
+
+    from pipeline.config import HeadConfig
+    from pipeline.heads.kinds import tail as kind
+
+    with h5py.File(cache, "r") as f:
+        labels = f["labels"][...]
+        rows = kind.CutRows(f["layers"][layer], np.arange(len(labels)), labels, shape)
+        cfg = HeadConfig(features=str(cache), head="tail", batch_size=batch, epochs=1)
+        candidate = kind.Candidate(1, 1e-3, 1e-4)
+        start = time.perf_counter()
+        kind.train(cfg, tail, dim, int(labels.max()) + 1, candidate, rows, stop_at=1)
+        return time.perf_counter() - start
+
+
+def bench_finetune(
+    row: Any, out: Path, n: int, name: str = "resnet50", cut: str = "layer3", batch: int = 16
+) -> None:
+    from pipeline.backbones import backbone, catalog, split
+    from pipeline.config import FeaturesConfig
+    from pipeline.features import stage
+    from pipeline.synthetic import write_photo_folder
+
+    print(f"finetune: {name} cut at {cut}, {n} photo-like 500x375 JPEGs, batch {batch}, fp32")
+    for point in catalog.cuts(name):
+        row(
+            f"{name} cut at {point['module']}: bytes per image (float16)",
+            point["bytes"] / 1024,
+            "KiB",
+            tail_parameters=point["tail_parameters"],
+        )
+    photos = write_photo_folder(out / f"photos-{n}", n)
+    cache = out / f"finetune-{name}-{cut}-{n}.h5"
+    started = time.perf_counter()
+    stage.run(
+        FeaturesConfig(
+            data=str(photos), backbone=name, weights="none", cut=cut, out=str(cache), progress=False
+        )
+    )
+    extract = time.perf_counter() - started
+    row(f"{name} --cut {cut}: cache size per image", cache.stat().st_size / n / 1024, "KiB")
+    spec = backbone.describe(name, "none")
+    model = backbone.build(spec, progress=False)
+    parts = split.of_extractor(model.body, model.root, cut, name)
+    shape = tuple(int(d) for d in parts.trunk(__import__("torch").zeros(1, 3, 224, 224)).shape[1:])
+    assert math.prod(shape) > 0
+    layer = f"cut:{cut}"
+    cached, plain = [], []
+    for _ in range(2):  # alternate, so a busy machine slows both alike
+        cached.append(_cached_epoch(cache, layer, shape, parts.tail, model.dim, batch))
+        plain.append(_plain_epoch(photos, parts.trunk, parts.tail, model.dim, 10, batch))
+    tail_s, plain_s = statistics.median(cached), statistics.median(plain)
+    row(f"{name} tail after {cut}: seconds per epoch from the cache", tail_s, "s", images=n)
+    row(f"{name} tail after {cut}: seconds per epoch, plain loop (trunk runs)", plain_s, "s")
+    ratio = plain_s / tail_s
+    row(
+        f"{name} tail after {cut}: plain loop / cached, per epoch",
+        ratio,
+        "ratio",
+        ">= 3",
+        ratio >= 3,
+    )
+    row(
+        f"{name} --cut {cut}: extraction (once) in cached epochs' savings",
+        extract / max(plain_s - tail_s, 1e-9),
+        "epochs",
+        extract_seconds=extract,
+    )
