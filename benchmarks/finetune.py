@@ -1,6 +1,6 @@
-"""`make bench` part `finetune`: what fine-tuning the last stage of a backbone costs from a cached cut
-(`features --cut`, `head --head tail`) against the plain torch loop that runs the whole backbone,
-frozen trunk included, on every epoch.
+"""`make bench` part `finetune`: what fine-tuning the last stage of a backbone costs from a cached
+cut (`features --cut`, `head --head tail`) against the plain torch loop that runs the whole
+backbone, frozen trunk included, on every epoch.
 
 Both train the same tail (resnet50 after layer3 by default) and linear head, from the same weights,
 with the same optimiser, batch size and precision (fp32), one epoch over the same images; the plain

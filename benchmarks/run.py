@@ -32,8 +32,8 @@
    layout) against contiguous inputs in fp32 and bf16; and bf16 under torch.compile against eager
    (forward-only, with the seconds the compilation took).
 8. finetune (`benchmarks/finetune.py`): bytes per image at resnet50's cut points; one epoch of
-   `--head tail` after layer3 from the cached cut versus the plain torch loop that decodes the images
-   and runs the frozen trunk every epoch (target: >= 3x faster per epoch on the CPU).
+   `--head tail` after layer3 from the cached cut versus the plain torch loop that decodes the
+   images and runs the frozen trunk every epoch (target: >= 3x faster per epoch on the CPU).
 
 Prints a table with each ratio and its target, and writes benchmarks/out/bench.json.
 """
