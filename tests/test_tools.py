@@ -1,5 +1,5 @@
-"""The CI helpers in tools/: lower bounds read from pyproject.toml, and the torch stack linked, not
-copied."""
+"""The helpers in tools/: lower bounds read from pyproject.toml, the torch stack linked, not copied,
+and the agreement of two caches of the same images."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import cache_agreement
 import link_torch
 import min_requirements
 
@@ -54,3 +55,23 @@ def test_lower_bounds_need_exactly_one_bound_each(tmp_path):
     pyproject.write_text(f"[project]\ndependencies = [{', '.join(deps[1:])}, 'numpy<3']\n")
     with pytest.raises(SystemExit, match="'numpy<3' needs exactly one '>=' lower bound"):
         min_requirements.lower_bounds(pyproject)
+
+
+def test_cache_agreement_matches_rows_by_id_and_gives_their_cosines(tmp_path, capsys):
+    import numpy as np
+
+    from helpers import write_cache
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 6)), np.arange(30) % 3
+    split = np.repeat(np.array([0, 1, 2], dtype=np.int8), 10)
+    a = write_cache(tmp_path / "a.h5", X, y, split)
+    noisy = X + 0.01 * rng.normal(size=X.shape)
+    b = write_cache(tmp_path / "b.h5", noisy, y, split)
+    c = cache_agreement.cosines(str(a), str(b))
+    expected = (X * noisy).sum(1) / np.linalg.norm(X, axis=1) / np.linalg.norm(noisy, axis=1)
+    np.testing.assert_allclose(np.sort(c), np.sort(expected), rtol=1e-6)
+    assert cache_agreement.cosines(str(a), str(a)).min() == pytest.approx(1.0)
+    sys.argv = ["cache_agreement", str(a), str(b)]
+    assert cache_agreement.main() == 0
+    assert capsys.readouterr().out.startswith("30 rows: least cosine 0.99")
