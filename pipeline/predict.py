@@ -18,7 +18,7 @@ import numpy as np
 from pipeline import outputs
 from pipeline.backbones import backbone
 from pipeline.config import FeaturesConfig
-from pipeline.errors import BadImageError, CacheError, ConfigError, WeightsError
+from pipeline.errors import BadImageError, CacheError, ConfigError
 from pipeline.heads.saved import load_head
 from pipeline.heads.trained import TrainedHead
 
@@ -76,41 +76,7 @@ def rebuild_spec(
             "features only, so use a head trained on them (without --layer)"
         )
     fingerprint, settings = _settings(head, folder)
-    return checked_spec(fingerprint, settings, weights, f"head {folder}", (own,) if own else ())
-
-
-def checked_spec(
-    fingerprint: dict[str, Any],
-    settings: dict[str, Any],
-    weights: str | None,
-    what: str,
-    layers: tuple[str, ...] = (),
-) -> backbone.BackboneSpec:
-    """The backbone and preprocessing that made a cache (of `what`: a head, the cache itself), from
-    its features settings, refused unless its weights and preprocessing match the fingerprint."""
-    spec = backbone.describe(
-        fingerprint["backbone"],
-        weights or settings["weights"],
-        settings.get("seed", 0),
-        settings.get("image_size"),
-        layers,
-    )
-    if spec.weights_id != fingerprint["weights"]:
-        raise WeightsError(
-            f"cannot rebuild the backbone of {what}: its features came from weights "
-            f"{fingerprint['weights']!r}, "
-            f"these are {spec.weights_id!r}; pass --weights with the very same weights (a "
-            "checkpoint is matched by "
-            "its sha256)"
-        )
-    if spec.preprocessing != fingerprint["preprocessing"]:
-        raise WeightsError(
-            f"cannot rebuild the preprocessing of {what}: it was "
-            f"{fingerprint['preprocessing']!r}, this "
-            f"torchvision gives {spec.preprocessing!r}; use the torchvision version recorded in "
-            "the head's cache"
-        )
-    return spec
+    return backbone.rebuilt(fingerprint, settings, weights, f"head {folder}", (own,) if own else ())
 
 
 def predict(

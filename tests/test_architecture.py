@@ -85,8 +85,22 @@ ALLOWED = {
     "pipeline.cache": set(),
     "pipeline.features": {"pipeline.data", "pipeline.backbones", "pipeline.cache"},
     "pipeline.evaluate": set(),
-    "pipeline.heads": {"pipeline.cache", "pipeline.evaluate"},
+    # The tail head fine-tunes the backbone after its cut: it alone reaches into backbones (below).
+    "pipeline.heads": {"pipeline.cache", "pipeline.evaluate", "pipeline.backbones"},
 }
+
+
+def test_only_the_tail_head_imports_backbones():
+    """The heads that train on cached vectors never build a model (the logreg head imports neither
+    torch nor torchvision); the tail head, which fine-tunes part of the backbone, is the
+    exception."""
+    reach = {
+        name
+        for name in GRAPH
+        if name.startswith("pipeline.heads")
+        and any(m.startswith("pipeline.backbones") for m in GRAPH[name])
+    }
+    assert reach == {"pipeline.heads.kinds.tail"}
 
 
 def test_predict_needs_data_and_backbones_not_the_extraction_run():

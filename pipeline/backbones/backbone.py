@@ -38,7 +38,7 @@ from pipeline.backbones.spec import (
 from pipeline.errors import ConfigError, WeightsError
 from pipeline.registry import TIMM_PREFIX
 
-__all__ = ["BackboneSpec", "FeatureExtractor", "build", "describe"]
+__all__ = ["BackboneSpec", "FeatureExtractor", "build", "describe", "rebuilt"]
 
 
 def describe(
@@ -187,3 +187,37 @@ def _build(spec: BackboneSpec, progress: bool) -> FeatureExtractor:
         extractor.classifier = None  # a headless checkpoint: features only, no logits
     extractor.requires_grad_(False)
     return extractor
+
+
+def rebuilt(
+    fingerprint: dict[str, Any],
+    settings: dict[str, Any],
+    weights: str | None,
+    what: str,
+    layers: tuple[str, ...] = (),
+) -> BackboneSpec:
+    """The backbone and preprocessing that made a cache (of `what`: a head, the cache itself), from
+    its features settings, refused unless its weights and preprocessing match the fingerprint."""
+    spec = describe(
+        fingerprint["backbone"],
+        weights or settings["weights"],
+        settings.get("seed", 0),
+        settings.get("image_size"),
+        layers,
+    )
+    if spec.weights_id != fingerprint["weights"]:
+        raise WeightsError(
+            f"cannot rebuild the backbone of {what}: its features came from weights "
+            f"{fingerprint['weights']!r}, "
+            f"these are {spec.weights_id!r}; pass --weights with the very same weights (a "
+            "checkpoint is matched by "
+            "its sha256)"
+        )
+    if spec.preprocessing != fingerprint["preprocessing"]:
+        raise WeightsError(
+            f"cannot rebuild the preprocessing of {what}: it was "
+            f"{fingerprint['preprocessing']!r}, this "
+            f"torchvision gives {spec.preprocessing!r}; use the torchvision version recorded in "
+            "the head's cache"
+        )
+    return spec

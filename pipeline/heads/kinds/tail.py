@@ -100,9 +100,8 @@ def traced_tail(backbone_name: str, cut: str, size: int | None) -> Any:
 def pretrained_tail(fingerprint: dict[str, Any], config: dict[str, Any], cut: str) -> Any:
     """The tail with the very weights the cache was made with (checked against its fingerprint)."""
     from pipeline.backbones import backbone, split
-    from pipeline.predict import checked_spec
 
-    spec = checked_spec(fingerprint, config, None, "the cache")
+    spec = backbone.rebuilt(fingerprint, config, None, "the cache")
     model = backbone.build(spec, progress=False)
     return split.of_extractor(model.body, model.root, cut, spec.name).tail
 
