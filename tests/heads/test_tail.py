@@ -165,7 +165,6 @@ def test_a_tail_head_saved_loaded_predicted_and_exported_agrees(cut_cache):
     ("settings", "message"),
     [
         ({"shots": 2}, r"--shots is not supported by the tail head"),
-        ({"views": True}, r"--views is not supported by the tail head"),
         ({"hidden": (8,)}, r"--hidden and --dropout \(mlp settings\) is not supported"),
         ({"lr_grid": (2.0,)}, r"--lr-grid 2 is not allowed"),
         ({"layer": "layer3"}, r"--layer layer3 is not a cut"),
@@ -209,3 +208,34 @@ def test_a_saved_tail_head_naming_another_backbone_is_refused(cut_cache):
     meta_path.write_text(json.dumps(meta | {"crop_size": "big"}))
     with pytest.raises(CacheError, match=r"a saved tail head needs backbone, cut"):
         load_head(folder)
+
+
+def test_mlp_and_tail_train_on_the_cached_views_weighing_each_view_one_third(tmp_path, monkeypatch):
+    from pipeline.heads.kinds import mlp
+
+    data = make_folder(
+        tmp_path / "data", classes=("cat", "dog"), per_class=6, splits=("train", "val", "test")
+    )
+    cfg = tiny(data=str(data), views=2, cut="layer3", out=str(tmp_path / "c.h5"))
+    stage.run(cfg)
+    seen = {}
+    real_mlp, real_tail = mlp.train, tail.train
+
+    def spy_mlp(cfg, candidate, X, y, n_classes, sample_weight=None, val=None, stop_at=None):
+        seen.setdefault("mlp", (len(X), np.unique(sample_weight).tolist()))
+        return real_mlp(cfg, candidate, X, y, n_classes, sample_weight, val, stop_at)
+
+    def spy_tail(cfg, base, dim, n_classes, candidate, rows, val=None, **kwargs):
+        seen.setdefault("tail", [(len(r), np.unique(r.weights).tolist()) for r in rows])
+        return real_tail(cfg, base, dim, n_classes, candidate, rows, val, **kwargs)
+
+    monkeypatch.setattr(mlp, "train", spy_mlp)
+    monkeypatch.setattr(tail, "train", spy_tail)
+    small = dict(hidden=(8,), dropout=(0.0,), weight_decay=(1e-4,), epochs=2)
+    common = dict(features=cfg.out, views=True, progress=False, bootstrap=0)
+    for head, settings in (("mlp", small), ("tail", FAST)):
+        run = HeadConfig(head=head, out=str(tmp_path / head), **(settings | common))
+        result = protocol.run(run)
+        assert "2 augmented views each (every view weighs 1/3)" in result["protocol"]["trained_on"]
+    assert seen["mlp"] == (12 * 3, [pytest.approx(1 / 3)])  # 12 train images and 24 views
+    assert seen["tail"] == [(12, [pytest.approx(1 / 3)]), (24, [pytest.approx(1 / 3)])]

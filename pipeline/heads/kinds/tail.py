@@ -143,27 +143,30 @@ class CutRows:
     def block_size(self) -> int:
         return max(1, BLOCK_BYTES // (4 * math.prod(self.shape)))
 
-    def blocks(self, rng: np.random.Generator | None = None) -> Any:
-        """(positions into `rows`, float32 tensor (b, *shape)) blocks; with `rng`, the blocks in a
-        random order and each block's rows shuffled."""
+    def starts(self) -> np.ndarray:
+        return np.arange(0, len(self.rows), self.block_size())
+
+    def block(self, a: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, Any]:
+        """(positions into `rows`, float32 tensor (b, *shape)) of the block starting at `a`, one
+        contiguous read of the file; with `rng`, its rows shuffled."""
         import torch
 
-        step = self.block_size()
-        starts = np.arange(0, len(self.rows), step)
+        positions = np.arange(a, min(a + self.block_size(), len(self.rows)))
+        rows = self.rows[positions]
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        X = np.asarray(self.dataset[lo:hi], dtype=np.float32)[rows - lo]
         if rng is not None:
-            starts = rng.permutation(starts)
-        for a in starts:
-            positions = np.arange(a, min(a + step, len(self.rows)))
-            rows = self.rows[positions]
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
-            X = np.asarray(self.dataset[lo:hi], dtype=np.float32)[rows - lo]
-            if rng is not None:
-                order = rng.permutation(len(positions))
-                positions, X = positions[order], X[order]
-            X = torch.from_numpy(X).reshape(len(X), *self.shape)
-            if X.ndim == 4:
-                X = X.contiguous(memory_format=torch.channels_last)
-            yield positions, X
+            order = rng.permutation(len(positions))
+            positions, X = positions[order], X[order]
+        X = torch.from_numpy(X).reshape(len(X), *self.shape)
+        if X.ndim == 4:
+            X = X.contiguous(memory_format=torch.channels_last)
+        return positions, X
+
+    def blocks(self) -> Any:
+        """Every block in order: (positions, rows)."""
+        for a in self.starts():
+            yield self.block(int(a))
 
 
 # ---------------------------------------------------------------------------------- training
@@ -226,13 +229,15 @@ def train(
     dim: int,
     n_classes: int,
     candidate: Candidate,
-    rows: CutRows,
+    rows: CutRows | list[CutRows],
     val: CutRows | None = None,
     stop_at: int | None = None,
     report_epoch: Any = lambda: None,
 ) -> TailFit:
     """A copy of the pretrained tail `base` plus a fresh linear head, trained with AdamW and a
-    cosine schedule; with `val`, the epoch of lowest validation log-loss is kept."""
+    cosine schedule on `rows` (several sources: the images and their --views, each row weighed by
+    its source's weights); with `val`, the epoch of lowest validation log-loss is kept. Blocks of
+    every source come in one shuffled order each epoch."""
     import torch
     from torch import nn
 
@@ -246,7 +251,11 @@ def train(
         net = _net(copy.deepcopy(base), dim, n_classes).to(device)
         net.requires_grad_(True)
         batch = max(1, min(cfg.batch_size, MAX_BATCH))
-        step_count = sum(math.ceil(len(p) / batch) for p, _ in _sizes(len(rows), rows.block_size()))
+        sources = rows if isinstance(rows, list) else [rows]
+        plan = [(i, int(a)) for i, source in enumerate(sources) for a in source.starts()]
+        step_count = sum(
+            math.ceil(min(sources[i].block_size(), len(sources[i]) - a) / batch) for i, a in plan
+        )
         optimizer = torch.optim.AdamW(
             net.parameters(), lr=candidate.lr, weight_decay=candidate.weight_decay
         )
@@ -254,17 +263,23 @@ def train(
             optimizer, T_max=max(1, cfg.epochs * step_count)
         )
         rng = np.random.default_rng(cfg.seed + candidate.number)
-        y = torch.from_numpy(np.asarray(rows.y, np.int64))
-        w = torch.from_numpy(
-            np.ones(len(rows), np.float32)
-            if rows.weights is None
-            else np.asarray(rows.weights, np.float32)
-        )
+        ys = [torch.from_numpy(np.asarray(source.y, np.int64)) for source in sources]
+        ws = [
+            torch.from_numpy(
+                np.ones(len(source), np.float32)
+                if source.weights is None
+                else np.asarray(source.weights, np.float32)
+            )
+            for source in sources
+        ]
         losses: list[float] = []
         best, best_state = 0, None
         for epoch in range(1, (stop_at or cfg.epochs) + 1):
             freeze_statistics(net)
-            for positions, X in rows.blocks(rng):
+            for k in rng.permutation(len(plan)):
+                i, start = plan[k]
+                positions, X = sources[i].block(start, rng)
+                y, w = ys[i], ws[i]
                 for a in range(0, len(X), batch):
                     idx = torch.from_numpy(positions[a : a + batch])
                     with autocast(device, precision):
@@ -298,10 +313,6 @@ def train(
     if val is None:
         return TailFit(candidate.number, candidate, state, stop_at or cfg.epochs)
     return TailFit(candidate.number, candidate, state, best or len(losses), len(losses), losses)
-
-
-def _sizes(n: int, step: int) -> list[tuple[range, None]]:
-    return [(range(a, min(a + step, n)), None) for a in range(0, n, step)]
 
 
 def net_of(fit: TailFit, base: Any, dim: int, n_classes: int) -> Any:
@@ -370,6 +381,10 @@ class TailSource:
         self.shape = _checked_shape(fingerprint, config, self.cut, self.width, self.path)
         self.base = pretrained_tail(fingerprint, config, self.cut)
         self.dim = int(info.dim)
+        self.views: tuple[np.ndarray, np.ndarray] | None = None  # views file rows, their classes
+        self.view_weight = 1.0
+        if cfg.views:
+            self._find_views(labels)
         self.about = {
             "backbone": fingerprint["backbone"],
             "cut": self.cut,
@@ -379,22 +394,78 @@ class TailSource:
         }
         self.file: Any = None
 
+    def _find_views(self, labels: np.ndarray) -> None:
+        """--views: the rows of NAME.views.h5 that are views of this run's train images, from views
+        made for this very state of the cache and holding the same cut."""
+        from pipeline.cache import schema
+        from pipeline.cache.reader import open_cache, stored_rows
+        from pipeline.errors import MissingError
+
+        path = schema.views_path(self.path)
+        if not path.exists():
+            raise MissingError(
+                f"--views: no views cache {path}; run `pipeline features` with --views K and --cut "
+                f"{self.cut} for this cache"
+            )
+        with open_cache(path) as f:
+            made_for = schema.json_attr(f, "fingerprint").get("views_of")
+            has_cut = self.layer in f.get(schema.LAYERS, {})
+            width = f[schema.LAYERS][self.layer].shape[1] if has_cut else None
+        if made_for != schema.fingerprint_tag(self.info.fingerprint):
+            raise CacheError(
+                f"views cache {path} was made for another state of cache {self.path}; rerun "
+                "`pipeline features` with --views K on the same settings"
+            )
+        if width != self.width:
+            raise CacheError(
+                f"views cache {path} holds no {self.layer} of {self.width} values per view; rerun "
+                f"`pipeline features` with --views K --cut {self.cut}"
+            )
+        vrows = stored_rows(path)
+        base = np.array([str(i).rsplit("#view", 1)[0] for i in vrows["ids"]])
+        train = {str(self.ids[r]): r for r in self.index["train"]}
+        image = np.array([train.get(b, -1) for b in base], dtype=np.int64)
+        kept = np.flatnonzero((image >= 0) & vrows["ok"])
+        k = int(np.unique(base[kept], return_counts=True)[1].max(initial=0))
+        self.views = (kept, np.searchsorted(self.present, labels[image[kept]]))
+        self.view_weight, self.views_per_image = 1.0 / (k + 1), k
+
     def describe(self) -> str:
+        views = f" (+{self.views_per_image} views per image)" if self.views is not None else ""
         return (
-            f"{len(self.index['train'])} train, {len(self.index['val'])} val rows of cut "
+            f"{len(self.index['train'])} train{views}, {len(self.index['val'])} val rows of cut "
             f"{self.cut} ({'x'.join(map(str, self.shape))}, streamed)"
         )
 
     def __enter__(self) -> TailSource:
+        from pipeline.cache import schema
         from pipeline.cache.reader import open_cache
 
         self.file = open_cache(self.path)
+        self.view_file = (
+            open_cache(schema.views_path(self.path)) if self.views is not None else None
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        for f in (self.file, getattr(self, "view_file", None)):
+            if f is not None:
+                f.close()
+        self.file = self.view_file = None
+
+    def _training(self, *splits: str) -> list[CutRows]:
+        """The training rows of `splits` (train weighed like each of its views), and the views."""
+        rows = self._rows(*splits)
+        if self.views is None:
+            return [rows]
+        from pipeline.cache import schema
+
+        train = np.isin(rows.rows, self.index["train"])
+        rows.weights = np.where(train, self.view_weight, 1.0)  # val: one view, weight 1
+        kept, y = self.views
+        dataset = self.view_file[schema.LAYERS][self.layer]
+        views = CutRows(dataset, kept, y, self.shape, np.full(len(kept), self.view_weight))
+        return [rows, views]
 
     def _rows(self, *splits: str) -> CutRows:
         from pipeline.cache import schema
@@ -407,7 +478,7 @@ class TailSource:
 
     def sweep(self, repeat: int, grid: list[float], tick: Any) -> tuple[Preprocessor, list, list]:
         by_number = {c.number: c for c in candidates(self.cfg)}
-        rows, val = self._rows("train"), self._rows("val")
+        rows, val = self._training("train"), self._rows("val")
         fits, curve = [], []
         for number in grid:
             fit = train(
@@ -427,7 +498,7 @@ class TailSource:
             self.dim,
             len(self.names),
             cand,
-            self._rows("train", "val"),
+            self._training("train", "val"),
             stop_at=max(1, int(init.n_iter)),
         )
         fit.about = self.about
@@ -508,7 +579,6 @@ class TailHead(HeadKind):
             "--hidden and --dropout (mlp settings)": bool(cfg.hidden or cfg.dropout),
             "--shots": bool(cfg.shots),
             "--imbalance-ratio": cfg.imbalance_ratio is not None,
-            "--views": cfg.views,
             "--balanced-sampler": cfg.balanced_sampler,
             f"--solver {cfg.solver} (it trains with AdamW)": cfg.solver not in ("auto", "adam"),
         }
