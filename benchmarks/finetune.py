@@ -24,26 +24,11 @@ import numpy as np
 def _plain_epoch(photos: Path, trunk: Any, tail: Any, dim: int, classes: int, batch: int) -> float:
     """Seconds of one epoch of the loop written without the cache."""
     import torch
-    import torchvision
-    from torchvision import transforms
 
-    from pipeline.backbones.forward import default_workers
+    from benchmarks.measure import plain_loader
     from pipeline.heads.kinds.tail import _net
 
-    transform = transforms.Compose(
-        [
-            transforms.Resize(256),
-            transforms.CenterCrop(224),
-            transforms.ToTensor(),
-            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-        ]
-    )
-    loader = torch.utils.data.DataLoader(
-        torchvision.datasets.ImageFolder(str(photos), transform),
-        batch_size=batch,
-        shuffle=True,
-        num_workers=default_workers(),
-    )
+    loader = plain_loader(photos, batch, shuffle=True)
     torch.manual_seed(0)
     net = _net(copy.deepcopy(tail), dim, classes)
     net.requires_grad_(True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 
 def forward_rate(
@@ -85,6 +86,31 @@ def extraction_rate(
     return count / (full - (time.perf_counter() - start))
 
 
+def plain_loader(photos: Path, batch: int, shuffle: bool = False) -> Any:
+    """The loader one writes without this project: torchvision's `ImageFolder` with the usual
+    resize-256 / crop-224 transform, a `DataLoader` with the pipeline's default workers."""
+    import torch
+    import torchvision
+    from torchvision import transforms
+
+    from pipeline.backbones.forward import default_workers
+
+    transform = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+    return torch.utils.data.DataLoader(
+        torchvision.datasets.ImageFolder(str(photos), transform),
+        batch_size=batch,
+        shuffle=shuffle,
+        num_workers=default_workers(),
+    )
+
+
 def plain_loop_rate(photos: Path, count: int, name: str, batch: int) -> float:
     """images/s of the loop one writes without this project: torchvision's `ImageFolder` with the
     usual resize-256 / crop-224 transform, a `DataLoader` with as many workers as the pipeline's
@@ -93,9 +119,6 @@ def plain_loop_rate(photos: Path, count: int, name: str, batch: int) -> float:
     import torch
     import torchvision
     from torch import nn
-    from torchvision import transforms
-
-    from pipeline.backbones.forward import default_workers
 
     start = time.perf_counter()
     model = torchvision.models.get_model(name, weights=None).eval()
@@ -105,19 +128,7 @@ def plain_loop_rate(photos: Path, count: int, name: str, batch: int) -> float:
         model.heads = nn.Identity()
     else:
         model.classifier[-1] = nn.Identity()
-    transform = transforms.Compose(
-        [
-            transforms.Resize(256),
-            transforms.CenterCrop(224),
-            transforms.ToTensor(),
-            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-        ]
-    )
-    loader = torch.utils.data.DataLoader(
-        torchvision.datasets.ImageFolder(str(photos), transform),
-        batch_size=batch,
-        num_workers=default_workers(),
-    )
+    loader = plain_loader(photos, batch)
     rows = 0
     with torch.inference_mode():
         for x, _ in loader:

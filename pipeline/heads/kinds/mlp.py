@@ -63,6 +63,13 @@ def candidates(cfg: HeadConfig) -> list[Candidate]:
     return [Candidate(n, h, d, w) for n, (h, d, w) in enumerate(points, start=1)]
 
 
+def check_weight_decays(cfg: HeadConfig) -> None:
+    """--weight-decay values AdamW can take (the mlp and tail heads' check)."""
+    for w in cfg.weight_decay or ():
+        if not 0.0 <= w <= 10.0:
+            raise ConfigError(f"--weight-decay {w:g} is not allowed; pass AdamW decays in [0, 10]")
+
+
 @dataclass
 class MLPFit:
     """One trained candidate: its float32 arrays, and the epoch its weights come from."""
@@ -221,11 +228,7 @@ class MLPHead(HeadKind):
         for d in cfg.dropout or ():
             if not 0.0 <= d < 1.0:
                 raise ConfigError(f"--dropout {d:g} is not allowed; pass rates in [0, 1)")
-        for w in cfg.weight_decay or ():
-            if not 0.0 <= w <= 10.0:
-                raise ConfigError(
-                    f"--weight-decay {w:g} is not allowed; pass AdamW decays in [0, 10]"
-                )
+        check_weight_decays(cfg)
 
     def grid(self, cfg: HeadConfig) -> list[float]:
         return [c.number for c in candidates(cfg)]

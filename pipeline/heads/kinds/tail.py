@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.heads import choice
 from pipeline.heads.estimators import Preprocessor, log_proba_from_decision
-from pipeline.heads.kinds.mlp import DEFAULT_WEIGHT_DECAY, PATIENCE
+from pipeline.heads.kinds.mlp import DEFAULT_WEIGHT_DECAY, PATIENCE, check_weight_decays
 from pipeline.heads.kinds.registry import HeadKind, register
 from pipeline.heads.posthoc import Adjustment
 from pipeline.heads.runs import ChoiceRows, Predictions
@@ -593,11 +593,7 @@ class TailHead(HeadKind):
         for lr in cfg.lr_grid or ():
             if not 0 < lr <= 1:
                 raise ConfigError(f"--lr-grid {lr:g} is not allowed; pass learning rates in (0, 1]")
-        for w in cfg.weight_decay or ():
-            if not 0.0 <= w <= 10.0:
-                raise ConfigError(
-                    f"--weight-decay {w:g} is not allowed; pass AdamW decays in [0, 10]"
-                )
+        check_weight_decays(cfg)
 
     def grid(self, cfg: HeadConfig) -> list[float]:
         return [c.number for c in candidates(cfg)]
