@@ -38,7 +38,11 @@ def cut_cache(tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("name", "cut", "size"),
-    [("resnet18", "layer3", 64), ("convnext_tiny", "features.5", 64), ("vit_b_16", None, 224)],
+    [
+        ("resnet18", "layer3", 64),
+        pytest.param("convnext_tiny", "features.5", 64, marks=pytest.mark.slow),
+        pytest.param("vit_b_16", None, 224, marks=pytest.mark.slow),
+    ],
 )
 def test_the_split_is_exact_trunk_then_tail_is_the_whole_model(name, cut, size):
     if name == "vit_b_16":  # the last-but-one encoder block
@@ -128,6 +132,7 @@ def test_tail_trains_only_the_tail_and_head_and_chooses_on_val(cut_cache, monkey
     assert (meta["model"], meta["cut"], meta["shape"]) == ("tail", "layer3", [256, 2, 2])
 
 
+@pytest.mark.slow
 def test_a_tail_head_saved_loaded_predicted_and_exported_agrees(cut_cache):
     tmp, data, out = cut_cache
     folder = tmp / "tail-agree"
@@ -210,6 +215,7 @@ def test_a_saved_tail_head_naming_another_backbone_is_refused(cut_cache):
         load_head(folder)
 
 
+@pytest.mark.slow
 def test_mlp_and_tail_train_on_the_cached_views_weighing_each_view_one_third(tmp_path, monkeypatch):
     from pipeline.heads.kinds import mlp
 
