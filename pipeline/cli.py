@@ -261,7 +261,11 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  features     {s['shape']} {s['dtype']}"
         + (f"; logits {s['logits']}" if s["logits"] else ""),
         *(
-            ["  layers       " + ", ".join(f"{k} {v}" for k, v in s["layers"].items())]
+            [
+                "  layers       "
+                + ", ".join(f"{k} {v}" for k, v in s["layers"].items())
+                + "".join(f"; {k}: its whole output, flattened, float16" for k in s["cuts"])
+            ]
             if s["layers"]
             else []
         ),

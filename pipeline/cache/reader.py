@@ -26,6 +26,7 @@ from pipeline.cache.schema import (
     row_ranges,
 )
 from pipeline.errors import CacheError, MissingError
+from pipeline.registry import CUT_PREFIX
 from pipeline.splits import SPLITS
 
 
@@ -270,6 +271,7 @@ def summary(path: str | Path) -> dict[str, Any]:
             "dtype": str(f["features"].dtype),
             "logits": tuple(f["logits"].shape) if "logits" in f else None,
             "layers": {name: tuple(d.shape) for name, d in f.get(LAYERS, {}).items()},
+            "cuts": [name for name in f.get(LAYERS, {}) if name.startswith(CUT_PREFIX)],
             "classes": list(f["classes"].asstr()[...]),
             "splits": {name: int(n) for name, n in zip(SPLITS, counts, strict=True)},
             "skipped": list(read_ids(f["ids"])[~ok]),

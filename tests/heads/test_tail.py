@@ -72,8 +72,10 @@ def test_backbones_cuts_lists_stage_ends_with_their_bytes(capsys):
     assert cli.main(["backbones", "--cuts"]) == 2
 
 
-def test_the_cut_is_stored_in_float16_and_equals_the_module_output(cut_cache):
+def test_the_cut_is_stored_in_float16_and_equals_the_module_output(cut_cache, capsys):
     _, _, out = cut_cache
+    assert cli.main(["info", str(out)]) == 0
+    assert "cut:layer3: its whole output, flattened, float16" in capsys.readouterr().out
     rows = read_features(out, layer="cut:layer3", dtype=np.float32)
     assert rows["train"].X.shape[1] == 256 * 2 * 2
     model = backbone.build(backbone.describe("resnet18", "none", 0, 32), progress=False)
