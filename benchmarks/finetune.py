@@ -61,6 +61,22 @@ def _cached_epoch(cache: Path, layer: str, shape: tuple, tail: Any, dim: int, ba
         return time.perf_counter() - start
 
 
+def _flops(parts: Any) -> dict[str, float]:
+    """GFLOP per image of the trunk's forward and the tail's training step (forward and backward,
+    no gradient into the cut), and the ratio they bound the per-epoch speed-up by."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tail = copy.deepcopy(parts.tail).requires_grad_(True)
+    with torch.no_grad(), FlopCounterMode(display=False) as counted:
+        cut = parts.trunk(torch.zeros(1, 3, 224, 224))
+    trunk = counted.get_total_flops() / 1e9
+    with FlopCounterMode(display=False) as counted:
+        tail(cut).sum().backward()
+    step = counted.get_total_flops() / 1e9
+    return {"trunk": trunk, "tail_step": step, "bound": (trunk + step) / step}
+
+
 def bench_finetune(
     row: Any, out: Path, n: int, name: str = "resnet50", cut: str = "layer3", batch: int = 16
 ) -> None:
@@ -101,12 +117,14 @@ def bench_finetune(
     row(f"{name} tail after {cut}: seconds per epoch from the cache", tail_s, "s", images=n)
     row(f"{name} tail after {cut}: seconds per epoch, plain loop (trunk runs)", plain_s, "s")
     ratio = plain_s / tail_s
+    targeted = (name, cut) == ("resnet50", "layer3")  # the issue's target is set for this cut
     row(
         f"{name} tail after {cut}: plain loop / cached, per epoch",
         ratio,
         "ratio",
-        ">= 3",
-        ratio >= 3,
+        ">= 3" if targeted else "",
+        (ratio >= 3) if targeted else None,
+        flops=_flops(parts),
     )
     row(
         f"{name} --cut {cut}: extraction (once) in cached epochs' savings",

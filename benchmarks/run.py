@@ -660,6 +660,12 @@ def main() -> int:
         "--finetune-images", type=int, default=64, help="images for the finetune benchmark"
     )
     parser.add_argument(
+        "--finetune-cuts",
+        nargs="+",
+        default=["resnet50:layer3", "vit_b_16:encoder.layers.encoder_layer_10"],
+        help="BACKBONE:MODULE cut points of the finetune benchmark",
+    )
+    parser.add_argument(
         "--no-sklearn-sweep",
         action="store_true",
         help="skip the (slow) scikit-learn 45-value sweep",
@@ -695,7 +701,9 @@ def main() -> int:
     if "finetune" in chosen:
         from benchmarks.finetune import bench_finetune
 
-        bench_finetune(row, OUT, args.finetune_images)
+        for pair in args.finetune_cuts:
+            name, cut = pair.split(":", 1)
+            bench_finetune(row, OUT, args.finetune_images, name, cut)
     if "demo" in chosen:
         bench_demo_heads()
     import importlib.metadata as md
