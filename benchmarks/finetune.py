@@ -3,7 +3,8 @@ cut (`features --cut`, `head --head tail`) against the plain torch loop that run
 backbone, frozen trunk included, on every epoch.
 
 Both train the same tail (resnet50 after layer3 by default) and linear head, from the same weights,
-with the same optimiser, batch size and precision (fp32), one epoch over the same images; the plain
+with the same optimiser, batch size, precision (fp32) and frozen batch-norm statistics, one epoch
+over the same images; the plain
 loop decodes and preprocesses every image (torchvision ImageFolder, resize 256 / crop 224, a
 DataLoader with the pipeline's default workers) and runs the trunk under no_grad, as one would
 without a cache. Rounds alternate between the two and the median of each is kept.
@@ -26,6 +27,7 @@ def _plain_epoch(photos: Path, trunk: Any, tail: Any, dim: int, classes: int, ba
     import torch
 
     from benchmarks.measure import plain_loader
+    from pipeline.backbones.split import freeze_statistics
     from pipeline.heads.kinds.tail import _net
 
     loader = plain_loader(photos, batch, shuffle=True)
@@ -37,7 +39,7 @@ def _plain_epoch(photos: Path, trunk: Any, tail: Any, dim: int, classes: int, ba
     for x, y in loader:
         with torch.no_grad():
             cut = trunk(x.contiguous(memory_format=torch.channels_last))
-        loss = torch.nn.functional.cross_entropy(net.train()(cut), y)
+        loss = torch.nn.functional.cross_entropy(freeze_statistics(net)(cut), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

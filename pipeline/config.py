@@ -221,6 +221,16 @@ class FeaturesConfig:
             )
         if len(set(self.layer_names)) != len(self.layer_names):
             raise ConfigError(f"--layers {self.layers!r} names a module twice; name each once")
+        if any(name.startswith("cut:") for name in self.layer_names):
+            raise ConfigError(
+                f"--layers {self.layers!r}: a module's whole output is stored with --cut MODULE, "
+                "not as a layer named cut:..."
+            )
+        if self.cut is not None and (not self.cut.strip() or "," in self.cut):
+            raise ConfigError(
+                f"--cut {self.cut!r} is not one module path; pass one, e.g. --cut layer3 "
+                "(`pipeline backbones NAME --cuts` lists them)"
+            )
         if self.data is None and self.dataset is None:
             raise ConfigError(
                 "no images given; pass --data FOLDER_OR_CSV or --dataset NAME (try --dataset "

@@ -116,6 +116,21 @@ def cut_shape(name: str, module: str, size: int, **arguments: int) -> tuple[int,
     return tuple(int(d) for d in _shapes(name, (module,), size, arguments)[module][1:])
 
 
+def _splits(name: str, module: str, arguments: dict[str, int]) -> None:
+    """A cut is for `--head tail`: refuse, before any image is read, one the backbone cannot be
+    split at (`pipeline.backbones.split`), in the same one line the head would give."""
+    from pipeline.backbones import split
+
+    model, _ = probe_model(name, **arguments)
+    body: nn.Module = model
+    if name.startswith(TIMM_PREFIX):
+        body = timm_models.PreLogits(model)
+    try:
+        split.of_extractor(body, model, module, name)
+    except ConfigError as exc:
+        raise ConfigError(f"--cut {module}: {str(exc).removeprefix('--head tail: ')}") from None
+
+
 def check(
     name: str, layers: tuple[str, ...], size: int, **arguments: int
 ) -> dict[str, tuple[int, int | None]]:
@@ -127,6 +142,8 @@ def check(
     pooled = tuple(layer for layer in layers if layer not in cuts)
     found: dict[str, tuple[int, int | None]] = dict(_check(name, pooled, size, **arguments))
     _check(name, tuple(cuts.values()), size, "--cut", **arguments)
+    for module in cuts.values():
+        _splits(name, module, arguments)
     for layer, module in cuts.items():
         found[layer] = (math.prod(cut_shape(name, module, size, **arguments)), None)
     return {layer: found[layer] for layer in layers}

@@ -450,11 +450,15 @@ def columns(f: h5py.File, layer: str | None = None) -> list[h5py.Dataset]:
             found.append(f[LAYERS][name])
         else:
             have = ", ".join(stored) if stored else "none (it was built without --layers)"
+            rebuild = (
+                f"--cut {name.removeprefix(CUT_PREFIX)}"
+                if name.startswith(CUT_PREFIX)
+                else f"--layers {name}"
+            )
             raise CacheError(
                 f"cache {f.filename} has no layer {name!r}; its layers: {have}, and "
                 f"{PENULTIMATE!r} (the features); "
-                "pass one of those to --layer, or rebuild it with `pipeline features --layers "
-                f"{name}`"
+                f"pass one of those to --layer, or rebuild it with `pipeline features {rebuild}`"
             )
     return found
 

@@ -222,10 +222,13 @@ def choice_notes(result: dict[str, Any]) -> list[str]:
     param = selection.get("param", "C")
     edge = selection.get("at_edge")
     if edge:
+        widen = {
+            "candidate": "add candidates (mlp: --hidden, --dropout, --weight-decay; tail: "
+            "--lr-grid, --weight-decay)"
+        }.get(param, "widen --grid")
         notes.append(
             f"the chosen {param} is the {edge}-regularised end of the grid: the best may lie "
-            "beyond it; "
-            "widen --grid to see"
+            f"beyond it; {widen} to see"
         )
     if selection.get("isolated"):
         notes.append(

@@ -164,7 +164,7 @@ def test_a_kind_name_is_registered_once_and_unknown_kinds_are_listed(prototypes)
         register(Other)
     with pytest.raises(
         ConfigError,
-        match=r"--head 'svm' is not allowed; choose one of: torch, logreg, knn, ncm, mlp, "
+        match=r"--head 'svm' is not allowed; choose one of: torch, logreg, knn, ncm, mlp, tail, "
         r"prototypes",
     ):
         kinds.validate(HeadConfig(features="x.h5", head="svm"))

@@ -115,6 +115,10 @@ def test_a_saved_mlp_predicts_as_the_run_did_and_its_module_agrees(
         ({"dropout": (1.0,)}, r"--dropout 1 is not allowed; pass rates in \[0, 1\)"),
         ({"weight_decay": (-1.0,)}, r"--weight-decay -1 is not allowed"),
         ({"C": 1.0}, r"--C is a setting of the linear heads; the mlp head has no C"),
+        (
+            {"lr_grid": (0.5,)},
+            r"--lr-grid is a setting of the tail head; the mlp head does not use",
+        ),
     ],
 )
 def test_mlp_settings_are_refused_in_one_line(synthetic_cache, tmp_path, settings, message):
@@ -139,3 +143,13 @@ def test_a_saved_mlp_whose_files_disagree_is_refused(synthetic_cache, tmp_path):
     meta_path.write_text(json.dumps(meta | {"hidden": "many"}))
     with pytest.raises(CacheError, match=r"an mlp head needs hidden"):
         load_head(tmp_path / "run")
+
+
+def test_kind_options_given_to_another_kind_are_refused(synthetic_cache, tmp_path):
+    base = dict(features=str(synthetic_cache), out=str(tmp_path / "r"), progress=False)
+    with pytest.raises(ConfigError, match=r"--hidden is a setting of the mlp head; the torch head"):
+        protocol.run(HeadConfig(head="torch", hidden=(8,), **base))
+    with pytest.raises(
+        ConfigError, match=r"--weight-decay is a setting of the mlp and tail heads; the knn head"
+    ):
+        protocol.run(HeadConfig(head="knn", weight_decay=(0.1,), **base))

@@ -172,7 +172,9 @@ def test_a_tail_head_saved_loaded_predicted_and_exported_agrees(cut_cache):
     ("settings", "message"),
     [
         ({"shots": 2}, r"--shots is not supported by the tail head"),
-        ({"hidden": (8,)}, r"--hidden and --dropout \(mlp settings\) is not supported"),
+        ({"hidden": (8,)}, r"--hidden is a setting of the mlp head; the tail head does not use it"),
+        ({"lr": 0.1}, r"--lr \(its candidates are --lr-grid\) is not supported by the tail head"),
+        ({"max_memory": "1KB"}, r"--max-memory \(it streams its cut in blocks of 64 MiB"),
         ({"lr_grid": (2.0,)}, r"--lr-grid 2 is not allowed"),
         ({"layer": "layer3"}, r"--layer layer3 is not a cut"),
     ],
@@ -193,11 +195,25 @@ def test_tail_on_a_cache_without_a_cut_or_split_inside_a_block_is_one_line(tmp_p
     assert "--head tail trains on a cut stored by `pipeline features --cut MODULE`" in (
         capsys.readouterr().err
     )
-    inner = tiny(data=str(data), cut="layer3.1.conv1", out=str(tmp_path / "inner.h5"))
-    stage.run(inner)
-    args[1] = inner.out
-    assert cli.main(args) == 2
-    assert "does not split cleanly at 'layer3.1.conv1'" in capsys.readouterr().err
+    # A cut the tail could not split at is refused before any image is read.
+    inner = ["features", "--data", str(data), "--backbone", "resnet18", "--weights", "none"]
+    inner += ["--image-size", "32", "--cut", "layer3.1.conv1", "--out", str(tmp_path / "in.h5")]
+    assert cli.main(inner) == 2
+    assert "--cut layer3.1.conv1: resnet18 does not split cleanly at 'layer3.1.conv1'" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "in.h5").exists()
+    for bad, message in (
+        ("", "--cut '' is not one module path"),
+        ("layer3,layer4", "--cut 'layer3,layer4' is not one module path"),
+    ):
+        assert cli.main([*inner[:-4], "--cut", bad, "--out", str(tmp_path / "in.h5")]) == 2
+        assert message in capsys.readouterr().err
+    assert cli.main([*inner[:-4], "--layers", "cut:layer3", "--out", str(tmp_path / "in.h5")]) == 2
+    assert "a module's whole output is stored with --cut MODULE" in capsys.readouterr().err
+    args = ["head", plain.out, "--head", "tail", "--layer", "cut:layer2"]
+    assert cli.main([*args, "--out", str(tmp_path / "r2")]) == 2
+    assert "rebuild it with `pipeline features --cut layer2`" in capsys.readouterr().err
 
 
 def test_a_saved_tail_head_naming_another_backbone_is_refused(cut_cache):
@@ -247,3 +263,69 @@ def test_mlp_and_tail_train_on_the_cached_views_weighing_each_view_one_third(tmp
         assert "2 augmented views each (every view weighs 1/3)" in result["protocol"]["trained_on"]
     assert seen["mlp"] == (12 * 3, [pytest.approx(1 / 3)])  # 12 train images and 24 views
     assert seen["tail"] == [(12, [pytest.approx(1 / 3)]), (24, [pytest.approx(1 / 3)])]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"shape": [256, 1, 4]}, r"shape \[256, 1, 4\] and n_features 1024 are not the cut's"),
+        ({"cache_fingerprint": "resnet34"}, r"is not the backbone and cut of its cache"),
+        ({"crop_size": 64}, r"crop_size 64 is not its cache's crop size 32"),
+        ("float16", r"tail.layer4.0.conv1.weight in head.npz is float16, the tail holds float32"),
+        ("variance", r"holds a negative variance"),
+    ],
+)
+def test_a_saved_tail_head_must_match_what_it_describes(cut_cache, tmp_path, edit, message):
+    import shutil
+
+    folder = tmp_path / "head"
+    shutil.copytree(_trained_tail(cut_cache), folder)
+    meta = json.loads((folder / "head.json").read_text())
+    if isinstance(edit, dict):
+        if "cache_fingerprint" in edit:
+            edit = {"cache_fingerprint": meta["cache_fingerprint"] | {"backbone": "resnet34"}}
+        (folder / "head.json").write_text(json.dumps(meta | edit))
+    else:
+        with np.load(folder / "head.npz") as z:
+            arrays = dict(z)
+        if edit == "float16":
+            key = "tail.layer4.0.conv1.weight"
+            arrays[key] = arrays[key].astype(np.float16)
+        else:
+            arrays["tail.layer4.0.bn1.running_var"][0] = -1.0
+        np.savez(folder / "head.npz", **arrays)
+    with pytest.raises(CacheError, match=message):
+        load_head(folder)
+
+
+_TRAINED: dict = {}
+
+
+def _trained_tail(cut_cache):
+    """One tail head on the module's cut cache, trained once for the tests that tamper with it."""
+    tmp, _, out = cut_cache
+    if "tail" not in _TRAINED:
+        folder = tmp / "tail-once"
+        protocol.run(HeadConfig(features=str(out), head="tail", out=str(folder), **FAST))
+        _TRAINED["tail"] = folder
+    return _TRAINED["tail"]
+
+
+def test_nan_in_the_cut_rows_is_one_line_before_any_score(tmp_path, capsys):
+    import h5py
+
+    from pipeline.cache import schema
+
+    data = make_folder(tmp_path / "data", per_class=6)
+    cfg = tiny(data=str(data), cut="layer3", out=str(tmp_path / "c.h5"))
+    stage.run(cfg)
+    with h5py.File(cfg.out, "r+") as f:  # a NaN written as if by the writer: its row CRC matches
+        cut = f["layers"]["cut:layer3"]
+        row = cut[-1:].copy()
+        row[0, 0] = np.nan
+        cut[-1:] = row
+        layers = {k: f["layers"][k][-1:] for k in f["layers"]}
+        f["row_crc"][-1:] = schema.row_crc(f["features"][-1:], None, layers)
+    args = ["head", cfg.out, "--head", "tail", "--epochs", "1", "--lr-grid", "0.001"]
+    assert cli.main([*args, "--weight-decay", "0.0001", "--out", str(tmp_path / "r")]) == 2
+    assert "has NaN or infinite values in 1 rows of its cut" in capsys.readouterr().err

@@ -206,6 +206,7 @@ class MLPHead(HeadKind):
     model = "mlp"
     packages = ("torch",)
     early_stops = True
+    own_options = ("hidden", "dropout", "weight_decay")
     setting_keys = ("hidden", "dropout", "weight_decay", "epochs")
 
     def check(self, cfg: HeadConfig) -> None:
@@ -332,4 +333,5 @@ class MLPHead(HeadKind):
             first.bias.copy_(torch.from_numpy(b1))
             second.weight.copy_(torch.from_numpy(w2.T.copy()))
             second.bias.copy_(torch.from_numpy(b2))
-        return nn.Sequential(first, nn.ReLU(), second, nn.Softmax(dim=1)).eval()
+        module = nn.Sequential(first, nn.ReLU(), second, nn.Softmax(dim=1)).eval()
+        return module.requires_grad_(False)  # an exported program carries no gradient

@@ -47,6 +47,8 @@ class HeadKind:
     - `packages`: libraries whose versions its `result.json` records beside numpy and scikit-learn.
     - `early_stops`: its fits watch the validation rows while they train (`fit_grid` gets
       `val=(Z_val, y_val)` in the sweep; never in the refit).
+    - `own_options`: HeadConfig options only some kinds use (mlp's --hidden, the tail's --lr-grid);
+      a kind that does not declare one refuses it when it is given.
     - `setting_keys`: the settings a trained head keeps in head.json (k, temperatures), beside its
       arrays.
     """
@@ -61,6 +63,7 @@ class HeadKind:
     packages: ClassVar[tuple[str, ...]] = ()
     setting_keys: ClassVar[tuple[str, ...]] = ()
     early_stops: ClassVar[bool] = False
+    own_options: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ the settings and the sweep
 
@@ -72,6 +75,14 @@ class HeadKind:
                 f"--preprocess {cfg.preprocess} does not suit the {self.name} head; choose one of: "
                 f"{', '.join(self.preprocessings)}"
             )
+        for option in sorted({o for kind in KINDS.values() for o in kind.own_options}):
+            if getattr(cfg, option, None) is not None and option not in self.own_options:
+                users = [kind.name for kind in KINDS.values() if option in kind.own_options]
+                raise ConfigError(
+                    f"--{option.replace('_', '-')} is a setting of the {' and '.join(users)} "
+                    f"head{'s' if len(users) > 1 else ''}; the {self.name} head does not use it "
+                    "(drop it)"
+                )
         if not self.takes_c and cfg.C is not None:
             raise ConfigError(
                 f"--C is a setting of the linear heads; the {self.name} head has no C (drop --C)"

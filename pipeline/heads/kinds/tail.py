@@ -20,6 +20,7 @@ never read from the file. `predict` and `export` run the frozen trunk, the tuned
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -155,6 +156,13 @@ class CutRows:
         rows = self.rows[positions]
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         X = np.asarray(self.dataset[lo:hi], dtype=np.float32)[rows - lo]
+        bad = ~np.isfinite(X).all(axis=1)
+        if bad.any():
+            raise DataError(
+                f"cache {self.dataset.file.filename} has NaN or infinite values in {bad.sum()} "
+                f"rows of its cut (file row {int(rows[bad][0])}); rebuild it with `pipeline "
+                "features --force`"
+            )
         if rng is not None:
             order = rng.permutation(len(positions))
             positions, X = positions[order], X[order]
@@ -561,6 +569,7 @@ class TailHead(HeadKind):
     preprocessings = ("none",)
     default_preprocessing = "none"
     packages = ("torch", "torchvision")
+    own_options = ("weight_decay", "lr_grid")
     setting_keys = (
         "backbone",
         "cut",
@@ -576,7 +585,10 @@ class TailHead(HeadKind):
         super().check(cfg)
         refused = {
             "--grid (its candidates are --lr-grid and --weight-decay)": bool(cfg.grid),
-            "--hidden and --dropout (mlp settings)": bool(cfg.hidden or cfg.dropout),
+            "--lr (its candidates are --lr-grid)": cfg.lr is not None,
+            "--max-memory (it streams its cut in blocks of 64 MiB whatever the budget)": (
+                cfg.max_memory is not None
+            ),
             "--shots": bool(cfg.shots),
             "--imbalance-ratio": cfg.imbalance_ratio is not None,
             "--balanced-sampler": cfg.balanced_sampler,
@@ -636,18 +648,40 @@ class TailHead(HeadKind):
         raise NotImplementedError  # always given: the cut's width
 
     def check_saved(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> str | None:
-        from pipeline.heads.trained import is_number
+        """What head.json claims against what it describes: the cache's backbone, cut and crop
+        size, the cut's shape at that size (traced, not read), and the arrays' dtypes and values
+        against the traced tail's state."""
+        from pipeline.backbones import layers
 
-        shape = meta.get("shape")
-        if not (
-            isinstance(shape, list)
-            and all(is_number(d, integer=True) and d >= 1 for d in shape)
-            and math.prod(shape) == meta["n_features"]
-        ):
+        fingerprint = meta.get("cache_fingerprint") or {}
+        settings = meta.get("features_config") or {}
+        if fingerprint.get("backbone") != meta["backbone"] or settings.get("cut") != meta["cut"]:
             return (
-                "a tail head needs shape (whole numbers whose product is n_features) in head.json"
+                f"its tail ({meta['backbone']} cut at {meta['cut']!r}) is not the backbone and cut "
+                f"of its cache ({fingerprint.get('backbone')!r} cut at {settings.get('cut')!r})"
             )
-        return None  # the arrays were checked against the traced tail's own shapes
+        crop = settings.get("image_size") or _crop_size(meta["backbone"])
+        if meta["crop_size"] != crop:
+            return f"crop_size {meta['crop_size']} is not its cache's crop size {crop}"
+        name, size = meta["backbone"], int(meta["crop_size"])
+        shape = list(layers.cut_shape(name, meta["cut"], size, **layers._sized(name, size)))
+        if meta.get("shape") != shape or meta["n_features"] != math.prod(shape):
+            return (
+                f"shape {meta.get('shape')!r} and n_features {meta['n_features']} are not the "
+                f"cut's {shape} ({math.prod(shape)} values) at {size} px"
+            )
+        for key, kind in _state_kinds(name, meta["cut"], size).items():
+            array = arrays[f"tail.{key}"]
+            if array.dtype != kind:
+                return f"tail.{key} in head.npz is {array.dtype}, the tail holds {kind}"
+            if key.endswith("running_var") and (array < 0).any():
+                return f"tail.{key} in head.npz holds a negative variance"
+            if key.endswith("num_batches_tracked") and (array < 0).any():
+                return f"tail.{key} in head.npz is negative"
+        for key in ("head.weight", "head.bias"):
+            if arrays[key].dtype != np.float32:
+                return f"{key} in head.npz is {arrays[key].dtype}, expected float32"
+        return None
 
     def input_layer(self, head: TrainedHead) -> str:
         return f"{CUT_PREFIX}{head.settings['cut']}"
@@ -661,7 +695,7 @@ class TailHead(HeadKind):
             net = _net(tail, int(head.settings["feature_dim"]), len(head.classes_))
             state = {k: torch.from_numpy(np.array(v)) for k, v in head.arrays.items()}
             net.load_state_dict(state, assign=True)
-            net.eval()
+            net.eval().requires_grad_(False)  # an exported program carries no gradient
             head._net = net
         return net
 
@@ -690,6 +724,13 @@ class TailHead(HeadKind):
                 return self.net(z.reshape(z.shape[0], *shape)).softmax(dim=1)
 
         return Tuned().eval()
+
+
+@functools.lru_cache(maxsize=8)
+def _state_kinds(backbone: str, cut: str, size: int) -> dict[str, np.dtype]:
+    """The numpy dtype of each entry of the traced tail's state (float32 weights, int64 counts)."""
+    tail = traced_tail(backbone, cut, size)
+    return {k: np.dtype(str(v.dtype).removeprefix("torch.")) for k, v in tail.state_dict().items()}
 
 
 def _meta_tail(meta: dict[str, Any]) -> Any:
