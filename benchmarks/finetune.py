@@ -100,7 +100,13 @@ def bench_finetune(
     started = time.perf_counter()
     stage.run(
         FeaturesConfig(
-            data=str(photos), backbone=name, weights="none", cut=cut, out=str(cache), progress=False
+            data=str(photos),
+            backbone=name,
+            weights="none",
+            cut=cut,
+            out=str(cache),
+            progress=False,
+            force=True,  # the extraction is timed: never a reuse
         )
     )
     extract = time.perf_counter() - started
