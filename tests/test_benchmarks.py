@@ -118,5 +118,5 @@ def test_the_finetune_benchmark_times_both_loops_on_the_same_tail(tmp_path):
     found = {name: (value, ok) for name, value, _, ok in rows}
     assert found["resnet18 cut at layer3: bytes per image (float16)"][0] == 2 * 256 * 14 * 14 / 1024
     ratio = found["resnet18 tail after layer3: plain loop / cached, per epoch"]
-    assert ratio[0] > 0 and ratio[1] is (ratio[0] >= 3)
+    assert ratio[0] > 0 and ratio[1] is None  # the >= 3 target is set for resnet50 at layer3
     assert found["resnet18 tail after layer3: seconds per epoch from the cache"][0] > 0

@@ -232,8 +232,14 @@ def _stop(signum: int, frame: object) -> None:
 
 def _quiet_worker(worker_id: int) -> None:
     """SIGTERM to the whole process group ends a worker as Ctrl-C does: its loop returns quietly and
-    the main process says "interrupted" once, instead of reporting a worker killed by a signal."""
+    the main process says "interrupted" once, instead of reporting a worker killed by a signal.
+    Once the worker is exiting, the signal is ignored: raised inside multiprocessing's exit
+    finalizers (a busy machine makes that window wide), it would print a traceback."""
+    from multiprocessing import util
+
     signal.signal(signal.SIGTERM, _stop)
+    # Finalizers run by priority, highest first: this one before the queues' (priority -5).
+    util.Finalize(None, signal.signal, args=(signal.SIGTERM, signal.SIG_IGN), exitpriority=100)
 
 
 def _batches(loader: DataLoader, cfg: FeaturesConfig) -> Any:

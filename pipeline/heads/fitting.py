@@ -29,10 +29,14 @@ def fit_grid(
     tick: Callable[[int], None] = lambda n: None,
     init: Fit | None = None,
     sample_weight: np.ndarray | None = None,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[Any]:
     """One fit per setting on the same rows in memory, by the kind of ``cfg.head`` (see
-    `pipeline.heads.kinds`); `sample_weight`: the --views weights."""
-    return kinds.get(cfg.head).fit_grid(cfg, X, y, n_classes, Cs, tick, init, sample_weight)
+    `pipeline.heads.kinds`); `sample_weight`: the --views weights; `val`: the validation rows, for
+    a kind that watches them while it trains (`HeadKind.early_stops`)."""
+    kind = kinds.get(cfg.head)
+    watch = {"val": val} if val is not None and kind.early_stops else {}
+    return kind.fit_grid(cfg, X, y, n_classes, Cs, tick, init, sample_weight, **watch)
 
 
 def check_finite(path: Path | str, name: str, split: Split) -> None:
@@ -157,9 +161,15 @@ class MemorySource:
         X, y, w = self._train_rows(rows)
         prep = Preprocessor(self.kind.preprocessing(cfg)).fit(X)
         Z_val = prep.transform(self.val.X)
-        watch = {"val": (Z_val, self.y_val)} if self.kind.early_stops else {}
-        fits = self.kind.fit_grid(
-            cfg, prep.transform(X), y, len(self.names), grid, tick, None, w, **watch
+        fits = fit_grid(
+            cfg,
+            prep.transform(X),
+            y,
+            len(self.names),
+            grid,
+            tick=tick,
+            sample_weight=w,
+            val=(Z_val, self.y_val),
         )
         log_probas = self.kind.log_proba_all(fits, Z_val)
         return (
