@@ -209,7 +209,9 @@ class FeaturesConfig:
     @property
     def stored_layers(self) -> tuple[str, ...]:
         """Every layer the cache keeps beside its features: --layers, then the --cut."""
-        return self.layer_names + ((f"cut:{self.cut.strip()}",) if self.cut else ())
+        return self.layer_names + (
+            (f"{registry.CUT_PREFIX}{self.cut.strip()}",) if self.cut else ()
+        )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -221,7 +223,7 @@ class FeaturesConfig:
             )
         if len(set(self.layer_names)) != len(self.layer_names):
             raise ConfigError(f"--layers {self.layers!r} names a module twice; name each once")
-        if any(name.startswith("cut:") for name in self.layer_names):
+        if any(name.startswith(registry.CUT_PREFIX) for name in self.layer_names):
             raise ConfigError(
                 f"--layers {self.layers!r}: a module's whole output is stored with --cut MODULE, "
                 "not as a layer named cut:..."

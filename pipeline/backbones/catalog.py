@@ -147,13 +147,6 @@ def cuts(name: str) -> list[dict[str, Any]]:
     from pipeline.errors import ConfigError
 
     spec = backbone.describe(name, "none")
-    model, _ = layers.probe_model(name)
-    if name.startswith(TIMM_PREFIX):
-        from pipeline.backbones.timm_models import PreLogits
-
-        body: Any = PreLogits(model)
-    else:
-        body = model
     candidates = [path for path in layers.module_paths(name) if STAGE.match(path)]
     shapes = layers.layout(name, tuple(candidates), spec.crop_size)  # the ones the forward runs
     rows = []
@@ -161,7 +154,7 @@ def cuts(name: str) -> list[dict[str, Any]]:
         shape = layers.cut_shape(name, path, spec.crop_size)
         row = {"module": path, "shape": shape, "bytes": 2 * math.prod(shape)}
         try:
-            parts = split.of_extractor(body, model, path, name)
+            parts = layers.split_probe(name, path)
             row |= {"tail_parameters": split.tail_parameters(parts.tail), "splits": "yes"}
         except ConfigError as why:
             row |= {"tail_parameters": None, "splits": f"no: {str(why).split(': ', 1)[1]}"}

@@ -116,17 +116,26 @@ def cut_shape(name: str, module: str, size: int, **arguments: int) -> tuple[int,
     return tuple(int(d) for d in _shapes(name, (module,), size, arguments)[module][1:])
 
 
-def _splits(name: str, module: str, arguments: dict[str, int]) -> None:
-    """A cut is for `--head tail`: refuse, before any image is read, one the backbone cannot be
-    split at (`pipeline.backbones.split`), in the same one line the head would give."""
+def split_probe(name: str, cut: str, **arguments: int) -> Any:
+    """The meta-device model as the extractor runs it (a timm model along its pre-logits path),
+    split at module `cut` (`pipeline.backbones.split.Split`): graphs and shapes, no weights."""
     from pipeline.backbones import split
 
     model, _ = probe_model(name, **arguments)
-    body: nn.Module = model
-    if name.startswith(TIMM_PREFIX):
-        body = timm_models.PreLogits(model)
+    body = timm_models.PreLogits(model) if name.startswith(TIMM_PREFIX) else model
+    return split.of_extractor(body, model, cut, name)
+
+
+def sized_cut_shape(name: str, module: str, size: int) -> tuple[int, ...]:
+    """`cut_shape` of a model built for `size`-pixel crops (a ViT is made for its crop size)."""
+    return cut_shape(name, module, size, **_sized(name, size))
+
+
+def _splits(name: str, module: str, arguments: dict[str, int]) -> None:
+    """A cut is for `--head tail`: refuse, before any image is read, one the backbone cannot be
+    split at (`pipeline.backbones.split`), in the same one line the head would give."""
     try:
-        split.of_extractor(body, model, module, name)
+        split_probe(name, module, **arguments)
     except ConfigError as exc:
         raise ConfigError(f"--cut {module}: {str(exc).removeprefix('--head tail: ')}") from None
 

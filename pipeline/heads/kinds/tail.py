@@ -87,15 +87,10 @@ def traced_tail(backbone_name: str, cut: str, size: int | None) -> Any:
     """The tail of `backbone_name` cut at `cut`, traced from the backbone's own code on the meta
     device (no weights): its graph, its state's names and shapes. `size`: the crop size the cache
     was made at (a ViT is built for it)."""
-    from pipeline.backbones import layers, split
+    from pipeline.backbones import layers
 
     arguments = layers._sized(backbone_name, size) if size else {}
-    model, _ = layers.probe_model(backbone_name, **arguments)
-    if backbone_name.startswith("timm:"):
-        from pipeline.backbones.timm_models import PreLogits
-
-        return split.of_extractor(PreLogits(model), model, cut, backbone_name).tail
-    return split.of_extractor(model, model, cut, backbone_name).tail
+    return layers.split_probe(backbone_name, cut, **arguments).tail
 
 
 def pretrained_tail(fingerprint: dict[str, Any], config: dict[str, Any], cut: str) -> Any:
@@ -545,7 +540,7 @@ def _checked_shape(
     if not isinstance(name, str):
         raise CacheError(f"cache {path} does not record its backbone; rebuild it")
     spec = backbone.describe(name, "none", 0, config.get("image_size"))
-    shape = layers.cut_shape(name, cut, spec.crop_size, **layers._sized(name, spec.crop_size))
+    shape = layers.sized_cut_shape(name, cut, spec.crop_size)
     if math.prod(shape) != width:
         raise CacheError(
             f"cache {path} stores {width} values per image for cut {cut}, but {name} gives "
@@ -664,7 +659,7 @@ class TailHead(HeadKind):
         if meta["crop_size"] != crop:
             return f"crop_size {meta['crop_size']} is not its cache's crop size {crop}"
         name, size = meta["backbone"], int(meta["crop_size"])
-        shape = list(layers.cut_shape(name, meta["cut"], size, **layers._sized(name, size)))
+        shape = list(layers.sized_cut_shape(name, meta["cut"], size))
         if meta.get("shape") != shape or meta["n_features"] != math.prod(shape):
             return (
                 f"shape {meta.get('shape')!r} and n_features {meta['n_features']} are not the "
